@@ -1,0 +1,44 @@
+"""State shared by the routed layers of one model during a forward pass.
+
+Hugging Face decoder layers do not pass the attention mask to the MLP, yet the load-balance
+loss must ignore padding. A forward pre-hook on the top model stores the mask here, and every
+routed layer reads the slice that matches its own tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .router import Routing
+
+
+@dataclass
+class LayerRouting:
+    """What one routed layer decided in the last forward (kept for the aux loss and analysis)."""
+
+    layer: int
+    routing: Routing
+    token_mask: torch.Tensor | None  # (N,) bool, True = real token
+    num_experts: int
+
+
+@dataclass
+class RoutingContext:
+    attention_mask: torch.Tensor | None = None
+    has_labels: bool = False
+    last: dict[int, LayerRouting] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def token_mask_for(self, batch: int, seq: int) -> torch.Tensor | None:
+        """(batch*seq,) bool mask of the current tokens, or None when there is no padding info.
+
+        During cached decoding the mask covers past + new tokens; the new ones are the last `seq`."""
+        am = self.attention_mask
+        if am is None or am.dim() != 2 or am.shape[0] != batch or am.shape[1] < seq:
+            return None
+        return am[:, am.shape[1] - seq :].reshape(-1).bool()
+
+    def record(self, layer: int, routing: Routing, token_mask: torch.Tensor | None, num_experts: int) -> None:
+        self.last[layer] = LayerRouting(layer, routing, token_mask, num_experts)

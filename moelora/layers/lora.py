@@ -1,0 +1,102 @@
+"""Plain LoRA: ``y = W x + s * B (A dropout(x))`` around a frozen ``nn.Linear`` (never copied)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def resolve_dtype(adapter_dtype: str, base_weight: torch.Tensor) -> torch.dtype:
+    if adapter_dtype == "auto":
+        return base_weight.dtype
+    return getattr(torch, adapter_dtype)
+
+
+def init_lora_(lora_A: torch.Tensor, lora_B: torch.Tensor, init: str, r: int) -> None:
+    """A: kaiming-uniform(a=sqrt(5)) (as nn.Linear) or N(0, 1/r); B: zeros, so the adapter
+    starts as the identity map of the base model. Works on stacked [E, r, in] tensors too."""
+    with torch.no_grad():
+        for a in lora_A.view(-1, lora_A.shape[-2], lora_A.shape[-1]):
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            else:
+                nn.init.normal_(a, std=1.0 / r)
+        lora_B.zero_()
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear plus one LoRA delta. ``merge()``/``unmerge()`` fold the delta into the
+    base weight for adapter-free inference; unmerge restores the exact original weight."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: str = "kaiming",
+        adapter_dtype: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoraLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.r = r
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        dtype = resolve_dtype(adapter_dtype, w)
+        out_f, in_f = w.shape
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=dtype, device=w.device))  # (R, in)
+        self.lora_B = nn.Parameter(torch.empty(out_f, r, dtype=dtype, device=w.device))  # (out, R)
+        init_lora_(self.lora_A, self.lora_B, init_lora_weights, r)
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A in fp32, shape (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., R)
+        return F.linear(h, self.lora_B) * self.scaling  # (..., out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        return y + self.lora_delta(x).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s*B@A into the base weight (fp32 add, one rounding). Merging twice is a no-op."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        # Keep the original so unmerge is exact: W - dW after rounding would not give W back in bf16.
+        self._unmerged_weight = w.detach().clone()
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight saved by ``merge``."""
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

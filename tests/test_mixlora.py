@@ -1,0 +1,235 @@
+"""MixLoRA: equivalence with the reference `mixlora` package, the load-balance loss, routing edge cases."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import moelora
+from moelora.layers.router import Routing, load_balance_loss, load_balance_terms, route
+from conftest import make_tiny, randomize_adapter_
+
+
+def _write_reference_adapter(path, model, num_experts, top_k, r=4, alpha=8, seed=0, targets=None):
+    """A reference-format MixLoRA folder (adapter_config.json + adapter_model.bin) with random tensors."""
+    targets = targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    c = model.config
+    shapes = {"q_proj": (c.num_attention_heads * (c.hidden_size // c.num_attention_heads), c.hidden_size),
+              "k_proj": (c.num_key_value_heads * (c.hidden_size // c.num_attention_heads), c.hidden_size),
+              "v_proj": (c.num_key_value_heads * (c.hidden_size // c.num_attention_heads), c.hidden_size),
+              "o_proj": (c.hidden_size, c.hidden_size),
+              "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+              "down_proj": (c.hidden_size, c.intermediate_size)}
+    w = {}
+    for i in range(c.num_hidden_layers):
+        w[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = rnd(num_experts, c.hidden_size)
+        for p in targets:
+            out_f, in_f = shapes[p]
+            if p.endswith(("gate_proj", "up_proj", "down_proj")):
+                for e in range(num_experts):
+                    w[f"mixlora.layers.{i}.mlp.{p}.experts.{e}.lora_A.weight"] = rnd(r, in_f)
+                    w[f"mixlora.layers.{i}.mlp.{p}.experts.{e}.lora_B.weight"] = rnd(out_f, r)
+            else:
+                w[f"mixlora.layers.{i}.self_attn.{p}.lora_A.weight"] = rnd(r, in_f)
+                w[f"mixlora.layers.{i}.self_attn.{p}.lora_B.weight"] = rnd(out_f, r)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"bias": "none", "peft_type": "MIXLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny",
+           "r": r, "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": targets,
+           "routing_strategy": "mixlora", "num_experts": num_experts, "top_k": top_k,
+           "router_aux_loss_coef": 0.01, "router_init_range": 0.02, "jitter_noise": 0.0,
+           "act_fn": c.hidden_act}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    torch.save(w, path / "adapter_model.bin")
+    return cfg, w
+
+
+def _reference_logits(model, path, ids, mask):
+    mixlora = pytest.importorskip("mixlora")
+    config, weights = mixlora.load_adapter_weights(str(path), device="cpu", dtype=torch.float32)
+    mixlora.inject_adapter_in_model(model, config, weights)
+    model.eval()
+    for layer in model.model.layers:  # the reference keeps expert dropout out of the module tree
+        for moe in layer.mlp.mixlora_moes.values():
+            for lin in moe.experts_.values():
+                lin.eval()
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits
+
+
+def _batch(vocab=61, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("top_k,num_experts", [(1, 4), (2, 4), (4, 4)])
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_logits_equal_reference_mixlora(tmp_path, arch, top_k, num_experts, backend):
+    base = make_tiny(arch)
+    ref_model = copy.deepcopy(base)
+    _write_reference_adapter(tmp_path / "ref", base, num_experts, top_k)
+    ids, mask = _batch()
+    ref = _reference_logits(ref_model, tmp_path / "ref", ids, mask)
+
+    ours = moelora.load_adapter(base, tmp_path / "ref")  # reads the reference format
+    for m in ours.modules():
+        if isinstance(m, moelora.MixLoraFFN):
+            m.backend = backend
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    # saved in our format and loaded again: same logits
+    moelora.save_adapter(ours, tmp_path / "ours")
+    again = moelora.load_adapter(make_tiny(arch), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, attention_mask=mask).logits, out, atol=0, rtol=0)
+
+
+def test_load_balance_loss_matches_hand_formula_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    N, E, K = 50, 6, 2
+    logits = torch.randn(N, E, generator=g)
+    mask = torch.rand(N, generator=g) > 0.3
+    r = route(logits, "topk", K)
+    loss = load_balance_loss(*load_balance_terms(r, mask, E), E)
+    # hand-written: f_e over non-pad tokens summed over K slots, P_e mean prob over non-pad tokens
+    probs = torch.softmax(logits, -1)[mask]
+    top = torch.topk(probs, K, -1).indices
+    f = torch.stack([(top == e).any(-1).float().mean() for e in range(E)])
+    P = probs.mean(0)
+    torch.testing.assert_close(loss, E * (f * P).sum())
+    # padding rows can hold anything
+    logits2 = logits.clone()
+    logits2[~mask] = torch.randn(int((~mask).sum()), E, generator=g) * 10
+    loss2 = load_balance_loss(*load_balance_terms(route(logits2, "topk", K), mask, E), E)
+    torch.testing.assert_close(loss2, loss)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_load_balance_loss_is_k_under_perfect_balance(K):
+    E = 6
+    N = E * 10
+    probs = torch.full((N, E), 1.0 / E)
+    experts = torch.stack([(torch.arange(N) + j) % E for j in range(K)], -1)
+    r = Routing(torch.full((N, K), 1.0 / K), experts, probs, torch.ones(N, K, dtype=torch.bool))
+    assert load_balance_loss(*load_balance_terms(r, None, E), E).item() == pytest.approx(K)
+
+
+def test_model_aux_loss_is_coef_times_layer_mean():
+    model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, router_aux_loss_coef=0.1))
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(ids, attention_mask=mask, labels=labels)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1))
+    per_layer = []
+    for layer in model.model.layers:
+        r = model._moelora_context.last[layer.mlp.layer_idx]
+        per_layer.append(load_balance_loss(*load_balance_terms(r.routing, r.token_mask, 4), 4))
+    torch.testing.assert_close(out.aux_loss, 0.1 * torch.stack(per_layer).mean())
+    torch.testing.assert_close(out.loss, ce + out.aux_loss)
+    assert r.token_mask.sum() == mask.sum()
+
+
+def test_routing_edge_cases_eager_vs_fused():
+    """All tokens to one expert, an expert with no tokens, a single token: both backends agree."""
+    torch.manual_seed(0)
+    model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
+    randomize_adapter_(model)
+    # router that sends every token to experts 2 then 0 (1 and 3 get nothing)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.weight.zero_()
+            layer.mlp.router.weight[2, 0] = 50.0
+            layer.mlp.router.weight[0, 0] = 25.0
+    for ids in (torch.tensor([[5]]), _batch()[0]):
+        outs = {}
+        for backend in ("eager", "fused"):
+            for layer in model.model.layers:
+                layer.mlp.backend = backend
+            with torch.no_grad():
+                outs[backend] = model(ids).logits
+        torch.testing.assert_close(outs["fused"], outs["eager"], atol=1e-5, rtol=1e-5)
+    stats = moelora.router_statistics(model)
+    assert stats[0]["load"][1] == 0 and stats[0]["load"][3] == 0
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_equals_each_sequence_alone(padding_side):
+    model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    randomize_adapter_(model)
+    seqs = [torch.tensor([3, 9, 4, 1, 7, 2]), torch.tensor([8, 5, 6])]
+    T = 6
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for i, s in enumerate(seqs):
+            alone = model(s[None]).logits[0]
+            sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+            torch.testing.assert_close(batched[i, sl], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["dynamic", "switch"])
+def test_other_strategies_run_and_backends_agree(strategy):
+    model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(
+        num_experts=4, top_k=2, r=4, lora_dropout=0.0, routing_strategy=strategy, top_p=0.6, capacity_factor=0.5))
+    randomize_adapter_(model, scale=0.1)
+    ids, mask = _batch()
+    outs = {}
+    for backend in ("eager", "fused"):
+        for layer in model.model.layers:
+            layer.mlp.backend = backend
+        with torch.no_grad():
+            outs[backend] = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(outs["fused"], outs["eager"], atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_routing_keeps_experts_until_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    r = route(logits, "dynamic", top_p=0.7)
+    kept = r.experts[r.weights > 0].tolist()
+    assert kept == [0, 1]
+    torch.testing.assert_close(r.weights[r.weights > 0], torch.tensor([0.625, 0.375]))
+
+
+def test_switch_capacity_drops_overflow_tokens_to_frozen_ffn():
+    logits = torch.tensor([[5.0, 0.0]] * 4)  # all 4 tokens want expert 0, capacity ceil(0.5*4/2) = 1
+    r = route(logits, "switch", capacity_factor=0.5)
+    assert (r.weights[:, 0] > 0).tolist() == [True, False, False, False]
+
+
+def test_jitter_only_in_training_and_not_in_place():
+    model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, jitter_noise=0.5))
+    ids, _ = _batch()
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids).logits
+    assert torch.equal(a, b)  # eval: deterministic
+    router = model.model.layers[0].mlp.router
+    x = torch.randn(5, 24)
+    x0 = x.clone()
+    router.train()
+    router(x)
+    assert torch.equal(x, x0)
+
+
+def test_bad_configs_have_clear_errors():
+    with pytest.raises(moelora.AdapterConfigError, match="top_k"):
+        moelora.MixLoraConfig(num_experts=2, top_k=3).validate()
+    with pytest.raises(moelora.AdapterConfigError, match="r must be"):
+        moelora.MixLoraConfig(r=0).validate()
+    with pytest.raises(moelora.AdapterConfigError, match="unknown key"):
+        moelora.config_from_dict({"method": "mixlora", "num_expert": 4})
+    with pytest.raises(moelora.AdapterConfigError, match="unknown adapter method"):
+        moelora.config_from_dict({"method": "dora"})
+    cfg = moelora.MixLoraConfig(num_experts=5, top_k=3, jitter_noise=0.1, router_init_range=0.05)
+    assert moelora.config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg.validate()
