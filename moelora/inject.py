@@ -167,7 +167,10 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     for hook in getattr(model, "_moelora_cleanup", []):
         hook()
     for parent, attr, original in reversed(model._moelora_originals):
-        setattr(parent, attr, original)
+        if original is None:  # a module the adapter added (LoRA-Switch's router)
+            delattr(parent, attr)
+        else:
+            setattr(parent, attr, original)
     for h in model._moelora_handles:
         h.remove()
     for name in ("moelora_config", "_moelora_context", "_moelora_originals", "_moelora_handles", "_moelora_cleanup"):
