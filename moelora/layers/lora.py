@@ -76,7 +76,12 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        return y + self.lora_delta(x).to(y.dtype)
+        if self.lora_A.dtype != y.dtype:
+            return y + self.lora_delta(x).to(y.dtype)
+        # Same math in 2 launches instead of 4 (decode is launch-bound): h = A x; y += s * B h.
+        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., R)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+        return out.view(y.shape)
 
     @torch.no_grad()
     def merge(self) -> None:
