@@ -18,7 +18,6 @@ bandwidth: each merge reads W0 once and writes W once, as the in-place form does
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn as nn
@@ -74,10 +73,11 @@ class SwitchState:
         a = [m.experts.lora_A.detach() for m in self.linears]
         b = [m.experts.lora_B.detach() for m in self.linears]
         s = [m.experts.scaling for m in self.linears]
-        if weights[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-            from moelora_kernels.merge import MergePlan
+        from moelora_kernels import merge
 
-            return MergePlan(weights, a, b, s, pristine=True)
+        # The interpreter flag is fixed when the kernel module is imported; ask the module.
+        if weights[0].is_cuda or merge._INTERPRETED:
+            return merge.MergePlan(weights, a, b, s, pristine=True)
         return TorchMergePlan(weights, a, b, s)
 
     def merge(self, idx: torch.Tensor, gate: torch.Tensor) -> None:

@@ -21,6 +21,12 @@ from .experts import LoraExperts
 from .router import Routing, TopKRouter
 
 
+# Activation modules of transformers.activations that the fused decode kernel implements.
+_ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+              "NewGELUActivation": "gelu_tanh", "GELUActivation": "gelu", "GELU": "gelu"}
+DECODE_MAX_TOKENS = 64  # at or below, inference uses the one-launch hidden-state kernel on CUDA
+
+
 class MixLoraFFN(nn.Module):
     """Replaces a decoder layer's MLP. ``proj_names`` maps roles to the base MLP's attributes:
     gated MLPs use gate/up/down; Phi-3 uses a fused gate_up projection ('gate_up')."""
@@ -40,6 +46,7 @@ class MixLoraFFN(nn.Module):
         self.layer_idx = layer_idx
         self.proj_names = dict(proj_names)  # role -> attribute, roles: gate, up, gate_up, down
         self.act_fn = getattr(base_mlp, act_attr)
+        self.act_name = _ACT_NAMES.get(type(self.act_fn).__name__)  # None: no fused decode kernel
         self.fused_gate_up = "gate_up" in proj_names
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.strategy = cfg.routing_strategy
@@ -123,8 +130,30 @@ class MixLoraFFN(nn.Module):
             out = out + frozen.float() * rest[:, None]
         return out.to(x.dtype)
 
+    def _decode_kernel_applies(self, x: torch.Tensor) -> bool:
+        return (x.is_cuda and not torch.is_grad_enabled() and not self.training and x.shape[0] <= DECODE_MAX_TOKENS
+                and not self.fused_gate_up and self.act_name is not None and self.strategy != "switch"
+                and self._expert("gate") is not None and self._expert("up") is not None)
+
+    def forward_decode(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Inference with few tokens: gate/up deltas + activation + mix in ONE Triton launch."""
+        from moelora_kernels.mixlora_ffn import mixlora_expert_hidden
+
+        idx, w = routing.experts, routing.weights
+        eg, eu = self._expert("gate"), self._expert("up")
+        g0, u0 = self._proj("gate")(x), self._proj("up")(x)  # (N, F), frozen, once
+        h, h_mix = mixlora_expert_hidden(x, g0, u0, eg.lora_A, eg.lora_B, eu.lora_A, eu.lora_B,
+                                         idx, w, eg.scaling, act=self.act_name)
+        y = self._proj("down")(h_mix)
+        lora = self._expert("down")
+        if lora is not None:
+            y = y + lora.gathered(h, idx, weight=w).to(y.dtype)
+        return y
+
     def forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Static-shape path: gathered deltas per (token, slot), one frozen down projection."""
+        if self._decode_kernel_applies(x):
+            return self.forward_decode(x, routing)
         idx, w = routing.experts, routing.weights  # (N, K)
         pre = {}
         for role in self._in_roles():
