@@ -1,0 +1,147 @@
+"""MixLoRA expert block: training throughput (forward + backward) of the fused path vs the eager
+reference, with a gradient-equality check, plus decode-size forward times.
+
+    python kernels/benchmarks/benchmark_mixlora_block.py --tokens 4096 --out results_dir
+    python kernels/benchmarks/benchmark_mixlora_block.py --small          # CPU smoke test
+
+The block is one Llama-2-7B FFN (d 4096, ffn 11008, bf16) wrapped as a MixLoRA MoE of 8 LoRA
+experts, top-2, r=16. Timing: CUDA events, warm-up, median of repeats (ANCHORS.md method).
+Writes JSON + CSV with the device, versions and the exact command.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _timer(fn, warmup: int, reps: int) -> float:
+    """Median milliseconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def build_block(d: int, ffn: int, experts: int, top_k: int, rank: int, dtype, device):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    import moelora
+    from moelora.layers.context import RoutingContext
+    from moelora.layers.mixlora import MixLoraFFN
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=ffn)).to(device, dtype)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+        p.requires_grad_(False)
+    cfg = moelora.MixLoraConfig(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2 * rank, lora_dropout=0.0).validate()
+    block = MixLoraFFN(mlp, 0, cfg, RoutingContext(), {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+                       "act_fn", ("gate_proj", "up_proj", "down_proj"))
+    with torch.no_grad():  # non-zero B so the deltas (and their gradients) are real
+        for e in block.experts.values():
+            e.lora_B.normal_(std=0.02)
+        block.router.weight.normal_(std=0.5)  # heterogeneous routing
+    return block
+
+
+def run(args) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    block = build_block(args.d, args.ffn, args.experts, args.top_k, args.rank, dtype, device)
+    params = [p for p in block.parameters() if p.requires_grad]
+    rows = []
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, args.tokens, args.d, generator=g, device=device, dtype=dtype)
+    dy = torch.randn(1, args.tokens, args.d, generator=g, device=device, dtype=dtype)
+
+    grads = {}
+    for backend in ("eager", "fused"):
+        block.backend = backend
+
+        def step():
+            for p in params:
+                p.grad = None
+            xi = x.detach().requires_grad_(True)
+            block(xi).backward(dy)
+            return xi
+
+        xi = step()
+        grads[backend] = [xi.grad.float()] + [p.grad.float() for p in params]
+        ms = _timer(step, args.warmup, args.reps)
+        rows.append({"what": "train_fwd_bwd", "backend": backend, "tokens": args.tokens, "ms": ms,
+                     "tokens_per_s": args.tokens / ms * 1e3})
+        with torch.no_grad():
+            for n in args.decode_tokens:
+                xs = x[:, :n]
+                ms = _timer(lambda: block(xs), args.warmup, args.reps)
+                rows.append({"what": "forward_inference", "backend": backend, "tokens": n, "ms": ms,
+                             "tokens_per_s": n / ms * 1e3})
+    errs = [((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(grads["fused"], grads["eager"])]
+    speed = {r["backend"]: r["tokens_per_s"] for r in rows if r["what"] == "train_fwd_bwd"}
+    summary = {"train_speedup_fused_vs_eager": speed["fused"] / speed["eager"],
+               "max_rel_grad_err": max(errs), "target_speedup": 2.0}
+    return rows, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--ffn", type=int, default=11008)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--decode-tokens", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke test")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.small:
+        args.tokens, args.d, args.ffn, args.warmup, args.reps = 64, 32, 48, 1, 2
+        args.decode_tokens = [1, 4]
+    rows, summary = run(args)
+    import transformers
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    print(f"{'what':<18} {'backend':<7} {'tokens':>6} {'ms':>9} {'tokens/s':>12}")
+    for r in rows:
+        print(f"{r['what']:<18} {r['backend']:<7} {r['tokens']:>6} {r['ms']:>9.3f} {r['tokens_per_s']:>12.0f}")
+    print(json.dumps(summary), json.dumps(meta))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "mixlora_block.json"), "w") as f:
+            json.dump({"rows": rows, "summary": summary, "meta": meta}, f, indent=2)
+        with open(os.path.join(args.out, "mixlora_block.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
