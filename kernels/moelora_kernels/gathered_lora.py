@@ -1,0 +1,602 @@
+"""Gathered (unmerged) LoRA experts: y = sum_k w_tk * s * B[idx_tk] @ (A[idx_tk] @ x_t).
+
+T tokens, E experts with LoRA factors ``lora_A`` [E, R, IN] and ``lora_B`` [E, OUT, R],
+scaling s; every token t routes to K experts ``idx`` [T, K] with weights ``weight`` [T, K].
+
+- ``x`` is [T, IN] (one input shared by the K slots: LoRA-Switch linears, MixLoRA gate/up) or
+  [T, K, IN] (one input per slot: MixLoRA down projection on each expert's own hidden).
+- ``weight`` given -> y [T, OUT], the weighted sum over slots; ``weight=None`` -> y [T, K, OUT],
+  one unweighted delta per slot (MixLoRA gate/up deltas taken before the activation).
+
+Accumulation is fp32, the output has ``x.dtype``. Three public entry points:
+``gathered_lora_reference`` (eager torch, the ground truth), ``gathered_lora`` (Triton) and
+``GatheredLoraFunction`` (its autograd Function).
+
+Kernel layout (ideas from Punica SGMV/BGMV and vLLM's lora_shrink/lora_expand, not their code):
+shrink  h[t, k] = A[idx_tk] @ x_(t,k)        -> fp32 partials [SPLIT, T*K, R_PAD]
+expand  y = s * sum_k w_tk B[idx_tk] @ h[t, k] (or one row per slot), partials summed on load
+Two implementations of each, picked from shapes only (never from routing, so no host sync and
+a fixed launch count):
+- "gather" (decode, T <= 32): one program per slot (shrink, split over IN so a single token
+  still fills the GPU) or per output row x column block (expand); it reads only the K chosen
+  experts' factors, which is what decode pays for.
+- "tile" (training / prefill): token tiles on tensor cores, no sort. The shrink multiplies a
+  token tile by ALL experts' A at once ([BM, IN] @ [IN, E*R]) and keeps each slot's rank block;
+  the expand builds a one-hot [BM, E*R] matrix holding w*h in the chosen expert's block and
+  multiplies it by all experts' B. That wastes E/K in FLOPs but stays memory-bound while
+  E*R <= 256 (H100 ridge ~300 FLOP/byte), reads x once for all K slots, needs no sort/atomics
+  and fuses the weighted sum over slots. Wider E*R falls back to "gather".
+Backward (Triton too): dh = B^T g via the shrink, dx via the expand with A^T, dA / dB via a
+one-hot outer-product reduction kernel (deterministic, no atomics), dweight in torch.
+
+Routing indices are not range-checked on CUDA (that would need a host sync): an index outside
+[0, E) makes its slot contribute zero in the Triton path; the reference's gather raises a
+device-side assert. On CPU both functions raise ValueError.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gathered_lora_reference", "gathered_lora", "GatheredLoraFunction"]
+
+Impl = Literal["auto", "gather", "tile"]
+
+# The interpreter decides at decoration time, so read the flag the same way. Its bf16 arithmetic
+# is broken, so every kernel upcasts loads to fp32 there (COMPUTE_F32).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DECODE_MAX_TOKENS = 32  # at or below: "gather" kernels (decode); above: "tile" kernels
+TILE_MAX_COLS = 256  # E_pad * R_pad beyond this makes the all-experts tile too wide
+_TARGET_PROGRAMS = 264  # ~2 waves of 132 H100 SMs: how far to split the shrink over IN
+_MAX_SPLIT = 16  # the consumers re-read every partial, so keep the split bounded
+_GATHER_BK = 128  # IN chunk of the decode shrink (tests shrink it to exercise the IN split)
+_TILE_BK = 64
+
+
+def _alloc(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Every buffer the kernels fill; tests swap it for a NaN-filled one to prove full coverage."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def gathered_lora_reference(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """Eager ground truth of the gathered LoRA-experts op (differentiable, no host sync).
+
+    Every expert's rank-R projection is computed (cheap: R is small) and masked to the chosen
+    experts, which avoids materialising A[idx] / B[idx] ([T, K, R, IN]: gigabytes at training
+    shapes) and any data-dependent indexing.
+    """
+    T, K, _, _, E, R, per_slot = _check_inputs(x, lora_A, lora_B, idx, weight)
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    A, B = lora_A.to(cdt), lora_B.to(cdt)
+    if per_slot:
+        h_all = torch.einsum("tki,eri->tker", x.to(cdt), A)  # (T, K, E, R)
+    else:
+        h_all = torch.einsum("ti,eri->ter", x.to(cdt), A).unsqueeze(1).expand(T, K, E, R)
+    # Comparison instead of F.one_hot: one_hot validates the range with a host sync on CUDA.
+    coef = (idx.unsqueeze(-1) == torch.arange(E, device=idx.device)).to(cdt) * scaling  # (T,K,E)
+    if weight is not None:
+        coef = coef * weight.to(cdt).unsqueeze(-1)
+    g = h_all * coef.unsqueeze(-1)  # (T, K, E, R): rank block of the chosen expert only
+    y = torch.einsum("tker,eor->to" if weight is not None else "tker,eor->tko", g, B)
+    return y.to(x.dtype)
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> tuple[int, int, int, int, int, int, bool]:
+    """Validate shapes/dtypes (sync-free); return (T, K, IN, OUT, E, R, x_per_slot)."""
+    if lora_A.dim() != 3 or lora_B.dim() != 3:
+        raise ValueError(
+            f"lora_A must be [E, R, IN] and lora_B [E, OUT, R]; got {tuple(lora_A.shape)} "
+            f"and {tuple(lora_B.shape)}"
+        )
+    E, R, IN = lora_A.shape
+    OUT = lora_B.shape[1]
+    if lora_B.shape[0] != E or lora_B.shape[2] != R:
+        raise ValueError(
+            f"lora_B {tuple(lora_B.shape)} does not match lora_A {tuple(lora_A.shape)}: "
+            f"expected [{E}, OUT, {R}]"
+        )
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be [T, K], got shape {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"idx must be int32 or int64, got {idx.dtype}")
+    T, K = idx.shape
+    if x.dim() == 2:
+        per_slot = False
+        ok = x.shape == (T, IN)
+    elif x.dim() == 3:
+        per_slot = True
+        ok = x.shape == (T, K, IN)
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"x must be [T, IN] = [{T}, {IN}] or [T, K, IN] = [{T}, {K}, {IN}] "
+            f"(T, K from idx, IN from lora_A); got {tuple(x.shape)}"
+        )
+    if not (x.dtype == lora_A.dtype == lora_B.dtype) or not x.is_floating_point():
+        raise TypeError(
+            f"x, lora_A, lora_B must share one floating dtype; got {x.dtype}, "
+            f"{lora_A.dtype}, {lora_B.dtype}"
+        )
+    if weight is not None:
+        if weight.shape != (T, K):
+            raise ValueError(f"weight must be [T, K] = [{T}, {K}], got {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    tensors = [x, lora_A, lora_B, idx] + ([weight] if weight is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"all inputs must be on one device, got {[str(t.device) for t in tensors]}")
+    # A range check costs a host sync on CUDA, so it only runs where it is free.
+    if idx.device.type == "cpu" and idx.numel() > 0:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"idx values must lie in [0, {E}), got min {lo}, max {hi}")
+    return T, K, IN, OUT, E, R, per_slot
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _slot_expert(idx_ptr, slot, mask, K, s_it, s_ik):
+    """Expert id of flat slot t*K+k, -1 where masked."""
+    return tl.load(idx_ptr + (slot // K) * s_it + (slot % K) * s_ik, mask=mask, other=-1).to(tl.int32)
+
+
+@triton.jit
+def _shrink_gather_kernel(
+    x_ptr, a_ptr, idx_ptr, h_ptr,
+    S, K, E, R, IN, CHUNKS_PER_SPLIT,
+    s_xt, s_xk, s_xi, s_ae, s_ar, s_ai, s_it, s_ik,
+    R_PAD: tl.constexpr, BK: tl.constexpr,
+):
+    # One program per (slot, IN-split): a [R_PAD, BK] tile of the chosen expert's A times a
+    # [BK] slice of x, reduced on CUDA cores (M = 1 rules out tl.dot).
+    slot = tl.program_id(0)
+    sk = tl.program_id(1)
+    e = _slot_expert(idx_ptr, slot, slot < S, K, s_it, s_ik)
+    # An out-of-range expert reads no rank rows. (A scalar bool `&` a block mask comes out
+    # int32 in the interpreter, so fold the scalar test into the row limit instead.)
+    r_lim = tl.where((e >= 0) & (e < E), R, 0)
+    rr = tl.arange(0, R_PAD)
+    x_row = x_ptr + (slot // K).to(tl.int64) * s_xt + (slot % K) * s_xk
+    a_rows = a_ptr + e.to(tl.int64) * s_ae + rr[:, None] * s_ar
+    acc = tl.zeros((R_PAD,), dtype=tl.float32)
+    for ci in range(CHUNKS_PER_SPLIT):
+        offs = (sk * CHUNKS_PER_SPLIT + ci) * BK + tl.arange(0, BK)
+        in_mask = offs < IN
+        xv = tl.load(x_row + offs * s_xi, mask=in_mask, other=0.0).to(tl.float32)
+        av = tl.load(a_rows + offs[None, :] * s_ai, mask=(rr[:, None] < r_lim) & in_mask[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(av * xv[None, :], axis=1)
+    # Padded rank columns are stored as zeros so every element of h is written.
+    tl.store(h_ptr + (sk * S + slot) * R_PAD + rr, acc)
+
+
+@triton.jit
+def _store_slot_block(h_ptr, acc, rows, row_mask, k, ce, cj, idx_ptr, K, E, S, sk, s_it, s_ik,
+                      R_PAD: tl.constexpr):
+    # acc holds x @ A_e^T for every expert e; keep the R_PAD columns of the slot's own expert.
+    # Out-of-range experts store zeros (through expert 0's columns) so h is fully written.
+    slot = rows * K + k
+    e = _slot_expert(idx_ptr, slot, row_mask, K, s_it, s_ik)
+    e_ok = (e >= 0) & (e < E)
+    e_use = tl.where(e_ok, e, 0)
+    val = tl.where(e_ok[:, None], acc, 0.0)
+    sel = row_mask[:, None] & (ce[None, :] == e_use[:, None])
+    tl.store(h_ptr + (sk * S + slot)[:, None] * R_PAD + cj[None, :], val, mask=sel)
+
+
+@triton.jit
+def _shrink_tile_kernel(
+    x_ptr, a_ptr, idx_ptr, h_ptr,
+    T, K, E, R, IN, CHUNKS_PER_SPLIT,
+    s_xt, s_xk, s_xi, s_ae, s_ar, s_ai, s_it, s_ik,
+    K_X: tl.constexpr, K_SLOTS: tl.constexpr, X_PER_SLOT: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+    COMPUTE_F32: tl.constexpr,
+):
+    # A token tile times all experts' A at once: [BM, BK] @ [BK, E_PAD*R_PAD] on tensor cores.
+    # Column c stands for expert c // R_PAD, rank row c % R_PAD.
+    pid_m = tl.program_id(0)
+    sk = tl.program_id(1)
+    S = T * K
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < T
+    cols = tl.arange(0, E_PAD * R_PAD)
+    ce = cols // R_PAD
+    cj = cols % R_PAD
+    col_ok = (ce < E) & (cj < R)
+    rk = tl.arange(0, BK)
+    a_cols = a_ptr + ce[None, :].to(tl.int64) * s_ae + cj[None, :] * s_ar
+    for kx in tl.static_range(K_X):  # K_X = K for per-slot x, 1 when x is shared by the slots
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * s_xt + kx * s_xk
+        acc = tl.zeros((BM, E_PAD * R_PAD), dtype=tl.float32)
+        for ci in range(CHUNKS_PER_SPLIT):
+            offs = (sk * CHUNKS_PER_SPLIT + ci) * BK + rk
+            in_mask = offs < IN
+            xv = tl.load(x_rows + offs[None, :] * s_xi, mask=row_mask[:, None] & in_mask[None, :], other=0.0)
+            av = tl.load(a_cols + offs[:, None] * s_ai, mask=col_ok[None, :] & in_mask[:, None], other=0.0)
+            if COMPUTE_F32:
+                acc += tl.dot(xv.to(tl.float32), av.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(xv, av)  # 16-bit operands, fp32 accumulator
+        if X_PER_SLOT:
+            _store_slot_block(h_ptr, acc, rows, row_mask, kx, ce, cj, idx_ptr, K, E, S, sk, s_it, s_ik, R_PAD)
+        else:
+            for k in tl.static_range(K_SLOTS):
+                _store_slot_block(h_ptr, acc, rows, row_mask, k, ce, cj, idx_ptr, K, E, S, sk, s_it, s_ik,
+                                  R_PAD)
+
+
+@triton.jit
+def _onehot_rows(
+    h_ptr, idx_ptr, w_ptr, rows, row_mask, ce, cj, col_ok,
+    K, S, SPLIT, s_it, s_ik, s_wt, s_wk,
+    K_INNER: tl.constexpr, R_PAD: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr,
+):
+    # G[m, c] = sum over the row's slots of w * h[slot, c % R_PAD] if the slot chose expert
+    # c // R_PAD, else 0. A row is a token (K_INNER = K: the slots are summed, as for a
+    # weighted output or a shared input) or a single slot (K_INNER = 1).
+    g = tl.zeros((BM, BC), dtype=tl.float32)
+    for kk in tl.static_range(K_INNER):
+        slot = rows * K_INNER + kk
+        e = _slot_expert(idx_ptr, slot, row_mask, K, s_it, s_ik)
+        sel = row_mask[:, None] & col_ok[None, :] & (ce[None, :] == e[:, None])
+        h_off = slot[:, None] * R_PAD + cj[None, :]
+        hv = tl.load(h_ptr + h_off, mask=sel, other=0.0)
+        for sk in range(1, SPLIT):  # IN-split partials of the shrink
+            hv += tl.load(h_ptr + sk * S * R_PAD + h_off, mask=sel, other=0.0)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + (slot // K) * s_wt + (slot % K) * s_wk, mask=row_mask, other=0.0)
+            hv = hv * w.to(tl.float32)[:, None]
+        g += hv
+    return g
+
+
+@triton.jit
+def _expand_tile_kernel(
+    h_ptr, b_ptr, idx_ptr, w_ptr, y_ptr,
+    M, K, E, R, OUT, SPLIT, scaling,
+    s_be, s_bo, s_br, s_it, s_ik, s_wt, s_wk, s_ym, s_yo,
+    K_INNER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr,
+    COMPUTE_F32: tl.constexpr,
+):
+    # One dot per tile: one-hot [BM, E_PAD*R_PAD] (w*h in the chosen expert's block, summed over
+    # the row's slots) @ all experts' B [E_PAD*R_PAD, BN]. The weighted sum over k is fused.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    S = M * K_INNER  # number of slots
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_mask = rows < M
+    cols = tl.arange(0, E_PAD * R_PAD)
+    ce = cols // R_PAD
+    cj = cols % R_PAD
+    col_ok = (ce < E) & (cj < R)
+    g = _onehot_rows(h_ptr, idx_ptr, w_ptr, rows, row_mask, ce, cj, col_ok, K, S, SPLIT,
+                     s_it, s_ik, s_wt, s_wk, K_INNER, R_PAD, HAS_WEIGHT, BM, E_PAD * R_PAD)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < OUT
+    bv = tl.load(b_ptr + ce[:, None].to(tl.int64) * s_be + cj[:, None] * s_br + rn[None, :] * s_bo,
+                 mask=col_ok[:, None] & n_mask[None, :], other=0.0)
+    if COMPUTE_F32:
+        acc = tl.dot(g, bv.to(tl.float32), input_precision="ieee")
+    else:
+        # h rounded to the weights' 16-bit dtype for the tensor cores, as in PEFT / vLLM.
+        acc = tl.dot(g.to(bv.dtype), bv)
+    acc = acc * scaling
+    y_off = rows[:, None].to(tl.int64) * s_ym + rn[None, :] * s_yo
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _expand_gather_kernel(
+    h_ptr, b_ptr, idx_ptr, w_ptr, y_ptr,
+    M, K, E, R, OUT, SPLIT, scaling,
+    s_be, s_bo, s_br, s_it, s_ik, s_wt, s_wk, s_ym, s_yo,
+    K_INNER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BN: tl.constexpr, R_PAD: tl.constexpr, SPLIT_PAD: tl.constexpr,
+):
+    # One program per (output row, column block): reads only the chosen experts' B rows.
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    S = M * K_INNER  # number of slots
+    rr = tl.arange(0, R_PAD)
+    rs = tl.arange(0, SPLIT_PAD)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < OUT
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for kk in tl.static_range(K_INNER):
+        slot = row * K_INNER + kk
+        e = _slot_expert(idx_ptr, slot, row < M, K, s_it, s_ik)
+        r_lim = tl.where((e >= 0) & (e < E), R, 0)  # see _shrink_gather_kernel
+        # All IN-split partials in one [SPLIT_PAD, R_PAD] load: a loop would serialise latency.
+        hp = tl.load(h_ptr + (rs[:, None] * S + slot) * R_PAD + rr[None, :], mask=rs[:, None] < SPLIT,
+                     other=0.0)
+        hv = tl.sum(hp, axis=0)
+        if HAS_WEIGHT:
+            hv = hv * tl.load(w_ptr + (slot // K) * s_wt + (slot % K) * s_wk).to(tl.float32)
+        bv = tl.load(b_ptr + e.to(tl.int64) * s_be + rn[:, None] * s_bo + rr[None, :] * s_br,
+                     mask=n_mask[:, None] & (rr[None, :] < r_lim), other=0.0).to(tl.float32)
+        acc += tl.sum(bv * hv[None, :], axis=1)
+    acc = acc * scaling
+    tl.store(y_ptr + row.to(tl.int64) * s_ym + rn * s_yo, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _outer_kernel(
+    h_ptr, idx_ptr, w_ptr, y_ptr, d_ptr,
+    M, K, E, R, N, SPLIT, scaling,
+    s_it, s_ik, s_wt, s_wk, s_yt, s_yk, s_yn, s_de, s_dr, s_dn,
+    K_INNER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
+    COMPUTE_F32: tl.constexpr,
+):
+    # Weight gradient as one dense reduction over rows, deterministic and atomic-free:
+    # D[e, j, n] = s * sum_m G[m, (e, j)] * Y[m, n] with G the one-hot w*h matrix.
+    # Columns come in blocks of BC so that many experts (the "gather" fallback) still fit.
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    S = M * K_INNER  # number of slots
+    cols = pid_c * BC + tl.arange(0, BC)
+    ce = cols // R_PAD
+    cj = cols % R_PAD
+    col_ok = (ce < E) & (cj < R)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < N
+    acc = tl.zeros((BC, BN), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_mask = rows < M
+        g = _onehot_rows(h_ptr, idx_ptr, w_ptr, rows, row_mask, ce, cj, col_ok, K, S, SPLIT,
+                         s_it, s_ik, s_wt, s_wk, K_INNER, R_PAD, HAS_WEIGHT, BM, BC)
+        first = rows * K_INNER  # first slot of the row: token t = first // K, slot k = first % K
+        y_row = (first // K).to(tl.int64) * s_yt + (first % K) * s_yk
+        yv = tl.load(y_ptr + y_row[:, None] + rn[None, :] * s_yn,
+                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if COMPUTE_F32:
+            acc += tl.dot(tl.trans(g), yv.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(g.to(yv.dtype)), yv)
+    acc = acc * scaling
+    d_off = ce[:, None].to(tl.int64) * s_de + cj[:, None] * s_dr + rn[None, :] * s_dn
+    tl.store(d_ptr + d_off, acc.to(d_ptr.dtype.element_ty), mask=col_ok[:, None] & n_mask[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _r_pad(r: int) -> int:
+    return _pow2(r, 16)  # tl.dot needs every dim >= 16
+
+
+def _compute_f32(dtype: torch.dtype) -> bool:
+    return _INTERPRET or dtype == torch.float32 or dtype == torch.float64
+
+
+def _pick_path(T: int, E: int, R: int, impl: Impl) -> str:
+    if impl not in ("auto", "gather", "tile"):
+        raise ValueError(f"impl must be 'auto', 'gather' or 'tile', got {impl!r}")
+    cols = _pow2(E) * _r_pad(R)
+    if impl == "auto":
+        return "gather" if T <= DECODE_MAX_TOKENS or cols > TILE_MAX_COLS else "tile"
+    if impl == "tile" and cols > TILE_MAX_COLS:
+        raise ValueError(f"impl='tile' needs next_pow2(E) * R_pad <= {TILE_MAX_COLS}, got {cols}")
+    return impl
+
+
+def _split(n_chunks: int, programs: int) -> tuple[int, int]:
+    """(SPLIT, chunks per split) so that programs * SPLIT reaches about two GPU waves."""
+    split = max(1, min(n_chunks, _MAX_SPLIT, triton.cdiv(_TARGET_PROGRAMS, programs)))
+    per = triton.cdiv(n_chunks, split)
+    return triton.cdiv(n_chunks, per), per
+
+
+def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str) -> torch.Tensor:
+    """h partials [SPLIT, T*K, R_pad] (fp32) of h[t, k] = a[idx_tk] @ x3[t, k or 0].
+
+    x3 is [T, 1, IN] (shared by the slots) or [T, K, IN]; a is [E, R, IN] with any strides
+    (the backward passes B^T as a view).
+    """
+    T, kx, IN = x3.shape
+    E, R, _ = a.shape
+    K = idx.shape[1]
+    s_xk = x3.stride(1) if kx == K else 0
+    r_pad, S = _r_pad(R), T * K
+    common = (E, R, IN)
+    strides = (x3.stride(0), s_xk, x3.stride(2), *a.stride(), idx.stride(0), idx.stride(1))
+    f32 = _compute_f32(x3.dtype)
+    if path == "gather":
+        bk = min(_GATHER_BK, _pow2(IN, 16))
+        split, per = _split(triton.cdiv(IN, bk), S)
+        h = _alloc((split, S, r_pad), x3.device, torch.float32)
+        _shrink_gather_kernel[(S, split)](
+            x3, a, idx, h, S, K, *common, per, *strides, R_PAD=r_pad, BK=bk, num_warps=4
+        )
+        return h
+    e_pad = _pow2(E)
+    bm = 64 if e_pad * r_pad <= 128 else 32
+    bk = min(_TILE_BK, _pow2(IN, 16))
+    n_m = triton.cdiv(T, bm)
+    split, per = _split(triton.cdiv(IN, bk), n_m)
+    h = _alloc((split, S, r_pad), x3.device, torch.float32)
+    per_slot = kx == K and K > 1
+    _shrink_tile_kernel[(n_m, split)](
+        x3, a, idx, h, T, K, *common, per, *strides,
+        K_X=K if per_slot else 1, K_SLOTS=K, X_PER_SLOT=per_slot,
+        BM=bm, BK=bk, R_PAD=r_pad, E_PAD=e_pad, COMPUTE_F32=f32, num_warps=4,
+    )
+    return h
+
+
+def _expand(
+    h: torch.Tensor,
+    b: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor | None,
+    scaling: float,
+    token_rows: bool,
+    out_dtype: torch.dtype,
+    path: str,
+) -> torch.Tensor:
+    """y = s * b[idx] @ h (times weight): [T, OUT] summed over slots if token_rows, else [T, K, OUT].
+
+    b is [E, OUT, R] with any strides (the backward passes A^T as a view).
+    """
+    T, K = idx.shape
+    E, OUT, R = b.shape
+    k_inner, M = (K, T) if token_rows else (1, T * K)
+    y = _alloc((T, OUT) if token_rows else (T, K, OUT), h.device, out_dtype)
+    y2 = y.view(M, OUT)
+    w = weight if weight is not None else h  # dummy pointer, never read without HAS_WEIGHT
+    w_strides = (weight.stride(0), weight.stride(1)) if weight is not None else (0, 0)
+    r_pad, split = _r_pad(R), h.shape[0]
+    args = (h, b, idx, w, y2, M, K, E, R, OUT, split, float(scaling), b.stride(0), b.stride(1),
+            b.stride(2), idx.stride(0), idx.stride(1), *w_strides, y2.stride(0), y2.stride(1))
+    if path == "gather":
+        bn = min(64, _pow2(OUT, 16))
+        _expand_gather_kernel[(M, triton.cdiv(OUT, bn))](
+            *args, K_INNER=k_inner, HAS_WEIGHT=weight is not None, BN=bn, R_PAD=r_pad,
+            SPLIT_PAD=_pow2(split), num_warps=4,
+        )
+        return y
+    e_pad = _pow2(E)
+    bm, bn = 64, min(128, _pow2(OUT, 16))
+    _expand_tile_kernel[(triton.cdiv(M, bm), triton.cdiv(OUT, bn))](
+        *args, K_INNER=k_inner, HAS_WEIGHT=weight is not None, BM=bm, BN=bn, R_PAD=r_pad,
+        E_PAD=e_pad, COMPUTE_F32=_compute_f32(b.dtype), num_warps=8,
+    )
+    return y
+
+
+def _outer_into(
+    dest: torch.Tensor,
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor | None,
+    scaling: float,
+    y3: torch.Tensor,
+) -> None:
+    """dest[e] = s * sum over slots choosing e of w * h_slot (outer) y_slot; dest is [E, R, N].
+
+    y3 is [T, 1, N] (one row per token, its slots summed) or [T, K, N] (one row per slot).
+    dest may be a transposed view (dB is [E, OUT, R]); every element is written.
+    """
+    T, K = idx.shape
+    E, R, N = dest.shape
+    token_rows = y3.shape[1] == 1 and K > 1
+    k_inner, M = (K, T) if token_rows else (1, T * K)
+    w = weight if weight is not None else h
+    w_strides = (weight.stride(0), weight.stride(1)) if weight is not None else (0, 0)
+    r_pad = _r_pad(R)
+    cols = _pow2(E) * r_pad
+    bc = min(cols, 128)
+    bm = 64
+    bn = 32 if triton.cdiv(N, 64) * triton.cdiv(cols, bc) < 132 else 64
+    bn = min(bn, _pow2(N, 16))
+    _outer_kernel[(triton.cdiv(N, bn), triton.cdiv(cols, bc))](
+        h, idx, w, y3, dest, M, K, E, R, N, h.shape[0], float(scaling),
+        idx.stride(0), idx.stride(1), *w_strides, y3.stride(0), y3.stride(1), y3.stride(2),
+        *dest.stride(),
+        K_INNER=k_inner, HAS_WEIGHT=weight is not None, BM=bm, BN=bn, BC=bc, R_PAD=r_pad,
+        COMPUTE_F32=_compute_f32(y3.dtype), num_warps=8,
+    )
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class GatheredLoraFunction(torch.autograd.Function):
+    """Triton forward (shrink + expand) and Triton backward for dx, dA, dB; dweight in torch.
+
+    ``apply(x, lora_A, lora_B, idx, weight, scaling, path)`` with path "gather" or "tile";
+    inputs are assumed validated (``gathered_lora`` does it).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, idx, weight, scaling, path):  # noqa: D102
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        h = _shrink(x3, lora_A, idx, path)  # (SPLIT, T*K, R_pad) fp32 partials
+        y = _expand(h, lora_B, idx, weight, scaling, weight is not None, x.dtype, path)
+        ctx.save_for_backward(x, lora_A, lora_B, idx, weight, h)
+        ctx.scaling, ctx.path = scaling, path
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: D102
+        x, lora_A, lora_B, idx, weight, h = ctx.saved_tensors
+        s, path = ctx.scaling, ctx.path
+        T, K = idx.shape
+        weighted = weight is not None
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)
+        gy3 = gy.unsqueeze(1) if weighted else gy  # a weighted output is shared by the slots
+        need_x, need_a, need_b, _, need_w = ctx.needs_input_grad[:5]
+        dx = dA = dB = dw = None
+        if need_x or need_a or need_w:
+            # dh_raw[t, k] = B[idx_tk]^T gy_(t,k): the shrink with B^T viewed as [E, R, OUT].
+            dh = _shrink(gy3, lora_B.transpose(1, 2), idx, path)
+            if need_x:
+                dx = _expand(dh, lora_A.transpose(1, 2), idx, weight, s, x.dim() == 2, x.dtype, path)
+            if need_a:
+                dA = _alloc(tuple(lora_A.shape), lora_A.device, lora_A.dtype)
+                _outer_into(dA, dh, idx, weight, s, x3)
+            if need_w:
+                # dweight_tk = s * <gy_t, B h_tk> = s * <dh_raw_tk, h_tk>
+                dw = (dh.sum(0) * h.sum(0)).sum(-1).mul_(s).view(T, K).to(weight.dtype)
+        if need_b:
+            dB = _alloc(tuple(lora_B.shape), lora_B.device, lora_B.dtype)
+            _outer_into(dB.transpose(1, 2), h, idx, weight, s, gy3)
+        return dx, dA, dB, None, dw, None, None
+
+
+def gathered_lora(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    idx: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    scaling: float = 1.0,
+    *,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Triton gathered LoRA experts; same contract as ``gathered_lora_reference``, autograd-capable.
+
+    ``impl`` forces the "gather" (decode) or "tile" (training) kernels; "auto" picks by T.
+    No host sync and a launch count that depends on shapes only (2 forward, <= 4 backward
+    kernels plus the dweight reduction).
+    """
+    T, K, _, _, E, R, _ = _check_inputs(x, lora_A, lora_B, idx, weight)
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError("gathered_lora needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                           "use gathered_lora_reference otherwise")
+    path = _pick_path(T, E, R, impl)
+    if T == 0 or K == 0:  # empty grids cannot launch; the reference handles it without kernels
+        return gathered_lora_reference(x, lora_A, lora_B, idx, weight, scaling)
+    return GatheredLoraFunction.apply(x, lora_A, lora_B, idx, weight, float(scaling), path)
