@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU validation + kernel benchmarks in one go (what we run on the H100; see README "Benchmarks").
+# Usage: OUT=results_dir bash kernels/benchmarks/run_gpu_suite.sh [tests|bench|all]
+# Carried wheels in .whl/ (hydra-core, omegaconf, antlr4, mixlora) are installed first if present.
+set -uo pipefail
+OUT=${OUT:-kernels/benchmarks/results}
+mkdir -p "$OUT"
+what=${1:-all}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/log.txt"
+if [[ $what == tests || $what == all ]]; then
+  timeout 300 python3 -m pytest -q --maxfail=15 -p no:cacheprovider tests/test_gpu.py kernels/moelora_kernels/tests \
+    2>&1 | tail -n 40 | tee -a "$OUT/log.txt"
+fi
+if [[ $what == bench || $what == all ]]; then
+  timeout 200 python3 kernels/benchmarks/benchmark_merge.py --shape llama2-7b --experts 8 --top-k 2 --rank 16 --check --sweep --out "$OUT/merge" 2>&1 | tail -n 30 | tee -a "$OUT/log.txt"
+  timeout 200 python3 kernels/benchmarks/benchmark_gathered_lora.py --out-dir "$OUT/gathered" 2>&1 | tail -n 60 | tee -a "$OUT/log.txt"
+  timeout 120 python3 kernels/benchmarks/benchmark_mixlora_block.py --out "$OUT/block" 2>&1 | tail -n 12 | tee -a "$OUT/log.txt"
+fi
