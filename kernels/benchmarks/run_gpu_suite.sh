@@ -14,8 +14,12 @@ export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/log.txt"
 if [[ $what == tests || $what == all ]]; then
-  timeout 300 python3 -m pytest -q --maxfail=15 -p no:cacheprovider tests/test_gpu.py kernels/moelora_kernels/tests \
-    2>&1 | tail -n 40 | tee -a "$OUT/log.txt"
+  timeout 400 python3 -m pytest -q -rf --tb=short --maxfail=30 -p no:cacheprovider -m gpu tests/test_gpu.py \
+    kernels/moelora_kernels/tests > "$OUT/gpu_tests.txt" 2>&1
+  tail -n 60 "$OUT/gpu_tests.txt"
+fi
+if [[ $what == overhead || $what == all ]]; then
+  timeout 120 python3 kernels/benchmarks/launch_overhead.py 2>&1 | tee -a "$OUT/log.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
   timeout 200 python3 kernels/benchmarks/benchmark_merge.py --shape llama2-7b --experts 8 --top-k 2 --rank 16 --check --sweep --out "$OUT/merge" 2>&1 | tail -n 30 | tee -a "$OUT/log.txt"
