@@ -148,3 +148,13 @@ def test_merged_decode_through_triton_kernel_interpreter():
     here = os.path.dirname(__file__)
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, here], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_selection_change_rate_is_recorded():
+    model = _switch_model("merge")
+    state = switch_state(model)
+    state.history = []
+    model.generate(torch.randint(0, 61, (1, 4)), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert len(state.history) == 5  # one merge per decode step after the prefill
+    rate = state.selection_change_rate()
+    assert 0.0 <= rate <= 1.0

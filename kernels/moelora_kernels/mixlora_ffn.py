@@ -1,20 +1,27 @@
-"""MixLoRA expert hidden states for decode: one launch for the gate/up deltas, the activation and
-the weighted mix over the selected experts.
+"""Decode kernels for mixtures of LoRA experts: few tokens, as few launches as possible.
 
-For T tokens (decode: T <= a few dozen) with K selected experts each:
+Eager batch-1 decode is launch-bound (ANCHORS.md: every Python-level op costs ~10-50 µs while
+the arithmetic of a LoRA delta costs ~1 µs), so these kernels trade a little redundant
+arithmetic for launches. Two kernels:
+
+``mixlora_expert_hidden`` (MixLoRA FFN, one launch): optionally the top-k router, then for the
+K selected experts of each token
 
     g_tk = g0_t + s · B_g[e] (A_g[e] x_t),   u_tk = u0_t + s · B_u[e] (A_u[e] x_t),   e = idx[t, k]
-    h_tk = act(g_tk) ⊙ u_tk                  (T, K, F)   -- input of each expert's down delta
-    h_mix_t = Σ_k w_tk h_tk                  (T, F)      -- input of the ONE frozen down GEMM
+    h_tk = act(g_tk) ⊙ u_tk   (T, K, F)        h_mix_t = Σ_k w_tk h_tk   (T, F)
 
-where g0 = W_gate x and u0 = W_up x are the frozen projections computed once for all experts.
-Unfused this is ~12 launches per layer (2 shrinks, 2 expands, 2 adds, act, mul, mul, sum...);
-at batch-1 decode every launch costs more than its arithmetic, so here it is one.
+where g0 = W_gate x, u0 = W_up x are the frozen projections computed once for all experts and
+h_mix feeds the ONE frozen down GEMM. Unfused: ~18 launches (router 6, 2 shrinks, 2 expands,
+adds, act, mul, mix).
 
-Grid: (T, cdiv(F, BLOCK_F)). Each program recomputes the rank-R shrink A[e] x_t for its token
-(R·D MACs, served from L2 after the first program) instead of writing it out and launching a
-second kernel: at decode the launch is the expensive part, not the 2·K·R·D MACs.
-``mixlora_expert_hidden_reference`` is the eager ground truth.
+``lora_decode_add_`` (one launch): y_t += s · Σ_k w_tk B[e] (A[e] x_tk) in place, for a
+shared input x (T, IN) (LoRA-Switch linears) or a per-slot input (T, K, IN) (MixLoRA down).
+
+Layout: grid (T, G). Each program first computes the rank-R shrinks of its token for all K
+slots (K·R·D MACs, A read from L2 after the first program; recomputed per program instead of a
+second launch), keeps them in registers, then walks its share of output columns. G is chosen so
+that about one program per SM runs. No host sync, launch count fixed by shapes.
+The ``*_reference`` functions are the eager ground truth.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
+_TARGET_PROGRAMS = 132  # about one per H100 SM: the redundant shrinks stay cheap
 
 
 def _torch_act(name: str):
@@ -39,6 +47,13 @@ def _torch_act(name: str):
     raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
 
 
+def route_topk_reference(x, router_weight, top_k):
+    """(idx (T, K) int64, weights (T, K) fp32 renormalised, probs (T, E) fp32)."""
+    probs = torch.softmax(F.linear(x.float(), router_weight.float()), dim=-1)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    return idx, w / w.sum(-1, keepdim=True), probs
+
+
 def mixlora_expert_hidden_reference(x, g0, u0, a_gate, b_gate, a_up, b_up, idx, weight, scaling, act="silu"):
     """Eager torch version: returns (h (T, K, F), h_mix (T, F)) in x.dtype, fp32 math."""
     xf = x.float()
@@ -49,6 +64,15 @@ def mixlora_expert_hidden_reference(x, g0, u0, a_gate, b_gate, a_up, b_up, idx, 
     h = _torch_act(act)(g) * u  # (T, K, F)
     h_mix = (h * weight.float()[..., None]).sum(1)
     return h.to(x.dtype), h_mix.to(x.dtype)
+
+
+def lora_decode_add_reference(y, x, lora_A, lora_B, idx, weight, scaling):
+    """y += s Σ_k w_tk B[idx_tk] A[idx_tk] x_(t,k), fp32 math; returns y."""
+    xk = x.float() if x.dim() == 3 else x.float()[:, None].expand(-1, idx.shape[1], -1)
+    h = torch.einsum("tkrd,tkd->tkr", lora_A[idx].float(), xk)
+    d = torch.einsum("tkor,tkr->to", lora_B[idx].float(), h * weight.float()[..., None])
+    y.copy_((y.float() + scaling * d).to(y.dtype))
+    return y
 
 
 @triton.jit
@@ -64,70 +88,228 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _hidden_kernel(
-    x_ptr, g0_ptr, u0_ptr, ag_ptr, bg_ptr, au_ptr, bu_ptr, idx_ptr, w_ptr, h_ptr, hmix_ptr,
-    D, FF, R, K, scaling,
-    RP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, ACT: tl.constexpr,
-):
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)  # (BF,) hidden units of this program
-    fmask = cols < FF
+def _pick(vec, kk, k):
+    """vec[k] of a small (KP,) vector as a scalar (register arrays need compile-time indices)."""
+    return tl.sum(tl.where(kk == k, vec, 0), axis=0)
+
+
+@triton.jit
+def _pick_row(mat, kk, k):
+    """mat[k, :] of a (KP, RP) register tile."""
+    return tl.sum(tl.where(kk[:, None] == k, mat, 0.0), axis=0)
+
+
+@triton.jit
+def _route(x_ptr, wr_ptr, idx_ptr, w_ptr, probs_ptr, t, D, E, K, write,
+           EP: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 router: softmax(W_r x_t), top-K by repeated argmax, weights renormalised."""
+    ee = tl.arange(0, EP)
+    kk = tl.arange(0, KP)
+    emask = ee < E
+    logits = tl.zeros([EP], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < D
+        xv = tl.load(x_ptr + t * D + dd, mask=dmask, other=0.0).to(tl.float32)
+        wr = tl.load(wr_ptr + ee[:, None] * D + dd[None, :], mask=emask[:, None] & dmask[None, :], other=0.0)
+        logits += tl.sum(wr.to(tl.float32) * xv[None, :], axis=1)
+    logits = tl.where(emask, logits, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    rem = tl.where(emask, p, -1.0)
+    sel_e = tl.zeros([KP], dtype=tl.int32)
+    sel_w = tl.zeros([KP], dtype=tl.float32)
+    for k in tl.static_range(KP):
+        best = tl.max(rem, axis=0)
+        best_e = tl.argmax(rem, axis=0).to(tl.int32)
+        sel_e = tl.where(kk == k, best_e, sel_e)
+        sel_w = tl.where(kk == k, best, sel_w)
+        rem = tl.where(ee == best_e, -1.0, rem)
+    sel_w = tl.where(kk < K, sel_w, 0.0)
+    sel_w = sel_w / tl.sum(sel_w, axis=0)
+    if write:  # one program per token publishes the routing (for the down kernel and statistics)
+        tl.store(idx_ptr + t * K + kk, sel_e.to(tl.int64), mask=kk < K)
+        tl.store(w_ptr + t * K + kk, sel_w, mask=kk < K)
+        tl.store(probs_ptr + t * E + ee, p, mask=emask)
+    return sel_e, sel_w
+
+
+@triton.jit
+def _shrink_all_slots(x_ptr, a_ptr, sel_e, t, IN, R, K, x_tok_stride, x_slot_stride,
+                      KP: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Z[k, :] = A[sel_e[k]] @ x_(t,k) for all K slots: a (KP, RP) fp32 register tile.
+    Strides (tok, slot): (IN, 0) for a shared input (T, IN), (K*IN, IN) for a per-slot (T, K, IN)."""
+    kk = tl.arange(0, KP)
     rr = tl.arange(0, RP)
     rmask = rr < R
-    g0 = tl.load(g0_ptr + t * FF + cols, mask=fmask, other=0.0).to(tl.float32)
-    u0 = tl.load(u0_ptr + t * FF + cols, mask=fmask, other=0.0).to(tl.float32)
-    mix = tl.zeros([BLOCK_F], dtype=tl.float32)
-    for k in range(K):
-        e = tl.load(idx_ptr + t * K + k).to(tl.int64)
-        wk = tl.load(w_ptr + t * K + k).to(tl.float32)
-        # shrink: hg = A_g[e] x_t, hu = A_u[e] x_t   (R,)
-        hg = tl.zeros([RP], dtype=tl.float32)
-        hu = tl.zeros([RP], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < D
-            xv = tl.load(x_ptr + t * D + dd, mask=dmask, other=0.0).to(tl.float32)
-            amask = rmask[:, None] & dmask[None, :]
-            aoff = e * R * D + rr[:, None] * D + dd[None, :]
-            ag = tl.load(ag_ptr + aoff, mask=amask, other=0.0).to(tl.float32)
-            au = tl.load(au_ptr + aoff, mask=amask, other=0.0).to(tl.float32)
-            hg += tl.sum(ag * xv[None, :], axis=1)
-            hu += tl.sum(au * xv[None, :], axis=1)
-        # expand for this program's columns: B[e][cols, :] @ h   (BF,)
-        boff = e * FF * R + cols[:, None] * R + rr[None, :]
-        bmask = fmask[:, None] & rmask[None, :]
-        bg = tl.load(bg_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
-        bu = tl.load(bu_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
-        g = g0 + scaling * tl.sum(bg * hg[None, :], axis=1)
-        u = u0 + scaling * tl.sum(bu * hu[None, :], axis=1)
-        h = _act(g, ACT) * u
-        tl.store(h_ptr + (t * K + k) * FF + cols, h.to(h_ptr.dtype.element_ty), mask=fmask)
-        mix += wk * h
-    tl.store(hmix_ptr + t * FF + cols, mix.to(hmix_ptr.dtype.element_ty), mask=fmask)
+    z = tl.zeros([KP, RP], dtype=tl.float32)
+    for d0 in range(0, IN, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < IN
+        for k in tl.static_range(KP):
+            e = _pick(sel_e, kk, k).to(tl.int64)
+            live = dmask & ((dd * 0 + k) < K)  # a vector mask: slots k >= K load nothing
+            xv = tl.load(x_ptr + t * x_tok_stride + k * x_slot_stride + dd, mask=live, other=0.0)
+            xv = xv.to(tl.float32)
+            a = tl.load(a_ptr + e * R * IN + rr[:, None] * IN + dd[None, :],
+                        mask=rmask[:, None] & live[None, :], other=0.0).to(tl.float32)
+            z += tl.where(kk[:, None] == k, tl.sum(a * xv[None, :], axis=1)[None, :], 0.0)
+    return z
 
 
-def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx, weight, scaling, act="silu",
-                          block_f: int = 128, block_d: int = 256, num_warps: int = 4):
-    """Triton version of ``mixlora_expert_hidden_reference`` (forward only: decode/inference)."""
+@triton.jit
+def _moe_hidden_kernel(
+    x_ptr, wr_ptr, g0_ptr, u0_ptr, ag_ptr, bg_ptr, au_ptr, bu_ptr, idx_ptr, w_ptr, probs_ptr,
+    h_ptr, hmix_ptr, D, FF, E, R, K, scaling, cols_per_group,
+    ROUTE: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, ACT: tl.constexpr,
+):
+    t = tl.program_id(0)
+    grp = tl.program_id(1)
+    kk = tl.arange(0, KP)
+    rr = tl.arange(0, RP)
+    rmask = rr < R
+    if ROUTE:
+        sel_e, sel_w = _route(x_ptr, wr_ptr, idx_ptr, w_ptr, probs_ptr, t, D, E, K, grp == 0,
+                              EP=EP, KP=KP, BLOCK_D=BLOCK_D)
+    else:
+        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
+        sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    hg = _shrink_all_slots(x_ptr, ag_ptr, sel_e, t, D, R, K, D, 0, KP=KP, RP=RP, BLOCK_D=BLOCK_D)
+    hu = _shrink_all_slots(x_ptr, au_ptr, sel_e, t, D, R, K, D, 0, KP=KP, RP=RP, BLOCK_D=BLOCK_D)
+    f_start = grp * cols_per_group
+    f_end = tl.minimum(f_start + cols_per_group, FF)
+    for f0 in range(f_start, f_end, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        fmask = cols < f_end
+        g0 = tl.load(g0_ptr + t * FF + cols, mask=fmask, other=0.0).to(tl.float32)
+        u0 = tl.load(u0_ptr + t * FF + cols, mask=fmask, other=0.0).to(tl.float32)
+        mix = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for k in tl.static_range(KP):
+            live = fmask & ((cols * 0 + k) < K)
+            e = _pick(sel_e, kk, k).to(tl.int64)
+            wk = _pick(sel_w, kk, k)
+            boff = e * FF * R + cols[:, None] * R + rr[None, :]
+            bmask = live[:, None] & rmask[None, :]
+            bg = tl.load(bg_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
+            bu = tl.load(bu_ptr + boff, mask=bmask, other=0.0).to(tl.float32)
+            g = g0 + scaling * tl.sum(bg * _pick_row(hg, kk, k)[None, :], axis=1)
+            u = u0 + scaling * tl.sum(bu * _pick_row(hu, kk, k)[None, :], axis=1)
+            h = _act(g, ACT) * u
+            tl.store(h_ptr + (t * K + k) * FF + cols, h.to(h_ptr.dtype.element_ty), mask=live)
+            mix += wk * h
+        tl.store(hmix_ptr + t * FF + cols, mix.to(hmix_ptr.dtype.element_ty), mask=fmask)
+
+
+@triton.jit
+def _lora_add_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, idx_ptr, w_ptr, IN, OUT, R, K, scaling, cols_per_group, x_tok_stride, x_slot_stride,
+    KP: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0)
+    grp = tl.program_id(1)
+    kk = tl.arange(0, KP)
+    rr = tl.arange(0, RP)
+    rmask = rr < R
+    sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
+    sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    z = _shrink_all_slots(x_ptr, a_ptr, sel_e, t, IN, R, K, x_tok_stride, x_slot_stride, KP=KP, RP=RP,
+                          BLOCK_D=BLOCK_D)
+    n_start = grp * cols_per_group
+    n_end = tl.minimum(n_start + cols_per_group, OUT)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        nmask = cols < n_end
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k in tl.static_range(KP):
+            live = nmask & ((cols * 0 + k) < K)
+            e = _pick(sel_e, kk, k).to(tl.int64)
+            b = tl.load(b_ptr + e * OUT * R + cols[:, None] * R + rr[None, :],
+                        mask=live[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+            acc += _pick(sel_w, kk, k) * tl.sum(b * _pick_row(z, kk, k)[None, :], axis=1)
+        yv = tl.load(y_ptr + t * OUT + cols, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + t * OUT + cols, (yv + scaling * acc).to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def _check_device(x: torch.Tensor, name: str) -> None:
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1)")
+
+
+def _groups(T: int, n_cols: int, block: int) -> tuple[int, int]:
+    """(G, columns per group): about _TARGET_PROGRAMS programs over T tokens."""
+    g = max(1, min(triton.cdiv(n_cols, block), triton.cdiv(_TARGET_PROGRAMS, T)))
+    per = triton.cdiv(triton.cdiv(n_cols, g), block) * block
+    return triton.cdiv(n_cols, per), per
+
+
+def _pow2(n: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weight=None, scaling=1.0,
+                          act="silu", router_weight=None, top_k=None, block_f: int = 64, block_d: int = 128,
+                          num_warps: int = 4):
+    """Triton version of ``mixlora_expert_hidden_reference`` (forward only: decode/inference).
+
+    With ``router_weight`` (E, D) fp32 and ``top_k``, the router runs inside the kernel and the
+    return value is (h, h_mix, idx, weight, probs); otherwise ``idx``/``weight`` are inputs and it
+    returns (h, h_mix)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {act!r}; supported: {sorted(ACTIVATIONS)}")
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise RuntimeError("mixlora_expert_hidden needs CUDA tensors (or TRITON_INTERPRET=1)")
+    _check_device(x, "mixlora_expert_hidden")
     T, D = x.shape
     E, R, _ = a_gate.shape
     FF = b_gate.shape[1]
-    K = idx.shape[1]
-    if g0.shape != (T, FF) or u0.shape != (T, FF) or a_up.shape != a_gate.shape or b_up.shape != b_gate.shape:
+    route = router_weight is not None
+    K = top_k if route else idx.shape[1]
+    if g0.shape != (T, FF) or u0.shape != (T, FF) or a_up.shape != a_gate.shape or b_up.shape != b_gate.shape \
+            or a_gate.shape[2] != D:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, g0 {tuple(g0.shape)}, u0 {tuple(u0.shape)}, "
                          f"A {tuple(a_gate.shape)}/{tuple(a_up.shape)}, B {tuple(b_gate.shape)}/{tuple(b_up.shape)}")
+    if route and (router_weight.shape != (E, D) or not 1 <= K <= E):
+        raise ValueError(f"router_weight must be ({E}, {D}) and 1 <= top_k <= {E}; got "
+                         f"{tuple(router_weight.shape)}, top_k={K}")
     x, g0, u0 = x.contiguous(), g0.contiguous(), u0.contiguous()
-    h = torch.empty(T, K, FF, dtype=x.dtype, device=x.device)
-    h_mix = torch.empty(T, FF, dtype=x.dtype, device=x.device)
-    rp = max(16, triton.next_power_of_2(R))
-    grid = (T, triton.cdiv(FF, block_f))
-    _hidden_kernel[grid](
-        x, g0, u0, a_gate.contiguous(), b_gate.contiguous(), a_up.contiguous(), b_up.contiguous(),
-        idx.contiguous(), weight.contiguous(), h, h_mix, D, FF, R, K, float(scaling),
-        RP=rp, BLOCK_D=block_d, BLOCK_F=block_f, ACT=ACTIVATIONS[act], num_warps=num_warps,
+    dev = x.device
+    h = torch.empty(T, K, FF, dtype=x.dtype, device=dev)
+    h_mix = torch.empty(T, FF, dtype=x.dtype, device=dev)
+    if route:
+        idx = torch.empty(T, K, dtype=torch.int64, device=dev)
+        weight = torch.empty(T, K, dtype=torch.float32, device=dev)
+        probs = torch.empty(T, E, dtype=torch.float32, device=dev)
+        wr = router_weight.contiguous()
+    else:
+        idx, weight, probs, wr = idx.contiguous(), weight.contiguous(), h_mix, x  # dummies never read
+    G, per = _groups(T, FF, block_f)
+    _moe_hidden_kernel[(T, G)](
+        x, wr, g0, u0, a_gate.contiguous(), b_gate.contiguous(), a_up.contiguous(), b_up.contiguous(),
+        idx, weight, probs, h, h_mix, D, FF, E, R, K, float(scaling), per,
+        ROUTE=route, EP=_pow2(E, 2), KP=_pow2(K, 1), RP=_pow2(R, 16), BLOCK_D=block_d, BLOCK_F=block_f,
+        ACT=ACTIVATIONS[act], num_warps=num_warps,
     )
-    return h, h_mix
+    return (h, h_mix, idx, weight, probs) if route else (h, h_mix)
+
+
+def lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, block_n: int = 64, block_d: int = 128,
+                     num_warps: int = 4):
+    """In place: y (T, OUT) += s Σ_k w_tk B[idx_tk] A[idx_tk] x_(t,k), one launch; returns y.
+    x is (T, IN) shared by the slots or (T, K, IN) per slot."""
+    _check_device(x, "lora_decode_add_")
+    T, K = idx.shape
+    E, R, IN = lora_A.shape
+    OUT = lora_B.shape[1]
+    per_slot = x.dim() == 3
+    if y.shape != (T, OUT) or x.shape[-1] != IN or (per_slot and x.shape[:2] != (T, K)) \
+            or lora_B.shape != (E, OUT, R) or weight.shape != (T, K):
+        raise ValueError(f"shape mismatch: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(lora_A.shape)}, "
+                         f"B {tuple(lora_B.shape)}, idx {tuple(idx.shape)}, weight {tuple(weight.shape)}")
+    if not y.is_contiguous():
+        raise ValueError("y must be contiguous (it is updated in place)")
+    G, per = _groups(T, OUT, block_n)
+    _lora_add_kernel[(T, G)](
+        y, x.contiguous(), lora_A.contiguous(), lora_B.contiguous(), idx.contiguous(), weight.contiguous(),
+        IN, OUT, R, K, float(scaling), per, K * IN if per_slot else IN, IN if per_slot else 0,
+        KP=_pow2(K, 1), RP=_pow2(R, 16), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y

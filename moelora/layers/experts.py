@@ -12,7 +12,8 @@ def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0):
     """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere."""
     from moelora_kernels import gathered_lora as gl
 
-    fn = gl.gathered_lora if x.is_cuda else gl.gathered_lora_reference
+    # Under torch.compile the pure-torch reference is traced and fused by Inductor instead.
+    fn = gl.gathered_lora if x.is_cuda and not torch.compiler.is_compiling() else gl.gathered_lora_reference
     return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
 
 

@@ -45,8 +45,23 @@ class LoraSwitchLinear(nn.Module):
         if state.merged:
             return y  # the selected experts are already inside base_layer.weight
         idx, w = state.experts, state.weights  # (N, K) for the N tokens of this forward
-        delta = self.experts.gathered(x.reshape(-1, x.shape[-1]), idx, weight=w)  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        if _decode_kernel_applies(x2, self):
+            from moelora_kernels.mixlora_ffn import lora_decode_add_
+
+            # One launch: shrink + expand of the K selected experts, added into y in place.
+            lora_decode_add_(y.view(-1, y.shape[-1]), x2, self.experts.lora_A, self.experts.lora_B,
+                             idx, w, self.experts.scaling)
+            return y
+        delta = self.experts.gathered(x2, idx, weight=w)  # (N, out)
         return y + delta.view(*y.shape).to(y.dtype)
+
+
+def _decode_kernel_applies(x: torch.Tensor, module: nn.Module) -> bool:
+    from .mixlora import DECODE_MAX_TOKENS, _kernels_interpreted
+
+    return ((x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled() and not module.training
+            and x.shape[0] <= DECODE_MAX_TOKENS and not torch.compiler.is_compiling())
 
 
 class SwitchState:
@@ -60,9 +75,20 @@ class SwitchState:
         self.plan = None  # built lazily at the first merge
         self.linears: list[LoraSwitchLinear] = []
         self.merge_launches = 0  # number of merge calls (for tests/benchmarks)
+        self.force_merge = False  # benchmarks: never skip an unchanged selection (worst case)
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # set to [] to record
+
+    def selection_change_rate(self) -> float | None:
+        """Share of recorded decode steps whose (experts, weights) differ from the step before:
+        the steps where merge mode pays for a merge (the others are skipped in-kernel)."""
+        h = self.history
+        if not h or len(h) < 2:
+            return None
+        changed = sum(not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])) for a, b in zip(h, h[1:]))
+        return changed / (len(h) - 1)
 
     def merge_allowed(self, model_training: bool, batch: int, seq: int, device: torch.device) -> bool:
-        if self.mode == "unmerged" or model_training or batch != 1 or seq != 1:
+        if self.mode == "unmerged" or model_training or batch != 1 or seq != 1 or torch.compiler.is_compiling():
             return False
         if self.mode == "merge":
             return True
@@ -85,9 +111,14 @@ class SwitchState:
             self.plan = self._build_plan()
         elif not self.merged:
             self.plan.refresh_adapters()  # adapters may have trained since the last generation
-        self.plan.merge(idx, gate)
+        if isinstance(self.plan, TorchMergePlan):
+            self.plan.merge(idx, gate)
+        else:
+            self.plan.merge(idx, gate, force=self.force_merge)
         self.merged = True
         self.merge_launches += 1
+        if self.history is not None:
+            self.history.append((idx.detach().clone(), gate.detach().clone()))
 
     def restore(self) -> None:
         if self.merged:

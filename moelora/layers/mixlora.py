@@ -27,6 +27,13 @@ _ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh",
 DECODE_MAX_TOKENS = 64  # at or below, inference uses the one-launch hidden-state kernel on CUDA
 
 
+def _kernels_interpreted() -> bool:
+    """True when the Triton kernels were imported under TRITON_INTERPRET=1 (CPU tests)."""
+    from moelora_kernels import mixlora_ffn
+
+    return mixlora_ffn._INTERPRET
+
+
 class MixLoraFFN(nn.Module):
     """Replaces a decoder layer's MLP. ``proj_names`` maps roles to the base MLP's attributes:
     gated MLPs use gate/up/down; Phi-3 uses a fused gate_up projection ('gate_up')."""
@@ -92,12 +99,12 @@ class MixLoraFFN(nn.Module):
         B, T, D = hidden_states.shape
         x = hidden_states.reshape(B * T, D)  # (N, D)
         mask = self._context.token_mask_for(B, T)
-        routing = self.router(x, mask)
-        self._context.record(self.layer_idx, routing, mask, self.num_experts)
-        if self._use_fused(x):
-            y = self.forward_fused(x, routing)
+        if self._use_fused(x) and self._decode_kernel_applies(x):
+            y, routing = self.forward_decode(x)  # router fused into the kernel
         else:
-            y = self.forward_eager(x, routing)
+            routing = self.router(x, mask)
+            y = self.forward_fused(x, routing) if self._use_fused(x) else self.forward_eager(x, routing)
+        self._context.record(self.layer_idx, routing, mask, self.num_experts)
         return y.view(B, T, D)
 
     def forward_eager(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -131,29 +138,30 @@ class MixLoraFFN(nn.Module):
         return out.to(x.dtype)
 
     def _decode_kernel_applies(self, x: torch.Tensor) -> bool:
-        return (x.is_cuda and not torch.is_grad_enabled() and not self.training and x.shape[0] <= DECODE_MAX_TOKENS
-                and not self.fused_gate_up and self.act_name is not None and self.strategy != "switch"
+        """Inference on CUDA with few tokens, top-k routing, a gated MLP with gate/up experts."""
+        return ((x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not self.training and x.shape[0] <= DECODE_MAX_TOKENS
+                and not self.fused_gate_up and self.act_name is not None and self.strategy == "topk"
                 and self._expert("gate") is not None and self._expert("up") is not None)
 
-    def forward_decode(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Inference with few tokens: gate/up deltas + activation + mix in ONE Triton launch."""
-        from moelora_kernels.mixlora_ffn import mixlora_expert_hidden
+    def forward_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """Decode: router + gate/up deltas + activation + mix in one launch, then the frozen down
+        GEMM and the down delta added in place by a second launch (vs ~30 launches unfused)."""
+        from moelora_kernels.mixlora_ffn import lora_decode_add_, mixlora_expert_hidden
 
-        idx, w = routing.experts, routing.weights
         eg, eu = self._expert("gate"), self._expert("up")
         g0, u0 = self._proj("gate")(x), self._proj("up")(x)  # (N, F), frozen, once
-        h, h_mix = mixlora_expert_hidden(x, g0, u0, eg.lora_A, eg.lora_B, eu.lora_A, eu.lora_B,
-                                         idx, w, eg.scaling, act=self.act_name)
-        y = self._proj("down")(h_mix)
+        h, h_mix, idx, w, probs = mixlora_expert_hidden(
+            x, g0, u0, eg.lora_A, eg.lora_B, eu.lora_A, eu.lora_B, scaling=eg.scaling, act=self.act_name,
+            router_weight=self.router.weight, top_k=self.top_k)
+        y = self._proj("down")(h_mix)  # (N, D)
         lora = self._expert("down")
         if lora is not None:
-            y = y + lora.gathered(h, idx, weight=w).to(y.dtype)
-        return y
+            lora_decode_add_(y, h, lora.lora_A, lora.lora_B, idx, w, lora.scaling)
+        return y, Routing(w, idx, probs, None)
 
     def forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Static-shape path: gathered deltas per (token, slot), one frozen down projection."""
-        if self._decode_kernel_applies(x):
-            return self.forward_decode(x, routing)
         idx, w = routing.experts, routing.weights  # (N, K)
         pre = {}
         for role in self._in_roles():

@@ -18,7 +18,7 @@ class Routing(NamedTuple):
     weights: torch.Tensor  # (N, K) fp32 mixing weights of the selected experts (0 = not used)
     experts: torch.Tensor  # (N, K) int64 expert ids
     probs: torch.Tensor  # (N, E) fp32 softmax over all experts
-    selected: torch.Tensor  # (N, K) bool: slot counts as "routed" for the load fraction f_e
+    selected: torch.Tensor | None  # (N, K) bool: slot counts as "routed" for f_e; None = all
 
 
 def route(
@@ -42,7 +42,7 @@ def route(
     if strategy == "topk":
         w, idx = torch.topk(probs, top_k, dim=-1)  # (N, K)
         w = w / w.sum(dim=-1, keepdim=True)
-        return Routing(w, idx, probs, torch.ones_like(idx, dtype=torch.bool))
+        return Routing(w, idx, probs, None)
     if strategy == "dynamic":
         p_sorted, idx = torch.sort(probs, dim=-1, descending=True)  # (N, E)
         before = torch.cumsum(p_sorted, dim=-1) - p_sorted  # mass of the experts ranked higher
@@ -62,7 +62,7 @@ def route(
         position = (torch.cumsum(onehot, dim=0) * onehot).sum(-1, keepdim=True)  # 1-based slot in its expert
         fits = position <= capacity
         w = torch.where(fits, p1, torch.zeros_like(p1))
-        return Routing(w, idx, probs, torch.ones_like(idx, dtype=torch.bool))
+        return Routing(w, idx, probs, None)
     raise ValueError(f"unknown routing strategy {strategy!r}; use 'topk', 'dynamic' or 'switch'")
 
 
@@ -73,7 +73,9 @@ def load_balance_terms(
 
     Returned as sums (not means) so that callers can pool them over layers exactly."""
     counts = F.one_hot(routing.experts, num_experts).to(torch.float32)  # (N, K, E)
-    counts = (counts * routing.selected.unsqueeze(-1)).sum(1)  # (N, E)
+    if routing.selected is not None:
+        counts = counts * routing.selected.unsqueeze(-1)
+    counts = counts.sum(1)  # (N, E)
     probs = routing.probs
     if token_mask is not None:
         m = token_mask.reshape(-1, 1).to(torch.float32)
