@@ -145,25 +145,22 @@ def test_routing_edge_cases_eager_vs_fused():
     torch.manual_seed(0)
     model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
     randomize_adapter_(model)
-    # a router that sends every token to experts 2 then 0 (1 and 3 get nothing)
-    def fixed(x, token_mask=None):
-        n = x.shape[0]
+    ffn = model.model.layers[0].mlp
+    for n in (1, 9):
+        x = torch.randn(n, 24)
+        # every token goes to experts 2 then 0; experts 1 and 3 get nothing
         probs = torch.tensor([0.3, 0.05, 0.6, 0.05]).expand(n, 4)
-        return Routing(torch.tensor([[0.6, 0.4]]).expand(n, 2), torch.tensor([[2, 0]]).expand(n, 2),
-                       probs, torch.ones(n, 2, dtype=torch.bool))
-
-    for layer in model.model.layers:
-        layer.mlp.router.forward = fixed
-    for ids in (torch.tensor([[5]]), _batch()[0]):
-        outs = {}
-        for backend in ("eager", "fused"):
-            for layer in model.model.layers:
-                layer.mlp.backend = backend
-            with torch.no_grad():
-                outs[backend] = model(ids).logits
-        torch.testing.assert_close(outs["fused"], outs["eager"], atol=1e-5, rtol=1e-5)
-    stats = moelora.router_statistics(model)
-    assert stats[0]["load"][1] == 0 and stats[0]["load"][3] == 0
+        routing = Routing(torch.tensor([[0.6, 0.4]]).expand(n, 2), torch.tensor([[2, 0]]).expand(n, 2), probs, None)
+        with torch.no_grad():
+            eager, fused = ffn.forward_eager(x, routing), ffn.forward_fused(x, routing)
+        torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+        counts, _, _ = load_balance_terms(routing, None, 4)
+        assert counts[1] == 0 and counts[3] == 0 and counts[2] == n
+    # K == E: every expert on every token
+    x = torch.randn(5, 24)
+    r = route(torch.randn(5, 4), "topk", 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn.forward_fused(x, r), ffn.forward_eager(x, r), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -277,3 +274,22 @@ def test_decode_kernels_match_eager_under_interpreter():
     res = subprocess.run([sys.executable, "-c", _DECODE_SCRIPT, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_fused_training_matches_eager_gradients():
+    """The static-shape fused path (training, gathered experts) has the eager path's gradients."""
+    model = moelora.inject_adapter(make_tiny("qwen2"), moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
+    randomize_adapter_(model, scale=0.2)
+    model.train()
+    ids, mask = _batch()
+    grads = {}
+    for backend in ("eager", "fused"):
+        for layer in model.model.layers:
+            layer.mlp.backend = backend
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["fused"].keys() == grads["eager"].keys() and len(grads["eager"]) > 0
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["fused"][n], g, atol=1e-5, rtol=1e-4, msg=n)

@@ -21,6 +21,7 @@ import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .context import RoutingContext
 from .experts import LoraExperts
@@ -40,7 +41,8 @@ class LoraSwitchLinear(nn.Module):
         self._context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        base = self.base_layer
+        y = F.linear(x, base.weight, base.bias)  # not base(x): a module call costs ~10 µs at decode
         state: SwitchState = self._context.extras["switch"]
         if state.merged:
             return y  # the selected experts are already inside base_layer.weight

@@ -139,10 +139,19 @@ class MixLoraFFN(nn.Module):
 
     def _decode_kernel_applies(self, x: torch.Tensor) -> bool:
         """Inference on CUDA with few tokens, top-k routing, a gated MLP with gate/up experts."""
-        return ((x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not self.training and x.shape[0] <= DECODE_MAX_TOKENS
-                and not self.fused_gate_up and self.act_name is not None and self.strategy == "topk"
-                and self._expert("gate") is not None and self._expert("up") is not None)
+        return (self._decode_capable and not self.training and x.shape[0] <= DECODE_MAX_TOKENS
+                and (x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling())
+
+    @property
+    def _decode_capable(self) -> bool:
+        # The static part of the test above (this runs on every decode step of every layer).
+        cap = self.__dict__.get("_decode_capable_cache")
+        if cap is None:
+            cap = (not self.fused_gate_up and self.act_name is not None and self.strategy == "topk"
+                   and self._expert("gate") is not None and self._expert("up") is not None)
+            self.__dict__["_decode_capable_cache"] = cap
+        return cap
 
     def forward_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Decode: router + gate/up deltas + activation + mix in one launch, then the frozen down
@@ -150,11 +159,13 @@ class MixLoraFFN(nn.Module):
         from moelora_kernels.mixlora_ffn import lora_decode_add_, mixlora_expert_hidden
 
         eg, eu = self._expert("gate"), self._expert("up")
-        g0, u0 = self._proj("gate")(x), self._proj("up")(x)  # (N, F), frozen, once
+        gate, up, down = self._proj("gate"), self._proj("up"), self._proj("down")
+        g0 = F.linear(x, gate.weight, gate.bias)  # (N, F), frozen, once for all experts
+        u0 = F.linear(x, up.weight, up.bias)
         h, h_mix, idx, w, probs = mixlora_expert_hidden(
             x, g0, u0, eg.lora_A, eg.lora_B, eu.lora_A, eu.lora_B, scaling=eg.scaling, act=self.act_name,
             router_weight=self.router.weight, top_k=self.top_k)
-        y = self._proj("down")(h_mix)  # (N, D)
+        y = F.linear(h_mix, down.weight, down.bias)  # (N, D)
         lora = self._expert("down")
         if lora is not None:
             lora_decode_add_(y, h, lora.lora_A, lora.lora_B, idx, w, lora.scaling)

@@ -1,0 +1,189 @@
+"""What a benchmark run writes: bench.json, bench.csv, plots, and the printed table.
+
+Standard library only for the tables (csv, json): the GPU machine may lack pandas; matplotlib is
+optional (no plots without it, with a note in the log).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("moelora.bench")
+
+JSON_NAME, CSV_NAME = "bench.json", "bench.csv"
+COLUMNS = ("method", "mode", "batch_size", "prompt_len", "new_tokens", "prefill_ms", "decode_ms_per_token",
+           "step_ms_p50", "step_ms_p90", "decode_tokens_per_s", "total_ms", "peak_mem_mb", "prefill_ratio",
+           "decode_ratio", "step_p50_ratio", "decode_ratio_vs_base_eager", "selection_change_rate", "error")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - missing or broken optional package
+        return None
+
+
+def environment(model, device: torch.device, command: str) -> dict[str, Any]:
+    """Device, library versions, model size and the exact command: recorded with every number."""
+    import moelora
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "moelora": moelora.__version__,
+        "mixlora": _version("mixlora"),
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "model_weight_gb": round(weight_bytes / 1e9, 3),
+        "model_config": {k: getattr(model.config, k, None) for k in (
+            "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")},
+        "peak_mem_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS",
+        "command": command,
+        "cwd": os.getcwd(),
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Ratios of every row to ``base`` of the same mode/B/P (and to base eager), in place."""
+    base = {(r["mode"], r["batch_size"], r["prompt_len"]): r for r in rows
+            if r["method"] == "base" and not r.get("error")}
+    pairs = (("prefill_ratio", "prefill_ms"), ("decode_ratio", "decode_ms_per_token"), ("step_p50_ratio", "step_ms_p50"))
+    for r in rows:
+        if r.get("error"):
+            continue
+        b = base.get((r["mode"], r["batch_size"], r["prompt_len"]))
+        be = base.get(("eager", r["batch_size"], r["prompt_len"]))
+        for ratio, key in pairs:
+            r[ratio] = r[key] / b[key] if b and b.get(key) and r.get(key) is not None else None
+        d = r.get("decode_ms_per_token")
+        r["decode_ratio_vs_base_eager"] = d / be["decode_ms_per_token"] if be and d is not None and be["decode_ms_per_token"] else None
+
+
+def write_tables(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    """bench.json (settings, environment, rows) and bench.csv (one row per case), atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j, c = out_dir / JSON_NAME, out_dir / CSV_NAME
+    tmp = j.with_name(f".{j.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, j)
+    tmp = c.with_name(f".{c.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for row in result["rows"]:
+            w.writerow({k: row.get(k) for k in COLUMNS})
+    os.replace(tmp, c)
+    return j, c
+
+
+def _series(rows: Sequence[dict], key: str) -> dict[tuple[str, str, int], list[tuple[int, float]]]:
+    """{(mode, method, prompt_len): [(batch size, value)]} of the rows that have ``key``."""
+    out: dict[tuple[str, str, int], list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.get(key) is not None and not r.get("error"):
+            out.setdefault((r["mode"], r["method"], r["prompt_len"]), []).append((r["batch_size"], r[key]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_vs_batch(rows: Sequence[dict], key: str, ylabel: str, title: str, log_y: bool = False):
+    """A matplotlib Figure: ``key`` against batch size, one panel per mode, one line per method
+    (and prompt length). Figure objects need no pyplot backend, so this works headless."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    series = _series(rows, key)
+    modes = sorted({m for m, _, _ in series}) or ["eager"]
+    fig = Figure(figsize=(5.5 * len(modes), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    multi_p = len({p for _, _, p in series}) > 1
+    for ax, mode in zip(axes, modes):
+        for (m, method, p), pts in sorted(series.items()):
+            if m != mode:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=f"{method} (P={p})" if multi_p else method)
+        ax.set_xscale("log", base=2)
+        sizes = sorted({b for (m, _, _), pts in series.items() if m == mode for b, _ in pts})
+        ax.set_xticks(sizes, [str(b) for b in sizes])  # plain batch sizes, not 2^k
+        if log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} — {mode}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def write_plots(rows: Sequence[dict], out_dir: Path) -> list[Path]:
+    """latency_vs_batch.png and ratio_to_base.png (none if matplotlib is missing)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (bench.json / bench.csv hold the numbers)")
+        return []
+    written = []
+    for name, key, ylabel, title, log_y in (
+        ("latency_vs_batch.png", "decode_ms_per_token", "decode ms per step", "decode latency", True),
+        ("ratio_to_base.png", "decode_ratio", "× base (same mode)", "decode time / base", False),
+    ):
+        fig = plot_vs_batch(rows, key, ylabel, title, log_y)
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def format_table(result: dict) -> str:
+    """The final summary: a markdown table of every case plus where the files are."""
+    env = result["environment"]
+    head = ["method", "mode", "B", "P", "prefill ms", "decode ms/tok", "p50", "p90", "tok/s", "peak MB",
+            "× base", "× base eager", "error"]
+    lines = [(f"# moelora latency: {env['device']} | torch {env['torch']} | transformers {env['transformers']}"
+              f" | triton {env['triton']} | {env['model_dtype']}"),
+             f"# command: {env['command']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [r["method"], r["mode"], r["batch_size"], r["prompt_len"], _fmt(r.get("prefill_ms")),
+                 _fmt(r.get("decode_ms_per_token")), _fmt(r.get("step_ms_p50")), _fmt(r.get("step_ms_p90")),
+                 _fmt(r.get("decode_tokens_per_s"), 1), _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("decode_ratio")),
+                 _fmt(r.get("decode_ratio_vs_base_eager")), (r.get("error") or "")[:80]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    out = result.get("settings", {}).get("out_dir")
+    if out:
+        lines += ["", f"files: {out}/{JSON_NAME}, {out}/{CSV_NAME}" + (", plots" if result.get("plots") else "")]
+    return "\n".join(lines)
+
+
+def load_bench(path: str | Path) -> dict:
+    """bench.json of a run directory (or the file itself)."""
+    path = Path(path)
+    return json.loads((path / JSON_NAME if path.is_dir() else path).read_text())

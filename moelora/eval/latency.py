@@ -1,0 +1,381 @@
+"""Decode-latency benchmark: base vs LoRA vs MixLoRA vs LoRA-Switch vs reference MixLoRA.
+
+Method (shared/ANCHORS.md): one process, one base model whose weights every method reuses
+(inject -> measure -> remove), the same random prompts for every method, warm-up first, CUDA
+events on GPU, greedy decoding with ``min_new_tokens = max_new_tokens`` so every run decodes the
+same count. Per case (method, mode, batch size B, prompt length P):
+
+- ``prefill_ms``: median time of ``generate(1 new token)`` (prefill + one sampling step);
+- ``decode_ms_per_token`` = median over repeats of (t(N+1 new) - t(1 new)) / N;
+- ``step_ms_p50`` / ``step_ms_p90``: per decode step, from a logits-processor hook that records a
+  CUDA event (or a clock reading on CPU) each step of the N+1 run: N steps per repeat, pooled;
+- ``decode_tokens_per_s`` = B * N / (t(N+1) - t(1)); ``peak_mem_mb``: CUDA max allocated over the
+  timed runs (on CPU: the process's max RSS);
+- ratios to ``base`` measured in the same process, same mode (``*_ratio``) and to base eager
+  (``decode_ratio_vs_base_eager``, the ANCHORS.md column).
+
+Modes: ``eager`` (dynamic cache), ``static`` (``cache_implementation="static"``: transformers
+auto-compiles the forward on CUDA), ``compile`` (static cache + an explicit ``torch.compile`` of
+the forward, ``compile_mode``). A failing case (compile error, OOM, timeout) is recorded in its
+row and the run goes on; the other cases of that method and mode are then skipped.
+
+This module imports nothing from hydra / lm-eval / datasets (the GPU machine lacks them)::
+
+    python -m moelora.eval.latency --model llama2_7b_shape --methods base,lora,mixlora \\
+        --batch-sizes 1,8,32 --prompt-len 64 --new-tokens 128 --modes eager,static --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moelora.eval import bench_models, bench_output
+
+log = logging.getLogger("moelora.bench")
+
+DEFAULT_METHODS = ("base", "lora", "mixlora", "lora_switch_merge", "lora_switch_unmerged", "reference_mixlora")
+MODES = ("eager", "static", "compile")
+
+
+@dataclass
+class BenchSettings:
+    """Everything a benchmark run depends on (also written to bench.json)."""
+
+    model: str | dict = "tiny"  # shape name (llama2_7b_shape), load_base_model name/path, or a model-group dict
+    methods: tuple[str, ...] = DEFAULT_METHODS  # "base" is always measured first (ratios need it)
+    batch_sizes: tuple[int, ...] = (1,)
+    prompt_lens: tuple[int, ...] = (64,)
+    new_tokens: int = 128  # N: decode ms/token = (t(N+1) - t(1)) / N
+    modes: tuple[str, ...] = ("eager", "static")
+    repeats: int = 3
+    warmup: int = 1  # untimed (N+1)-token generations per case; compiles happen here
+    device: str = "auto"
+    dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
+    seed: int = 0
+    r: int = 16
+    lora_alpha: float = 32
+    num_experts: int = 8
+    top_k: int = 2
+    adapters: dict[str, dict] | None = None  # per family (lora/mixlora/lora_switch) config dicts; None: from r/E/K above
+    compile_mode: str = "default"  # torch.compile mode of the "compile" mode
+    case_timeout_s: float = 600.0  # a case still generating after this is stopped and recorded as a timeout
+    time_budget_s: float | None = None  # cases not started within this are recorded as skipped
+    out_dir: str | None = None
+    command: str | None = None  # recorded verbatim; default: this process's command line
+    plots: bool = True
+
+    def validate(self) -> "BenchSettings":
+        bad = [m for m in self.methods if m not in bench_models.METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {sorted(bench_models.METHODS)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"unknown mode(s) {bad}; choose from {list(MODES)}")
+        if self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("new_tokens and repeats must be >= 1, warmup >= 0")
+        if not self.batch_sizes or not self.prompt_lens or min(self.batch_sizes) < 1 or min(self.prompt_lens) < 1:
+            raise ValueError("batch_sizes and prompt_lens must be non-empty positive integers")
+        self.methods = ("base",) + tuple(m for m in dict.fromkeys(self.methods) if m != "base")
+        return self
+
+
+class CaseTimeout(RuntimeError):
+    """A case ran past ``case_timeout_s``."""
+
+
+class StepTimer:
+    """A logits processor: called once per generated token, it stamps the time (a CUDA event on
+    GPU, so the stream is not synchronised) and enforces the case deadline."""
+
+    def __init__(self, device: torch.device, deadline: float) -> None:
+        self.cuda = device.type == "cuda"
+        self.deadline = deadline
+        self.stamps: list[Any] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.stamps.append(ev)
+        else:
+            self.stamps.append(time.perf_counter())
+        if time.monotonic() > self.deadline:
+            raise CaseTimeout("case timeout reached while generating")
+        return scores
+
+    def step_ms(self) -> list[float]:
+        """Times between consecutive tokens: one decode step each."""
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in zip(self.stamps, self.stamps[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def _generate(model, ids, mask, n_new: int, mode: str, timer: StepTimer) -> None:
+    from transformers import LogitsProcessorList
+
+    kwargs: dict[str, Any] = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True,
+                                  pad_token_id=0, logits_processor=LogitsProcessorList([timer]))
+    if mode in ("static", "compile"):
+        kwargs["cache_implementation"] = "static"
+    if mode == "compile":
+        kwargs["disable_compile"] = True  # we compiled the forward ourselves
+    # no_grad, not inference_mode: LoRA-Switch keeps merge buffers across calls, and inference
+    # tensors could not be updated in place by a later call outside inference mode.
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+
+def _timed(model, ids, mask, n_new: int, mode: str, deadline: float) -> tuple[float, list[float]]:
+    """(wall ms of one generate, per-step ms)."""
+    timer = StepTimer(ids.device, deadline)
+    if ids.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        _generate(model, ids, mask, n_new, mode, timer)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), timer.step_ms()
+    t0 = time.perf_counter()
+    _generate(model, ids, mask, n_new, mode, timer)
+    return (time.perf_counter() - t0) * 1e3, timer.step_ms()
+
+
+def _percentile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: BenchSettings) -> dict[str, Any]:
+    """Time one (method, mode, B, P) case; see the module docstring for the numbers."""
+    n = s.new_tokens
+    deadline = time.monotonic() + s.case_timeout_s
+    for _ in range(s.warmup):  # the long run first: the static cache keeps its larger size
+        _timed(model, ids, mask, n + 1, mode, deadline)
+        _timed(model, ids, mask, 1, mode, deadline)
+    if ids.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ids.device)
+    t1s, tns, steps = [], [], []
+    for _ in range(s.repeats):
+        t1s.append(_timed(model, ids, mask, 1, mode, deadline)[0])
+        tn, st = _timed(model, ids, mask, n + 1, mode, deadline)
+        tns.append(tn)
+        steps += st
+    decode = statistics.median((tn - t1) / n for tn, t1 in zip(tns, t1s))
+    B = ids.shape[0]
+    return {
+        "prefill_ms": statistics.median(t1s),
+        "total_ms": statistics.median(tns),
+        "decode_ms_per_token": decode,
+        "step_ms_p50": _percentile(steps, 0.5) if steps else None,
+        "step_ms_p90": _percentile(steps, 0.9) if steps else None,
+        "decode_tokens_per_s": B * 1e3 / decode if decode > 0 else None,
+        "peak_mem_mb": _peak_mem_mb(ids.device),
+    }
+
+
+def _switch_stats(model, ids, mask, mode: str, s: BenchSettings) -> dict[str, Any]:
+    """LoRA-Switch merge mode: the share of decode steps whose selection changed (the steps that
+    pay for a merge; the others are skipped in-kernel), from one extra untimed generation."""
+    from moelora.layers.lora_switch import switch_state
+
+    state = switch_state(model)
+    if state is None or ids.shape[0] != 1 or state.mode == "unmerged":
+        return {}
+    state.history = []
+    try:
+        _timed(model, ids, mask, s.new_tokens + 1, mode, time.monotonic() + s.case_timeout_s)
+        rate = state.selection_change_rate()
+    finally:
+        state.history = None
+    return {} if rate is None else {"selection_change_rate": rate}
+
+
+# ---- mode set-up ------------------------------------------------------------------------------
+def _reset_compiled(model) -> None:
+    """Forget compiled graphs and the static-cache size between methods and modes: a method must
+    not inherit another's graphs, and every method gets the same cache length."""
+    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length", "_cache", "forward"):
+        model.__dict__.pop(attr, None)  # "forward": our explicit torch.compile wrapper
+    torch.compiler.reset()
+
+
+def _enter_mode(model, mode: str, s: BenchSettings) -> None:
+    _reset_compiled(model)
+    # The static cache keeps the largest length it has seen; fix it for every case and method so
+    # attention over the cache costs the same everywhere (and no case recompiles for a new size).
+    model._previous_max_cache_length = max(s.prompt_lens) + s.new_tokens + 1
+    if mode == "compile":
+        model.forward = torch.compile(model.forward, mode=s.compile_mode)
+
+
+@torch.no_grad()
+def weight_fingerprint(model) -> torch.Tensor:
+    """A cheap checksum of the base weights (every 997th element of each, summed in fp64): a
+    method that leaves merged deltas behind would skew every method measured after it."""
+    return torch.stack([p.detach().reshape(-1)[::997].double().sum() for n, p in model.named_parameters()
+                        if "lora_" not in n and "router" not in n]).cpu()
+
+
+def prompts_for(s: BenchSettings, vocab_size: int, device: torch.device) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """The same random prompts (ids >= 4: no special tokens) for every method: {(B, P): (ids, mask)}."""
+    out = {}
+    for P in s.prompt_lens:
+        for B in s.batch_sizes:
+            g = torch.Generator().manual_seed(s.seed * 1_000_003 + B * 1009 + P)
+            ids = torch.randint(4, vocab_size, (B, P), generator=g)
+            out[(B, P)] = (ids.to(device), torch.ones_like(ids).to(device))
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def run_benchmark(s: BenchSettings) -> dict[str, Any]:
+    """Measure every (method, mode, B, P); write bench.json/.csv/plots to ``s.out_dir`` if set
+    (JSON and CSV after every case, so a killed run keeps what it measured). Returns
+    ``{"settings", "environment", "rows"}``."""
+    s.validate()
+    t_start = time.monotonic()
+    device = bench_models.resolve_device(s.device)
+    dtype = bench_models.resolve_dtype(s.dtype, device)
+    adapters = s.adapters or bench_models.default_adapter_configs(s.r, s.lora_alpha, s.num_experts, s.top_k)
+    torch.manual_seed(s.seed)
+    model = bench_models.build_bench_model(s.model, device, dtype, s.seed)
+    env = bench_output.environment(model, device, s.command or default_command())
+    result: dict[str, Any] = {"settings": dataclasses.asdict(s), "environment": env, "rows": []}
+    prompts = prompts_for(s, model.config.vocab_size, device)
+    out = Path(s.out_dir) if s.out_dir else None
+    fingerprint = weight_fingerprint(model)
+    env["base_weights_unchanged"] = {}
+
+    for method in s.methods:
+        detach = None
+        try:
+            detach = bench_models.attach_method(model, method, adapters, s.seed)
+            attach_error = None
+        except Exception as err:  # noqa: BLE001 - recorded in the rows, the run goes on
+            attach_error = f"attach failed: {type(err).__name__}: {err}"
+            log.warning("%s: %s", method, attach_error)
+        for mode in s.modes:
+            failed = attach_error
+            if failed is None:
+                try:
+                    _enter_mode(model, mode, s)
+                except Exception as err:  # noqa: BLE001
+                    failed = f"{mode} set-up failed: {type(err).__name__}: {err}"
+            for (B, P), (ids, mask) in prompts.items():
+                row = {"method": method, "mode": mode, "batch_size": B, "prompt_len": P, "new_tokens": s.new_tokens}
+                if failed is not None:
+                    row["error"] = failed if failed.startswith(("attach", mode)) else f"skipped after: {failed}"
+                elif s.time_budget_s is not None and time.monotonic() - t_start > s.time_budget_s:
+                    row["error"] = f"skipped: time budget of {s.time_budget_s:.0f} s used up"
+                else:
+                    log.info("measuring %s / %s / B=%d P=%d", method, mode, B, P)
+                    try:
+                        row.update(measure_case(model, ids, mask, mode, s))
+                        row.update(_switch_stats(model, ids, mask, mode, s))
+                    except Exception as err:  # noqa: BLE001 - compile failure, OOM, timeout...
+                        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                        failed = row["error"]
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                result["rows"].append(row)
+                bench_output.add_ratios(result["rows"])
+                if out is not None:
+                    bench_output.write_tables(result, out)
+        _reset_compiled(model)
+        if detach is not None:
+            try:
+                detach()
+            except Exception as err:  # noqa: BLE001 - a broken detach would poison later methods
+                raise RuntimeError(f"could not remove the {method} adapter; stopping the benchmark") from err
+        same = bool(torch.equal(weight_fingerprint(model), fingerprint))
+        env["base_weights_unchanged"][method] = same
+        if not same:
+            log.error("%s changed the base weights: later methods run on modified weights", method)
+    result["environment"]["wall_s"] = round(time.monotonic() - t_start, 1)
+    if out is not None:
+        bench_output.write_tables(result, out)
+        if s.plots:
+            result["plots"] = [str(p) for p in bench_output.write_plots(result["rows"], out)]
+    return result
+
+
+def default_command() -> str:
+    """This process's command line, as a user would type it."""
+    if sys.argv and sys.argv[0].endswith("latency.py"):
+        return "python -m moelora.eval.latency " + shlex.join(sys.argv[1:])
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
+
+
+# ---- argparse entry (no hydra) ----------------------------------------------------------------
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _strs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchSettings:
+    d = BenchSettings()
+    p = argparse.ArgumentParser(prog="python -m moelora.eval.latency", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help=f"shape ({', '.join(bench_models.MODEL_SHAPES)}), 'tiny', 'smollm2' or an HF folder")
+    p.add_argument("--methods", type=_strs, default=d.methods, help=f"comma list of {', '.join(bench_models.METHODS)}")
+    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma list, e.g. 1,8,32")
+    p.add_argument("--prompt-len", "--prompt-lens", dest="prompt_lens", type=_ints, default=d.prompt_lens,
+                   help="comma list of prompt lengths (random token ids)")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="N: decode ms/token = (t(N+1) - t(1)) / N")
+    p.add_argument("--modes", type=_strs, default=d.modes, help="comma list of eager, static, compile")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats per case (median)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed generations per case (compiles here)")
+    p.add_argument("--device", default=d.device, help="auto = cuda if available")
+    p.add_argument("--dtype", default=d.dtype, help="auto = bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--r", type=int, default=d.r)
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    p.add_argument("--num-experts", type=int, default=d.num_experts)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--compile-mode", default=d.compile_mode)
+    p.add_argument("--case-timeout-s", type=float, default=d.case_timeout_s, help="stop a case after this long")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no case after this many seconds (the rest is recorded as skipped)")
+    p.add_argument("--out", dest="out_dir", default=None, help="run directory for bench.json/.csv/plots")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    args = p.parse_args(argv)
+    return BenchSettings(**vars(args))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    s = parse_args(argv)
+    if argv is not None:
+        s.command = "python -m moelora.eval.latency " + shlex.join(argv)
+    result = run_benchmark(s)
+    print(bench_output.format_table(result))  # the final table is the last thing printed
+    return result
+
+
+if __name__ == "__main__":
+    main()

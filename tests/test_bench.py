@@ -1,0 +1,161 @@
+"""Latency benchmark: CPU smoke run, failure handling, the Hydra and argparse entries."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import moelora
+from moelora.eval import bench_models, latency
+from moelora.eval.latency import BenchSettings, run_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_METHODS = ("base", "lora", "mixlora", "lora_switch_merge", "lora_switch_unmerged", "reference_mixlora")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: two spinning intra-op threads make tiny models crawl
+    yield
+    torch.set_num_threads(n)
+
+
+def _small(**kw) -> BenchSettings:
+    base = dict(model="tiny_shape", methods=("base", "mixlora"), batch_sizes=(1,), prompt_lens=(6,), new_tokens=3,
+                modes=("eager",), repeats=1, warmup=0, r=4, num_experts=4, plots=False)
+    return BenchSettings(**{**base, **kw})
+
+
+def test_bench_smoke_on_cpu_writes_sane_files(tmp_path):
+    s = _small(model="tiny", methods=ALL_METHODS, batch_sizes=(1, 2), modes=("eager", "static"), repeats=2,
+               warmup=1, out_dir=str(tmp_path), plots=True, command="pytest smoke")
+    result = run_benchmark(s)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"bench.json", "bench.csv", "latency_vs_batch.png", "ratio_to_base.png"} <= files
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["rows"]) == len(ALL_METHODS) * 2 * 2
+    env = data["environment"]
+    assert env["command"] == "pytest smoke" and env["torch"] and env["transformers"] and "device" in env
+    assert all(env["base_weights_unchanged"].values()) and len(env["base_weights_unchanged"]) == len(ALL_METHODS)
+    ref_missing = "mixlora" not in sys.modules and __import__("importlib").util.find_spec("mixlora") is None
+    for row in data["rows"]:
+        if row["method"] == "reference_mixlora" and ref_missing:
+            assert row["error"].startswith("attach failed")
+            continue
+        assert not row.get("error"), row
+        for key in ("prefill_ms", "decode_ms_per_token", "step_ms_p50", "step_ms_p90", "decode_tokens_per_s",
+                    "peak_mem_mb", "decode_ratio", "decode_ratio_vs_base_eager"):
+            assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["step_ms_p50"] <= row["step_ms_p90"]
+        assert row["total_ms"] > row["prefill_ms"]
+        if row["method"] == "base":
+            assert row["decode_ratio"] == pytest.approx(1.0)
+    with (tmp_path / "bench.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(data["rows"])
+    assert result["rows"] == data["rows"]
+
+
+def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    real_attach, real_enter = bench_models.attach_method, latency._enter_mode
+
+    def attach(model, method, *a, **k):
+        if method == "lora":
+            raise RuntimeError("no adapter today")
+        return real_attach(model, method, *a, **k)
+
+    def enter(model, mode, s):
+        if mode == "compile":
+            raise RuntimeError("inductor exploded")
+        return real_enter(model, mode, s)
+
+    monkeypatch.setattr(bench_models, "attach_method", attach)
+    monkeypatch.setattr(latency, "_enter_mode", enter)
+    rows = run_benchmark(_small(methods=("base", "lora", "mixlora"), modes=("eager", "compile"),
+                                out_dir=str(tmp_path)))["rows"]
+    by = {(r["method"], r["mode"]): r for r in rows}
+    assert by[("lora", "eager")]["error"] == "attach failed: RuntimeError: no adapter today"
+    assert "inductor exploded" in by[("mixlora", "compile")]["error"]
+    assert by[("mixlora", "eager")]["decode_ms_per_token"] > 0 and not by[("mixlora", "eager")].get("error")
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][-1]["method"] == "mixlora"
+
+
+def test_case_timeout_and_time_budget():
+    rows = run_benchmark(_small(batch_sizes=(1, 2), case_timeout_s=0.0))["rows"]
+    assert rows[0]["error"].startswith("CaseTimeout") and rows[1]["error"].startswith("skipped after: CaseTimeout")
+    rows = run_benchmark(_small(time_budget_s=0.0))["rows"]
+    assert all(r["error"].startswith("skipped: time budget") for r in rows)
+
+
+def test_random_shape_model_and_adapters_are_not_zero_and_route_heterogeneously():
+    model, tok = bench_models.build_shape_model("tiny_shape", dtype="float32", device="cpu")
+    assert tok is None
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert 0.015 < w.std().item() < 0.025 and torch.all(model.model.norm.weight == 1)
+    detach = bench_models.attach_method(model, "mixlora", bench_models.default_adapter_configs(r=4, num_experts=4))
+    b = model.model.layers[0].mlp.experts["down_proj"].lora_B
+    assert b.abs().min() > 0
+    ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+    experts, _, _ = moelora.routing_records(model)[0]
+    assert len({tuple(sorted(e)) for e in experts.tolist()}) > 2  # many different expert pairs
+    detach()
+    assert moelora.get_adapter_config(model) is None
+
+
+def test_hydra_config_builds_the_same_settings(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from moelora.eval.cli import bench_settings_from_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=["model=llama2_7b_shape", "batch_sizes=[1,8,32]", "prompt_lens=[64]",
+                                          "new_tokens=128", "adapters.mixlora.num_experts=4",
+                                          f"paths.output_dir={tmp_path}"])
+    s = bench_settings_from_config(cfg)
+    assert s.batch_sizes == (1, 8, 32) and s.prompt_lens == (64,) and s.new_tokens == 128
+    assert s.methods == ALL_METHODS and s.modes == ("eager", "static")
+    assert s.adapters["mixlora"]["num_experts"] == 4 and s.adapters["lora"]["r"] == 16
+    assert s.model["_target_"] == "moelora.eval.bench_models.build_shape_model"
+    moelora.config_from_dict(s.adapters["lora_switch"])  # the training groups + bench sizes stay valid
+    # the YAML shape is the Python one
+    node = yaml.safe_load((REPO / "conf/model/llama2_7b_shape.yaml").read_text())
+    assert {k: node[k] for k in bench_models.MODEL_SHAPES["llama2_7b_shape"]} == bench_models.MODEL_SHAPES["llama2_7b_shape"]
+    # and a tiny composed run works end to end
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=["methods=[base,lora]", "modes=[eager]", "new_tokens=2", "repeats=1",
+                                          "warmup=0", "plots=false", f"paths.output_dir={tmp_path}"])
+    result = run_benchmark(bench_settings_from_config(cfg))
+    assert [r["method"] for r in result["rows"]] == ["base", "lora"] and (tmp_path / "bench.csv").is_file()
+
+
+def test_argparse_entry_runs_without_hydra_lm_eval_datasets(tmp_path):
+    """The GPU machine has none of hydra/omegaconf/lm-eval/datasets: block them and run the CLI."""
+    s = latency.parse_args(["--model", "llama2_7b_shape", "--methods", "base,lora,mixlora", "--batch-sizes", "1,8,32",
+                            "--prompt-len", "64", "--new-tokens", "128", "--modes", "eager,static", "--out", "X"])
+    assert (s.model, s.methods, s.batch_sizes, s.prompt_lens, s.out_dir) == (
+        "llama2_7b_shape", ("base", "lora", "mixlora"), (1, 8, 32), (64,), "X")
+    code = (
+        "import sys, runpy\n"
+        "for name in ('hydra', 'omegaconf', 'lm_eval', 'datasets'):\n"
+        "    sys.modules[name] = None  # import -> ModuleNotFoundError, find_spec -> None: as if uninstalled\n"
+        "sys.argv = ['latency.py', '--model', 'tiny_shape', '--methods', 'base,lora', '--batch-sizes', '1',\n"
+        f"            '--prompt-len', '4', '--new-tokens', '2', '--repeats', '1', '--modes', 'eager', '--out', {str(tmp_path)!r}]\n"
+        "runpy.run_module('moelora.eval.latency', run_name='__main__')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("files: ")  # the table is printed last
+    assert "| lora | eager | 1 | 4 |" in proc.stdout
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["environment"]["command"].startswith("python -m moelora.eval.latency --model tiny_shape")
