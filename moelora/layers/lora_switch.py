@@ -60,10 +60,10 @@ class LoraSwitchLinear(nn.Module):
 
 
 def _decode_kernel_applies(x: torch.Tensor, module: nn.Module) -> bool:
-    from .mixlora import DECODE_MAX_TOKENS, _kernels_interpreted
+    from .mixlora import DECODE_MAX_TOKENS, _kernels_interpreted, _not_compiling
 
     return ((x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled() and not module.training
-            and x.shape[0] <= DECODE_MAX_TOKENS and not torch.compiler.is_compiling())
+            and x.shape[0] <= DECODE_MAX_TOKENS and _not_compiling())
 
 
 class SwitchState:

@@ -27,6 +27,15 @@ _ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh",
 DECODE_MAX_TOKENS = 64  # at or below, inference uses the one-launch hidden-state kernel on CUDA
 
 
+# Experimental: let torch.compile trace the Triton decode kernels (Inductor wraps user Triton
+# kernels) instead of falling back to the pure-torch path. Off by default until measured.
+COMPILE_KERNELS = os.environ.get("MOELORA_COMPILE_KERNELS") == "1"
+
+
+def _not_compiling() -> bool:
+    return COMPILE_KERNELS or not torch.compiler.is_compiling()
+
+
 def _kernels_interpreted() -> bool:
     """True when the Triton kernels were imported under TRITON_INTERPRET=1 (CPU tests)."""
     from moelora_kernels import mixlora_ffn
@@ -140,8 +149,7 @@ class MixLoraFFN(nn.Module):
     def _decode_kernel_applies(self, x: torch.Tensor) -> bool:
         """Inference on CUDA with few tokens, top-k routing, a gated MLP with gate/up experts."""
         return (self._decode_capable and not self.training and x.shape[0] <= DECODE_MAX_TOKENS
-                and (x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling())
+                and (x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled() and _not_compiling())
 
     @property
     def _decode_capable(self) -> bool:
