@@ -12,6 +12,8 @@ Output y = Σ_{j∈S} w_j E_j(x). Two implementations of the same function:
 from __future__ import annotations
 
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
