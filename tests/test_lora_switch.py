@@ -144,7 +144,7 @@ print("OK")
 @pytest.mark.slow
 def test_merged_decode_through_triton_kernel_interpreter():
     """The real fused kernel (under TRITON_INTERPRET=1) drives merged decode of a tiny model."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", MOELORA_CPU_KERNELS="1")
     here = os.path.dirname(__file__)
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, here], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

@@ -270,7 +270,7 @@ def test_decode_kernels_match_eager_under_interpreter():
     import subprocess
     import sys
 
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", MOELORA_CPU_KERNELS="1")
     res = subprocess.run([sys.executable, "-c", _DECODE_SCRIPT, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

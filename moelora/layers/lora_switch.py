@@ -103,8 +103,9 @@ class SwitchState:
         s = [m.experts.scaling for m in self.linears]
         from moelora_kernels import merge
 
-        # The interpreter flag is fixed when the kernel module is imported; ask the module.
-        if weights[0].is_cuda or merge._INTERPRETED:
+        from .mixlora import _kernels_interpreted
+
+        if weights[0].is_cuda or (_kernels_interpreted() and merge._INTERPRETED):
             return merge.MergePlan(weights, a, b, s, pristine=True)
         return TorchMergePlan(weights, a, b, s)
 

@@ -39,7 +39,11 @@ def _not_compiling() -> bool:
 
 
 def _kernels_interpreted() -> bool:
-    """True when the Triton kernels were imported under TRITON_INTERPRET=1 (CPU tests)."""
+    """Run the Triton kernels on CPU tensors: only when asked (MOELORA_CPU_KERNELS=1, used by
+    tests) and the kernels were imported under TRITON_INTERPRET=1. The interpreter is far too slow
+    to be a default: on CPU the layers otherwise take their torch paths."""
+    if os.environ.get("MOELORA_CPU_KERNELS") != "1":
+        return False
     from moelora_kernels import mixlora_ffn
 
     return mixlora_ffn._INTERPRET
