@@ -71,6 +71,15 @@ def _check_modules(name: str, modules: tuple[str, ...], allowed: tuple[str, ...]
         raise AdapterConfigError(f"{name} has unknown module names {bad}; choose from {list(allowed)}")
 
 
+def _check_targets(modules) -> tuple[str, ...]:
+    """target_modules of LoRA / LoRA-Switch: a non-empty subset of the seven linears."""
+    modules = tuple(modules)
+    if not modules:
+        raise AdapterConfigError("target_modules is empty: name at least one linear to adapt")
+    _check_modules("target_modules", modules, ALL_LINEAR_MODULES)
+    return modules
+
+
 @dataclass
 class LoraConfig(_LoraHParams):
     """Plain LoRA (Hu et al. 2021) on the named linears: the baseline of every experiment."""
@@ -81,10 +90,7 @@ class LoraConfig(_LoraHParams):
 
     def validate(self) -> "LoraConfig":
         super().validate()
-        self.target_modules = tuple(self.target_modules)
-        if not self.target_modules:
-            raise AdapterConfigError("target_modules is empty: name at least one linear to adapt")
-        _check_modules("target_modules", self.target_modules, ALL_LINEAR_MODULES)
+        self.target_modules = _check_targets(self.target_modules)
         return self
 
 
@@ -182,10 +188,7 @@ class LoraSwitchConfig(_RoutedConfig):
 
     def validate(self) -> "LoraSwitchConfig":
         super().validate()
-        self.target_modules = tuple(self.target_modules)
-        if not self.target_modules:
-            raise AdapterConfigError("target_modules is empty: name at least one linear to adapt")
-        _check_modules("target_modules", self.target_modules, ALL_LINEAR_MODULES)
+        self.target_modules = _check_targets(self.target_modules)
         if self.switch_mode not in ("auto", "merge", "unmerged"):
             raise AdapterConfigError(
                 f"switch_mode must be 'auto', 'merge' or 'unmerged', got {self.switch_mode!r}"
