@@ -195,7 +195,8 @@ def _add_aux_loss(module, args, kwargs, output):
     cfg = module.moelora_config
     if not ctx.last or not (module.training or ctx.has_labels):
         return output  # decode/eval without labels: no extra work on the hot path
-    aux = cfg.router_aux_loss_coef * aux_loss_from_context(ctx, cfg.aux_loss_pooling if hasattr(cfg, "aux_loss_pooling") else "layer_mean")
+    # LoRA-Switch has one routed layer, so only MixLoRA offers the pooled form.
+    aux = cfg.router_aux_loss_coef * aux_loss_from_context(ctx, getattr(cfg, "aux_loss_pooling", "layer_mean"))
     if isinstance(output, tuple):
         return output
     if getattr(output, "loss", None) is not None:

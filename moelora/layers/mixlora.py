@@ -114,11 +114,12 @@ class MixLoraFFN(nn.Module):
         B, T, D = hidden_states.shape
         x = hidden_states.reshape(B * T, D)  # (N, D)
         mask = self._context.token_mask_for(B, T)
-        if self._use_fused(x) and self._decode_kernel_applies(x):
+        fused = self._use_fused(x)
+        if fused and self._decode_kernel_applies(x):
             y, routing = self.forward_decode(x)  # router fused into the kernel
         else:
             routing = self.router(x, mask)
-            y = self.forward_fused(x, routing) if self._use_fused(x) else self.forward_eager(x, routing)
+            y = self.forward_fused(x, routing) if fused else self.forward_eager(x, routing)
         self._context.record(self.layer_idx, routing, mask, self.num_experts)
         return y.view(B, T, D)
 
