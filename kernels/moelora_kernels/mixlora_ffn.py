@@ -32,6 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
 _TARGET_PROGRAMS = 132  # about one per H100 SM: the redundant shrinks stay cheap
@@ -104,7 +106,6 @@ def _route(x_ptr, wr_ptr, idx_ptr, w_ptr, probs_ptr, t, D, E, K, write,
            EP: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr):
     """fp32 router: softmax(W_r x_t), top-K by repeated argmax, weights renormalised."""
     ee = tl.arange(0, EP)
-    kk = tl.arange(0, KP)
     emask = ee < E
     logits = tl.zeros([EP], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -113,6 +114,16 @@ def _route(x_ptr, wr_ptr, idx_ptr, w_ptr, probs_ptr, t, D, E, K, write,
         xv = tl.load(x_ptr + t * D + dd, mask=dmask, other=0.0).to(tl.float32)
         wr = tl.load(wr_ptr + ee[:, None] * D + dd[None, :], mask=emask[:, None] & dmask[None, :], other=0.0)
         logits += tl.sum(wr.to(tl.float32) * xv[None, :], axis=1)
+    return _topk_publish(logits, idx_ptr, w_ptr, probs_ptr, t, E, K, write, EP=EP, KP=KP)
+
+
+@triton.jit
+def _topk_publish(logits, idx_ptr, w_ptr, probs_ptr, t, E, K, write, EP: tl.constexpr, KP: tl.constexpr):
+    """softmax over the E logits, top-K by repeated argmax, weights renormalised; the program
+    with ``write`` set publishes (idx, weights, probs) for the down kernel and statistics."""
+    ee = tl.arange(0, EP)
+    kk = tl.arange(0, KP)
+    emask = ee < E
     logits = tl.where(emask, logits, float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
@@ -127,7 +138,7 @@ def _route(x_ptr, wr_ptr, idx_ptr, w_ptr, probs_ptr, t, D, E, K, write,
         rem = tl.where(ee == best_e, -1.0, rem)
     sel_w = tl.where(kk < K, sel_w, 0.0)
     sel_w = sel_w / tl.sum(sel_w, axis=0)
-    if write:  # one program per token publishes the routing (for the down kernel and statistics)
+    if write:
         tl.store(idx_ptr + t * K + kk, sel_e.to(tl.int64), mask=kk < K)
         tl.store(w_ptr + t * K + kk, sel_w, mask=kk < K)
         tl.store(probs_ptr + t * E + ee, p, mask=emask)
@@ -167,8 +178,6 @@ def _moe_hidden_kernel(
     t = tl.program_id(0)
     grp = tl.program_id(1)
     kk = tl.arange(0, KP)
-    rr = tl.arange(0, RP)
-    rmask = rr < R
     if ROUTE:
         sel_e, sel_w = _route(x_ptr, wr_ptr, idx_ptr, w_ptr, probs_ptr, t, D, E, K, grp == 0,
                               EP=EP, KP=KP, BLOCK_D=BLOCK_D)
@@ -177,8 +186,19 @@ def _moe_hidden_kernel(
         sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
     hg = _shrink_all_slots(x_ptr, ag_ptr, sel_e, t, D, R, K, D, 0, KP=KP, RP=RP, BLOCK_D=BLOCK_D)
     hu = _shrink_all_slots(x_ptr, au_ptr, sel_e, t, D, R, K, D, 0, KP=KP, RP=RP, BLOCK_D=BLOCK_D)
-    f_start = grp * cols_per_group
-    f_end = tl.minimum(f_start + cols_per_group, FF)
+    _hidden_cols(g0_ptr, u0_ptr, bg_ptr, bu_ptr, h_ptr, hmix_ptr, hg, hu, sel_e, sel_w, t, FF, R, K, scaling,
+                 grp * cols_per_group, cols_per_group, KP=KP, RP=RP, BLOCK_F=BLOCK_F, ACT=ACT)
+
+
+@triton.jit
+def _hidden_cols(g0_ptr, u0_ptr, bg_ptr, bu_ptr, h_ptr, hmix_ptr, hg, hu, sel_e, sel_w, t, FF, R, K, scaling,
+                 f_start, n_cols, KP: tl.constexpr, RP: tl.constexpr, BLOCK_F: tl.constexpr, ACT: tl.constexpr):
+    """Columns [f_start, f_start + n_cols) of h (T, K, FF) and h_mix (T, FF), given the shrinks
+    hg, hu (KP, RP) of the K selected experts."""
+    kk = tl.arange(0, KP)
+    rr = tl.arange(0, RP)
+    rmask = rr < R
+    f_end = tl.minimum(f_start + n_cols, FF)
     for f0 in range(f_start, f_end, BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F)
         fmask = cols < f_end
@@ -203,20 +223,33 @@ def _moe_hidden_kernel(
 
 @triton.jit
 def _lora_add_kernel(
-    y_ptr, x_ptr, a_ptr, b_ptr, idx_ptr, w_ptr, IN, OUT, R, K, scaling, cols_per_group, x_tok_stride, x_slot_stride,
-    KP: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr, out_ptr, x_ptr, a_ptr, b_ptr, idx_ptr, w_ptr, IN, OUT, R, K, scaling, cols_per_group, x_tok_stride,
+    x_slot_stride, ROUTED: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     t = tl.program_id(0)
     grp = tl.program_id(1)
     kk = tl.arange(0, KP)
-    rr = tl.arange(0, RP)
-    rmask = rr < R
-    sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
-    sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    if ROUTED:
+        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
+        sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    else:  # plain LoRA: one adapter (index 0) with weight 1, no idx/weight tensors
+        sel_e = tl.zeros([KP], dtype=tl.int32)
+        sel_w = tl.where(kk < K, 1.0, 0.0)
     z = _shrink_all_slots(x_ptr, a_ptr, sel_e, t, IN, R, K, x_tok_stride, x_slot_stride, KP=KP, RP=RP,
                           BLOCK_D=BLOCK_D)
-    n_start = grp * cols_per_group
-    n_end = tl.minimum(n_start + cols_per_group, OUT)
+    _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, grp * cols_per_group,
+                 cols_per_group, KP=KP, RP=RP, BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, n_start, n_cols,
+                 KP: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t, cols] = y[t, cols] + s Σ_k w_k B[e_k][cols] z[k] for cols in [n_start, n_start + n_cols)."""
+    kk = tl.arange(0, KP)
+    rr = tl.arange(0, RP)
+    rmask = rr < R
+    n_end = tl.minimum(n_start + n_cols, OUT)
     for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         nmask = cols < n_end
@@ -228,7 +261,124 @@ def _lora_add_kernel(
                         mask=live[:, None] & rmask[None, :], other=0.0).to(tl.float32)
             acc += _pick(sel_w, kk, k) * tl.sum(b * _pick_row(z, kk, k)[None, :], axis=1)
         yv = tl.load(y_ptr + t * OUT + cols, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + t * OUT + cols, (yv + scaling * acc).to(y_ptr.dtype.element_ty), mask=nmask)
+        tl.store(out_ptr + t * OUT + cols, (yv + scaling * acc).to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+# ---- split (two-launch) forms, for CUDA graphs ---------------------------------------------------
+# Inside a CUDA graph a launch costs ~1-2 µs of GPU time and no host time, so the one-launch
+# kernels' redundant per-program shrink (every program streams all of A_sel, K·R·IN elements,
+# through one SM) becomes the cost (H100: 11 µs for a 4096->4096 routed delta, 27 µs for
+# 11008->4096). The split form spreads the shrink over IN-chunks (one program per chunk writes
+# fp32 partial sums), and the expand programs add the few partials up before their columns.
+
+@triton.jit
+def _shrink_partial_kernel(x_ptr, a_ptr, idx_ptr, part_ptr, IN, R, K, NCH, x_tok_stride, x_slot_stride,
+                           ROUTED: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, CHUNK: tl.constexpr):
+    """part[t, k, r, c] = Σ_{d in chunk c} A[e_tk][r, d] x_(t,k)[d], fp32, layout (T, KP, RP, NCH)."""
+    t = tl.program_id(0)
+    c = tl.program_id(1)
+    kk = tl.arange(0, KP)
+    rr = tl.arange(0, RP)
+    dd = c * CHUNK + tl.arange(0, CHUNK)
+    dmask = dd < IN
+    rmask = rr < R
+    if ROUTED:
+        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
+    else:
+        sel_e = tl.zeros([KP], dtype=tl.int32)
+    for k in tl.static_range(KP):
+        e = _pick(sel_e, kk, k).to(tl.int64)
+        live = dmask & ((dd * 0 + k) < K)
+        xv = tl.load(x_ptr + t * x_tok_stride + k * x_slot_stride + dd, mask=live, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + e * R * IN + rr[:, None] * IN + dd[None, :], mask=rmask[:, None] & live[None, :],
+                    other=0.0).to(tl.float32)
+        tl.store(part_ptr + ((t * KP + k) * RP + rr) * NCH + c, tl.sum(a * xv[None, :], axis=1))
+
+
+@triton.jit
+def _sum_partials(part_ptr, t, NCH, ROWS: tl.constexpr, RP: tl.constexpr, NCHP: tl.constexpr):
+    """(ROWS, RP) fp32: the partials of token t (layout (T, ROWS, RP, NCH)) summed over chunks."""
+    ii = tl.arange(0, ROWS)
+    rr = tl.arange(0, RP)
+    cc = tl.arange(0, NCHP)
+    offs = ((t * ROWS + ii[:, None, None]) * RP + rr[None, :, None]) * NCH + cc[None, None, :]
+    p = tl.load(part_ptr + offs, mask=(cc[None, None, :] < NCH) & (ii[:, None, None] >= 0) & (rr[None, :, None] >= 0),
+                other=0.0)
+    return tl.sum(p, axis=2)
+
+
+@triton.jit
+def _expand_partial_kernel(y_ptr, out_ptr, b_ptr, idx_ptr, w_ptr, part_ptr, OUT, R, K, NCH, scaling,
+                           cols_per_group, ROUTED: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
+                           NCHP: tl.constexpr, BLOCK_N: tl.constexpr):
+    t = tl.program_id(0)
+    grp = tl.program_id(1)
+    kk = tl.arange(0, KP)
+    if ROUTED:
+        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
+        sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    else:
+        sel_e = tl.zeros([KP], dtype=tl.int32)
+        sel_w = tl.where(kk < K, 1.0, 0.0)
+    z = _sum_partials(part_ptr, t, NCH, ROWS=KP, RP=RP, NCHP=NCHP)
+    _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, grp * cols_per_group,
+                 cols_per_group, KP=KP, RP=RP, BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _route_shrink_partial_kernel(x_ptr, wr_ptr, ag_ptr, au_ptr, logit_part_ptr, g_part_ptr, u_part_ptr, D, E, R, NCH,
+                                 EP: tl.constexpr, RP: tl.constexpr, CHUNK: tl.constexpr):
+    """Over chunk c of x_t: partial router logits (T, EP, NCH) and the gate/up shrinks of ALL
+    experts (T, EP, RP, NCH): the selection is not known yet, and E·R rows of A cost little."""
+    t = tl.program_id(0)
+    c = tl.program_id(1)
+    ee = tl.arange(0, EP)
+    rr = tl.arange(0, RP)
+    dd = c * CHUNK + tl.arange(0, CHUNK)
+    dmask = dd < D
+    emask = ee < E
+    xv = tl.load(x_ptr + t * D + dd, mask=dmask, other=0.0).to(tl.float32)
+    wr = tl.load(wr_ptr + ee[:, None] * D + dd[None, :], mask=emask[:, None] & dmask[None, :], other=0.0)
+    tl.store(logit_part_ptr + (t * EP + ee) * NCH + c, tl.sum(wr.to(tl.float32) * xv[None, :], axis=1))
+    aoffs = (ee[:, None, None] * R + rr[None, :, None]) * D + dd[None, None, :]
+    amask = emask[:, None, None] & (rr[None, :, None] < R) & dmask[None, None, :]
+    poffs = ((t * EP + ee[:, None]) * RP + rr[None, :]) * NCH + c
+    a = tl.load(ag_ptr + aoffs, mask=amask, other=0.0).to(tl.float32)
+    tl.store(g_part_ptr + poffs, tl.sum(a * xv[None, None, :], axis=2))
+    a = tl.load(au_ptr + aoffs, mask=amask, other=0.0).to(tl.float32)
+    tl.store(u_part_ptr + poffs, tl.sum(a * xv[None, None, :], axis=2))
+
+
+@triton.jit
+def _select_rows(z_all, sel_e, kk, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    """(KP, RP) rows sel_e[k] of an (EP, RP) register tile."""
+    ee = tl.arange(0, EP)
+    out = tl.zeros([KP, RP], dtype=tl.float32)
+    for k in tl.static_range(KP):
+        row = tl.sum(tl.where(ee[:, None] == _pick(sel_e, kk, k), z_all, 0.0), axis=0)
+        out = tl.where(kk[:, None] == k, row[None, :], out)
+    return out
+
+
+@triton.jit
+def _moe_hidden_partial_kernel(
+    g0_ptr, u0_ptr, bg_ptr, bu_ptr, logit_part_ptr, g_part_ptr, u_part_ptr, idx_ptr, w_ptr, probs_ptr,
+    h_ptr, hmix_ptr, FF, E, R, K, NCH, scaling, cols_per_group,
+    EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, NCHP: tl.constexpr, BLOCK_F: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    t = tl.program_id(0)
+    grp = tl.program_id(1)
+    kk = tl.arange(0, KP)
+    ee = tl.arange(0, EP)
+    cc = tl.arange(0, NCHP)
+    lp = tl.load(logit_part_ptr + (t * EP + ee[:, None]) * NCH + cc[None, :],
+                 mask=(cc[None, :] < NCH) & (ee[:, None] >= 0), other=0.0)
+    sel_e, sel_w = _topk_publish(tl.sum(lp, axis=1), idx_ptr, w_ptr, probs_ptr, t, E, K, grp == 0, EP=EP, KP=KP)
+    hg = _select_rows(_sum_partials(g_part_ptr, t, NCH, ROWS=EP, RP=RP, NCHP=NCHP), sel_e, kk, EP=EP, KP=KP, RP=RP)
+    hu = _select_rows(_sum_partials(u_part_ptr, t, NCH, ROWS=EP, RP=RP, NCHP=NCHP), sel_e, kk, EP=EP, KP=KP, RP=RP)
+    _hidden_cols(g0_ptr, u0_ptr, bg_ptr, bu_ptr, h_ptr, hmix_ptr, hg, hu, sel_e, sel_w, t, FF, R, K, scaling,
+                 grp * cols_per_group, cols_per_group, KP=KP, RP=RP, BLOCK_F=BLOCK_F, ACT=ACT)
 
 
 def _check_device(x: torch.Tensor, name: str) -> None:
@@ -236,25 +386,27 @@ def _check_device(x: torch.Tensor, name: str) -> None:
         raise RuntimeError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1)")
 
 
-def _groups(T: int, n_cols: int, block: int) -> tuple[int, int]:
-    """(G, columns per group): about _TARGET_PROGRAMS programs over T tokens."""
-    g = max(1, min(triton.cdiv(n_cols, block), triton.cdiv(_TARGET_PROGRAMS, T)))
-    per = triton.cdiv(triton.cdiv(n_cols, g), block) * block
-    return triton.cdiv(n_cols, per), per
+def _groups(T: int, n_cols: int, block: int, programs: int | None = None) -> tuple[int, int]:
+    """(G, columns per group): about ``programs`` (default _TARGET_PROGRAMS) programs over T tokens."""
+    g = max(1, min(cdiv(n_cols, block), cdiv(programs or _TARGET_PROGRAMS, T)))
+    per = cdiv(cdiv(n_cols, g), block) * block
+    return cdiv(n_cols, per), per
 
 
 def _pow2(n: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_pow2(n))
 
 
 def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weight=None, scaling=1.0,
-                          act="silu", router_weight=None, top_k=None, block_f: int = 64, block_d: int = 128,
-                          num_warps: int = 4):
+                          act="silu", router_weight=None, top_k=None, block_f: int = 128, block_d: int = 1024,
+                          num_warps: int = 8, programs: int | None = None, split: bool = False, chunk: int = 64):
     """Triton version of ``mixlora_expert_hidden_reference`` (forward only: decode/inference).
 
     With ``router_weight`` (E, D) fp32 and ``top_k``, the router runs inside the kernel and the
     return value is (h, h_mix, idx, weight, probs); otherwise ``idx``/``weight`` are inputs and it
-    returns (h, h_mix)."""
+    returns (h, h_mix). ``split=True`` (router only) uses the two-launch form for CUDA graphs:
+    router logits and the shrinks of all experts over ``chunk``-wide slices of x, then top-k +
+    expand. Default tiles: the best of kernels/benchmarks/benchmark_decode_kernels.py on the H100."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {act!r}; supported: {sorted(ACTIVATIONS)}")
     _check_device(x, "mixlora_expert_hidden")
@@ -281,7 +433,21 @@ def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weigh
         wr = router_weight.contiguous()
     else:
         idx, weight, probs, wr = idx.contiguous(), weight.contiguous(), h_mix, x  # dummies never read
-    G, per = _groups(T, FF, block_f)
+    G, per = _groups(T, FF, block_f, programs)
+    if split:
+        if not route:
+            raise ValueError("split=True needs the fused router (router_weight and top_k)")
+        EP, RP, nch = _pow2(E, 2), _pow2(R, 16), cdiv(D, chunk)
+        lp = torch.empty(T, EP, nch, dtype=torch.float32, device=dev)
+        gp = torch.empty(T, EP, RP, nch, dtype=torch.float32, device=dev)
+        up = torch.empty_like(gp)
+        _route_shrink_partial_kernel[(T, nch)](x, wr, a_gate.contiguous(), a_up.contiguous(), lp, gp, up, D, E, R, nch,
+                                               EP=EP, RP=RP, CHUNK=chunk, num_warps=4)
+        _moe_hidden_partial_kernel[(T, G)](
+            g0, u0, b_gate.contiguous(), b_up.contiguous(), lp, gp, up, idx, weight, probs, h, h_mix,
+            FF, E, R, K, nch, float(scaling), per, EP=EP, KP=_pow2(K, 1), RP=RP, NCHP=_pow2(nch, 2),
+            BLOCK_F=block_f, ACT=ACTIVATIONS[act], num_warps=num_warps)
+        return h, h_mix, idx, weight, probs
     _moe_hidden_kernel[(T, G)](
         x, wr, g0, u0, a_gate.contiguous(), b_gate.contiguous(), a_up.contiguous(), b_up.contiguous(),
         idx, weight, probs, h, h_mix, D, FF, E, R, K, float(scaling), per,
@@ -291,25 +457,52 @@ def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weigh
     return (h, h_mix, idx, weight, probs) if route else (h, h_mix)
 
 
-def lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, block_n: int = 64, block_d: int = 128,
-                     num_warps: int = 4):
-    """In place: y (T, OUT) += s Σ_k w_tk B[idx_tk] A[idx_tk] x_(t,k), one launch; returns y.
-    x is (T, IN) shared by the slots or (T, K, IN) per slot."""
+def lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, block_n: int = 128, block_d: int = 1024,
+                     num_warps: int = 4, out=None, programs: int | None = None, split: bool = False,
+                     chunk: int = 128):
+    """y (T, OUT) + s Σ_k w_tk B[idx_tk] A[idx_tk] x_(t,k) in one launch, written into ``out``
+    (default: y itself, in place); returns the tensor written. x is (T, IN) shared by the slots
+    or (T, K, IN) per slot. With ``idx is None`` it is plain LoRA: A (R, IN) or (1, R, IN),
+    B (OUT, R) or (1, OUT, R), K = 1 and weight 1 (``weight`` is ignored). ``split=True`` is the
+    two-launch form for CUDA graphs (shrink over ``chunk``-wide slices of x, then expand)."""
     _check_device(x, "lora_decode_add_")
-    T, K = idx.shape
+    routed = idx is not None
+    if not routed:
+        lora_A = lora_A.reshape(1, *lora_A.shape[-2:])
+        lora_B = lora_B.reshape(1, *lora_B.shape[-2:])
+    T = y.shape[0]
+    K = idx.shape[1] if routed else 1
     E, R, IN = lora_A.shape
     OUT = lora_B.shape[1]
     per_slot = x.dim() == 3
-    if y.shape != (T, OUT) or x.shape[-1] != IN or (per_slot and x.shape[:2] != (T, K)) \
-            or lora_B.shape != (E, OUT, R) or weight.shape != (T, K):
+    if y.shape != (T, OUT) or x.shape[0] != T or x.shape[-1] != IN or (per_slot and x.shape[:2] != (T, K)) \
+            or lora_B.shape != (E, OUT, R) or (routed and (idx.shape != (T, K) or weight.shape != (T, K))):
         raise ValueError(f"shape mismatch: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(lora_A.shape)}, "
-                         f"B {tuple(lora_B.shape)}, idx {tuple(idx.shape)}, weight {tuple(weight.shape)}")
-    if not y.is_contiguous():
-        raise ValueError("y must be contiguous (it is updated in place)")
-    G, per = _groups(T, OUT, block_n)
+                         f"B {tuple(lora_B.shape)}, idx {None if idx is None else tuple(idx.shape)}, "
+                         f"weight {None if weight is None else tuple(weight.shape)}")
+    if out is None:
+        if not y.is_contiguous():
+            raise ValueError("y must be contiguous (it is updated in place)")
+        out = y
+    else:
+        y = y.contiguous()
+    idx_arg = idx.contiguous() if routed else y  # dummies never read when not routed
+    w_arg = weight.contiguous() if routed else y
+    G, per = _groups(T, OUT, block_n, programs)
+    KP, RP, xs = _pow2(K, 1), _pow2(R, 16), (K * IN if per_slot else IN, IN if per_slot else 0)
+    if split:
+        nch = cdiv(IN, chunk)
+        part = torch.empty(T, KP, RP, nch, dtype=torch.float32, device=y.device)
+        x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+        _shrink_partial_kernel[(T, nch)](x, lora_A, idx_arg, part, IN, R, K, nch, *xs, ROUTED=routed, KP=KP, RP=RP,
+                                         CHUNK=chunk, num_warps=4)
+        _expand_partial_kernel[(T, G)](y, out, lora_B, idx_arg, w_arg, part, OUT, R, K, nch, float(scaling), per,
+                                       ROUTED=routed, KP=KP, RP=RP, NCHP=_pow2(nch, 2), BLOCK_N=block_n,
+                                       num_warps=num_warps)
+        return out
     _lora_add_kernel[(T, G)](
-        y, x.contiguous(), lora_A.contiguous(), lora_B.contiguous(), idx.contiguous(), weight.contiguous(),
-        IN, OUT, R, K, float(scaling), per, K * IN if per_slot else IN, IN if per_slot else 0,
-        KP=_pow2(K, 1), RP=_pow2(R, 16), BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
+        y, out, x.contiguous(), lora_A.contiguous(), lora_B.contiguous(), idx_arg, w_arg,
+        IN, OUT, R, K, float(scaling), per, *xs,
+        ROUTED=routed, KP=KP, RP=RP, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return y
+    return out

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .context import RoutingContext
+from .dispatch import decode_kernels_apply, kernels_interpreted
 from .experts import LoraExperts
 from .router import TopKRouter
 
@@ -48,22 +49,14 @@ class LoraSwitchLinear(nn.Module):
             return y  # the selected experts are already inside base_layer.weight
         idx, w = state.experts, state.weights  # (N, K) for the N tokens of this forward
         x2 = x.reshape(-1, x.shape[-1])
-        if _decode_kernel_applies(x2, self):
-            from moelora_kernels.mixlora_ffn import lora_decode_add_
+        if decode_kernels_apply(x2, self):
+            from moelora_kernels import ops
 
-            # One launch: shrink + expand of the K selected experts, added into y in place.
-            lora_decode_add_(y.view(-1, y.shape[-1]), x2, self.experts.lora_A, self.experts.lora_B,
-                             idx, w, self.experts.scaling)
-            return y
+            # One launch: shrink + expand of the K selected experts, added into y.
+            e = self.experts
+            return ops.lora_add(y.view(-1, y.shape[-1]), x2, e.lora_A, e.lora_B, idx, w, e.scaling).view(y.shape)
         delta = self.experts.gathered(x2, idx, weight=w)  # (N, out)
         return y + delta.view(*y.shape).to(y.dtype)
-
-
-def _decode_kernel_applies(x: torch.Tensor, module: nn.Module) -> bool:
-    from .mixlora import DECODE_MAX_TOKENS, _kernels_interpreted, _not_compiling
-
-    return ((x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled() and not module.training
-            and x.shape[0] <= DECODE_MAX_TOKENS and _not_compiling())
 
 
 class SwitchState:
@@ -103,9 +96,7 @@ class SwitchState:
         s = [m.experts.scaling for m in self.linears]
         from moelora_kernels import merge
 
-        from .mixlora import _kernels_interpreted
-
-        if weights[0].is_cuda or (_kernels_interpreted() and merge._INTERPRETED):
+        if weights[0].is_cuda or (kernels_interpreted() and merge._INTERPRETED):
             return merge.MergePlan(weights, a, b, s, pristine=True)
         return TorchMergePlan(weights, a, b, s)
 

@@ -12,13 +12,12 @@ Output y = Σ_{j∈S} w_j E_j(x). Two implementations of the same function:
 from __future__ import annotations
 
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .context import RoutingContext
+from .dispatch import decode_kernels_apply
 from .experts import LoraExperts
 from .router import Routing, TopKRouter
 
@@ -26,27 +25,6 @@ from .router import Routing, TopKRouter
 # Activation modules of transformers.activations that the fused decode kernel implements.
 _ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
               "NewGELUActivation": "gelu_tanh", "GELUActivation": "gelu", "GELU": "gelu"}
-DECODE_MAX_TOKENS = 64  # at or below, inference uses the one-launch hidden-state kernel on CUDA
-
-
-# Experimental: let torch.compile trace the Triton decode kernels (Inductor wraps user Triton
-# kernels) instead of falling back to the pure-torch path. Off by default until measured.
-COMPILE_KERNELS = os.environ.get("MOELORA_COMPILE_KERNELS") == "1"
-
-
-def _not_compiling() -> bool:
-    return COMPILE_KERNELS or not torch.compiler.is_compiling()
-
-
-def _kernels_interpreted() -> bool:
-    """Run the Triton kernels on CPU tensors: only when asked (MOELORA_CPU_KERNELS=1, used by
-    tests) and the kernels were imported under TRITON_INTERPRET=1. The interpreter is far too slow
-    to be a default: on CPU the layers otherwise take their torch paths."""
-    if os.environ.get("MOELORA_CPU_KERNELS") != "1":
-        return False
-    from moelora_kernels import mixlora_ffn
-
-    return mixlora_ffn._INTERPRET
 
 
 class MixLoraFFN(nn.Module):
@@ -155,8 +133,7 @@ class MixLoraFFN(nn.Module):
 
     def _decode_kernel_applies(self, x: torch.Tensor) -> bool:
         """Inference on CUDA with few tokens, top-k routing, a gated MLP with gate/up experts."""
-        return (self._decode_capable and not self.training and x.shape[0] <= DECODE_MAX_TOKENS
-                and (x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled() and _not_compiling())
+        return self._decode_capable and decode_kernels_apply(x, self)
 
     @property
     def _decode_capable(self) -> bool:
@@ -171,19 +148,19 @@ class MixLoraFFN(nn.Module):
     def forward_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Decode: router + gate/up deltas + activation + mix in one launch, then the frozen down
         GEMM and the down delta added in place by a second launch (vs ~30 launches unfused)."""
-        from moelora_kernels.mixlora_ffn import lora_decode_add_, mixlora_expert_hidden
+        from moelora_kernels import ops
 
         eg, eu = self._expert("gate"), self._expert("up")
         gate, up, down = self._proj("gate"), self._proj("up"), self._proj("down")
         g0 = F.linear(x, gate.weight, gate.bias)  # (N, F), frozen, once for all experts
         u0 = F.linear(x, up.weight, up.bias)
-        h, h_mix, idx, w, probs = mixlora_expert_hidden(
-            x, g0, u0, eg.lora_A, eg.lora_B, eu.lora_A, eu.lora_B, scaling=eg.scaling, act=self.act_name,
-            router_weight=self.router.weight, top_k=self.top_k)
+        h, h_mix, idx, w, probs = ops.expert_hidden_routed(
+            x, g0, u0, eg.lora_A, eg.lora_B, eu.lora_A, eu.lora_B, self.router.weight, self.top_k, eg.scaling,
+            self.act_name)
         y = F.linear(h_mix, down.weight, down.bias)  # (N, D)
         lora = self._expert("down")
         if lora is not None:
-            lora_decode_add_(y, h, lora.lora_A, lora.lora_B, idx, w, lora.scaling)
+            y = ops.lora_add(y, h, lora.lora_A, lora.lora_B, idx, w, lora.scaling)
         return y, Routing(w, idx, probs, None)
 
     def forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -78,13 +78,15 @@ from moelora_kernels.mixlora_ffn import lora_decode_add_, lora_decode_add_refere
 
 
 @pytest.mark.skipif(not INTERP and not CUDA, reason="needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "split"])
 @pytest.mark.parametrize("T,D,FF,E,R,K", [(1, 42, 123, 4, 3, 2), (3, 64, 37, 8, 16, 2), (2, 30, 50, 5, 4, 5), (4, 16, 20, 3, 2, 1)])
-def test_fused_router_matches_reference(T, D, FF, E, R, K):
+def test_fused_router_matches_reference(T, D, FF, E, R, K, split):
     dev = "cuda" if CUDA else "cpu"
     x, g0, u0, a_g, b_g, a_u, b_u, _, _ = _inputs(T, D, FF, E, R, K, torch.float32, dev, seed=T)
     wr = torch.randn(E, D, generator=torch.Generator().manual_seed(9)).to(dev)
     h, hm, idx, w, probs = mixlora_expert_hidden(x, g0, u0, a_g, b_g, a_u, b_u, scaling=0.5,
-                                                 router_weight=wr, top_k=K, block_f=32, block_d=16)
+                                                 router_weight=wr, top_k=K, block_f=32, block_d=16, split=split,
+                                                 chunk=16)
     ridx, rw, rprobs = route_topk_reference(x, wr, K)
     torch.testing.assert_close(probs, rprobs, atol=1e-5, rtol=1e-5)
     assert torch.equal(torch.sort(idx, -1).values, torch.sort(ridx, -1).values)
@@ -95,9 +97,10 @@ def test_fused_router_matches_reference(T, D, FF, E, R, K):
 
 
 @pytest.mark.skipif(not INTERP and not CUDA, reason="needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "split"])
 @pytest.mark.parametrize("per_slot", [False, True])
 @pytest.mark.parametrize("T,IN,OUT,E,R,K", [(1, 42, 123, 4, 3, 2), (3, 70, 37, 8, 16, 2), (2, 9, 300, 1, 1, 1), (5, 33, 17, 4, 8, 4)])
-def test_lora_decode_add_matches_reference(per_slot, T, IN, OUT, E, R, K):
+def test_lora_decode_add_matches_reference(per_slot, T, IN, OUT, E, R, K, split):
     dev = "cuda" if CUDA else "cpu"
     g = torch.Generator().manual_seed(T * 7 + K)
     x = torch.randn((T, K, IN) if per_slot else (T, IN), generator=g).to(dev)
@@ -106,8 +109,76 @@ def test_lora_decode_add_matches_reference(per_slot, T, IN, OUT, E, R, K):
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
     w = torch.softmax(torch.randn(T, K, generator=g), -1).to(dev)
     y0 = torch.randn(T, OUT, generator=g).to(dev)
-    y = lora_decode_add_(y0.clone(), x, a, b, idx, w, 1.5, block_n=32, block_d=16)
+    y = lora_decode_add_(y0.clone(), x, a, b, idx, w, 1.5, block_n=32, block_d=16, split=split, chunk=16)
     ref = lora_decode_add_reference(y0.clone(), x, a, b, idx, w, 1.5)
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="shape mismatch"):
         lora_decode_add_(y0[:, :-1].clone(), x, a, b, idx, w, 1.5)
+
+
+@pytest.mark.skipif(not INTERP and not CUDA, reason="needs TRITON_INTERPRET=1 or CUDA")
+def test_lora_decode_add_plain_lora_and_out_of_place():
+    """idx=None is plain LoRA (one adapter, weight 1); out= leaves y untouched."""
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(3)
+    T, IN, OUT, R = 3, 37, 70, 5
+    x, y0 = torch.randn(T, IN, generator=g).to(dev), torch.randn(T, OUT, generator=g).to(dev)
+    a, b = (torch.randn(R, IN, generator=g) * 0.3).to(dev), (torch.randn(OUT, R, generator=g) * 0.3).to(dev)
+    ref = (y0 + 0.8 * (x @ a.t()) @ b.t())
+    y = y0.clone()
+    for split in (False, True):
+        out = lora_decode_add_(y, x, a, b, None, None, 0.8, block_n=32, block_d=16, out=torch.empty_like(y),
+                               split=split, chunk=16)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(y, y0)
+    torch.testing.assert_close(lora_decode_add_(y, x, a, b, None, None, 0.8), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not INTERP and not CUDA, reason="needs TRITON_INTERPRET=1 or CUDA")
+def test_custom_ops_pass_opcheck_and_compile():
+    """The torch.library ops that put the kernels into compiled graphs: fake (meta) functions
+    agree with the kernels (opcheck), and a compiled call equals the eager reference."""
+    from moelora_kernels import ops
+
+    dev = "cuda" if CUDA else "cpu"
+    x, g0, u0, a_g, b_g, a_u, b_u, idx, w = _inputs(2, 24, 40, 4, 3, 2, torch.float32, dev, seed=5)
+    wr = torch.randn(4, 24, generator=torch.Generator().manual_seed(1)).to(dev)
+    y = torch.randn(2, 24, device=dev)
+    gen = torch.Generator().manual_seed(2)
+    a_d, b_d = torch.randn(4, 3, 40, generator=gen).to(dev), torch.randn(4, 24, 3, generator=gen).to(dev)
+    torch.library.opcheck(ops.expert_hidden_routed_op, (x, g0, u0, a_g, b_g, a_u, b_u, wr, 2, 0.5, "silu"))
+    torch.library.opcheck(ops.lora_decode_add_op, (y, x, a_g, b_d, idx, w, 1.5))
+    torch.library.opcheck(ops.lora_decode_add_op, (y, x, a_g[0], b_d[0], None, None, 1.5))
+
+    def step(x, g0, u0):
+        h, h_mix, i, wt, _ = ops.expert_hidden_routed(x, g0, u0, a_g, b_g, a_u, b_u, wr, 2, 0.5, "silu")
+        return ops.lora_add(h_mix[:, :24].contiguous(), h, a_d, b_d, i, wt, 1.5), i, wt
+
+    out, i, wt = torch.compile(step, backend="aot_eager", fullgraph=True)(x, g0, u0)
+    ri, rw, _ = route_topk_reference(x, wr, 2)
+    torch.testing.assert_close(i, ri)
+    torch.testing.assert_close(wt, rw)
+    rh, rhm = mixlora_expert_hidden_reference(x, g0, u0, a_g, b_g, a_u, b_u, ri, rw, 0.5)
+    ref = lora_decode_add_reference(rhm[:, :24].clone(), rh, a_d, b_d, ri, rw, 1.5)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_split_forms_bf16_llama_shape_on_gpu():
+    """The CUDA-graph (split) forms at the Llama-2-7B decode shape agree with the references."""
+    x, g0, u0, a_g, b_g, a_u, b_u, _, _ = _inputs(1, 4096, 11008, 8, 16, 2, torch.bfloat16, "cuda")
+    wr = torch.randn(8, 4096, device="cuda") * 0.05
+    h, hm, idx, w, probs = mixlora_expert_hidden(x, g0, u0, a_g, b_g, a_u, b_u, scaling=2.0, router_weight=wr,
+                                                 top_k=2, split=True)
+    ridx, rw, _ = route_topk_reference(x, wr, 2)
+    assert torch.equal(torch.sort(idx, -1).values, torch.sort(ridx, -1).values)
+    rh, rhm = mixlora_expert_hidden_reference(x, g0, u0, a_g, b_g, a_u, b_u, idx, w, 2.0)
+    a_d, b_d = a_g[:, :, :4096].clone(), b_g[:, :4096].clone()
+    for a, b in ((h, rh), (hm, rhm)):
+        assert (a.float() - b.float()).norm() / b.float().norm() < 1e-2
+    for xin, a, b in ((x, a_d, b_d), (h, torch.randn(8, 16, 11008, device="cuda").bfloat16() * 0.02, b_d)):
+        y0 = torch.randn(1, 4096, device="cuda").bfloat16()
+        out = lora_decode_add_(y0, xin, a, b, idx, w, 2.0, out=torch.empty_like(y0), split=True)
+        ref = lora_decode_add_reference(y0.clone(), xin, a, b, idx, w, 2.0)
+        assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
