@@ -36,8 +36,12 @@ SHAPES = {
     "llama3-8b": (32, 4096, 1024, 14336),  # GQA: k/v are 1024 x 4096
     "small": (2, 64, 32, 96),
 }
+# (block_m, block_n, num_warps, programs/SM); each is timed without and with evict-first hints.
+# Adapter bytes re-read (from L2) per W byte = R·K·(1/BN + 1/BM): bigger tiles re-read less but
+# hold more registers per program (fewer W bytes in flight per SM).
 SWEEP = [(64, 128, 4, 8), (64, 128, 8, 8), (64, 64, 4, 16), (128, 128, 8, 4), (128, 64, 4, 8),
-         (32, 128, 4, 16), (64, 128, 4, 10**9)]  # (block_m, block_n, num_warps, programs/SM)
+         (32, 128, 4, 16), (64, 128, 4, 10**9), (32, 128, 4, 32), (32, 128, 4, 10**9), (32, 256, 4, 8),
+         (32, 256, 8, 8), (16, 256, 4, 16), (64, 256, 8, 4), (128, 128, 4, 4), (128, 256, 8, 2)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--in-place", action="store_true", help="benchmark the paper's in-place form")
-    p.add_argument("--block-m", type=int, default=64)
-    p.add_argument("--block-n", type=int, default=128)
+    p.add_argument("--block-m", type=int, default=32)
+    p.add_argument("--block-n", type=int, default=256)
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--programs-per-sm", type=int, default=8)
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="no evict-first L2 hints on W0/W")
     p.add_argument("--sweep", action="store_true",
                    help="time several launch configs, keep the best")
     p.add_argument("--check", action="store_true", help="verify against the reference first")
@@ -223,19 +228,19 @@ def main(argv=None) -> None:
     del src, dst
     ref_bw = copy_bw.get("same_bytes", copy_bw["plain"])
 
-    configs = SWEEP if args.sweep else [
-        (args.block_m, args.block_n, args.num_warps, args.programs_per_sm)]
+    configs = [c + (st,) for c in SWEEP for st in (False, True)] if args.sweep else [
+        (args.block_m, args.block_n, args.num_warps, args.programs_per_sm, args.stream)]
     best = None
-    for bm, bn, nw, pps in configs:
-        plan.set_launch_config(bm, bn, nw, max_programs=pps * sms if on_gpu else None)
+    for bm, bn, nw, pps, st in configs:
+        plan.set_launch_config(bm, bn, nw, max_programs=pps * sms if on_gpu else None, stream=st)
         times = time_ms(lambda: plan.merge(*next(rotation)))
         bw = nbytes / statistics.median(times) / 1e6
-        row = record(f"triton_merge {bm}x{bn} w{nw} grid{plan.grid[0]}", times, block_m=bm,
-                     block_n=bn, num_warps=nw, grid=plan.grid[0], frac_of_copy_bw=bw / ref_bw,
-                     frac_of_plain_copy_bw=bw / copy_bw["plain"])
+        row = record(f"triton_merge {bm}x{bn} w{nw} grid{plan.grid[0]}{' evict_first' if st else ''}", times,
+                     block_m=bm, block_n=bn, num_warps=nw, grid=plan.grid[0], stream=st,
+                     frac_of_copy_bw=bw / ref_bw, frac_of_plain_copy_bw=bw / copy_bw["plain"])
         if best is None or row["ms"] < best["ms"]:
             best = row
-    plan.set_launch_config(best["block_m"], best["block_n"], best["num_warps"], best["grid"])
+    plan.set_launch_config(best["block_m"], best["block_n"], best["num_warps"], best["grid"], best["stream"])
     best["best"] = True
     idx, gate = sels[0]
     plan.merge(idx, gate, force=True)

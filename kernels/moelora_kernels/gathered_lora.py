@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_pow2
+
 __all__ = ["gathered_lora_reference", "gathered_lora", "GatheredLoraFunction"]
 
 Impl = Literal["auto", "gather", "tile"]
@@ -390,7 +392,7 @@ def _outer_kernel(
 
 
 def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, next_pow2(int(n)))
 
 
 def _r_pad(r: int) -> int:
@@ -414,9 +416,9 @@ def _pick_path(T: int, E: int, R: int, impl: Impl) -> str:
 
 def _split(n_chunks: int, programs: int) -> tuple[int, int]:
     """(SPLIT, chunks per split) so that programs * SPLIT reaches about two GPU waves."""
-    split = max(1, min(n_chunks, _MAX_SPLIT, triton.cdiv(_TARGET_PROGRAMS, programs)))
-    per = triton.cdiv(n_chunks, split)
-    return triton.cdiv(n_chunks, per), per
+    split = max(1, min(n_chunks, _MAX_SPLIT, cdiv(_TARGET_PROGRAMS, programs)))
+    per = cdiv(n_chunks, split)
+    return cdiv(n_chunks, per), per
 
 
 def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str) -> torch.Tensor:
@@ -435,7 +437,7 @@ def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str) -> 
     f32 = _compute_f32(x3.dtype)
     if path == "gather":
         bk = min(_GATHER_BK, _pow2(IN, 16))
-        split, per = _split(triton.cdiv(IN, bk), S)
+        split, per = _split(cdiv(IN, bk), S)
         h = _alloc((split, S, r_pad), x3.device, torch.float32)
         _shrink_gather_kernel[(S, split)](
             x3, a, idx, h, S, K, *common, per, *strides, R_PAD=r_pad, BK=bk, num_warps=4
@@ -444,8 +446,8 @@ def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str) -> 
     e_pad = _pow2(E)
     bm = 64 if e_pad * r_pad <= 128 else 32
     bk = min(_TILE_BK, _pow2(IN, 16))
-    n_m = triton.cdiv(T, bm)
-    split, per = _split(triton.cdiv(IN, bk), n_m)
+    n_m = cdiv(T, bm)
+    split, per = _split(cdiv(IN, bk), n_m)
     h = _alloc((split, S, r_pad), x3.device, torch.float32)
     per_slot = kx == K and K > 1
     _shrink_tile_kernel[(n_m, split)](
@@ -482,14 +484,14 @@ def _expand(
             b.stride(2), idx.stride(0), idx.stride(1), *w_strides, y2.stride(0), y2.stride(1))
     if path == "gather":
         bn = min(64, _pow2(OUT, 16))
-        _expand_gather_kernel[(M, triton.cdiv(OUT, bn))](
+        _expand_gather_kernel[(M, cdiv(OUT, bn))](
             *args, K_INNER=k_inner, HAS_WEIGHT=weight is not None, BN=bn, R_PAD=r_pad,
             SPLIT_PAD=_pow2(split), num_warps=4,
         )
         return y
     e_pad = _pow2(E)
     bm, bn = 64, min(128, _pow2(OUT, 16))
-    _expand_tile_kernel[(triton.cdiv(M, bm), triton.cdiv(OUT, bn))](
+    _expand_tile_kernel[(cdiv(M, bm), cdiv(OUT, bn))](
         *args, K_INNER=k_inner, HAS_WEIGHT=weight is not None, BM=bm, BN=bn, R_PAD=r_pad,
         E_PAD=e_pad, COMPUTE_F32=_compute_f32(b.dtype), num_warps=8,
     )
@@ -519,9 +521,9 @@ def _outer_into(
     cols = _pow2(E) * r_pad
     bc = min(cols, 128)
     bm = 64
-    bn = 32 if triton.cdiv(N, 64) * triton.cdiv(cols, bc) < 132 else 64
+    bn = 32 if cdiv(N, 64) * cdiv(cols, bc) < 132 else 64
     bn = min(bn, _pow2(N, 16))
-    _outer_kernel[(triton.cdiv(N, bn), triton.cdiv(cols, bc))](
+    _outer_kernel[(cdiv(N, bn), cdiv(cols, bc))](
         h, idx, w, y3, dest, M, K, E, R, N, h.shape[0], float(scaling),
         idx.stride(0), idx.stride(1), *w_strides, y3.stride(0), y3.stride(1), y3.stride(2),
         *dest.stride(),
