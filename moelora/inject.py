@@ -193,6 +193,8 @@ def _capture_inputs(module, args, kwargs):
 def _add_aux_loss(module, args, kwargs, output):
     ctx: RoutingContext = module._moelora_context
     cfg = module.moelora_config
+    if torch.compiler.is_compiling() and not module.training:
+        ctx.end_compiled_step()
     if not ctx.last or not (module.training or ctx.has_labels):
         return output  # decode/eval without labels: no extra work on the hot path
     # LoRA-Switch has one routed layer, so only MixLoRA offers the pooled form.

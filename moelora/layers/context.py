@@ -41,4 +41,16 @@ class RoutingContext:
         return am[:, am.shape[1] - seq :].reshape(-1).bool()
 
     def record(self, layer: int, routing: Routing, token_mask: torch.Tensor | None, num_experts: int) -> None:
+        if torch.compiler.is_compiling() and not (torch.is_grad_enabled() or self.has_labels):
+            # Compiled inference keeps no routing records (router_statistics() stays empty): with
+            # CUDA graphs (mode="reduce-overhead", HF's static cache) a graph output still referenced
+            # at the next step makes cudagraph trees record a new graph, measured at ~100 ms per
+            # generate call for the Llama-2-7B shape.
+            return
         self.last[layer] = LayerRouting(layer, routing, token_mask, num_experts)
+
+    def end_compiled_step(self) -> None:
+        """Drop step-local tensors held on Python objects (see ``record``); compiled inference only."""
+        state = self.extras.get("switch")
+        if state is not None:
+            state.experts = state.weights = None
