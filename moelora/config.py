@@ -6,7 +6,7 @@ was trained with (the reference MixLoRA code forgets router coef/jitter/init ran
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -25,7 +25,6 @@ from .config import AdapterConfigError, LoraConfig, MixLoraConfig, config_from_d
 from .inject import (
     adapter_state_dict,
     arch_spec,
-    decoder_layers,
     inject_adapter,
     load_adapter_state_dict,
     remove_adapter,
@@ -208,7 +207,6 @@ def _read_reference_mixlora(path: Path, model: nn.Module):
         targets = [k for k, v in targets.items() if v]
     spec = arch_spec(model)
     inv_attn = {v: k for k, v in spec.attn.items()}
-    inv_mlp = {v: k for k, v in spec.mlp.items()}
     attn = tuple(dict.fromkeys(inv_attn[t] for t in targets if t in inv_attn))
     mlp = tuple(m for m in ("gate_proj", "up_proj", "down_proj") if spec.mlp[m] in targets)
     cfg = MixLoraConfig(

@@ -1,7 +1,6 @@
 """MixLoRA: equivalence with the reference `mixlora` package, the load-balance loss, routing edge cases."""
 import copy
 import json
-import math
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ fi
 export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [[ $mode == eager ]]; then
   python3 -m moelora.eval.latency --model llama2_7b_shape \
-    --methods base,lora,mixlora,lora_switch_merge,lora_switch_merge_forced,lora_switch_unmerged,reference_mixlora,base_recheck \
+    --methods ${METHODS:-base,lora,mixlora,lora_switch_merge,lora_switch_merge_forced,lora_switch_unmerged,reference_mixlora,base_recheck} \
     --batch-sizes ${BATCHES:-1,8,32} --prompt-len 64 --new-tokens "$n" --modes eager --repeats 3 \
     --case-timeout-s 120 --time-budget-s ${BUDGET:-400} --out "$OUT/eager" 2>&1 | grep -v "moelora.bench"
 else
