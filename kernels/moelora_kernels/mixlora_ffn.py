@@ -222,6 +222,20 @@ def _hidden_cols(g0_ptr, u0_ptr, bg_ptr, bu_ptr, h_ptr, hmix_ptr, hg, hu, sel_e,
 
 
 @triton.jit
+def _selection(idx_ptr, w_ptr, t, K, ROUTED: tl.constexpr, KP: tl.constexpr):
+    """(experts, weights) of token t as (KP,) vectors; plain LoRA (not ROUTED): one adapter,
+    index 0, weight 1, and no idx/weight tensors are read."""
+    kk = tl.arange(0, KP)
+    if ROUTED:
+        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
+        sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+    else:
+        sel_e = tl.zeros([KP], dtype=tl.int32)
+        sel_w = tl.where(kk < K, 1.0, 0.0)
+    return sel_e, sel_w
+
+
+@triton.jit
 def _lora_add_kernel(
     y_ptr, out_ptr, x_ptr, a_ptr, b_ptr, idx_ptr, w_ptr, IN, OUT, R, K, scaling, cols_per_group, x_tok_stride,
     x_slot_stride, ROUTED: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -230,12 +244,7 @@ def _lora_add_kernel(
     t = tl.program_id(0)
     grp = tl.program_id(1)
     kk = tl.arange(0, KP)
-    if ROUTED:
-        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
-        sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
-    else:  # plain LoRA: one adapter (index 0) with weight 1, no idx/weight tensors
-        sel_e = tl.zeros([KP], dtype=tl.int32)
-        sel_w = tl.where(kk < K, 1.0, 0.0)
+    sel_e, sel_w = _selection(idx_ptr, w_ptr, t, K, ROUTED=ROUTED, KP=KP)
     z = _shrink_all_slots(x_ptr, a_ptr, sel_e, t, IN, R, K, x_tok_stride, x_slot_stride, KP=KP, RP=RP,
                           BLOCK_D=BLOCK_D)
     _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, grp * cols_per_group,
@@ -314,12 +323,7 @@ def _expand_partial_kernel(y_ptr, out_ptr, b_ptr, idx_ptr, w_ptr, part_ptr, OUT,
     t = tl.program_id(0)
     grp = tl.program_id(1)
     kk = tl.arange(0, KP)
-    if ROUTED:
-        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
-        sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
-    else:
-        sel_e = tl.zeros([KP], dtype=tl.int32)
-        sel_w = tl.where(kk < K, 1.0, 0.0)
+    sel_e, sel_w = _selection(idx_ptr, w_ptr, t, K, ROUTED=ROUTED, KP=KP)
     z = _sum_partials(part_ptr, t, NCH, ROWS=KP, RP=RP, NCHP=NCHP)
     _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, grp * cols_per_group,
                  cols_per_group, KP=KP, RP=RP, BLOCK_N=BLOCK_N)
