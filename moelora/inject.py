@@ -226,7 +226,9 @@ def get_adapter_config(model: nn.Module):
 
 def router_statistics(model: nn.Module) -> list[dict]:
     """Per routed layer, from the last forward: expert load fractions, mean probability
-    (importance), mean per-token entropy, and the coefficient of variation of the load."""
+    (importance), mean per-token entropy, and the coefficient of variation of the load.
+    Empty after a torch.compile'd inference forward, which keeps no routing records (see
+    ``RoutingContext.record``); run the analysis forward uncompiled."""
     ctx: RoutingContext | None = getattr(model, "_moelora_context", None)
     if ctx is None:
         return []

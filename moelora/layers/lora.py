@@ -85,7 +85,7 @@ class LoraLinear(nn.Module):
             return y + self.lora_delta(x).to(y.dtype)
         if self.training:
             x = self.lora_dropout(x)
-        elif torch.compiler.is_compiling() and decode_kernels_apply(x.view(-1, x.shape[-1]), self):
+        elif torch.compiler.is_compiling() and decode_kernels_apply(x.reshape(-1, x.shape[-1]), self):
             # Compiled decode: one kernel (custom op) instead of two GEMMs. Eager decode keeps the
             # two torch ops below: a Triton launch costs more host time (~55 µs) than both.
             from moelora_kernels import ops
