@@ -142,8 +142,9 @@ def _static_cache(model, batch: int):
 
     ``cache_implementation="static"`` makes generate allocate a new cache per call; when the new
     KV tensors land at other addresses, CUDA-graph trees re-record the decode graph (the cache is
-    a static input), ~70-160 ms per call for the Llama-2-7B shape, seen only for methods whose
-    prefill allocates differently. A server keeps its KV cache, so the benchmark does too."""
+    a static input; TORCH_LOGS=+cudagraphs: "static input data pointer changed"). Measured on the
+    H100 at the Llama-2-7B shape: ~70-160 ms per call for MixLoRA and LoRA-Switch, none for the
+    base model. A server keeps its KV cache, so the benchmark does too."""
     from transformers import StaticCache
 
     caches = model.__dict__.setdefault("_bench_static_caches", {})

@@ -42,10 +42,10 @@ class RoutingContext:
 
     def record(self, layer: int, routing: Routing, token_mask: torch.Tensor | None, num_experts: int) -> None:
         if torch.compiler.is_compiling() and not (torch.is_grad_enabled() or self.has_labels):
-            # Compiled inference keeps no routing records (router_statistics() stays empty): with
-            # CUDA graphs (mode="reduce-overhead", HF's static cache) a graph output still referenced
-            # at the next step makes cudagraph trees record a new graph, measured at ~100 ms per
-            # generate call for the Llama-2-7B shape.
+            # Compiled inference keeps no routing records (router_statistics() stays empty): under
+            # CUDA graphs (mode="reduce-overhead", HF's static cache) the routing tensors are graph
+            # outputs that the next replay overwrites, so a record kept past its step would be
+            # stale, and live outputs constrain how cudagraph trees may replay.
             return
         self.last[layer] = LayerRouting(layer, routing, token_mask, num_experts)
 
