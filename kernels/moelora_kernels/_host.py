@@ -10,5 +10,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+def pow2_at_least(n: int, lo: int = 1) -> int:
+    """The smallest power of two >= n, and at least ``lo`` (block sizes, padded ranks)."""
+    n = int(n)
+    return max(lo, 1 if n <= 1 else 1 << (n - 1).bit_length())

@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv
+from ._host import pow2_at_least as _pow2
 
 __all__ = ["gathered_lora_reference", "gathered_lora", "GatheredLoraFunction"]
 
@@ -389,10 +390,6 @@ def _outer_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, next_pow2(int(n)))
 
 
 def _r_pad(r: int) -> int:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv, pow2_at_least
 
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ALIGN = 16  # element alignment of every packed matrix: lets the GPU vectorise row loads
@@ -81,7 +81,7 @@ def _merge_kernel(
     flags_ptr,                     # int32 [3]: state valid, bad index seen, arrival counter
     num_tiles, num_experts, force,
     K: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ALIGN: tl.constexpr, PRISTINE: tl.constexpr, IEEE: tl.constexpr, STREAM: tl.constexpr,
+    ALIGN: tl.constexpr, PRISTINE: tl.constexpr, IEEE: tl.constexpr, EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -138,12 +138,9 @@ def _merge_kernel(
         cmask = cols < n_in
         wmask = rmask[:, None] & cmask[None, :]
         w_offs = w_off + rows[:, None] * n_in + cols[None, :]
-        if STREAM:
-            # W0/W are touched once per merge: mark them evict-first so they do not push the
-            # adapters (re-read by every tile of a matrix) out of L2.
-            acc = tl.load(w0_ptr + w_offs, mask=wmask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        else:
-            acc = tl.load(w0_ptr + w_offs, mask=wmask, other=0.0).to(tl.float32)
+        # EVICT "evict_first" (stream=True): W0/W are touched once per merge, so they should not
+        # push the adapters (re-read by every tile of a matrix) out of L2. "" = default policy.
+        acc = tl.load(w0_ptr + w_offs, mask=wmask, other=0.0, eviction_policy=EVICT).to(tl.float32)
         if not PRISTINE:
             # In-place (paper) form: take the merged selection out first, in fp32.
             for k in tl.static_range(K):
@@ -157,10 +154,7 @@ def _merge_kernel(
             acc = _expert_delta(acc, a_ptr, b_ptr, a_off, b_off, e, g, n_out, n_in,
                                 num_experts, rows, cols, RP, IEEE)
         # The single rounding of the whole update (round-to-nearest-even, like torch's .to()).
-        if STREAM:
-            tl.store(w_ptr + w_offs, acc.to(w_ptr.dtype.element_ty), mask=wmask, eviction_policy="evict_first")
-        else:
-            tl.store(w_ptr + w_offs, acc.to(w_ptr.dtype.element_ty), mask=wmask)
+        tl.store(w_ptr + w_offs, acc.to(w_ptr.dtype.element_ty), mask=wmask, eviction_policy=EVICT)
 
 
 def merge_selected_adapters_reference(
@@ -178,10 +172,6 @@ def merge_selected_adapters_reference(
         a_sel = a[idx].float()                                           # (K, R, in)
         delta = b_sel.permute(1, 0, 2).reshape(b.shape[1], -1) @ a_sel.reshape(-1, a.shape[2])
         w.copy_((w0.float() + delta).to(w.dtype))
-
-
-def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, next_pow2(n))
 
 
 def _aligned(n: int) -> int:
@@ -229,7 +219,7 @@ class MergePlan:
                                "moelora_kernels.merge (Triton's interpreter).")
         self.pristine = pristine
         self.num_experts, self.rank = lora_A[0].shape[0], lora_A[0].shape[1]
-        self.rank_padded = _pow2_at_least(self.rank, 16)  # tl.dot needs an inner dim >= 16
+        self.rank_padded = pow2_at_least(self.rank, 16)  # tl.dot needs an inner dim >= 16
         self.adapter_dtype = lora_A[0].dtype
         self._params = list(weights)
         self._lora_A, self._lora_B = list(lora_A), list(lora_B)
@@ -368,8 +358,8 @@ class MergePlan:
             self._w, self._w0, self._a, self._b, self._meta, self._scale, self._tile_mat,
             idx, gate, self._prev_idx, self._prev_gate, self._flags,
             self.num_tiles, self.num_experts, int(force),
-            K=k, KP=_pow2_at_least(k, 1), RP=self.rank_padded, BM=self.block_m, BN=self.block_n,
-            ALIGN=self._align, PRISTINE=self.pristine, STREAM=self.stream,
+            K=k, KP=pow2_at_least(k, 1), RP=self.rank_padded, BM=self.block_m, BN=self.block_n,
+            ALIGN=self._align, PRISTINE=self.pristine, EVICT="evict_first" if self.stream else "",
             IEEE=self.dtype == torch.float32 and self.adapter_dtype == torch.float32,
             num_warps=self.num_warps,
         )

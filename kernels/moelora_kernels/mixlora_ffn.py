@@ -32,7 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_pow2
+from ._host import cdiv
+from ._host import pow2_at_least as _pow2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
@@ -177,13 +178,11 @@ def _moe_hidden_kernel(
 ):
     t = tl.program_id(0)
     grp = tl.program_id(1)
-    kk = tl.arange(0, KP)
     if ROUTE:
         sel_e, sel_w = _route(x_ptr, wr_ptr, idx_ptr, w_ptr, probs_ptr, t, D, E, K, grp == 0,
                               EP=EP, KP=KP, BLOCK_D=BLOCK_D)
     else:
-        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
-        sel_w = tl.load(w_ptr + t * K + kk, mask=kk < K, other=0.0).to(tl.float32)
+        sel_e, sel_w = _selection(idx_ptr, w_ptr, t, K, ROUTED=True, KP=KP)
     hg = _shrink_all_slots(x_ptr, ag_ptr, sel_e, t, D, R, K, D, 0, KP=KP, RP=RP, BLOCK_D=BLOCK_D)
     hu = _shrink_all_slots(x_ptr, au_ptr, sel_e, t, D, R, K, D, 0, KP=KP, RP=RP, BLOCK_D=BLOCK_D)
     _hidden_cols(g0_ptr, u0_ptr, bg_ptr, bu_ptr, h_ptr, hmix_ptr, hg, hu, sel_e, sel_w, t, FF, R, K, scaling,
@@ -243,7 +242,6 @@ def _lora_add_kernel(
 ):
     t = tl.program_id(0)
     grp = tl.program_id(1)
-    kk = tl.arange(0, KP)
     sel_e, sel_w = _selection(idx_ptr, w_ptr, t, K, ROUTED=ROUTED, KP=KP)
     z = _shrink_all_slots(x_ptr, a_ptr, sel_e, t, IN, R, K, x_tok_stride, x_slot_stride, KP=KP, RP=RP,
                           BLOCK_D=BLOCK_D)
@@ -281,7 +279,7 @@ def _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, 
 # fp32 partial sums), and the expand programs add the few partials up before their columns.
 
 @triton.jit
-def _shrink_partial_kernel(x_ptr, a_ptr, idx_ptr, part_ptr, IN, R, K, NCH, x_tok_stride, x_slot_stride,
+def _shrink_partial_kernel(x_ptr, a_ptr, idx_ptr, w_ptr, part_ptr, IN, R, K, NCH, x_tok_stride, x_slot_stride,
                            ROUTED: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, CHUNK: tl.constexpr):
     """part[t, k, r, c] = Σ_{d in chunk c} A[e_tk][r, d] x_(t,k)[d], fp32, layout (T, KP, RP, NCH)."""
     t = tl.program_id(0)
@@ -291,10 +289,7 @@ def _shrink_partial_kernel(x_ptr, a_ptr, idx_ptr, part_ptr, IN, R, K, NCH, x_tok
     dd = c * CHUNK + tl.arange(0, CHUNK)
     dmask = dd < IN
     rmask = rr < R
-    if ROUTED:
-        sel_e = tl.load(idx_ptr + t * K + kk, mask=kk < K, other=0).to(tl.int32)
-    else:
-        sel_e = tl.zeros([KP], dtype=tl.int32)
+    sel_e, _ = _selection(idx_ptr, w_ptr, t, K, ROUTED=ROUTED, KP=KP)  # the weights are the expand's job
     for k in tl.static_range(KP):
         e = _pick(sel_e, kk, k).to(tl.int64)
         live = dmask & ((dd * 0 + k) < K)
@@ -322,7 +317,6 @@ def _expand_partial_kernel(y_ptr, out_ptr, b_ptr, idx_ptr, w_ptr, part_ptr, OUT,
                            NCHP: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     grp = tl.program_id(1)
-    kk = tl.arange(0, KP)
     sel_e, sel_w = _selection(idx_ptr, w_ptr, t, K, ROUTED=ROUTED, KP=KP)
     z = _sum_partials(part_ptr, t, NCH, ROWS=KP, RP=RP, NCHP=NCHP)
     _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, grp * cols_per_group,
@@ -395,10 +389,6 @@ def _groups(T: int, n_cols: int, block: int, programs: int | None = None) -> tup
     g = max(1, min(cdiv(n_cols, block), cdiv(programs or _TARGET_PROGRAMS, T)))
     per = cdiv(cdiv(n_cols, g), block) * block
     return cdiv(n_cols, per), per
-
-
-def _pow2(n: int, lo: int) -> int:
-    return max(lo, next_pow2(n))
 
 
 def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weight=None, scaling=1.0,
@@ -498,8 +488,8 @@ def lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, block_n: int = 
         nch = cdiv(IN, chunk)
         part = torch.empty(T, KP, RP, nch, dtype=torch.float32, device=y.device)
         x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-        _shrink_partial_kernel[(T, nch)](x, lora_A, idx_arg, part, IN, R, K, nch, *xs, ROUTED=routed, KP=KP, RP=RP,
-                                         CHUNK=chunk, num_warps=4)
+        _shrink_partial_kernel[(T, nch)](x, lora_A, idx_arg, w_arg, part, IN, R, K, nch, *xs, ROUTED=routed, KP=KP,
+                                         RP=RP, CHUNK=chunk, num_warps=4)
         _expand_partial_kernel[(T, G)](y, out, lora_B, idx_arg, w_arg, part, OUT, R, K, nch, float(scaling), per,
                                        ROUTED=routed, KP=KP, RP=RP, NCHP=_pow2(nch, 2), BLOCK_N=block_n,
                                        num_warps=num_warps)
