@@ -246,13 +246,14 @@ def _lora_add_kernel(
     z = _shrink_all_slots(x_ptr, a_ptr, sel_e, t, IN, R, K, x_tok_stride, x_slot_stride, KP=KP, RP=RP,
                           BLOCK_D=BLOCK_D)
     _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, grp * cols_per_group,
-                 cols_per_group, KP=KP, RP=RP, BLOCK_N=BLOCK_N)
+                 cols_per_group, HAS_Y=True, KP=KP, RP=RP, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
 def _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, n_start, n_cols,
-                 KP: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[t, cols] = y[t, cols] + s Σ_k w_k B[e_k][cols] z[k] for cols in [n_start, n_start + n_cols)."""
+                 HAS_Y: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t, cols] = y[t, cols] + s Σ_k w_k B[e_k][cols] z[k] for cols in [n_start, n_start + n_cols);
+    without HAS_Y the delta alone (y is not read)."""
     kk = tl.arange(0, KP)
     rr = tl.arange(0, RP)
     rmask = rr < R
@@ -267,8 +268,10 @@ def _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, 
             b = tl.load(b_ptr + e * OUT * R + cols[:, None] * R + rr[None, :],
                         mask=live[:, None] & rmask[None, :], other=0.0).to(tl.float32)
             acc += _pick(sel_w, kk, k) * tl.sum(b * _pick_row(z, kk, k)[None, :], axis=1)
-        yv = tl.load(y_ptr + t * OUT + cols, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * OUT + cols, (yv + scaling * acc).to(out_ptr.dtype.element_ty), mask=nmask)
+        acc = scaling * acc
+        if HAS_Y:
+            acc += tl.load(y_ptr + t * OUT + cols, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * OUT + cols, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 # ---- split (two-launch) forms, for CUDA graphs ---------------------------------------------------
@@ -313,14 +316,14 @@ def _sum_partials(part_ptr, t, NCH, ROWS: tl.constexpr, RP: tl.constexpr, NCHP: 
 
 @triton.jit
 def _expand_partial_kernel(y_ptr, out_ptr, b_ptr, idx_ptr, w_ptr, part_ptr, OUT, R, K, NCH, scaling,
-                           cols_per_group, ROUTED: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
-                           NCHP: tl.constexpr, BLOCK_N: tl.constexpr):
+                           cols_per_group, ROUTED: tl.constexpr, HAS_Y: tl.constexpr, KP: tl.constexpr,
+                           RP: tl.constexpr, NCHP: tl.constexpr, BLOCK_N: tl.constexpr):
     t = tl.program_id(0)
     grp = tl.program_id(1)
     sel_e, sel_w = _selection(idx_ptr, w_ptr, t, K, ROUTED=ROUTED, KP=KP)
     z = _sum_partials(part_ptr, t, NCH, ROWS=KP, RP=RP, NCHP=NCHP)
     _expand_cols(y_ptr, out_ptr, b_ptr, z, sel_e, sel_w, t, OUT, R, K, scaling, grp * cols_per_group,
-                 cols_per_group, KP=KP, RP=RP, BLOCK_N=BLOCK_N)
+                 cols_per_group, HAS_Y=HAS_Y, KP=KP, RP=RP, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -391,6 +394,18 @@ def _groups(T: int, n_cols: int, block: int, programs: int | None = None) -> tup
     return cdiv(n_cols, per), per
 
 
+def _check_hidden_shapes(x, g0, u0, a_gate, b_gate, a_up, b_up, router_weight, K) -> None:
+    T, D = x.shape
+    E, FF = a_gate.shape[0], b_gate.shape[1]
+    if g0.shape != (T, FF) or u0.shape != (T, FF) or a_up.shape != a_gate.shape or b_up.shape != b_gate.shape \
+            or a_gate.shape[2] != D:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, g0 {tuple(g0.shape)}, u0 {tuple(u0.shape)}, "
+                         f"A {tuple(a_gate.shape)}/{tuple(a_up.shape)}, B {tuple(b_gate.shape)}/{tuple(b_up.shape)}")
+    if router_weight is not None and (router_weight.shape != (E, D) or not 1 <= K <= E):
+        raise ValueError(f"router_weight must be ({E}, {D}) and 1 <= top_k <= {E}; got "
+                         f"{tuple(router_weight.shape)}, top_k={K}")
+
+
 def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weight=None, scaling=1.0,
                           act="silu", router_weight=None, top_k=None, block_f: int = 128, block_d: int = 1024,
                           num_warps: int = 8, programs: int | None = None, split: bool = False, chunk: int = 64):
@@ -399,23 +414,23 @@ def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weigh
     With ``router_weight`` (E, D) fp32 and ``top_k``, the router runs inside the kernel and the
     return value is (h, h_mix, idx, weight, probs); otherwise ``idx``/``weight`` are inputs and it
     returns (h, h_mix). ``split=True`` (router only) uses the two-launch form for CUDA graphs:
-    router logits and the shrinks of all experts over ``chunk``-wide slices of x, then top-k +
-    expand. Default tiles: the best of kernels/benchmarks/benchmark_decode_kernels.py on the H100."""
+    ``route_shrink_partials`` then ``expert_hidden_from_partials``. Default tiles: the best of
+    kernels/benchmarks/benchmark_decode_kernels.py on the H100."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {act!r}; supported: {sorted(ACTIVATIONS)}")
     _check_device(x, "mixlora_expert_hidden")
+    route = router_weight is not None
+    K = top_k if route else idx.shape[1]
+    _check_hidden_shapes(x, g0, u0, a_gate, b_gate, a_up, b_up, router_weight, K)
+    if split:
+        if not route:
+            raise ValueError("split=True needs the fused router (router_weight and top_k)")
+        parts = route_shrink_partials(x, router_weight, a_gate, a_up, chunk=chunk)
+        return expert_hidden_from_partials(g0, u0, b_gate, b_up, parts, top_k, scaling, act, block_f=block_f,
+                                           num_warps=num_warps, programs=programs)
     T, D = x.shape
     E, R, _ = a_gate.shape
     FF = b_gate.shape[1]
-    route = router_weight is not None
-    K = top_k if route else idx.shape[1]
-    if g0.shape != (T, FF) or u0.shape != (T, FF) or a_up.shape != a_gate.shape or b_up.shape != b_gate.shape \
-            or a_gate.shape[2] != D:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, g0 {tuple(g0.shape)}, u0 {tuple(u0.shape)}, "
-                         f"A {tuple(a_gate.shape)}/{tuple(a_up.shape)}, B {tuple(b_gate.shape)}/{tuple(b_up.shape)}")
-    if route and (router_weight.shape != (E, D) or not 1 <= K <= E):
-        raise ValueError(f"router_weight must be ({E}, {D}) and 1 <= top_k <= {E}; got "
-                         f"{tuple(router_weight.shape)}, top_k={K}")
     x, g0, u0 = x.contiguous(), g0.contiguous(), u0.contiguous()
     dev = x.device
     h = torch.empty(T, K, FF, dtype=x.dtype, device=dev)
@@ -428,20 +443,6 @@ def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weigh
     else:
         idx, weight, probs, wr = idx.contiguous(), weight.contiguous(), h_mix, x  # dummies never read
     G, per = _groups(T, FF, block_f, programs)
-    if split:
-        if not route:
-            raise ValueError("split=True needs the fused router (router_weight and top_k)")
-        EP, RP, nch = _pow2(E, 2), _pow2(R, 16), cdiv(D, chunk)
-        lp = torch.empty(T, EP, nch, dtype=torch.float32, device=dev)
-        gp = torch.empty(T, EP, RP, nch, dtype=torch.float32, device=dev)
-        up = torch.empty_like(gp)
-        _route_shrink_partial_kernel[(T, nch)](x, wr, a_gate.contiguous(), a_up.contiguous(), lp, gp, up, D, E, R, nch,
-                                               EP=EP, RP=RP, CHUNK=chunk, num_warps=4)
-        _moe_hidden_partial_kernel[(T, G)](
-            g0, u0, b_gate.contiguous(), b_up.contiguous(), lp, gp, up, idx, weight, probs, h, h_mix,
-            FF, E, R, K, nch, float(scaling), per, EP=EP, KP=_pow2(K, 1), RP=RP, NCHP=_pow2(nch, 2),
-            BLOCK_F=block_f, ACT=ACTIVATIONS[act], num_warps=num_warps)
-        return h, h_mix, idx, weight, probs
     _moe_hidden_kernel[(T, G)](
         x, wr, g0, u0, a_gate.contiguous(), b_gate.contiguous(), a_up.contiguous(), b_up.contiguous(),
         idx, weight, probs, h, h_mix, D, FF, E, R, K, float(scaling), per,
@@ -451,6 +452,57 @@ def mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, idx=None, weigh
     return (h, h_mix, idx, weight, probs) if route else (h, h_mix)
 
 
+def empty_route_shrink_partials(x, a_gate, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 buffers (router logits (T, EP, NCH), gate and up shrinks (T, EP, RP, NCH)) for
+    ``route_shrink_partials``. Separate so that a caller can allocate them on the stream that
+    will read them and launch the kernel on another (ops.py overlaps it with the frozen GEMMs)."""
+    T, D = x.shape
+    E, R, _ = a_gate.shape
+    EP, RP, nch = _pow2(E, 2), _pow2(R, 16), cdiv(D, chunk)
+    lp = torch.empty(T, EP, nch, dtype=torch.float32, device=x.device)
+    gp = torch.empty(T, EP, RP, nch, dtype=torch.float32, device=x.device)
+    return lp, gp, torch.empty_like(gp)
+
+
+def route_shrink_partials(x, router_weight, a_gate, a_up, chunk: int = 256, out=None):
+    """First launch of the split MoE hidden: over ``chunk``-wide slices of x, the partial router
+    logits and the rank-R gate/up shrinks of ALL experts (the selection is not known yet).
+    Needs only x, so it can run beside the frozen gate/up GEMMs. Returns the partials."""
+    lp, gp, up = out if out is not None else empty_route_shrink_partials(x, a_gate, chunk)
+    T, D = x.shape
+    E, R, _ = a_gate.shape
+    nch = lp.shape[2]
+    if cdiv(D, chunk) != nch:
+        raise ValueError(f"partials were sized for {nch} chunks, x needs {cdiv(D, chunk)} (chunk={chunk})")
+    _route_shrink_partial_kernel[(T, nch)](x.contiguous(), router_weight.contiguous(), a_gate.contiguous(),
+                                           a_up.contiguous(), lp, gp, up, D, E, R, nch, EP=lp.shape[1],
+                                           RP=gp.shape[2], CHUNK=chunk, num_warps=4)
+    return lp, gp, up
+
+
+def expert_hidden_from_partials(g0, u0, b_gate, b_up, partials, top_k: int, scaling: float, act: str = "silu",
+                                block_f: int = 128, num_warps: int = 8, programs: int | None = None):
+    """Second launch of the split MoE hidden: top-k from the summed logits, the selected
+    experts' gate/up expands, activation and mix. Returns (h, h_mix, idx, weight, probs)."""
+    lp, gp, up = partials
+    T, FF = g0.shape
+    E, _, R = b_gate.shape
+    dev, K = g0.device, top_k
+    g0, u0 = g0.contiguous(), u0.contiguous()
+    h = torch.empty(T, K, FF, dtype=g0.dtype, device=dev)
+    h_mix = torch.empty(T, FF, dtype=g0.dtype, device=dev)
+    idx = torch.empty(T, K, dtype=torch.int64, device=dev)
+    weight = torch.empty(T, K, dtype=torch.float32, device=dev)
+    probs = torch.empty(T, E, dtype=torch.float32, device=dev)
+    G, per = _groups(T, FF, block_f, programs)
+    nch = lp.shape[2]
+    _moe_hidden_partial_kernel[(T, G)](
+        g0, u0, b_gate.contiguous(), b_up.contiguous(), lp, gp, up, idx, weight, probs, h, h_mix,
+        FF, E, R, K, nch, float(scaling), per, EP=lp.shape[1], KP=_pow2(K, 1), RP=gp.shape[2],
+        NCHP=_pow2(nch, 2), BLOCK_F=block_f, ACT=ACTIVATIONS[act], num_warps=num_warps)
+    return h, h_mix, idx, weight, probs
+
+
 def lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, block_n: int = 128, block_d: int = 1024,
                      num_warps: int = 4, out=None, programs: int | None = None, split: bool = False,
                      chunk: int = 128):
@@ -458,41 +510,49 @@ def lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, block_n: int = 
     (default: y itself, in place); returns the tensor written. x is (T, IN) shared by the slots
     or (T, K, IN) per slot. With ``idx is None`` it is plain LoRA: A (R, IN) or (1, R, IN),
     B (OUT, R) or (1, OUT, R), K = 1 and weight 1 (``weight`` is ignored). ``split=True`` is the
-    two-launch form for CUDA graphs (shrink over ``chunk``-wide slices of x, then expand)."""
+    two-launch form for CUDA graphs (shrink over ``chunk``-wide slices of x, then expand).
+    ``y=None`` (split only) writes the delta alone into ``out`` (T, OUT), e.g. fp32: ops.py
+    computes it beside the frozen GEMM and leaves the add to the compiled graph."""
     _check_device(x, "lora_decode_add_")
     routed = idx is not None
     if not routed:
         lora_A = lora_A.reshape(1, *lora_A.shape[-2:])
         lora_B = lora_B.reshape(1, *lora_B.shape[-2:])
-    T = y.shape[0]
+    has_y = y is not None
+    if not has_y and (out is None or not split):
+        raise ValueError("y=None (delta only) needs out= and split=True")
+    T = x.shape[0]
     K = idx.shape[1] if routed else 1
     E, R, IN = lora_A.shape
     OUT = lora_B.shape[1]
     per_slot = x.dim() == 3
-    if y.shape != (T, OUT) or x.shape[0] != T or x.shape[-1] != IN or (per_slot and x.shape[:2] != (T, K)) \
+    y_shape = y.shape if has_y else out.shape
+    if y_shape != (T, OUT) or x.shape[-1] != IN or (per_slot and x.shape[:2] != (T, K)) \
             or lora_B.shape != (E, OUT, R) or (routed and (idx.shape != (T, K) or weight.shape != (T, K))):
-        raise ValueError(f"shape mismatch: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(lora_A.shape)}, "
+        raise ValueError(f"shape mismatch: y/out {tuple(y_shape)}, x {tuple(x.shape)}, A {tuple(lora_A.shape)}, "
                          f"B {tuple(lora_B.shape)}, idx {None if idx is None else tuple(idx.shape)}, "
                          f"weight {None if weight is None else tuple(weight.shape)}")
     if out is None:
         if not y.is_contiguous():
             raise ValueError("y must be contiguous (it is updated in place)")
         out = y
-    else:
+    elif has_y:
         y = y.contiguous()
-    idx_arg = idx.contiguous() if routed else y  # dummies never read when not routed
-    w_arg = weight.contiguous() if routed else y
+    else:
+        y = out  # never read (HAS_Y=False)
+    idx_arg = idx.contiguous() if routed else out  # dummies never read when not routed
+    w_arg = weight.contiguous() if routed else out
     G, per = _groups(T, OUT, block_n, programs)
     KP, RP, xs = _pow2(K, 1), _pow2(R, 16), (K * IN if per_slot else IN, IN if per_slot else 0)
     if split:
         nch = cdiv(IN, chunk)
-        part = torch.empty(T, KP, RP, nch, dtype=torch.float32, device=y.device)
+        part = torch.empty(T, KP, RP, nch, dtype=torch.float32, device=out.device)
         x, lora_A, lora_B = x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
         _shrink_partial_kernel[(T, nch)](x, lora_A, idx_arg, w_arg, part, IN, R, K, nch, *xs, ROUTED=routed, KP=KP,
                                          RP=RP, CHUNK=chunk, num_warps=4)
         _expand_partial_kernel[(T, G)](y, out, lora_B, idx_arg, w_arg, part, OUT, R, K, nch, float(scaling), per,
-                                       ROUTED=routed, KP=KP, RP=RP, NCHP=_pow2(nch, 2), BLOCK_N=block_n,
-                                       num_warps=num_warps)
+                                       ROUTED=routed, HAS_Y=has_y, KP=KP, RP=RP, NCHP=_pow2(nch, 2),
+                                       BLOCK_N=block_n, num_warps=num_warps)
         return out
     _lora_add_kernel[(T, G)](
         y, out, x.contiguous(), lora_A.contiguous(), lora_B.contiguous(), idx_arg, w_arg,

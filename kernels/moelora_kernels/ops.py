@@ -1,75 +1,149 @@
-"""The decode kernels as ``torch.library`` custom ops, and the one entry point the layers call.
+"""The decode paths of the adapted layers: frozen GEMMs plus adapter kernels, eager or compiled.
 
-Why custom ops: under ``torch.compile`` (and the CUDA graphs of ``mode="reduce-overhead"``, which
-Hugging Face's static-cache generate uses) a custom op is an opaque node, so each decode kernel
-stays ONE launch inside the compiled graph. The two alternatives were measured and lose on the
-H100 (experiments/2026-11-23_decode_latency, MixLoRA, Llama-2-7B shape, batch 1): Inductor
-tracing the torch reference gave 2.11× base compiled, Inductor tracing the Triton source 2.51×.
+Layers call two entry points, ``linear_with_lora`` (a LoRA or LoRA-Switch linear) and
+``mixlora_ffn_decode`` (a MixLoRA FFN); each picks the form for how it runs:
 
-The ops are functional (they return a new tensor) because compiled graphs are functional, and
-they run the kernels' split (two-launch) forms: inside a CUDA graph launches are nearly free and
-GPU time is what counts, and the split forms spread the rank-r shrink over many SMs. Eager decode
-calls the one-launch forms directly and updates in place: there host time per launch (~30-60 µs
-for a Triton launch, ~10 µs for the op dispatch) is what counts. ``lora_add`` and
-``expert_hidden_routed`` pick the right form; layers never call the ops themselves.
+- **eager** (host-bound: a Triton launch costs ~30-60 µs of host time, an op dispatch ~10 µs):
+  the frozen GEMM, then the one-launch kernels of ``mixlora_ffn`` update its output in place.
+- **compiled** (``torch.compile``; Hugging Face's static-cache generate adds CUDA graphs, where
+  launches cost no host time and GPU latency is what counts): ``torch.library`` custom ops, so each
+  stays one opaque node of the graph. Inside an op the adapter kernels (split two-launch forms:
+  the rank-r shrink spread over IN-chunks, then the expand) run on a second CUDA stream WHILE the
+  frozen GEMM runs, and the op returns the GEMM output and the fp32 delta separately: the
+  ``y + delta`` add is plain torch code that Inductor fuses into the next kernel (RoPE, the
+  residual add + RMSNorm, ...). The adapter then adds no kernel to the critical path of a decode
+  step; in a CUDA graph the two streams become parallel branches.
+
+Why (H100, Llama-2-7B shape, batch 1, experiments/2026-11-23_decode_latency): Inductor tracing the
+torch reference gave MixLoRA 2.11× base compiled, tracing the Triton source 2.51×; one-launch
+kernels as ops ~3×; split kernels in line after each GEMM (one shrink + one expand on the critical
+path per adapted linear) 1.35×, and the profile showed ~8 µs per added kernel (2-3 µs of kernel, the
+rest dependency latency), so taking them off the critical path is the lever.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import mixlora_ffn
 
-
-@torch.library.custom_op("moelora::lora_decode_add", mutates_args=())
-def lora_decode_add_op(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Optional[Tensor],
-                       weight: Optional[Tensor], scaling: float) -> Tensor:
-    """y + s Σ_k w_tk B[idx_tk] A[idx_tk] x_(t,k) as a new tensor (see mixlora_ffn.lora_decode_add_)."""
-    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    # Tiles: the best split configs of benchmark_decode_kernels.py on the H100 (4.1-5.0 µs per call
-    # at the Llama-2-7B decode shapes, vs 11-27 µs for the one-launch form inside a CUDA graph).
-    return mixlora_ffn.lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, out=out, split=True, chunk=256,
-                                        block_n=64, num_warps=8)
+# Split-form tiles: the best configs of benchmark_decode_kernels.py on the H100 at the
+# Llama-2-7B decode shapes (4.1-5.0 µs per delta inside a CUDA graph).
+_LORA_TILES = dict(split=True, chunk=256, block_n=64, num_warps=8)
+_HIDDEN_CHUNK, _HIDDEN_TILES = 256, dict(block_f=128, num_warps=8)
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-@lora_decode_add_op.register_fake
-def _(y, x, lora_A, lora_B, idx, weight, scaling):
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+def _launch_beside(device: torch.device, launch: Callable[[], object]) -> Callable[[], None]:
+    """Run ``launch`` (kernel launches only: its outputs must be allocated by the caller, on the
+    current stream) on a side stream that first waits for the work queued so far; returns
+    ``join()``, which makes the current stream wait for it. On CPU it runs in line."""
+    if device.type != "cuda":
+        launch()
+        return lambda: None
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device.index)
+    if side is None:  # from PyTorch's stream pool: no CUDA call, safe while a graph is captured
+        side = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device, priority=-1)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        launch()
+    return lambda: main.wait_stream(side)
 
 
-@torch.library.custom_op("moelora::mixlora_expert_hidden_routed", mutates_args=())
-def expert_hidden_routed_op(x: Tensor, g0: Tensor, u0: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
-                            b_up: Tensor, router_weight: Tensor, top_k: int, scaling: float,
-                            act: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(h, h_mix, idx, weight, probs) of mixlora_ffn.mixlora_expert_hidden with the fused router."""
-    return mixlora_ffn.mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, scaling=scaling, act=act,
-                                             router_weight=router_weight, top_k=top_k, split=True, chunk=256,
-                                             block_f=128, num_warps=8)
+@torch.library.custom_op("moelora::linear_lora_delta", mutates_args=())
+def linear_lora_delta_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                         idx: Optional[Tensor], gate: Optional[Tensor], scaling: float) -> tuple[Tensor, Tensor]:
+    """(W x + b, s Σ_k g_tk B[idx_tk] A[idx_tk] x_t in fp32) for x (T, IN); idx=None is plain LoRA.
+    The delta is computed on a side stream during the GEMM (see the module docstring)."""
+    delta = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    join = _launch_beside(x.device, lambda: mixlora_ffn.lora_decode_add_(None, x, lora_A, lora_B, idx, gate, scaling,
+                                                                         out=delta, **_LORA_TILES))
+    y = F.linear(x, weight, bias)
+    join()
+    return y, delta
 
 
-@expert_hidden_routed_op.register_fake
-def _(x, g0, u0, a_gate, b_gate, a_up, b_up, router_weight, top_k, scaling, act):
-    T, FF, E = x.shape[0], b_gate.shape[1], a_gate.shape[0]
-    return (x.new_empty(T, top_k, FF), x.new_empty(T, FF), x.new_empty(T, top_k, dtype=torch.int64),
+@linear_lora_delta_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, idx, gate, scaling):
+    T, OUT = x.shape[0], weight.shape[0]
+    return x.new_empty(T, OUT), x.new_empty(T, OUT, dtype=torch.float32)
+
+
+@torch.library.custom_op("moelora::mixlora_ffn_delta", mutates_args=())
+def mixlora_ffn_delta_op(x: Tensor, gate_w: Tensor, gate_b: Optional[Tensor], up_w: Tensor, up_b: Optional[Tensor],
+                         down_w: Tensor, down_b: Optional[Tensor], a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
+                         b_up: Tensor, a_down: Optional[Tensor], b_down: Optional[Tensor], router_weight: Tensor,
+                         top_k: int, scaling: float, down_scaling: float,
+                         act: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A MixLoRA FFN at decode: (W_down h_mix + b, fp32 down-expert delta, idx, weight, probs).
+
+    Critical path: gate GEMM, up GEMM, the MoE-hidden kernel (top-k, gate/up expands, activation,
+    mix: it replaces the base model's act·mul kernel), down GEMM. Beside it, on the side stream:
+    the router logits + gate/up shrinks during the gate/up GEMMs, the down delta during the down GEMM."""
+    dev = x.device
+    parts = mixlora_ffn.empty_route_shrink_partials(x, a_gate, _HIDDEN_CHUNK)
+    join = _launch_beside(dev, lambda: mixlora_ffn.route_shrink_partials(x, router_weight, a_gate, a_up,
+                                                                         _HIDDEN_CHUNK, out=parts))
+    g0 = F.linear(x, gate_w, gate_b)
+    u0 = F.linear(x, up_w, up_b)
+    join()
+    h, h_mix, idx, weight, probs = mixlora_ffn.expert_hidden_from_partials(g0, u0, b_gate, b_up, parts, top_k,
+                                                                          scaling, act, **_HIDDEN_TILES)
+    if a_down is None:
+        delta = torch.zeros(x.shape[0], down_w.shape[0], dtype=torch.float32, device=dev)
+        join = lambda: None  # noqa: E731
+    else:
+        delta = torch.empty(x.shape[0], down_w.shape[0], dtype=torch.float32, device=dev)
+        join = _launch_beside(dev, lambda: mixlora_ffn.lora_decode_add_(None, h, a_down, b_down, idx, weight,
+                                                                        down_scaling, out=delta, **_LORA_TILES))
+    y = F.linear(h_mix, down_w, down_b)
+    join()
+    return y, delta, idx, weight, probs
+
+
+@mixlora_ffn_delta_op.register_fake
+def _(x, gate_w, gate_b, up_w, up_b, down_w, down_b, a_gate, b_gate, a_up, b_up, a_down, b_down, router_weight,
+      top_k, scaling, down_scaling, act):
+    T, D, E = x.shape[0], down_w.shape[0], a_gate.shape[0]
+    return (x.new_empty(T, D), x.new_empty(T, D, dtype=torch.float32), x.new_empty(T, top_k, dtype=torch.int64),
             x.new_empty(T, top_k, dtype=torch.float32), x.new_empty(T, E, dtype=torch.float32))
 
 
-def lora_add(y: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, idx: Tensor | None, weight: Tensor | None,
-             scaling: float) -> Tensor:
-    """y + LoRA delta(s): in place in eager mode, a new tensor (custom op) under torch.compile.
-    Always use the return value."""
-    if torch.compiler.is_compiling():
-        return lora_decode_add_op(y, x, lora_A, lora_B, idx, weight, float(scaling))
-    return mixlora_ffn.lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling)
+def _plus(y: Tensor, delta: Tensor) -> Tensor:
+    """y + delta with fp32 math and one rounding, as the in-place kernels do."""
+    return (y.float() + delta).to(y.dtype)
 
 
-def expert_hidden_routed(x, g0, u0, a_gate, b_gate, a_up, b_up, router_weight, top_k: int, scaling: float,
-                         act: str):
-    """Router + gate/up expert deltas + activation + mix (one launch): (h, h_mix, idx, weight, probs)."""
+def linear_with_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                     idx: Tensor | None, gate: Tensor | None, scaling: float) -> Tensor:
+    """F.linear(x, weight, bias) + s Σ_k g_tk B[idx_tk] A[idx_tk] x_t for x (T, IN) at decode.
+    idx=None: plain LoRA, A (R, IN), B (OUT, R)."""
     if torch.compiler.is_compiling():
-        return expert_hidden_routed_op(x, g0, u0, a_gate, b_gate, a_up, b_up, router_weight, int(top_k),
-                                       float(scaling), act)
-    return mixlora_ffn.mixlora_expert_hidden(x, g0, u0, a_gate, b_gate, a_up, b_up, scaling=scaling, act=act,
-                                             router_weight=router_weight, top_k=top_k)
+        y, delta = linear_lora_delta_op(x, weight, bias, lora_A, lora_B, idx, gate, float(scaling))
+        return _plus(y, delta)
+    y = F.linear(x, weight, bias)
+    return mixlora_ffn.lora_decode_add_(y, x, lora_A, lora_B, idx, gate, scaling)
+
+
+def mixlora_ffn_decode(x: Tensor, gate_w: Tensor, gate_b: Tensor | None, up_w: Tensor, up_b: Tensor | None,
+                       down_w: Tensor, down_b: Tensor | None, a_gate: Tensor, b_gate: Tensor, a_up: Tensor,
+                       b_up: Tensor, a_down: Tensor | None, b_down: Tensor | None, router_weight: Tensor,
+                       top_k: int, scaling: float, down_scaling: float, act: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A MixLoRA FFN at decode for x (T, D): (y, idx, weight, probs); the router is fused in."""
+    if torch.compiler.is_compiling():
+        y, delta, idx, weight, probs = mixlora_ffn_delta_op(
+            x, gate_w, gate_b, up_w, up_b, down_w, down_b, a_gate, b_gate, a_up, b_up, a_down, b_down,
+            router_weight, int(top_k), float(scaling), float(down_scaling), act)
+        return _plus(y, delta), idx, weight, probs
+    g0 = F.linear(x, gate_w, gate_b)  # frozen, once for all experts
+    u0 = F.linear(x, up_w, up_b)
+    h, h_mix, idx, weight, probs = mixlora_ffn.mixlora_expert_hidden(
+        x, g0, u0, a_gate, b_gate, a_up, b_up, scaling=scaling, act=act, router_weight=router_weight, top_k=top_k)
+    y = F.linear(h_mix, down_w, down_b)
+    if a_down is not None:
+        y = mixlora_ffn.lora_decode_add_(y, h, a_down, b_down, idx, weight, down_scaling)
+    return y, idx, weight, probs

@@ -76,23 +76,24 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if not self.merged and lora_A.dtype == x.dtype and torch.compiler.is_compiling() \
+                and decode_kernels_apply(x.reshape(-1, x.shape[-1]), self):
+            # Compiled decode: the delta runs beside the frozen GEMM (moelora_kernels.ops). Eager
+            # decode keeps the two torch ops below: a Triton launch costs more host time (~55 µs).
+            from moelora_kernels import ops
+
+            y = ops.linear_with_lora(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_A, lora_B, None,
+                                     None, self.scaling)
+            return y.view(*x.shape[:-1], y.shape[-1])
         # F.linear directly, not base(x): eager decode is launch-bound and a module call costs ~10 µs.
         y = F.linear(x, base.weight, base.bias)
         if self.merged:
             return y
-        lora_A, lora_B = self.lora_A, self.lora_B
         if lora_A.dtype != y.dtype:
             return y + self.lora_delta(x).to(y.dtype)
         if self.training:
             x = self.lora_dropout(x)
-        elif torch.compiler.is_compiling() and decode_kernels_apply(x.reshape(-1, x.shape[-1]), self):
-            # Compiled decode: one kernel (custom op) instead of two GEMMs. Eager decode keeps the
-            # two torch ops below: a Triton launch costs more host time (~55 µs) than both.
-            from moelora_kernels import ops
-
-            y2 = ops.lora_add(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), lora_A, lora_B, None, None,
-                              self.scaling)
-            return y2.view(y.shape)
         # Same math in 2 launches instead of 4: h = A x; y += s * B h.
         h = F.linear(x, lora_A)  # (..., R)
         out = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, self.r), lora_B.t(), alpha=self.scaling)

@@ -43,19 +43,21 @@ class LoraSwitchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        y = F.linear(x, base.weight, base.bias)  # not base(x): a module call costs ~10 µs at decode
         state: SwitchState = self._context.extras["switch"]
-        if state.merged:
-            return y  # the selected experts are already inside base_layer.weight
+        if state.merged:  # the selected experts are already inside base_layer.weight
+            return F.linear(x, base.weight, base.bias)  # not base(x): a module call costs ~10 µs at decode
         idx, w = state.experts, state.weights  # (N, K) for the N tokens of this forward
         x2 = x.reshape(-1, x.shape[-1])
+        e = self.experts
         if decode_kernels_apply(x2, self):
             from moelora_kernels import ops
 
-            # One launch: shrink + expand of the K selected experts, added into y.
-            e = self.experts
-            return ops.lora_add(y.view(-1, y.shape[-1]), x2, e.lora_A, e.lora_B, idx, w, e.scaling).view(y.shape)
-        delta = self.experts.gathered(x2, idx, weight=w)  # (N, out)
+            # Frozen GEMM + the K selected experts' shrink/expand (eager: one launch added in place;
+            # compiled: beside the GEMM on a second stream).
+            y = ops.linear_with_lora(x2, base.weight, base.bias, e.lora_A, e.lora_B, idx, w, e.scaling)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        y = F.linear(x, base.weight, base.bias)
+        delta = e.gathered(x2, idx, weight=w)  # (N, out)
         return y + delta.view(*y.shape).to(y.dtype)
 
 

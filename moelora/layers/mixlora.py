@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .context import RoutingContext
 from .dispatch import decode_kernels_apply
@@ -146,21 +145,17 @@ class MixLoraFFN(nn.Module):
         return cap
 
     def forward_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        """Decode: router + gate/up deltas + activation + mix in one launch, then the frozen down
-        GEMM and the down delta added in place by a second launch (vs ~30 launches unfused)."""
+        """Decode: the frozen gate/up GEMMs, one kernel for router + gate/up deltas + activation +
+        mix, the ONE frozen down GEMM and the down delta (vs ~30 launches unfused); under
+        torch.compile the adapter kernels run beside the GEMMs (moelora_kernels.ops)."""
         from moelora_kernels import ops
 
-        eg, eu = self._expert("gate"), self._expert("up")
+        eg, eu, ed = self._expert("gate"), self._expert("up"), self._expert("down")
         gate, up, down = self._proj("gate"), self._proj("up"), self._proj("down")
-        g0 = F.linear(x, gate.weight, gate.bias)  # (N, F), frozen, once for all experts
-        u0 = F.linear(x, up.weight, up.bias)
-        h, h_mix, idx, w, probs = ops.expert_hidden_routed(
-            x, g0, u0, eg.lora_A, eg.lora_B, eu.lora_A, eu.lora_B, self.router.weight, self.top_k, eg.scaling,
-            self.act_name)
-        y = F.linear(h_mix, down.weight, down.bias)  # (N, D)
-        lora = self._expert("down")
-        if lora is not None:
-            y = ops.lora_add(y, h, lora.lora_A, lora.lora_B, idx, w, lora.scaling)
+        y, idx, w, probs = ops.mixlora_ffn_decode(
+            x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, eg.lora_A, eg.lora_B, eu.lora_A,
+            eu.lora_B, None if ed is None else ed.lora_A, None if ed is None else ed.lora_B, self.router.weight,
+            self.top_k, eg.scaling, eg.scaling if ed is None else ed.scaling, self.act_name)
         return y, Routing(w, idx, probs, None)
 
     def forward_fused(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

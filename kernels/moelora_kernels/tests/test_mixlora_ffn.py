@@ -135,32 +135,75 @@ def test_lora_decode_add_plain_lora_and_out_of_place():
 
 
 @pytest.mark.skipif(not INTERP and not CUDA, reason="needs TRITON_INTERPRET=1 or CUDA")
+def test_delta_only_split_form():
+    """y=None writes s Σ_k w B A x alone (fp32 out), y is neither needed nor read."""
+    dev = "cuda" if CUDA else "cpu"
+    x, _, _, a, _, _, _, idx, w = _inputs(3, 37, 5, 4, 5, 2, torch.float32, dev, seed=8)
+    b = (torch.randn(4, 70, 5, generator=torch.Generator().manual_seed(9)) * 0.3).to(dev)
+    out = torch.full((3, 70), float("nan"), device=dev)
+    lora_decode_add_(None, x, a, b, idx, w, 0.6, out=out, split=True, chunk=16, block_n=32)
+    ref = lora_decode_add_reference(torch.zeros(3, 70, device=dev), x, a, b, idx, w, 0.6)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="delta only"):
+        lora_decode_add_(None, x, a, b, idx, w, 0.6, out=out)
+
+
+def _ffn_inputs(dev, seed=5, T=2, D=24, FF=40, E=4, R=3, dtype=torch.float32, sc=0.3):
+    """Keyword arguments of ops.mixlora_ffn_decode; the router stays fp32, as in MixLoraFFN."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, sc=sc: (torch.randn(*s, generator=g) * sc).to(dev, dtype)  # noqa: E731
+    return dict(x=r(T, D, sc=1.0), gate_w=r(FF, D), gate_b=None, up_w=r(FF, D), up_b=r(FF), down_w=r(D, FF),
+                down_b=r(D), a_gate=r(E, R, D), b_gate=r(E, FF, R), a_up=r(E, R, D), b_up=r(E, FF, R),
+                a_down=r(E, R, FF), b_down=r(E, D, R), router_weight=r(E, D, sc=1.0).float(), top_k=2,
+                scaling=0.5, down_scaling=1.5, act="silu")
+
+
+def _ffn_reference(a):
+    """The eager references composed: frozen GEMMs + routed expert hidden + down delta."""
+    idx, w, probs = route_topk_reference(a["x"], a["router_weight"], a["top_k"])
+    g0 = torch.nn.functional.linear(a["x"], a["gate_w"], a["gate_b"])
+    u0 = torch.nn.functional.linear(a["x"], a["up_w"], a["up_b"])
+    h, h_mix = mixlora_expert_hidden_reference(a["x"], g0, u0, a["a_gate"], a["b_gate"], a["a_up"], a["b_up"], idx, w,
+                                               a["scaling"], a["act"])
+    y = torch.nn.functional.linear(h_mix, a["down_w"], a["down_b"])
+    if a["a_down"] is not None:
+        y = lora_decode_add_reference(y, h, a["a_down"], a["b_down"], idx, w, a["down_scaling"])
+    return y, idx, w, probs
+
+
+@pytest.mark.skipif(not INTERP and not CUDA, reason="needs TRITON_INTERPRET=1 or CUDA")
 def test_custom_ops_pass_opcheck_and_compile():
-    """The torch.library ops that put the kernels into compiled graphs: fake (meta) functions
-    agree with the kernels (opcheck), and a compiled call equals the eager reference."""
+    """The torch.library ops of the compiled decode path: fake (meta) functions agree with the
+    kernels (opcheck), and compiled calls of the entry points equal the eager references, for
+    routed and plain LoRA linears and a MixLoRA FFN with and without down experts."""
     from moelora_kernels import ops
 
     dev = "cuda" if CUDA else "cpu"
-    x, g0, u0, a_g, b_g, a_u, b_u, idx, w = _inputs(2, 24, 40, 4, 3, 2, torch.float32, dev, seed=5)
-    wr = torch.randn(4, 24, generator=torch.Generator().manual_seed(1)).to(dev)
-    y = torch.randn(2, 24, device=dev)
-    gen = torch.Generator().manual_seed(2)
-    a_d, b_d = torch.randn(4, 3, 40, generator=gen).to(dev), torch.randn(4, 24, 3, generator=gen).to(dev)
-    torch.library.opcheck(ops.expert_hidden_routed_op, (x, g0, u0, a_g, b_g, a_u, b_u, wr, 2, 0.5, "silu"))
-    torch.library.opcheck(ops.lora_decode_add_op, (y, x, a_g, b_d, idx, w, 1.5))
-    torch.library.opcheck(ops.lora_decode_add_op, (y, x, a_g[0], b_d[0], None, None, 1.5))
+    a = _ffn_inputs(dev)
+    x, w_lin, bias = a["x"], a["down_w"][:, :24].contiguous(), a["down_b"]
+    a_l, b_l = a["a_gate"], a["b_down"]
+    idx, w, _ = route_topk_reference(x, a["router_weight"], 2)
+    torch.library.opcheck(ops.linear_lora_delta_op, (x, w_lin, bias, a_l, b_l, idx, w, 1.5))
+    torch.library.opcheck(ops.linear_lora_delta_op, (x, w_lin, None, a_l[0], b_l[0], None, None, 1.5))
+    torch.library.opcheck(ops.mixlora_ffn_delta_op, tuple(a.values()))
+    torch.library.opcheck(ops.mixlora_ffn_delta_op, tuple(dict(a, a_down=None, b_down=None).values()))
 
-    def step(x, g0, u0):
-        h, h_mix, i, wt, _ = ops.expert_hidden_routed(x, g0, u0, a_g, b_g, a_u, b_u, wr, 2, 0.5, "silu")
-        return ops.lora_add(h_mix[:, :24].contiguous(), h, a_d, b_d, i, wt, 1.5), i, wt
-
-    out, i, wt = torch.compile(step, backend="aot_eager", fullgraph=True)(x, g0, u0)
-    ri, rw, _ = route_topk_reference(x, wr, 2)
-    torch.testing.assert_close(i, ri)
-    torch.testing.assert_close(wt, rw)
-    rh, rhm = mixlora_expert_hidden_reference(x, g0, u0, a_g, b_g, a_u, b_u, ri, rw, 0.5)
-    ref = lora_decode_add_reference(rhm[:, :24].clone(), rh, a_d, b_d, ri, rw, 1.5)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    lin = torch.compile(ops.linear_with_lora, backend="aot_eager", fullgraph=True)
+    for i, g_, A, B in ((idx, w, a_l, b_l), (None, None, a_l[0], b_l[0])):
+        plain = i is None  # the reference's plain LoRA: one expert, index 0, weight 1
+        ref = lora_decode_add_reference(torch.nn.functional.linear(x, w_lin, bias), x, A[None] if plain else A,
+                                        B[None] if plain else B,
+                                        torch.zeros(2, 1, dtype=torch.long, device=dev) if plain else i,
+                                        torch.ones(2, 1, device=dev) if plain else g_, 1.5)
+        torch.testing.assert_close(lin(x, w_lin, bias, A, B, i, g_, 1.5), ref, atol=1e-4, rtol=1e-4)
+    ffn = torch.compile(ops.mixlora_ffn_decode, backend="aot_eager", fullgraph=True)
+    for args in (a, dict(a, a_down=None, b_down=None)):
+        out, ref = ffn(**args), _ffn_reference(args)
+        torch.testing.assert_close(out[1], ref[1])
+        for j in (0, 2, 3):  # y, weights, probs
+            torch.testing.assert_close(out[j], ref[j], atol=1e-4, rtol=1e-4)
+        eager = ops.mixlora_ffn_decode(**args)  # the one-launch eager forms: same function
+        torch.testing.assert_close(eager[0], ref[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
@@ -182,3 +225,43 @@ def test_split_forms_bf16_llama_shape_on_gpu():
         out = lora_decode_add_(y0, xin, a, b, idx, w, 2.0, out=torch.empty_like(y0), split=True)
         ref = lora_decode_add_reference(y0.clone(), xin, a, b, idx, w, 2.0)
         assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_ops_side_stream_inside_cuda_graph_bf16():
+    """The compiled-path ops fork a side stream for the adapter kernels and join it before they
+    return. Captured into a CUDA graph (as HF's static-cache generate does) and replayed on new
+    inputs, they must equal the references at the Llama-2-7B decode shapes: a missing join would
+    read a half-written delta."""
+    from moelora_kernels import ops
+
+    a = _ffn_inputs("cuda", T=1, D=4096, FF=11008, E=8, R=16, dtype=torch.bfloat16, sc=0.02)
+    lin = (a["x"], a["down_w"][:, :4096].contiguous(), None, a["a_gate"], a["b_down"])
+    idx, w, _ = route_topk_reference(a["x"], a["router_weight"], 2)
+    static = {"x": a["x"].clone(), "idx": idx.clone(), "w": w.clone()}
+
+    def step():
+        y, d = ops.linear_lora_delta_op(static["x"], *lin[1:], static["idx"], static["w"], 2.0)
+        f = ops.mixlora_ffn_delta_op(**dict(a, x=static["x"]))
+        return (y.float() + d).bfloat16(), (f[0].float() + f[1]).bfloat16(), f[2]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles) outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed in (1, 2):
+        x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).cuda().bfloat16()
+        i, g_, _ = route_topk_reference(x, a["router_weight"], 2)
+        static["x"].copy_(x), static["idx"].copy_(i), static["w"].copy_(g_)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_lin = lora_decode_add_reference(torch.nn.functional.linear(x, lin[1]), x, lin[3], lin[4], i, g_, 2.0)
+        ref_y, ref_idx, _, _ = _ffn_reference(dict(a, x=x))
+        assert torch.equal(torch.sort(outs[2], -1).values, torch.sort(ref_idx, -1).values)
+        for out, ref in ((outs[0], ref_lin), (outs[1], ref_y)):
+            assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
