@@ -66,6 +66,23 @@ def build_block(d: int, ffn: int, experts: int, top_k: int, rank: int, dtype, de
     return block
 
 
+def _profile(step, backend: str, out: str) -> None:
+    """Kernel table (by GPU time) of three training steps: where the fwd+bwd time goes."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"profile_train_{backend}.txt"), "w") as f:
+        f.write(f"3 training steps (fwd+bwd), backend={backend}\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100))
+
+
 def run(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -98,6 +115,8 @@ def run(args) -> list[dict]:
                 ms = _timer(lambda: block(xs), args.warmup, args.reps)
                 rows.append({"what": "forward_inference", "backend": backend, "tokens": n, "ms": ms,
                              "tokens_per_s": n / ms * 1e3})
+        if args.profile and args.out:
+            _profile(step, backend, args.out)
     errs = [((a - b).norm() / b.norm().clamp_min(1e-12)).item() for a, b in zip(grads["fused"], grads["eager"])]
     speed = {r["backend"]: r["tokens_per_s"] for r in rows if r["what"] == "train_fwd_bwd"}
     summary = {"train_speedup_fused_vs_eager": speed["fused"] / speed["eager"],
@@ -118,6 +137,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke test")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="also write torch.profiler kernel tables to --out")
     args = ap.parse_args()
     if args.small:
         args.tokens, args.d, args.ffn, args.warmup, args.reps = 64, 32, 48, 1, 2

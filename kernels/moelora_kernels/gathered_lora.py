@@ -26,8 +26,8 @@ a fixed launch count):
   multiplies it by all experts' B. That wastes E/K in FLOPs but stays memory-bound while
   E*R <= 256 (H100 ridge ~300 FLOP/byte), reads x once for all K slots, needs no sort/atomics
   and fuses the weighted sum over slots. Wider E*R falls back to "gather".
-Backward (Triton too): dh = B^T g via the shrink, dx via the expand with A^T, dA / dB via a
-one-hot outer-product reduction kernel (deterministic, no atomics), dweight in torch.
+Backward: dh = B^T g via the shrink, dx via the expand with A^T (Triton), dA / dB as one cuBLAS
+GEMM over a one-hot matrix (deterministic, no atomics), dweight in torch.
 
 Routing indices are not range-checked on CUDA (that would need a host sync): an index outside
 [0, E) makes its slot contribute zero in the Triton path; the reference's gather raises a
@@ -349,46 +349,6 @@ def _expand_gather_kernel(
     tl.store(y_ptr + row.to(tl.int64) * s_ym + rn * s_yo, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
-def _outer_kernel(
-    h_ptr, idx_ptr, w_ptr, y_ptr, d_ptr,
-    M, K, E, R, N, SPLIT, scaling,
-    s_it, s_ik, s_wt, s_wk, s_yt, s_yk, s_yn, s_de, s_dr, s_dn,
-    K_INNER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
-    COMPUTE_F32: tl.constexpr,
-):
-    # Weight gradient as one dense reduction over rows, deterministic and atomic-free:
-    # D[e, j, n] = s * sum_m G[m, (e, j)] * Y[m, n] with G the one-hot w*h matrix.
-    # Columns come in blocks of BC so that many experts (the "gather" fallback) still fit.
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    S = M * K_INNER  # number of slots
-    cols = pid_c * BC + tl.arange(0, BC)
-    ce = cols // R_PAD
-    cj = cols % R_PAD
-    col_ok = (ce < E) & (cj < R)
-    rn = pid_n * BN + tl.arange(0, BN)
-    n_mask = rn < N
-    acc = tl.zeros((BC, BN), dtype=tl.float32)
-    for m0 in range(0, M, BM):
-        rows = m0 + tl.arange(0, BM)
-        row_mask = rows < M
-        g = _onehot_rows(h_ptr, idx_ptr, w_ptr, rows, row_mask, ce, cj, col_ok, K, S, SPLIT,
-                         s_it, s_ik, s_wt, s_wk, K_INNER, R_PAD, HAS_WEIGHT, BM, BC)
-        first = rows * K_INNER  # first slot of the row: token t = first // K, slot k = first % K
-        y_row = (first // K).to(tl.int64) * s_yt + (first % K) * s_yk
-        yv = tl.load(y_ptr + y_row[:, None] + rn[None, :] * s_yn,
-                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        if COMPUTE_F32:
-            acc += tl.dot(tl.trans(g), yv.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(g.to(yv.dtype)), yv)
-    acc = acc * scaling
-    d_off = ce[:, None].to(tl.int64) * s_de + cj[:, None] * s_dr + rn[None, :] * s_dn
-    tl.store(d_ptr + d_off, acc.to(d_ptr.dtype.element_ty), mask=col_ok[:, None] & n_mask[None, :])
-
-
 # --------------------------------------------------------------------------- launchers
 
 
@@ -507,33 +467,38 @@ def _outer_into(
 
     y3 is [T, 1, N] (one row per token, its slots summed) or [T, K, N] (one row per slot).
     dest may be a transposed view (dB is [E, OUT, R]); every element is written.
+
+    One dense GEMM on the tensor cores: G [M, E*R_pad] holds w*h in the chosen expert's block of
+    each row (zero elsewhere) and dest = s * G^T @ Y, reduced over all M rows by cuBLAS.
+    Deterministic: a token's K experts are distinct, so the scatter that builds G never collides.
+    (A Triton kernel that rebuilt G from the IN-split partials inside every output tile took
+    0.8 ms per call at 4096 tokens on the H100: 39% of a MixLoRA expert-block training step.)
     """
     T, K = idx.shape
     E, R, N = dest.shape
-    token_rows = y3.shape[1] == 1 and K > 1
-    k_inner, M = (K, T) if token_rows else (1, T * K)
-    w = weight if weight is not None else h
-    w_strides = (weight.stride(0), weight.stride(1)) if weight is not None else (0, 0)
-    r_pad = _r_pad(R)
-    cols = _pow2(E) * r_pad
-    bc = min(cols, 128)
-    bm = 64
-    bn = 32 if cdiv(N, 64) * cdiv(cols, bc) < 132 else 64
-    bn = min(bn, _pow2(N, 16))
-    _outer_kernel[(cdiv(N, bn), cdiv(cols, bc))](
-        h, idx, w, y3, dest, M, K, E, R, N, h.shape[0], float(scaling),
-        idx.stride(0), idx.stride(1), *w_strides, y3.stride(0), y3.stride(1), y3.stride(2),
-        *dest.stride(),
-        K_INNER=k_inner, HAS_WEIGHT=weight is not None, BM=bm, BN=bn, BC=bc, R_PAD=r_pad,
-        COMPUTE_F32=_compute_f32(y3.dtype), num_warps=8,
-    )
+    r_pad = h.shape[-1]
+    hv = h.sum(0).view(T, K, r_pad)  # the shrink's IN-split partials, fp32
+    valid = (idx >= 0) & (idx < E)  # an out-of-range expert contributes zero (as in the kernels)
+    hv = hv * (valid.unsqueeze(-1) if weight is None else (weight.float() * valid).unsqueeze(-1))
+    e = idx.clamp(0, E - 1).unsqueeze(-1).expand(T, K, r_pad)
+    if y3.shape[1] == 1 and K > 1:  # one row per token: its slots summed into one one-hot row
+        g = hv.new_zeros(T, E, r_pad).scatter_add_(1, e, hv)
+        y = y3.reshape(T, N)
+    else:  # one row per slot
+        g = hv.new_zeros(T * K, E, r_pad).scatter_(1, e.reshape(T * K, 1, r_pad), hv.view(T * K, 1, r_pad))
+        y = y3.expand(T, K, N).reshape(T * K, N)
+    g = g.view(-1, E * r_pad).to(y.dtype)  # w*h rounded to the 16-bit dtype for the tensor cores
+    out = torch.empty(E * r_pad, N, dtype=dest.dtype, device=dest.device)
+    torch.addmm(out, g.t(), y.to(dest.dtype), beta=0, alpha=float(scaling), out=out)  # one rounding
+    dest.copy_(out.view(E, r_pad, N)[:, :R])
 
 
 # --------------------------------------------------------------------------- autograd
 
 
 class GatheredLoraFunction(torch.autograd.Function):
-    """Triton forward (shrink + expand) and Triton backward for dx, dA, dB; dweight in torch.
+    """Triton forward (shrink + expand); backward: Triton for dx, one cuBLAS GEMM each for dA
+    and dB, dweight in torch.
 
     ``apply(x, lora_A, lora_B, idx, weight, scaling, path)`` with path "gather" or "tile";
     inputs are assumed validated (``gathered_lora`` does it).

@@ -94,10 +94,11 @@ class LoraLinear(nn.Module):
             return y + self.lora_delta(x).to(y.dtype)
         if self.training:
             x = self.lora_dropout(x)
-        # Same math in 2 launches instead of 4: h = A x; y += s * B h.
+        # Same math in 2 launches instead of 4: h = A x; y += s * B h, in place (out-of-place
+        # addmm would first copy y: one more launch per linear, and eager decode is launch-bound).
         h = F.linear(x, lora_A)  # (..., R)
-        out = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, self.r), lora_B.t(), alpha=self.scaling)
-        return out.view(y.shape)
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, self.r), lora_B.t(), alpha=self.scaling)
+        return y
 
     @torch.no_grad()
     def merge(self) -> None:
