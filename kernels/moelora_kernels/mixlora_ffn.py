@@ -387,9 +387,15 @@ def _check_device(x: torch.Tensor, name: str) -> None:
         raise RuntimeError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1)")
 
 
-def _groups(T: int, n_cols: int, block: int, programs: int | None = None) -> tuple[int, int]:
-    """(G, columns per group): about ``programs`` (default _TARGET_PROGRAMS) programs over T tokens."""
-    g = max(1, min(cdiv(n_cols, block), cdiv(programs or _TARGET_PROGRAMS, T)))
+def _groups(T: int, n_cols: int, block: int, programs: int | None = None, split: bool = False) -> tuple[int, int]:
+    """(G, columns per group): about ``programs`` programs over T tokens. Default: about one per
+    SM for the one-launch kernels (each program redoes the shrink, so few programs), one column
+    block per program for the split expands (their shrink is done: more programs hide latency;
+    with ~5 groups per token at 32 tokens the expand took 25 µs on the H100, longer than the
+    GEMM it runs beside)."""
+    if programs is None:
+        programs = T * cdiv(n_cols, block) if split else _TARGET_PROGRAMS
+    g = max(1, min(cdiv(n_cols, block), cdiv(programs, T)))
     per = cdiv(cdiv(n_cols, g), block) * block
     return cdiv(n_cols, per), per
 
@@ -494,7 +500,7 @@ def expert_hidden_from_partials(g0, u0, b_gate, b_up, partials, top_k: int, scal
     idx = torch.empty(T, K, dtype=torch.int64, device=dev)
     weight = torch.empty(T, K, dtype=torch.float32, device=dev)
     probs = torch.empty(T, E, dtype=torch.float32, device=dev)
-    G, per = _groups(T, FF, block_f, programs)
+    G, per = _groups(T, FF, block_f, programs, split=True)
     nch = lp.shape[2]
     _moe_hidden_partial_kernel[(T, G)](
         g0, u0, b_gate.contiguous(), b_up.contiguous(), lp, gp, up, idx, weight, probs, h, h_mix,
@@ -542,7 +548,7 @@ def lora_decode_add_(y, x, lora_A, lora_B, idx, weight, scaling, block_n: int = 
         y = out  # never read (HAS_Y=False)
     idx_arg = idx.contiguous() if routed else out  # dummies never read when not routed
     w_arg = weight.contiguous() if routed else out
-    G, per = _groups(T, OUT, block_n, programs)
+    G, per = _groups(T, OUT, block_n, programs, split)
     KP, RP, xs = _pow2(K, 1), _pow2(R, 16), (K * IN if per_slot else IN, IN if per_slot else 0)
     if split:
         nch = cdiv(IN, chunk)
