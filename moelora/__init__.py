@@ -29,6 +29,7 @@ from .inject import (  # noqa: E402
     trainable_parameters,
 )
 from .io import AdapterFileError, export_peft, load_adapter, read_adapter_config, save_adapter  # noqa: E402
+from .layers.decode_graphs import clear_decode_graphs, set_decode_graphs  # noqa: E402
 from .layers.lora import LoraLinear  # noqa: E402
 from .layers.mixlora import MixLoraFFN  # noqa: E402
 from .layers.router import TopKRouter, load_balance_loss  # noqa: E402
@@ -50,8 +51,8 @@ def unmerge_lora(model) -> None:
 __all__ = [
     "AdapterConfigError", "AdapterFileError", "ARCHITECTURES", "LoraConfig", "LoraLinear",
     "LoraSwitchConfig", "MixLoraConfig", "MixLoraFFN", "TopKRouter", "UnsupportedArchitectureError",
-    "adapter_state_dict", "config_from_dict", "export_peft", "get_adapter_config", "inject_adapter",
+    "adapter_state_dict", "clear_decode_graphs", "config_from_dict", "export_peft", "get_adapter_config", "inject_adapter",
     "load_adapter", "load_adapter_state_dict", "load_balance_loss", "merge_lora", "read_adapter_config",
-    "remove_adapter", "router_statistics", "routing_records", "save_adapter", "trainable_parameters",
+    "remove_adapter", "router_statistics", "routing_records", "save_adapter", "set_decode_graphs", "trainable_parameters",
     "unmerge_lora",
 ]

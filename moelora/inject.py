@@ -19,6 +19,7 @@ from .config import (
     MixLoraConfig,
 )
 from .layers.context import RoutingContext
+from .layers.decode_graphs import clear_decode_graphs
 from .layers.lora import LoraLinear
 from .layers.mixlora import MixLoraFFN
 from .layers.router import load_balance_loss, load_balance_terms, routing_entropy
@@ -116,8 +117,10 @@ def inject_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     def wrap_linear(parent: nn.Module, attr: str) -> None:
         base = getattr(parent, attr)
         originals.append((parent, attr, base))
-        setattr(parent, attr, LoraLinear(base, cfg.r, cfg.lora_alpha, cfg.lora_dropout,
-                                         cfg.use_rslora, cfg.init_lora_weights, cfg.adapter_dtype))
+        lin = LoraLinear(base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.init_lora_weights,
+                         cfg.adapter_dtype)
+        lin._context = context
+        setattr(parent, attr, lin)
 
     if isinstance(cfg, LoraConfig):
         for layer in layers:
@@ -164,6 +167,7 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     """Undo ``inject_adapter``: put the original modules back and unfreeze nothing else."""
     if getattr(model, "moelora_config", None) is None:
         return model
+    clear_decode_graphs(model)
     for hook in getattr(model, "_moelora_cleanup", []):
         hook()
     for parent, attr, original in reversed(model._moelora_originals):
@@ -187,7 +191,19 @@ def _capture_inputs(module, args, kwargs):
         mask = args[1]
     ctx.attention_mask = mask
     ctx.has_labels = kwargs.get("labels") is not None
+    ctx.past_tokens = _cached_tokens(kwargs.get("past_key_values", kwargs.get("cache")))
     ctx.last.clear()
+
+
+def _cached_tokens(cache) -> int:
+    """Tokens already held by a dynamic KV cache (read off a tensor shape: no host sync). 0 for
+    no cache, a static cache (its length is a device-side count) and under torch.compile.
+    (transformers 5.17 passes the cache as ``past_key_values``, later 5.x as ``cache``.)"""
+    if cache is None or torch.compiler.is_compiling():
+        return 0
+    from transformers import DynamicCache
+
+    return int(cache.get_seq_length()) if isinstance(cache, DynamicCache) else 0
 
 
 def _add_aux_loss(module, args, kwargs, output):
@@ -260,7 +276,10 @@ def routing_records(model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Ten
     ctx: RoutingContext | None = getattr(model, "_moelora_context", None)
     if ctx is None:
         return {}
-    return {i: (r.routing.experts.detach(), r.routing.weights.detach(), r.token_mask) for i, r in ctx.last.items()}
+    # Copies: at eager decode steps the routing tensors are CUDA-graph outputs (decode_graphs)
+    # that the next step overwrites, and a caller may keep these records across steps.
+    return {i: (r.routing.experts.detach().clone(), r.routing.weights.detach().clone(),
+                None if r.token_mask is None else r.token_mask.clone()) for i, r in ctx.last.items()}
 
 
 def trainable_parameters(model: nn.Module) -> dict:

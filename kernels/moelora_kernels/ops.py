@@ -5,6 +5,9 @@ Layers call two entry points, ``linear_with_lora`` (a LoRA or LoRA-Switch linear
 
 - **eager** (host-bound: a Triton launch costs ~30-60 µs of host time, an op dispatch ~10 µs):
   the frozen GEMM, then the one-launch kernels of ``mixlora_ffn`` update its output in place.
+- **inside a CUDA-graph capture** (``moelora.layers.decode_graphs``: eager decoding replays each
+  adapted module's decode math as one graph): launches cost no host time there, so the split
+  forms run in line after the frozen GEMM (fewer GPU µs than the one-launch forms).
 - **compiled** (``torch.compile``; Hugging Face's static-cache generate adds CUDA graphs, where
   launches cost no host time and GPU latency is what counts): ``torch.library`` custom ops, so each
   stays one opaque node of the graph. Inside an op the adapter kernels (split two-launch forms:
@@ -126,7 +129,12 @@ def linear_with_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Ten
         y, delta = linear_lora_delta_op(x, weight, bias, lora_A, lora_B, idx, gate, float(scaling))
         return _plus(y, delta)
     y = F.linear(x, weight, bias)
-    return mixlora_ffn.lora_decode_add_(y, x, lora_A, lora_B, idx, gate, scaling)
+    tiles = _LORA_TILES if _capturing(x) else {}
+    return mixlora_ffn.lora_decode_add_(y, x, lora_A, lora_B, idx, gate, scaling, **tiles)
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def mixlora_ffn_decode(x: Tensor, gate_w: Tensor, gate_b: Tensor | None, up_w: Tensor, up_b: Tensor | None,
@@ -139,11 +147,15 @@ def mixlora_ffn_decode(x: Tensor, gate_w: Tensor, gate_b: Tensor | None, up_w: T
             x, gate_w, gate_b, up_w, up_b, down_w, down_b, a_gate, b_gate, a_up, b_up, a_down, b_down,
             router_weight, int(top_k), float(scaling), float(down_scaling), act)
         return _plus(y, delta), idx, weight, probs
+    graph = _capturing(x)
     g0 = F.linear(x, gate_w, gate_b)  # frozen, once for all experts
     u0 = F.linear(x, up_w, up_b)
+    split = dict(split=True, chunk=_HIDDEN_CHUNK, **_HIDDEN_TILES) if graph else {}
     h, h_mix, idx, weight, probs = mixlora_ffn.mixlora_expert_hidden(
-        x, g0, u0, a_gate, b_gate, a_up, b_up, scaling=scaling, act=act, router_weight=router_weight, top_k=top_k)
+        x, g0, u0, a_gate, b_gate, a_up, b_up, scaling=scaling, act=act, router_weight=router_weight, top_k=top_k,
+        **split)
     y = F.linear(h_mix, down_w, down_b)
     if a_down is not None:
-        y = mixlora_ffn.lora_decode_add_(y, h, a_down, b_down, idx, weight, down_scaling)
+        y = mixlora_ffn.lora_decode_add_(y, h, a_down, b_down, idx, weight, down_scaling,
+                                         **(_LORA_TILES if graph else {}))
     return y, idx, weight, probs

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import decode_graphs
 from .dispatch import decode_kernels_apply
 
 
@@ -57,6 +58,7 @@ class LoraLinear(nn.Module):
         init_lora_(self.lora_A, self.lora_B, init_lora_weights, r)
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
+        self._context = None  # the model's RoutingContext, set by inject_adapter (tells decode steps)
 
     @property
     def in_features(self) -> int:
@@ -74,18 +76,28 @@ class LoraLinear(nn.Module):
         h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., R)
         return F.linear(h, self.lora_B) * self.scaling  # (..., out)
 
+    def _decode(self, x2: torch.Tensor) -> torch.Tensor:
+        """Decode math for x2 (T, in): frozen GEMM + delta through moelora_kernels.ops."""
+        from moelora_kernels import ops
+
+        base = self.base_layer
+        return ops.linear_with_lora(x2, base.weight, base.bias, self.lora_A, self.lora_B, None, None, self.scaling)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         lora_A, lora_B = self.lora_A, self.lora_B
-        if not self.merged and lora_A.dtype == x.dtype and torch.compiler.is_compiling() \
-                and decode_kernels_apply(x.reshape(-1, x.shape[-1]), self):
-            # Compiled decode: the delta runs beside the frozen GEMM (moelora_kernels.ops). Eager
-            # decode keeps the two torch ops below: a Triton launch costs more host time (~55 µs).
-            from moelora_kernels import ops
-
-            y = ops.linear_with_lora(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_A, lora_B, None,
-                                     None, self.scaling)
-            return y.view(*x.shape[:-1], y.shape[-1])
+        if not self.merged and lora_A.dtype == x.dtype and decode_kernels_apply(x.reshape(-1, x.shape[-1]), self):
+            ctx = self._context
+            if torch.compiler.is_compiling():
+                # Compiled decode: the delta runs beside the frozen GEMM (moelora_kernels.ops).
+                y = self._decode(x.reshape(-1, x.shape[-1]))
+                return y.view(*x.shape[:-1], y.shape[-1])
+            if ctx is not None and x.dim() == 3 and decode_graphs.applies(x) and ctx.cached_decode_step():
+                # Eager decode step: GEMM + delta replayed as one CUDA graph (decode_graphs).
+                y = decode_graphs.graphed(self, self._decode, (x.view(-1, x.shape[-1]),),
+                                          (base.weight, base.bias, lora_A, lora_B, self.scaling))
+                return y.view(*x.shape[:-1], y.shape[-1])
+            # Otherwise eager keeps the two torch ops below: a Triton launch costs more host time (~55 µs).
         # F.linear directly, not base(x): eager decode is launch-bound and a module call costs ~10 µs.
         y = F.linear(x, base.weight, base.bias)
         if self.merged:

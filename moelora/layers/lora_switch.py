@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import decode_graphs
 from .context import RoutingContext
-from .dispatch import decode_kernels_apply, kernels_interpreted
+from .dispatch import DECODE_MAX_TOKENS, decode_kernels_apply, kernels_interpreted
 from .experts import LoraExperts
 from .router import TopKRouter
 
@@ -50,15 +51,27 @@ class LoraSwitchLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         e = self.experts
         if decode_kernels_apply(x2, self):
-            from moelora_kernels import ops
-
-            # Frozen GEMM + the K selected experts' shrink/expand (eager: one launch added in place;
-            # compiled: beside the GEMM on a second stream).
-            y = ops.linear_with_lora(x2, base.weight, base.bias, e.lora_A, e.lora_B, idx, w, e.scaling)
+            # Frozen GEMM + the K selected experts' shrink/expand (eager: one launch added in place,
+            # or at a decode step all of it replayed as one CUDA graph; compiled: beside the GEMM
+            # on a second stream). The graph reads the routing from the router's graph outputs,
+            # whose addresses are fixed (see _route_at_first_layer).
+            if x.dim() == 3 and decode_graphs.applies(x2) and self._context.cached_decode_step():
+                y = decode_graphs.graphed(self, self._decode, (x2,), (base.weight, base.bias, e.lora_A, e.lora_B,
+                                                                      idx, w, e.scaling))
+            else:
+                y = self._decode(x2)
             return y.view(*x.shape[:-1], y.shape[-1])
         y = F.linear(x, base.weight, base.bias)
         delta = e.gathered(x2, idx, weight=w)  # (N, out)
         return y + delta.view(*y.shape).to(y.dtype)
+
+    def _decode(self, x2: torch.Tensor) -> torch.Tensor:
+        """Decode math for x2 (T, in) with the current routing, through moelora_kernels.ops."""
+        from moelora_kernels import ops
+
+        base, e, state = self.base_layer, self.experts, self._context.extras["switch"]
+        return ops.linear_with_lora(x2, base.weight, base.bias, e.lora_A, e.lora_B, state.experts, state.weights,
+                                    e.scaling)
 
 
 class SwitchState:
@@ -150,10 +163,20 @@ def _route_at_first_layer(router: TopKRouter, state: SwitchState, context: Routi
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         B, T, D = hidden.shape
         mask = context.token_mask_for(B, T)
-        routing = router(hidden.reshape(B * T, D), mask)
+        h2 = hidden.reshape(B * T, D)
+        merging = state.merge_allowed(model.training, B, T, hidden.device)
+        if (not merging and not router.training and not torch.is_grad_enabled() and h2.shape[0] <= DECODE_MAX_TOKENS
+                and decode_graphs.applies(h2) and context.cached_decode_step()):
+            # Unmerged eager decode step: the router as a CUDA graph, so the routing lives at fixed
+            # addresses that the linears' decode graphs read (decode_graphs). Merge mode keeps
+            # the plain router: its linears run plain F.linear on the merged weights.
+            routing = decode_graphs.graphed(router, lambda h: router(h, None), (h2,),  # top-k needs no mask
+                                            (router.weight, router.top_k))
+        else:
+            routing = router(h2, mask)
         context.record(0, routing, mask, router.num_experts)
         state.experts, state.weights = routing.experts, routing.weights
-        if state.merge_allowed(model.training, B, T, hidden.device):
+        if merging:
             state.merge(routing.experts[0], routing.weights[0])
         else:
             state.restore()  # prefill / batch > 1 / training: unmerged math on the pristine W

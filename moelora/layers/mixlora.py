@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import decode_graphs
 from .context import RoutingContext
 from .dispatch import decode_kernels_apply
 from .experts import LoraExperts
@@ -93,7 +94,11 @@ class MixLoraFFN(nn.Module):
         mask = self._context.token_mask_for(B, T)
         fused = self._use_fused(x)
         if fused and self._decode_kernel_applies(x):
-            y, routing = self.forward_decode(x)  # router fused into the kernel
+            if decode_graphs.applies(x) and self._context.cached_decode_step():
+                # Eager decode step: the whole FFN replayed as one CUDA graph (decode_graphs).
+                y, routing = decode_graphs.graphed(self, self.forward_decode, (x,), self._decode_params())
+            else:
+                y, routing = self.forward_decode(x)  # router fused into the kernel
         else:
             routing = self.router(x, mask)
             y = self.forward_fused(x, routing) if fused else self.forward_eager(x, routing)
@@ -143,6 +148,16 @@ class MixLoraFFN(nn.Module):
                    and self._expert("gate") is not None and self._expert("up") is not None)
             self.__dict__["_decode_capable_cache"] = cap
         return cap
+
+    def _decode_params(self) -> tuple:
+        """Everything ``forward_decode`` reads besides x: the key of its decode graphs."""
+        eg, eu, ed = self._expert("gate"), self._expert("up"), self._expert("down")
+        gate, up, down = self._proj("gate"), self._proj("up"), self._proj("down")
+        out = [gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, eg.lora_A, eg.lora_B, eu.lora_A,
+               eu.lora_B, self.router.weight, self.top_k, eg.scaling, self.act_name]
+        if ed is not None:
+            out += [ed.lora_A, ed.lora_B, ed.scaling]
+        return tuple(out)
 
     def forward_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Decode: the frozen gate/up GEMMs, one kernel for router + gate/up deltas + activation +
