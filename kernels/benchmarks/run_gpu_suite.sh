@@ -14,7 +14,7 @@ export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/log.txt"
 if [[ $what == tests || $what == all ]]; then
-  timeout 400 python3 -m pytest -q -rf --tb=short --maxfail=30 -p no:cacheprovider -m gpu tests/test_gpu.py \
+  timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rf --tb=short --maxfail=30 -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_decode_graphs.py \
     kernels/moelora_kernels/tests > "$OUT/gpu_tests.txt" 2>&1
   tail -n 60 "$OUT/gpu_tests.txt"
 fi

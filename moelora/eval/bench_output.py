@@ -21,7 +21,8 @@ log = logging.getLogger("moelora.bench")
 JSON_NAME, CSV_NAME = "bench.json", "bench.csv"
 COLUMNS = ("method", "mode", "batch_size", "prompt_len", "new_tokens", "prefill_ms", "decode_ms_per_token",
            "step_ms_p50", "step_ms_p90", "decode_tokens_per_s", "total_ms", "peak_mem_mb", "prefill_ratio",
-           "decode_ratio", "step_p50_ratio", "decode_ratio_vs_base_eager", "selection_change_rate", "error")
+           "decode_ratio", "step_p50_ratio", "decode_ratio_vs_base_eager", "selection_change_rate", "decode_graphs",
+           "error")
 
 
 def _version(module: str) -> str | None:
@@ -166,7 +167,7 @@ def format_table(result: dict) -> str:
     """The final summary: a markdown table of every case plus where the files are."""
     env = result["environment"]
     head = ["method", "mode", "B", "P", "prefill ms", "decode ms/tok", "p50", "p90", "tok/s", "peak MB",
-            "× base", "× base eager", "error"]
+            "× base", "× base eager", "graphs", "error"]
     lines = [(f"# moelora latency: {env['device']} | torch {env['torch']} | transformers {env['transformers']}"
               f" | triton {env['triton']} | {env['model_dtype']}"),
              f"# command: {env['command']}", "",
@@ -175,7 +176,7 @@ def format_table(result: dict) -> str:
         cells = [r["method"], r["mode"], r["batch_size"], r["prompt_len"], _fmt(r.get("prefill_ms")),
                  _fmt(r.get("decode_ms_per_token")), _fmt(r.get("step_ms_p50")), _fmt(r.get("step_ms_p90")),
                  _fmt(r.get("decode_tokens_per_s"), 1), _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("decode_ratio")),
-                 _fmt(r.get("decode_ratio_vs_base_eager")), (r.get("error") or "")[:80]]
+                 _fmt(r.get("decode_ratio_vs_base_eager")), r.get("decode_graphs", ""), (r.get("error") or "")[:80]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out = result.get("settings", {}).get("out_dir")
     if out:

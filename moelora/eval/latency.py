@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from moelora.eval import bench_models, bench_output
+from moelora.layers.decode_graphs import captured_graphs, set_decode_graphs
 
 log = logging.getLogger("moelora.bench")
 
@@ -75,6 +76,7 @@ class BenchSettings:
     out_dir: str | None = None
     command: str | None = None  # recorded verbatim; default: this process's command line
     plots: bool = True
+    decode_graphs: bool = True  # eager decoding replays adapted modules as CUDA graphs (moelora.set_decode_graphs)
 
     def validate(self) -> "BenchSettings":
         bad = [m for m in self.methods if m not in bench_models.METHODS]
@@ -211,6 +213,7 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         "step_ms_p90": _percentile(steps, 0.9) if steps else None,
         "decode_tokens_per_s": B * 1e3 / decode if decode > 0 else None,
         "peak_mem_mb": _peak_mem_mb(ids.device),
+        "decode_graphs": captured_graphs(model),  # CUDA graphs of eager decode steps held by the adapters
     }
 
 
@@ -275,6 +278,7 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     (JSON and CSV after every case, so a killed run keeps what it measured). Returns
     ``{"settings", "environment", "rows"}``."""
     s.validate()
+    set_decode_graphs(s.decode_graphs)
     t_start = time.monotonic()
     device = bench_models.resolve_device(s.device)
     dtype = bench_models.resolve_dtype(s.dtype, device)
@@ -383,6 +387,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchSettings:
                    help="start no case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--out", dest="out_dir", default=None, help="run directory for bench.json/.csv/plots")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--no-decode-graphs", dest="decode_graphs", action="store_false",
+                   help="eager decoding without the adapters' CUDA graphs (moelora.set_decode_graphs(False))")
     args = p.parse_args(argv)
     return BenchSettings(**vars(args))
 
