@@ -190,6 +190,7 @@ def _capture_inputs(module, args, kwargs):
     if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]
     ctx.attention_mask = mask
+    ctx._mask_cache = None  # the token mask is cached for one forward (the mask may be updated in place)
     ctx.has_labels = kwargs.get("labels") is not None
     ctx.past_tokens = _cached_tokens(kwargs.get("past_key_values", kwargs.get("cache")))
     ctx.last.clear()

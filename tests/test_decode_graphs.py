@@ -132,6 +132,15 @@ def test_token_mask_is_computed_once_per_forward():
     assert ctx.token_mask_for(2, 1).tolist() == [False, True]
 
 
+def test_token_mask_follows_an_attention_mask_updated_in_place(tiny_llama):
+    moelora.inject_adapter(tiny_llama, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    ids, mask = torch.randint(0, 61, (2, 3)), torch.ones(2, 3, dtype=torch.long)
+    tiny_llama(ids, attention_mask=mask)
+    mask[0, -1] = 0  # same tensor object, new contents: the next forward must see them
+    tiny_llama(ids, attention_mask=mask)
+    assert moelora.routing_records(tiny_llama)[0][2].tolist() == [True, True, False, True, True, True]
+
+
 def test_routing_records_are_copies(tiny_llama):
     moelora.inject_adapter(tiny_llama, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
     tiny_llama(torch.randint(0, 61, (1, 5)))
