@@ -98,7 +98,9 @@ def test_shape_limit_and_failed_capture_fall_back_to_direct_calls():
 
 def test_graphs_never_apply_on_cpu_or_when_disabled():
     x = torch.randn(1, 4)
-    assert not decode_graphs.applies(x)
+    ctx = RoutingContext(past_tokens=3)
+    assert not decode_graphs.applies(x, ctx)  # CPU
+    assert not decode_graphs.applies(x, None)
     decode_graphs.set_decode_graphs(False)
     try:
         assert not decode_graphs.decode_graphs_enabled()
@@ -266,7 +268,8 @@ def test_whole_model_decode_takes_the_graph_path_on_cpu(method, monkeypatch):
     the function. Every adapted module must capture at the second decode step and the generation
     must equal the ungraphed one (same kernels)."""
     monkeypatch.setenv("MOELORA_CPU_KERNELS", "1")
-    monkeypatch.setattr(decode_graphs, "applies", lambda x: decode_graphs._enabled and x.is_contiguous())
+    monkeypatch.setattr(decode_graphs, "applies", lambda x, ctx: decode_graphs._enabled and x.is_contiguous()
+                        and ctx is not None and ctx.cached_decode_step())
     monkeypatch.setattr(decode_graphs, "_cuda_capture", _fake_capture)
     cfg = {"lora": moelora.LoraConfig(r=4, lora_dropout=0.0),
            "mixlora": moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0),

@@ -55,10 +55,11 @@ def decode_graphs_enabled() -> bool:
     return _enabled
 
 
-def applies(x: torch.Tensor) -> bool:
-    """The runtime part of the rule in the module docstring (cheap: runs once per module call)."""
-    return (_enabled and x.is_cuda and x.is_contiguous() and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
+def applies(x: torch.Tensor, context: Any) -> bool:
+    """The runtime part of the rule in the module docstring, for a module's input ``x`` and the
+    model's ``RoutingContext`` (None: no decode steps known). Cheap: runs once per module call."""
+    return (_enabled and context is not None and context.cached_decode_step() and x.is_cuda and x.is_contiguous()
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
 class _Captured:

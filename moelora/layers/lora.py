@@ -86,16 +86,16 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         lora_A, lora_B = self.lora_A, self.lora_B
-        if not self.merged and lora_A.dtype == x.dtype and decode_kernels_apply(x.reshape(-1, x.shape[-1]), self):
-            ctx = self._context
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        if not self.merged and lora_A.dtype == x.dtype and decode_kernels_apply(x2, self):
             if torch.compiler.is_compiling():
                 # Compiled decode: the delta runs beside the frozen GEMM (moelora_kernels.ops).
-                y = self._decode(x.reshape(-1, x.shape[-1]))
+                y = self._decode(x2)
                 return y.view(*x.shape[:-1], y.shape[-1])
-            if ctx is not None and x.dim() == 3 and decode_graphs.applies(x) and ctx.cached_decode_step():
+            if decode_graphs.applies(x2, self._context):
                 # Eager decode step: GEMM + delta replayed as one CUDA graph (decode_graphs).
-                y = decode_graphs.graphed(self, self._decode, (x.view(-1, x.shape[-1]),),
-                                          (base.weight, base.bias, lora_A, lora_B, self.scaling))
+                y = decode_graphs.graphed(self, self._decode, (x2,), (base.weight, base.bias, lora_A, lora_B,
+                                                                      self.scaling))
                 return y.view(*x.shape[:-1], y.shape[-1])
             # Otherwise eager keeps the two torch ops below: a Triton launch costs more host time (~55 µs).
         # F.linear directly, not base(x): eager decode is launch-bound and a module call costs ~10 µs.

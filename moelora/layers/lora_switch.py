@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import decode_graphs
 from .context import RoutingContext
-from .dispatch import DECODE_MAX_TOKENS, decode_kernels_apply, kernels_interpreted
+from .dispatch import decode_kernels_apply, kernels_interpreted
 from .experts import LoraExperts
 from .router import TopKRouter
 
@@ -55,7 +55,7 @@ class LoraSwitchLinear(nn.Module):
             # or at a decode step all of it replayed as one CUDA graph; compiled: beside the GEMM
             # on a second stream). The graph reads the routing from the router's graph outputs,
             # whose addresses are fixed (see _route_at_first_layer).
-            if x.dim() == 3 and decode_graphs.applies(x2) and self._context.cached_decode_step():
+            if decode_graphs.applies(x2, self._context):
                 y = decode_graphs.graphed(self, self._decode, (x2,), (base.weight, base.bias, e.lora_A, e.lora_B,
                                                                       idx, w, e.scaling))
             else:
@@ -165,8 +165,7 @@ def _route_at_first_layer(router: TopKRouter, state: SwitchState, context: Routi
         mask = context.token_mask_for(B, T)
         h2 = hidden.reshape(B * T, D)
         merging = state.merge_allowed(model.training, B, T, hidden.device)
-        if (not merging and not router.training and not torch.is_grad_enabled() and h2.shape[0] <= DECODE_MAX_TOKENS
-                and decode_graphs.applies(h2) and context.cached_decode_step()):
+        if not merging and decode_kernels_apply(h2, router) and decode_graphs.applies(h2, context):
             # Unmerged eager decode step: the router as a CUDA graph, so the routing lives at fixed
             # addresses that the linears' decode graphs read (decode_graphs). Merge mode keeps
             # the plain router: its linears run plain F.linear on the merged weights.

@@ -94,7 +94,7 @@ class MixLoraFFN(nn.Module):
         mask = self._context.token_mask_for(B, T)
         fused = self._use_fused(x)
         if fused and self._decode_kernel_applies(x):
-            if decode_graphs.applies(x) and self._context.cached_decode_step():
+            if decode_graphs.applies(x, self._context):
                 # Eager decode step: the whole FFN replayed as one CUDA graph (decode_graphs).
                 y, routing = decode_graphs.graphed(self, self.forward_decode, (x,), self._decode_params())
             else:
