@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import moelora
-from moelora.eval import bench_models, latency
+from moelora.eval import bench_models, bench_output, latency
 from moelora.eval.latency import BenchSettings, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,3 +159,69 @@ def test_argparse_entry_runs_without_hydra_lm_eval_datasets(tmp_path):
     assert "| lora | eager | 1 | 4 |" in proc.stdout
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["environment"]["command"].startswith("python -m moelora.eval.latency --model tiny_shape")
+
+
+def test_rounds_alternate_the_order_and_the_summary_takes_per_round_medians(tmp_path):
+    s = _small(methods=("base", "mixlora"), batch_sizes=(1, 2), rounds=3, repeats=2, out_dir=str(tmp_path))
+    result = run_benchmark(s)
+    rows = result["rows"]
+    order = [(r["round"], r["method"]) for r in rows if r["batch_size"] == 1]
+    assert order == [(0, "base"), (0, "mixlora"), (1, "mixlora"), (1, "base"), (2, "base"), (2, "mixlora")]
+    for r in rows:  # each round's ratio is against that round's base
+        b = next(x for x in rows if x["method"] == "base" and x["round"] == r["round"] and x["batch_size"] == r["batch_size"])
+        assert r["decode_ratio"] == pytest.approx(r["decode_ms_per_token"] / b["decode_ms_per_token"])
+        assert len(r["decode_ms_repeats"]) == 2 and min(r["decode_ms_repeats"]) <= r["decode_ms_per_token"]
+    summary = {(r["method"], r["batch_size"]): r for r in result["summary"]}
+    assert len(summary) == 4 and all(r["rounds"] == 3 for r in summary.values())
+    mix = summary[("mixlora", 2)]
+    ratios = sorted(r["decode_ratio"] for r in rows if r["method"] == "mixlora" and r["batch_size"] == 2)
+    assert (mix["decode_ratio_min"], mix["decode_ratio"], mix["decode_ratio_max"]) == pytest.approx(tuple(ratios))
+    times = sorted(r["decode_ms_per_token"] for r in rows if r["method"] == "mixlora" and r["batch_size"] == 2)
+    assert mix["decode_ms_per_token"] == pytest.approx(times[1])
+    with (tmp_path / "bench_summary.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 4 and float(csv_rows[-1]["decode_ratio"]) == pytest.approx(mix["decode_ratio"])
+    assert json.loads((tmp_path / "bench.json").read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+    table = bench_output.format_table(result)
+    assert "medians over 3 rounds" in table and f"{mix['decode_ratio']:.2f} [{ratios[0]:.2f}-{ratios[2]:.2f}]" in table
+
+
+def test_summary_of_failed_and_partial_rounds():
+    rows = [{"method": "base", "mode": "eager", "batch_size": 1, "prompt_len": 4, "new_tokens": 2, "round": 0,
+             "decode_ms_per_token": 2.0},
+            {"method": "base", "mode": "eager", "batch_size": 1, "prompt_len": 4, "new_tokens": 2, "round": 1,
+             "decode_ms_per_token": 4.0},
+            {"method": "mixlora", "mode": "eager", "batch_size": 1, "prompt_len": 4, "new_tokens": 2, "round": 0,
+             "decode_ms_per_token": 3.0},
+            {"method": "mixlora", "mode": "eager", "batch_size": 1, "prompt_len": 4, "new_tokens": 2, "round": 1,
+             "error": "CaseTimeout: slow"},
+            {"method": "lora", "mode": "eager", "batch_size": 1, "prompt_len": 4, "new_tokens": 2, "round": 0,
+             "error": "attach failed: x"}]
+    bench_output.add_ratios(rows)
+    by = {r["method"]: r for r in bench_output.summarize_rounds(rows)}
+    assert by["base"]["decode_ms_per_token"] == 3.0 and by["base"]["rounds"] == 2
+    assert by["mixlora"]["rounds"] == 1 and by["mixlora"]["decode_ratio"] == pytest.approx(1.5)  # round 0's base
+    assert by["lora"]["rounds"] == 0 and by["lora"]["error"] == "attach failed: x" and "decode_ratio" not in by["lora"]
+
+
+def test_reference_speedup_and_the_harness_check(tmp_path):
+    rows = run_benchmark(_small(methods=("base", "mixlora", "reference_mixlora"), repeats=2))["rows"]
+    by = {r["method"]: r for r in rows}
+    if by["reference_mixlora"].get("error"):
+        pytest.skip("the reference mixlora package is not installed")
+    ref = by["reference_mixlora"]["decode_ms_per_token"]
+    for r in rows:
+        assert r["reference_speedup"] == pytest.approx(ref / r["decode_ms_per_token"])
+    # plain generate is timed for the base only, next to the timed runs
+    assert by["base"]["hf_generate_ms_per_token"] > 0
+    assert by["base"]["harness_ratio"] == pytest.approx(by["base"]["decode_ms_per_token"] / by["base"]["hf_generate_ms_per_token"])
+    assert "hf_generate_ms_per_token" not in by["mixlora"]
+    off = run_benchmark(_small(methods=("base",), check_harness=False))["rows"][0]
+    assert "harness_ratio" not in off and off["decode_ms_per_token"] > 0
+
+
+def test_bad_rounds_fail_clearly():
+    with pytest.raises(ValueError, match="rounds"):
+        _small(rounds=0).validate()
+    s = latency.parse_args(["--rounds", "4", "--no-harness-check"])
+    assert s.rounds == 4 and s.check_harness is False

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Decode-latency runs on the GPU (Llama-2-7B shape, random bf16 weights), as in experiments/*_decode_latency.
-# Usage: OUT=dir [METHODS=a,b] [BATCHES=1,8] [BUDGET=s] [EXTRA="--no-plots ..."] bash kernels/benchmarks/run_decode_latency.sh eager|static [new_tokens]
+# Usage: OUT=dir [METHODS=a,b] [BATCHES=1,8] [BUDGET=s] [ROUNDS=3] [NAME=eager_b1] [EXTRA="--no-plots ..."] \
+#        bash kernels/benchmarks/run_decode_latency.sh eager|static [new_tokens]
+# ROUNDS>1: the method loop again, reversed every other round; bench_summary.csv holds the medians.
 set -uo pipefail
 OUT=${OUT:-results}; mode=${1:-eager}; n=${2:-64}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -11,11 +13,11 @@ export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OF
 if [[ $mode == eager ]]; then
   python3 -m moelora.eval.latency --model llama2_7b_shape \
     --methods ${METHODS:-base,lora,mixlora,lora_switch_merge,lora_switch_merge_forced,lora_switch_unmerged,reference_mixlora,base_recheck} \
-    --batch-sizes ${BATCHES:-1,8,32} --prompt-len 64 --new-tokens "$n" --modes eager --repeats 3 \
-    --case-timeout-s 120 --time-budget-s ${BUDGET:-400} ${EXTRA:-} --out "$OUT/eager" 2>&1 | grep -v "moelora.bench"
+    --batch-sizes ${BATCHES:-1,8,32} --prompt-len 64 --new-tokens "$n" --modes eager --repeats 3 --rounds ${ROUNDS:-1} \
+    --case-timeout-s 120 --time-budget-s ${BUDGET:-400} ${EXTRA:-} --out "$OUT/${NAME:-eager}" 2>&1 | grep -v "moelora.bench"
 else
   python3 -m moelora.eval.latency --model llama2_7b_shape \
     --methods ${METHODS:-base,lora,mixlora,lora_switch_unmerged} \
-    --batch-sizes ${BATCHES:-1} --prompt-len 64 --new-tokens "$n" --modes static --repeats 3 \
-    --case-timeout-s 200 --time-budget-s ${BUDGET:-420} ${EXTRA:-} --out "$OUT/static" 2>&1 | grep -v "moelora.bench"
+    --batch-sizes ${BATCHES:-1} --prompt-len 64 --new-tokens "$n" --modes static --repeats 3 --rounds ${ROUNDS:-1} \
+    --case-timeout-s 200 --time-budget-s ${BUDGET:-420} ${EXTRA:-} --out "$OUT/${NAME:-static}" 2>&1 | grep -v "moelora.bench"
 fi

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,18 @@ import torch
 
 log = logging.getLogger("moelora.bench")
 
-JSON_NAME, CSV_NAME = "bench.json", "bench.csv"
-COLUMNS = ("method", "mode", "batch_size", "prompt_len", "new_tokens", "prefill_ms", "decode_ms_per_token",
+JSON_NAME, CSV_NAME, SUMMARY_CSV_NAME = "bench.json", "bench.csv", "bench_summary.csv"
+COLUMNS = ("method", "mode", "batch_size", "prompt_len", "new_tokens", "round", "prefill_ms", "decode_ms_per_token",
            "step_ms_p50", "step_ms_p90", "decode_tokens_per_s", "total_ms", "peak_mem_mb", "prefill_ratio",
-           "decode_ratio", "step_p50_ratio", "decode_ratio_vs_base_eager", "selection_change_rate", "decode_graphs",
-           "error")
+           "decode_ratio", "step_p50_ratio", "decode_ratio_vs_base_eager", "reference_speedup",
+           "hf_generate_ms_per_token", "harness_ratio", "selection_change_rate", "decode_graphs", "error")
+REFERENCE = "reference_mixlora"  # reference_speedup: its eager decode time over the row's
+# what summarize_rounds reports per case: the median over rounds, and for the ratios also min/max
+MEDIAN_KEYS = ("prefill_ms", "decode_ms_per_token", "step_ms_p50", "step_ms_p90", "decode_tokens_per_s",
+               "peak_mem_mb", "hf_generate_ms_per_token", "harness_ratio", "selection_change_rate", "decode_graphs")
+SPREAD_KEYS = ("decode_ratio", "decode_ratio_vs_base_eager", "reference_speedup")
+SUMMARY_COLUMNS = (("method", "mode", "batch_size", "prompt_len", "new_tokens", "rounds") + MEDIAN_KEYS
+                   + tuple(f"{k}{suffix}" for k in SPREAD_KEYS for suffix in ("", "_min", "_max")) + ("error",))
 
 
 def _version(module: str) -> str | None:
@@ -64,36 +72,75 @@ def environment(model, device: torch.device, command: str) -> dict[str, Any]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Ratios of every row to ``base`` of the same mode/B/P (and to base eager), in place."""
-    base = {(r["mode"], r["batch_size"], r["prompt_len"]): r for r in rows
-            if r["method"] == "base" and not r.get("error")}
+    """Ratios of every row to ``base`` of the same round/mode/B/P (and to base eager), and the
+    speed-up over the reference MixLoRA (eager, same round/B/P), in place."""
+    def case(r: dict, mode: str) -> tuple:
+        return r.get("round", 0), mode, r["batch_size"], r["prompt_len"]
+
+    ok = [r for r in rows if not r.get("error")]
+    base = {case(r, r["mode"]): r for r in ok if r["method"] == "base"}
+    ref = {case(r, r["mode"]): r for r in ok if r["method"] == REFERENCE}
     pairs = (("prefill_ratio", "prefill_ms"), ("decode_ratio", "decode_ms_per_token"), ("step_p50_ratio", "step_ms_p50"))
-    for r in rows:
-        if r.get("error"):
-            continue
-        b = base.get((r["mode"], r["batch_size"], r["prompt_len"]))
-        be = base.get(("eager", r["batch_size"], r["prompt_len"]))
+    for r in ok:
+        b, be, re = base.get(case(r, r["mode"])), base.get(case(r, "eager")), ref.get(case(r, "eager"))
         for ratio, key in pairs:
-            r[ratio] = r[key] / b[key] if b and b.get(key) and r.get(key) is not None else None
+            r[ratio] = _div(r.get(key), b.get(key) if b else None)
         d = r.get("decode_ms_per_token")
-        r["decode_ratio_vs_base_eager"] = d / be["decode_ms_per_token"] if be and d is not None and be["decode_ms_per_token"] else None
+        r["decode_ratio_vs_base_eager"] = _div(d, be["decode_ms_per_token"] if be else None)
+        r["reference_speedup"] = _div(re["decode_ms_per_token"] if re else None, d)
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (method, mode, B, P) over the rounds of a run: the median of each measured
+    value (``MEDIAN_KEYS``) and of each per-round ratio, with the ratios' min and max
+    (``SPREAD_KEYS``). ``rounds`` counts the rounds that measured the case; a case no round
+    measured keeps the first error."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["mode"], r["batch_size"], r["prompt_len"]), []).append(r)
+    out = []
+    for (method, mode, B, P), rs in groups.items():
+        good = [r for r in rs if not r.get("error")]
+        row: dict[str, Any] = {"method": method, "mode": mode, "batch_size": B, "prompt_len": P,
+                               "new_tokens": rs[0]["new_tokens"], "rounds": len(good)}
+        if not good:
+            row["error"] = rs[0].get("error")
+        for key in MEDIAN_KEYS + SPREAD_KEYS:
+            vals = [r[key] for r in good if r.get(key) is not None]
+            if vals:
+                row[key] = statistics.median(vals)
+                if key in SPREAD_KEYS:
+                    row[f"{key}_min"], row[f"{key}_max"] = min(vals), max(vals)
+        out.append(row)
+    return out
 
 
 def write_tables(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    """bench.json (settings, environment, rows) and bench.csv (one row per case), atomically."""
+    """bench.json (settings, environment, rows[, summary]), bench.csv (one row per case and round)
+    and, with a summary, bench_summary.csv (one row per case), each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     j, c = out_dir / JSON_NAME, out_dir / CSV_NAME
     tmp = j.with_name(f".{j.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, j)
-    tmp = c.with_name(f".{c.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in result["rows"]:
-            w.writerow({k: row.get(k) for k in COLUMNS})
-    os.replace(tmp, c)
+    _write_csv(c, result["rows"], COLUMNS)
+    if result.get("summary"):
+        _write_csv(out_dir / SUMMARY_CSV_NAME, result["summary"], SUMMARY_COLUMNS)
     return j, c
+
+
+def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: row.get(k) for k in columns})
+    os.replace(tmp, path)
 
 
 def _series(rows: Sequence[dict], key: str) -> dict[tuple[str, str, int], list[tuple[int, float]]]:
@@ -163,24 +210,39 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return str(v)
 
 
+def _spread(r: dict, key: str) -> str:
+    """``median`` or, over several rounds, ``median [min-max]``."""
+    v = _fmt(r.get(key))
+    if r.get("rounds", 1) > 1 and r.get(f"{key}_min") is not None:
+        v += f" [{r[f'{key}_min']:.2f}-{r[f'{key}_max']:.2f}]"
+    return v
+
+
 def format_table(result: dict) -> str:
-    """The final summary: a markdown table of every case plus where the files are."""
+    """The final summary: a markdown table of every case (over several rounds: the per-case
+    medians, ratios with their range) plus where the files are."""
     env = result["environment"]
+    summary = result.get("summary")
+    rows = summary or result["rows"]
     head = ["method", "mode", "B", "P", "prefill ms", "decode ms/tok", "p50", "p90", "tok/s", "peak MB",
-            "× base", "× base eager", "graphs", "error"]
+            "× base", "× base eager", "× faster than ref", "harness / HF", "graphs", "error"]
     lines = [(f"# moelora latency: {env['device']} | torch {env['torch']} | transformers {env['transformers']}"
               f" | triton {env['triton']} | {env['model_dtype']}"),
-             f"# command: {env['command']}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result["rows"]:
+             f"# command: {env['command']}"]
+    if summary:
+        lines.append(f"# medians over {max(r['rounds'] for r in summary)} rounds (ratios: [min-max] of the rounds)")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
         cells = [r["method"], r["mode"], r["batch_size"], r["prompt_len"], _fmt(r.get("prefill_ms")),
                  _fmt(r.get("decode_ms_per_token")), _fmt(r.get("step_ms_p50")), _fmt(r.get("step_ms_p90")),
-                 _fmt(r.get("decode_tokens_per_s"), 1), _fmt(r.get("peak_mem_mb"), 0), _fmt(r.get("decode_ratio")),
-                 _fmt(r.get("decode_ratio_vs_base_eager")), r.get("decode_graphs", ""), (r.get("error") or "")[:80]]
+                 _fmt(r.get("decode_tokens_per_s"), 1), _fmt(r.get("peak_mem_mb"), 0), _spread(r, "decode_ratio"),
+                 _spread(r, "decode_ratio_vs_base_eager"), _spread(r, "reference_speedup"),
+                 _fmt(r.get("harness_ratio"), 3), r.get("decode_graphs", ""), (r.get("error") or "")[:80]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out = result.get("settings", {}).get("out_dir")
     if out:
-        lines += ["", f"files: {out}/{JSON_NAME}, {out}/{CSV_NAME}" + (", plots" if result.get("plots") else "")]
+        names = [JSON_NAME, CSV_NAME] + ([SUMMARY_CSV_NAME] if summary else [])
+        lines += ["", "files: " + ", ".join(f"{out}/{n}" for n in names) + (", plots" if result.get("plots") else "")]
     return "\n".join(lines)
 
 

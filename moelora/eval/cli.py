@@ -164,7 +164,8 @@ def bench_settings_from_config(cfg: DictConfig):
         adapters={k: dict(_plain(v)) for k, v in cfg.adapters.items()}, compile_mode=cfg.compile_mode,
         case_timeout_s=cfg.case_timeout_s, time_budget_s=cfg.time_budget_s, out_dir=str(cfg.paths.output_dir),
         command="moelora-bench " + " ".join(overrides), plots=cfg.plots,
-        decode_graphs=cfg.get("decode_graphs", True),
+        decode_graphs=cfg.get("decode_graphs", True), rounds=cfg.get("rounds", 1),
+        check_harness=cfg.get("check_harness", True),
     ).validate()
 
 

@@ -12,7 +12,19 @@ same count. Per case (method, mode, batch size B, prompt length P):
 - ``decode_tokens_per_s`` = B * N / (t(N+1) - t(1)); ``peak_mem_mb``: CUDA max allocated over the
   timed runs (on CPU: the process's max RSS);
 - ratios to ``base`` measured in the same process, same mode (``*_ratio``) and to base eager
-  (``decode_ratio_vs_base_eager``, the ANCHORS.md column).
+  (``decode_ratio_vs_base_eager``, the ANCHORS.md column); ``reference_speedup``: how many times
+  faster than the reference MixLoRA (eager, same B/P) the row decodes;
+- ``hf_generate_ms_per_token`` (base rows): the same (t(N+1) - t(1)) / N timed around a plain
+  ``generate`` without the step timer, interleaved with the timed runs; ``harness_ratio`` is the
+  harness's decode time over it (what the per-step CUDA events cost).
+
+**Rounds** (``rounds > 1``): eager decoding at small batch is host-bound, and a lent machine's
+host speed drifts by tens of percent over minutes (experiments/2026-12-01_decode_graphs_h200:
+base eager 23-33 ms/token between calls). The whole method loop then runs ``rounds`` times, in
+reverse order every other round (base, A, B, ... then ..., B, A, base), each round's ratios
+against that round's base; ``result["summary"]`` holds per case the median over rounds of the
+decode time and of the per-round ratios, with their min/max (linear drift cancels between a
+forward and a reverse round).
 
 Modes: ``eager`` (dynamic cache), ``static`` (a StaticCache kept per batch size and reset for
 every generate call, as a server keeps its KV cache; transformers auto-compiles the decode
@@ -77,6 +89,8 @@ class BenchSettings:
     command: str | None = None  # recorded verbatim; default: this process's command line
     plots: bool = True
     decode_graphs: bool = True  # eager decoding replays adapted modules as CUDA graphs (moelora.set_decode_graphs)
+    rounds: int = 1  # the whole method loop this many times, reversed every other round (module docstring)
+    check_harness: bool = True  # base rows: also time plain generate without the step timer
 
     def validate(self) -> "BenchSettings":
         bad = [m for m in self.methods if m not in bench_models.METHODS]
@@ -85,8 +99,8 @@ class BenchSettings:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode(s) {bad}; choose from {list(MODES)}")
-        if self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError("new_tokens and repeats must be >= 1, warmup >= 0")
+        if self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0 or self.rounds < 1:
+            raise ValueError("new_tokens, repeats and rounds must be >= 1, warmup >= 0")
         if not self.batch_sizes or not self.prompt_lens or min(self.batch_sizes) < 1 or min(self.prompt_lens) < 1:
             raise ValueError("batch_sizes and prompt_lens must be non-empty positive integers")
         self.methods = ("base",) + tuple(m for m in dict.fromkeys(self.methods) if m != "base")
@@ -124,11 +138,14 @@ class StepTimer:
         return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
 
 
-def _generate(model, ids, mask, n_new: int, mode: str, timer: StepTimer) -> None:
+def _generate(model, ids, mask, n_new: int, mode: str, timer: StepTimer | None) -> None:
+    """One greedy generate of exactly ``n_new`` tokens; ``timer=None``: plain HF generate."""
     from transformers import LogitsProcessorList
 
     kwargs: dict[str, Any] = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, use_cache=True,
-                                  pad_token_id=0, logits_processor=LogitsProcessorList([timer]))
+                                  pad_token_id=0)
+    if timer is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([timer])
     if mode in ("static", "compile"):
         kwargs["past_key_values"] = _static_cache(model, ids.shape[0])
     if mode == "compile":
@@ -157,9 +174,9 @@ def _static_cache(model, batch: int):
     return cache
 
 
-def _timed(model, ids, mask, n_new: int, mode: str, deadline: float) -> tuple[float, list[float]]:
-    """(wall ms of one generate, per-step ms)."""
-    timer = StepTimer(ids.device, deadline)
+def _timed(model, ids, mask, n_new: int, mode: str, deadline: float, stamps: bool = True) -> tuple[float, list[float]]:
+    """(wall ms of one generate, per-step ms); ``stamps=False``: plain generate, no per-step times."""
+    timer = StepTimer(ids.device, deadline) if stamps else None
     if ids.device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
@@ -167,10 +184,10 @@ def _timed(model, ids, mask, n_new: int, mode: str, deadline: float) -> tuple[fl
         _generate(model, ids, mask, n_new, mode, timer)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end), timer.step_ms()
+        return start.elapsed_time(end), timer.step_ms() if timer else []
     t0 = time.perf_counter()
     _generate(model, ids, mask, n_new, mode, timer)
-    return (time.perf_counter() - t0) * 1e3, timer.step_ms()
+    return (time.perf_counter() - t0) * 1e3, timer.step_ms() if timer else []
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
@@ -188,8 +205,10 @@ def _peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: BenchSettings) -> dict[str, Any]:
-    """Time one (method, mode, B, P) case; see the module docstring for the numbers."""
+def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: BenchSettings,
+                 plain: bool = False) -> dict[str, Any]:
+    """Time one (method, mode, B, P) case; see the module docstring for the numbers.
+    ``plain``: also time plain generate (no step timer), each repeat right after the timed one."""
     n = s.new_tokens
     deadline = time.monotonic() + s.case_timeout_s
     for _ in range(s.warmup):  # the long run first: the static cache keeps its larger size
@@ -197,14 +216,22 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         _timed(model, ids, mask, 1, mode, deadline)
     if ids.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ids.device)
-    t1s, tns, steps = [], [], []
+    t1s, tns, steps, plain_decode = [], [], [], []
     for _ in range(s.repeats):
         t1s.append(_timed(model, ids, mask, 1, mode, deadline)[0])
         tn, st = _timed(model, ids, mask, n + 1, mode, deadline)
         tns.append(tn)
         steps += st
-    decode = statistics.median((tn - t1) / n for tn, t1 in zip(tns, t1s))
+        if plain:
+            p1 = _timed(model, ids, mask, 1, mode, deadline, stamps=False)[0]
+            plain_decode.append((_timed(model, ids, mask, n + 1, mode, deadline, stamps=False)[0] - p1) / n)
+    repeats = [(tn - t1) / n for tn, t1 in zip(tns, t1s)]
+    decode = statistics.median(repeats)
     B = ids.shape[0]
+    extra: dict[str, Any] = {}
+    if plain_decode:
+        hf = statistics.median(plain_decode)
+        extra = {"hf_generate_ms_per_token": hf, "harness_ratio": decode / hf if hf > 0 else None}
     return {
         "prefill_ms": statistics.median(t1s),
         "total_ms": statistics.median(tns),
@@ -214,6 +241,8 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         "decode_tokens_per_s": B * 1e3 / decode if decode > 0 else None,
         "peak_mem_mb": _peak_mem_mb(ids.device),
         "decode_graphs": captured_graphs(model),  # CUDA graphs of eager decode steps held by the adapters
+        "decode_ms_repeats": repeats,  # the spread behind the median (bench.json only)
+        **extra,
     }
 
 
@@ -276,7 +305,7 @@ def prompts_for(s: BenchSettings, vocab_size: int, device: torch.device) -> dict
 def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     """Measure every (method, mode, B, P); write bench.json/.csv/plots to ``s.out_dir`` if set
     (JSON and CSV after every case, so a killed run keeps what it measured). Returns
-    ``{"settings", "environment", "rows"}``."""
+    ``{"settings", "environment", "rows"}`` (+ ``"summary"`` when ``rounds > 1``)."""
     s.validate()
     set_decode_graphs(s.decode_graphs)
     t_start = time.monotonic()
@@ -292,57 +321,70 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     fingerprint = weight_fingerprint(model)
     env["base_weights_unchanged"] = {}
 
-    for method in s.methods:
-        detach = None
-        try:
-            detach = bench_models.attach_method(model, method, adapters, s.seed)
-            attach_error = None
-        except Exception as err:  # noqa: BLE001 - recorded in the rows, the run goes on
-            attach_error = f"attach failed: {type(err).__name__}: {err}"
-            log.warning("%s: %s", method, attach_error)
-        for mode in s.modes:
-            failed = attach_error
-            if failed is None:
-                try:
-                    _enter_mode(model, mode, s)
-                except Exception as err:  # noqa: BLE001
-                    failed = f"{mode} set-up failed: {type(err).__name__}: {err}"
-            for (B, P), (ids, mask) in prompts.items():
-                row = {"method": method, "mode": mode, "batch_size": B, "prompt_len": P, "new_tokens": s.new_tokens}
-                if failed is not None:
-                    row["error"] = failed if failed.startswith(("attach", mode)) else f"skipped after: {failed}"
-                elif s.time_budget_s is not None and time.monotonic() - t_start > s.time_budget_s:
-                    row["error"] = f"skipped: time budget of {s.time_budget_s:.0f} s used up"
-                else:
-                    log.info("measuring %s / %s / B=%d P=%d", method, mode, B, P)
-                    try:
-                        row.update(measure_case(model, ids, mask, mode, s))
-                        row.update(_switch_stats(model, ids, mask, mode, s))
-                    except Exception as err:  # noqa: BLE001 - compile failure, OOM, timeout...
-                        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                        failed = row["error"]
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                result["rows"].append(row)
-                bench_output.add_ratios(result["rows"])
-                if out is not None:
-                    bench_output.write_tables(result, out)
-        _reset_compiled(model)
-        if detach is not None:
-            try:
-                detach()
-            except Exception as err:  # noqa: BLE001 - a broken detach would poison later methods
-                raise RuntimeError(f"could not remove the {method} adapter; stopping the benchmark") from err
-        same = bool(torch.equal(weight_fingerprint(model), fingerprint))
-        env["base_weights_unchanged"][method] = same
-        if not same:
-            log.error("%s changed the base weights: later methods run on modified weights", method)
+    for rnd in range(s.rounds):
+        order = s.methods if rnd % 2 == 0 else s.methods[::-1]  # reversed rounds cancel linear drift
+        for method in order:
+            _run_method(model, method, rnd, s, adapters, prompts, result, out, t_start, fingerprint)
     result["environment"]["wall_s"] = round(time.monotonic() - t_start, 1)
+    if s.rounds > 1:
+        result["summary"] = bench_output.summarize_rounds(result["rows"])
     if out is not None:
         bench_output.write_tables(result, out)
         if s.plots:
-            result["plots"] = [str(p) for p in bench_output.write_plots(result["rows"], out)]
+            result["plots"] = [str(p) for p in bench_output.write_plots(result.get("summary") or result["rows"], out)]
     return result
+
+
+def _run_method(model, method: str, rnd: int, s: BenchSettings, adapters: dict, prompts: dict, result: dict,
+                out: Path | None, t_start: float, fingerprint: torch.Tensor) -> None:
+    """Attach ``method``, measure its cases in every mode, detach; rows go to ``result["rows"]``."""
+    env = result["environment"]
+    detach = None
+    try:
+        detach = bench_models.attach_method(model, method, adapters, s.seed)
+        attach_error = None
+    except Exception as err:  # noqa: BLE001 - recorded in the rows, the run goes on
+        attach_error = f"attach failed: {type(err).__name__}: {err}"
+        log.warning("%s: %s", method, attach_error)
+    for mode in s.modes:
+        failed = attach_error
+        if failed is None:
+            try:
+                _enter_mode(model, mode, s)
+            except Exception as err:  # noqa: BLE001
+                failed = f"{mode} set-up failed: {type(err).__name__}: {err}"
+        for (B, P), (ids, mask) in prompts.items():
+            row = {"method": method, "mode": mode, "batch_size": B, "prompt_len": P, "new_tokens": s.new_tokens,
+                   "round": rnd}
+            if failed is not None:
+                row["error"] = failed if failed.startswith(("attach", mode)) else f"skipped after: {failed}"
+            elif s.time_budget_s is not None and time.monotonic() - t_start > s.time_budget_s:
+                row["error"] = f"skipped: time budget of {s.time_budget_s:.0f} s used up"
+            else:
+                log.info("measuring %s / %s / B=%d P=%d (round %d)", method, mode, B, P, rnd)
+                try:
+                    plain = s.check_harness and bench_models.METHODS[method][0] is None
+                    row.update(measure_case(model, ids, mask, mode, s, plain=plain))
+                    row.update(_switch_stats(model, ids, mask, mode, s))
+                except Exception as err:  # noqa: BLE001 - compile failure, OOM, timeout...
+                    row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    failed = row["error"]
+                    if ids.device.type == "cuda":
+                        torch.cuda.empty_cache()
+            result["rows"].append(row)
+            bench_output.add_ratios(result["rows"])
+            if out is not None:
+                bench_output.write_tables(result, out)
+    _reset_compiled(model)
+    if detach is not None:
+        try:
+            detach()
+        except Exception as err:  # noqa: BLE001 - a broken detach would poison later methods
+            raise RuntimeError(f"could not remove the {method} adapter; stopping the benchmark") from err
+    same = bool(torch.equal(weight_fingerprint(model), fingerprint))
+    env["base_weights_unchanged"][method] = env["base_weights_unchanged"].get(method, True) and same
+    if not same:
+        log.error("%s changed the base weights: later methods run on modified weights", method)
 
 
 def default_command() -> str:
@@ -387,6 +429,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchSettings:
                    help="start no case after this many seconds (the rest is recorded as skipped)")
     p.add_argument("--out", dest="out_dir", default=None, help="run directory for bench.json/.csv/plots")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="run the method loop this many times, reversed every other round; the summary takes medians")
+    p.add_argument("--no-harness-check", dest="check_harness", action="store_false",
+                   help="base rows: skip timing plain generate without the step timer")
     p.add_argument("--no-decode-graphs", dest="decode_graphs", action="store_false",
                    help="eager decoding without the adapters' CUDA graphs (moelora.set_decode_graphs(False))")
     args = p.parse_args(argv)
