@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -225,3 +226,20 @@ def test_bad_rounds_fail_clearly():
         _small(rounds=0).validate()
     s = latency.parse_args(["--rounds", "4", "--no-harness-check"])
     assert s.rounds == 4 and s.check_harness is False
+
+
+def test_best_of_repeats_and_its_ratios():
+    def row(method, rnd, times):
+        return {"method": method, "mode": "eager", "batch_size": 1, "prompt_len": 4, "new_tokens": 2, "round": rnd,
+                "decode_ms_per_token": sorted(times)[len(times) // 2], "decode_ms_best": min(times)}
+
+    rows = [row("base", 0, [10, 20, 30]), row("mixlora", 0, [12, 40, 41]), row("reference_mixlora", 0, [70, 90, 99]),
+            row("reference_mixlora", 1, [60, 95, 99]), row("mixlora", 1, [30, 33, 11]), row("base", 1, [25, 26, 27])]
+    bench_output.add_ratios(rows)
+    assert rows[1]["decode_ratio_best"] == pytest.approx(12 / 10) and rows[4]["decode_ratio_best"] == pytest.approx(11 / 25)
+    assert rows[1]["reference_speedup_best"] == pytest.approx(70 / 12)
+    by = {r["method"]: r for r in bench_output.summarize_rounds(rows)}
+    assert by["mixlora"]["decode_ms_best"] == 11 and by["base"]["decode_ms_best"] == 10
+    assert by["mixlora"]["decode_ratio_best"] == pytest.approx(1.1)  # best of all rounds over the base's best
+    assert by["mixlora"]["reference_speedup_best"] == pytest.approx(60 / 11)
+    assert by["mixlora"]["decode_ratio"] == pytest.approx(statistics.median([40 / 20, 30 / 26]))

@@ -14,6 +14,9 @@ same count. Per case (method, mode, batch size B, prompt length P):
 - ratios to ``base`` measured in the same process, same mode (``*_ratio``) and to base eager
   (``decode_ratio_vs_base_eager``, the ANCHORS.md column); ``reference_speedup``: how many times
   faster than the reference MixLoRA (eager, same B/P) the row decodes;
+- ``decode_ms_best``: the fastest repeat's decode ms/token (the ``_best`` ratios use it): on a
+  shared host, interference only adds time, so the best repeat estimates the cost of the code
+  itself and the median what a user of that host gets; both are reported;
 - ``hf_generate_ms_per_token`` (base rows): the same (t(N+1) - t(1)) / N timed around a plain
   ``generate`` without the step timer, interleaved with the timed runs; ``harness_ratio`` is the
   harness's decode time over it (what the per-step CUDA events cost).
@@ -216,8 +219,9 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         _timed(model, ids, mask, 1, mode, deadline)
     if ids.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ids.device)
-    t1s, tns, steps, plain_decode = [], [], [], []
+    t1s, tns, steps, plain_decode, started = [], [], [], [], []
     for _ in range(s.repeats):
+        started.append(round(time.time(), 3))  # wall clock: lines the repeats up with nvidia-smi dmon / host logs
         t1s.append(_timed(model, ids, mask, 1, mode, deadline)[0])
         tn, st = _timed(model, ids, mask, n + 1, mode, deadline)
         tns.append(tn)
@@ -241,7 +245,9 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         "decode_tokens_per_s": B * 1e3 / decode if decode > 0 else None,
         "peak_mem_mb": _peak_mem_mb(ids.device),
         "decode_graphs": captured_graphs(model),  # CUDA graphs of eager decode steps held by the adapters
+        "decode_ms_best": min(repeats),  # interference only adds time: the best repeat is the cleanest
         "decode_ms_repeats": repeats,  # the spread behind the median (bench.json only)
+        "repeat_started_at": started,  # unix time of each repeat (bench.json only)
         **extra,
     }
 
