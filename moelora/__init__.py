@@ -20,6 +20,7 @@ from .inject import (  # noqa: E402
     ARCHITECTURES,
     UnsupportedArchitectureError,
     adapter_state_dict,
+    disable_adapter,
     get_adapter_config,
     inject_adapter,
     load_adapter_state_dict,
@@ -51,7 +52,7 @@ def unmerge_lora(model) -> None:
 __all__ = [
     "AdapterConfigError", "AdapterFileError", "ARCHITECTURES", "LoraConfig", "LoraLinear",
     "LoraSwitchConfig", "MixLoraConfig", "MixLoraFFN", "TopKRouter", "UnsupportedArchitectureError",
-    "adapter_state_dict", "clear_decode_graphs", "config_from_dict", "export_peft", "get_adapter_config", "inject_adapter",
+    "adapter_state_dict", "clear_decode_graphs", "config_from_dict", "disable_adapter", "export_peft", "get_adapter_config", "inject_adapter",
     "load_adapter", "load_adapter_state_dict", "load_balance_loss", "merge_lora", "read_adapter_config",
     "remove_adapter", "router_statistics", "routing_records", "save_adapter", "set_decode_graphs", "trainable_parameters",
     "unmerge_lora",

@@ -5,6 +5,8 @@ linears are called. Adding an architecture is one entry in that table (see READM
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -183,9 +185,54 @@ def remove_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the block, then give the adapter back::
+
+        with moelora.disable_adapter(model):
+            ref_logits = model(ids).logits      # the frozen base: KL / DPO reference, A/B timing
+
+    Unlike a flag inside each wrapper, the original modules themselves are put back (no wrapper
+    call, no adapter math, no router, no aux loss), so the base runs exactly as it did before
+    ``inject_adapter``; LoRA deltas folded in by ``merge_lora`` and a merged LoRA-Switch selection
+    are taken back out of the weights first (``merge_lora``'d ones are folded in again on exit).
+    Swapping costs one ``setattr`` per adapted module. No-op without an adapter or when already
+    disabled; the adapted modules return on exit (also after an exception), in the model's
+    current train/eval mode."""
+    ctx: RoutingContext | None = getattr(model, "_moelora_context", None)
+    if ctx is None or ctx.disabled:
+        yield model
+        return
+    from .layers.lora_switch import restore_base_weights
+
+    restore_base_weights(model)
+    merged = [m for m in model.modules() if isinstance(m, LoraLinear) and m.merged]  # merge_lora'd deltas
+    for m in merged:
+        m.unmerge()
+    swapped = []
+    for parent, attr, original in model._moelora_originals:
+        if original is not None:  # None: a module the adapter added (LoRA-Switch's router): unused while disabled
+            swapped.append((parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, original)
+    ctx.disabled = True
+    ctx.last.clear()
+    try:
+        yield model
+    finally:
+        for parent, attr, adapted in reversed(swapped):
+            setattr(parent, attr, adapted)
+            adapted.train(model.training)
+        for m in merged:
+            m.merge()
+        ctx.disabled = False
+        ctx.last.clear()
+
+
 # ---- hooks ----------------------------------------------------------------------------------
 def _capture_inputs(module, args, kwargs):
     ctx: RoutingContext = module._moelora_context
+    if ctx.disabled:
+        return
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]

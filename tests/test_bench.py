@@ -101,7 +101,7 @@ def test_random_shape_model_and_adapters_are_not_zero_and_route_heterogeneously(
     assert tok is None
     w = model.model.layers[0].mlp.down_proj.weight
     assert 0.015 < w.std().item() < 0.025 and torch.all(model.model.norm.weight == 1)
-    detach = bench_models.attach_method(model, "mixlora", bench_models.default_adapter_configs(r=4, num_experts=4))
+    detach = bench_models.attach_method(model, "mixlora", bench_models.default_adapter_configs(r=4, num_experts=4)).detach
     b = model.model.layers[0].mlp.experts["down_proj"].lora_B
     assert b.abs().min() > 0
     ids = torch.randint(4, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -243,3 +243,34 @@ def test_best_of_repeats_and_its_ratios():
     assert by["mixlora"]["decode_ratio_best"] == pytest.approx(1.1)  # best of all rounds over the base's best
     assert by["mixlora"]["reference_speedup_best"] == pytest.approx(60 / 11)
     assert by["mixlora"]["decode_ratio"] == pytest.approx(statistics.median([40 / 20, 30 / 26]))
+
+
+@pytest.mark.parametrize("method", ["mixlora", "lora_switch_merge", "reference_mixlora"])
+def test_disabled_runs_the_plain_base_and_puts_the_method_back(method):
+    if method == "reference_mixlora":
+        pytest.importorskip("mixlora")
+    model, _ = bench_models.build_shape_model("tiny_shape", dtype="float32", device="cpu")
+    ids = torch.randint(4, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+        attached = bench_models.attach_method(model, method, bench_models.default_adapter_configs(r=4, num_experts=4))
+        adapted = model(ids).logits
+        assert not torch.allclose(adapted, base, atol=1e-4)
+        with attached.disabled():
+            torch.testing.assert_close(model(ids).logits, base, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids).logits, adapted, atol=1e-6, rtol=1e-6)
+        attached.detach()
+        torch.testing.assert_close(model(ids).logits, base, atol=0, rtol=0)
+
+
+def test_paired_rows_time_the_base_beside_every_repeat():
+    rows = run_benchmark(_small(methods=("base", "mixlora"), modes=("eager", "static"), repeats=3))["rows"]
+    by = {(r["method"], r["mode"]): r for r in rows}
+    mix = by[("mixlora", "eager")]
+    assert len(mix["paired_base_ms_repeats"]) == 3 and all(b > 0 for b in mix["paired_base_ms_repeats"])
+    ratios = [m / b for m, b in zip(mix["decode_ms_repeats"], mix["paired_base_ms_repeats"])]
+    assert mix["decode_ratio_paired"] == pytest.approx(statistics.median(ratios))
+    assert "decode_ratio_paired" not in by[("base", "eager")]  # the base has no pair
+    assert "decode_ratio_paired" not in by[("mixlora", "static")]  # swapping modules would recompile
+    off = run_benchmark(_small(paired=False))["rows"]
+    assert all("decode_ratio_paired" not in r for r in off)

@@ -241,6 +241,25 @@ def test_graphs_follow_in_place_and_replaced_adapter_weights():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("method", ["mixlora", "lora_switch_merge"])
+def test_disable_adapter_between_graphed_generations(method):
+    """Paired benchmark timing: graphed adapter generate, base generate (adapter swapped out), and
+    the adapter again, whose graphs still replay correctly (and no graph is captured for the base)."""
+    _skip_without_cuda()
+    model = _gpu_model(method, torch.float32)
+    ids = torch.randint(4, 61, (1, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    with moelora.disable_adapter(model):
+        base = _generate(model, ids)
+    first = _generate(model, ids)
+    n = _captures(model)
+    with moelora.disable_adapter(model):
+        _assert_same_generation(_generate(model, ids), base, torch.float32)
+    assert _captures(model) == n
+    _assert_same_generation(_generate(model, ids), first, torch.float32)
+    assert _captures(model) == n  # replays of the graphs captured before
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["mixlora", "lora_switch", "lora"])
 def test_graphed_decode_step_has_no_host_sync(method):
     _skip_without_cuda()

@@ -53,7 +53,7 @@ def main(argv=None) -> list[dict]:
     cuda = device.type == "cuda"
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     for method in s.methods:
-        detach = bench_models.attach_method(model, method, adapters, s.seed)
+        detach = bench_models.attach_method(model, method, adapters, s.seed).detach
         try:
             _enter_mode(model, a.mode, s)
             measure_case(model, ids, mask, a.mode, s)  # warm-up: compiles and CUDA graphs happen here

@@ -7,9 +7,11 @@ routers are scaled so that their logits are O(1) and different tokens pick diffe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ContextManager
 
 import torch
 import torch.nn as nn
@@ -136,14 +138,23 @@ def randomize_adapter_(model: nn.Module, seed: int = 0, std: float = WEIGHT_STD)
         p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]) if is_router else std, generator=gen)
 
 
-def attach_method(model: nn.Module, method: str, adapters: dict[str, dict], seed: int = 0) -> Callable[[], None]:
-    """Put ``method``'s adapter (random weights) on ``model``; return the function that takes it
-    off again, leaving the shared base weights as they were."""
+@dataclass
+class Attached:
+    """A method on the benchmark model: ``detach()`` takes it off for good (the shared base
+    weights as they were); ``with disabled():`` runs the plain base model for a moment and puts
+    the method back (paired base-vs-method timing)."""
+
+    detach: Callable[[], None]
+    disabled: Callable[[], ContextManager[Any]]
+
+
+def attach_method(model: nn.Module, method: str, adapters: dict[str, dict], seed: int = 0) -> Attached:
+    """Put ``method``'s adapter (random weights) on ``model``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     family, fixed = METHODS[method]
     if family is None:
-        return lambda: None
+        return Attached(lambda: None, contextlib.nullcontext)
     if family == "reference_mixlora":
         return attach_reference_mixlora(model, adapters["mixlora"], seed)
     cfg = moelora.config_from_dict({**adapters[family], **fixed})
@@ -154,10 +165,10 @@ def attach_method(model: nn.Module, method: str, adapters: dict[str, dict], seed
         from moelora.layers.lora_switch import switch_state
 
         switch_state(model).force_merge = True
-    return lambda: moelora.remove_adapter(model)
+    return Attached(lambda: moelora.remove_adapter(model), lambda: moelora.disable_adapter(model))
 
 
-def attach_reference_mixlora(model: nn.Module, mix: dict, seed: int = 0) -> Callable[[], None]:
+def attach_reference_mixlora(model: nn.Module, mix: dict, seed: int = 0) -> Attached:
     """The reference ``mixlora`` package's adapter with random weights of the same shapes as
     ours (as tests/test_mixlora.py writes them), injected with ``mixlora.inject_adapter_in_model``."""
     import mixlora
@@ -207,14 +218,38 @@ def attach_reference_mixlora(model: nn.Module, mix: dict, seed: int = 0) -> Call
             for lin in moe.experts_.values():
                 lin.eval()
 
-    def detach() -> None:
+    def take_off() -> list[tuple]:
+        """Put the base modules back; return what was taken off (for ``put_back``)."""
+        taken = []
         for layer in model.model.layers:
             for p in attn:
                 lin = getattr(layer.self_attn, p)
                 if hasattr(lin, "base_layer_"):
+                    taken.append((layer.self_attn, p, lin))
                     setattr(layer.self_attn, p, lin.base_layer_)
-            layer.mlp.__dict__.pop("forward", None)  # the reference patched the instance's forward
-            layer.mlp.__dict__.pop("mixlora_moes", None)
+            for key in ("forward", "mixlora_moes"):  # the reference patched the instance's forward
+                if key in layer.mlp.__dict__:
+                    taken.append((layer.mlp.__dict__, key, layer.mlp.__dict__.pop(key)))
+        return taken
+
+    def put_back(taken: list[tuple]) -> None:
+        for owner, key, value in taken:
+            if isinstance(owner, dict):
+                owner[key] = value
+            else:
+                setattr(owner, key, value)
+
+    @contextlib.contextmanager
+    def disabled():
+        taken = take_off()
+        try:
+            yield model
+        finally:
+            put_back(taken)
+
+    def detach() -> None:
+        take_off()
         model.__dict__.pop("_mixlora_config", None)
 
-    return detach
+    return Attached(detach, disabled)
+

@@ -22,14 +22,17 @@ log = logging.getLogger("moelora.bench")
 JSON_NAME, CSV_NAME, SUMMARY_CSV_NAME = "bench.json", "bench.csv", "bench_summary.csv"
 COLUMNS = ("method", "mode", "batch_size", "prompt_len", "new_tokens", "round", "prefill_ms", "decode_ms_per_token",
            "decode_ms_best", "step_ms_p50", "step_ms_p90", "decode_tokens_per_s", "total_ms", "peak_mem_mb",
-           "prefill_ratio", "decode_ratio", "decode_ratio_best", "step_p50_ratio", "decode_ratio_vs_base_eager",
-           "reference_speedup", "reference_speedup_best",
+           "prefill_ratio", "decode_ratio", "decode_ratio_best", "paired_base_ms_per_token", "decode_ratio_paired",
+           "step_p50_ratio", "decode_ratio_vs_base_eager", "reference_speedup", "reference_speedup_best",
+           "reference_speedup_paired",
            "hf_generate_ms_per_token", "harness_ratio", "selection_change_rate", "decode_graphs", "error")
 REFERENCE = "reference_mixlora"  # reference_speedup: its eager decode time over the row's
 # what summarize_rounds reports per case: the median over rounds, and for the ratios also min/max
 MEDIAN_KEYS = ("prefill_ms", "decode_ms_per_token", "step_ms_p50", "step_ms_p90", "decode_tokens_per_s",
-               "peak_mem_mb", "hf_generate_ms_per_token", "harness_ratio", "selection_change_rate", "decode_graphs")
-SPREAD_KEYS = ("decode_ratio", "decode_ratio_vs_base_eager", "reference_speedup")
+               "peak_mem_mb", "paired_base_ms_per_token", "hf_generate_ms_per_token", "harness_ratio",
+               "selection_change_rate", "decode_graphs")
+SPREAD_KEYS = ("decode_ratio", "decode_ratio_paired", "decode_ratio_vs_base_eager", "reference_speedup",
+               "reference_speedup_paired")
 BEST_KEYS = ("decode_ms_best", "decode_ratio_best", "reference_speedup_best")  # over all rounds' repeats
 SUMMARY_COLUMNS = (("method", "mode", "batch_size", "prompt_len", "new_tokens", "rounds") + MEDIAN_KEYS
                    + tuple(f"{k}{suffix}" for k in SPREAD_KEYS for suffix in ("", "_min", "_max")) + BEST_KEYS
@@ -76,7 +79,8 @@ def environment(model, device: torch.device, command: str) -> dict[str, Any]:
 
 def add_ratios(rows: list[dict]) -> None:
     """Ratios of every row to ``base`` of the same round/mode/B/P (and to base eager), and the
-    speed-up over the reference MixLoRA (eager, same round/B/P), in place."""
+    speed-up over the reference MixLoRA (eager, same round/B/P; ``_paired``: from the paired
+    ratios, each against the base timed beside it), in place."""
     def case(r: dict, mode: str) -> tuple:
         return r.get("round", 0), mode, r["batch_size"], r["prompt_len"]
 
@@ -93,6 +97,8 @@ def add_ratios(rows: list[dict]) -> None:
         r["decode_ratio_vs_base_eager"] = _div(d, be["decode_ms_per_token"] if be else None)
         r["reference_speedup"] = _div(re["decode_ms_per_token"] if re else None, d)
         r["reference_speedup_best"] = _div(re.get("decode_ms_best") if re else None, r.get("decode_ms_best"))
+        own = 1.0 if r["method"] == "base" else r.get("decode_ratio_paired")  # the base is its own pair
+        r["reference_speedup_paired"] = _div(re.get("decode_ratio_paired") if re else None, own)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -239,8 +245,9 @@ def format_table(result: dict) -> str:
     env = result["environment"]
     summary = result.get("summary")
     rows = summary or result["rows"]
-    head = ["method", "mode", "B", "P", "prefill ms", "decode ms/tok", "best", "p50", "p90", "tok/s", "peak MB",
-            "× base", "× base (best)", "× base eager", "× faster than ref", "(best)", "harness / HF", "graphs", "error"]
+    head = ["method", "mode", "B", "P", "prefill ms", "decode ms/tok", "best", "tok/s", "peak MB", "× base",
+            "paired", "(best)", "× base eager", "× faster than ref", "paired", "(best)", "harness / HF", "graphs",
+            "error"]
     lines = [(f"# moelora latency: {env['device']} | torch {env['torch']} | transformers {env['transformers']}"
               f" | triton {env['triton']} | {env['model_dtype']}"),
              f"# command: {env['command']}"]
@@ -250,10 +257,11 @@ def format_table(result: dict) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], r["mode"], r["batch_size"], r["prompt_len"], _fmt(r.get("prefill_ms")),
-                 _fmt(r.get("decode_ms_per_token")), _fmt(r.get("decode_ms_best")), _fmt(r.get("step_ms_p50")),
-                 _fmt(r.get("step_ms_p90")), _fmt(r.get("decode_tokens_per_s"), 1), _fmt(r.get("peak_mem_mb"), 0),
-                 _spread(r, "decode_ratio"), _fmt(r.get("decode_ratio_best")), _spread(r, "decode_ratio_vs_base_eager"),
-                 _spread(r, "reference_speedup"), _fmt(r.get("reference_speedup_best")),
+                 _fmt(r.get("decode_ms_per_token")), _fmt(r.get("decode_ms_best")),
+                 _fmt(r.get("decode_tokens_per_s"), 1), _fmt(r.get("peak_mem_mb"), 0), _spread(r, "decode_ratio"),
+                 _spread(r, "decode_ratio_paired"), _fmt(r.get("decode_ratio_best")),
+                 _spread(r, "decode_ratio_vs_base_eager"), _spread(r, "reference_speedup"),
+                 _spread(r, "reference_speedup_paired"), _fmt(r.get("reference_speedup_best")),
                  _fmt(r.get("harness_ratio"), 3), r.get("decode_graphs", ""), (r.get("error") or "")[:80]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out = result.get("settings", {}).get("out_dir")

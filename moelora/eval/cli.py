@@ -165,7 +165,7 @@ def bench_settings_from_config(cfg: DictConfig):
         case_timeout_s=cfg.case_timeout_s, time_budget_s=cfg.time_budget_s, out_dir=str(cfg.paths.output_dir),
         command="moelora-bench " + " ".join(overrides), plots=cfg.plots,
         decode_graphs=cfg.get("decode_graphs", True), rounds=cfg.get("rounds", 1),
-        check_harness=cfg.get("check_harness", True),
+        check_harness=cfg.get("check_harness", True), paired=cfg.get("paired", True),
     ).validate()
 
 

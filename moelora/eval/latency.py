@@ -21,6 +21,12 @@ same count. Per case (method, mode, batch size B, prompt length P):
   ``generate`` without the step timer, interleaved with the timed runs; ``harness_ratio`` is the
   harness's decode time over it (what the per-step CUDA events cost).
 
+**Paired** (``paired``, eager mode): every repeat of an adapted method is paired with a repeat of
+the plain base model right before or after it (alternating), the adapter swapped out for it with
+``moelora.disable_adapter`` (the reference package's modules likewise): ``decode_ratio_paired`` is
+the median of the per-pair ratios and ``reference_speedup_paired`` the reference's paired ratio
+over the row's, so host drift between cases cancels.
+
 **Rounds** (``rounds > 1``): eager decoding at small batch is host-bound, and a lent machine's
 host speed drifts by tens of percent over minutes (experiments/2026-12-01_decode_graphs_h200:
 base eager 23-33 ms/token between calls). The whole method loop then runs ``rounds`` times, in
@@ -49,10 +55,10 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
@@ -94,6 +100,7 @@ class BenchSettings:
     decode_graphs: bool = True  # eager decoding replays adapted modules as CUDA graphs (moelora.set_decode_graphs)
     rounds: int = 1  # the whole method loop this many times, reversed every other round (module docstring)
     check_harness: bool = True  # base rows: also time plain generate without the step timer
+    paired: bool = True  # eager rows of adapted methods: time the base beside every repeat (module docstring)
 
     def validate(self) -> "BenchSettings":
         bad = [m for m in self.methods if m not in bench_models.METHODS]
@@ -209,23 +216,35 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: BenchSettings,
-                 plain: bool = False) -> dict[str, Any]:
+                 plain: bool = False, base_of: Callable[[], ContextManager[Any]] | None = None) -> dict[str, Any]:
     """Time one (method, mode, B, P) case; see the module docstring for the numbers.
-    ``plain``: also time plain generate (no step timer), each repeat right after the timed one."""
+    ``plain``: also time plain generate (no step timer), each repeat right after the timed one.
+    ``base_of``: a context manager factory under which the model is the plain base: each repeat
+    is then paired with a base repeat, before it on odd repeats and after it on even ones."""
     n = s.new_tokens
     deadline = time.monotonic() + s.case_timeout_s
+    def base_decode() -> float:
+        with base_of():
+            t1 = _timed(model, ids, mask, 1, mode, deadline)[0]
+            return (_timed(model, ids, mask, n + 1, mode, deadline)[0] - t1) / n
+
     for _ in range(s.warmup):  # the long run first: the static cache keeps its larger size
         _timed(model, ids, mask, n + 1, mode, deadline)
         _timed(model, ids, mask, 1, mode, deadline)
+        if base_of is not None:
+            base_decode()
     if ids.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ids.device)
-    t1s, tns, steps, plain_decode, started = [], [], [], [], []
-    for _ in range(s.repeats):
+    t1s, tns, steps, plain_decode, started, paired = [], [], [], [], [], []
+    for i in range(s.repeats):
         started.append(round(time.time(), 3))  # wall clock: lines the repeats up with nvidia-smi dmon / host logs
+        before = base_decode() if base_of is not None and i % 2 else None
         t1s.append(_timed(model, ids, mask, 1, mode, deadline)[0])
         tn, st = _timed(model, ids, mask, n + 1, mode, deadline)
         tns.append(tn)
         steps += st
+        if base_of is not None:
+            paired.append(before if before is not None else base_decode())
         if plain:
             p1 = _timed(model, ids, mask, 1, mode, deadline, stamps=False)[0]
             plain_decode.append((_timed(model, ids, mask, n + 1, mode, deadline, stamps=False)[0] - p1) / n)
@@ -236,6 +255,9 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
     if plain_decode:
         hf = statistics.median(plain_decode)
         extra = {"hf_generate_ms_per_token": hf, "harness_ratio": decode / hf if hf > 0 else None}
+    if paired:
+        extra.update(paired_base_ms_per_token=statistics.median(paired), paired_base_ms_repeats=paired,
+                     decode_ratio_paired=statistics.median(r / b for r, b in zip(repeats, paired) if b > 0))
     return {
         "prefill_ms": statistics.median(t1s),
         "total_ms": statistics.median(tns),
@@ -345,9 +367,9 @@ def _run_method(model, method: str, rnd: int, s: BenchSettings, adapters: dict, 
                 out: Path | None, t_start: float, fingerprint: torch.Tensor) -> None:
     """Attach ``method``, measure its cases in every mode, detach; rows go to ``result["rows"]``."""
     env = result["environment"]
-    detach = None
+    attached = None
     try:
-        detach = bench_models.attach_method(model, method, adapters, s.seed)
+        attached = bench_models.attach_method(model, method, adapters, s.seed)
         attach_error = None
     except Exception as err:  # noqa: BLE001 - recorded in the rows, the run goes on
         attach_error = f"attach failed: {type(err).__name__}: {err}"
@@ -369,8 +391,9 @@ def _run_method(model, method: str, rnd: int, s: BenchSettings, adapters: dict, 
             else:
                 log.info("measuring %s / %s / B=%d P=%d (round %d)", method, mode, B, P, rnd)
                 try:
-                    plain = s.check_harness and bench_models.METHODS[method][0] is None
-                    row.update(measure_case(model, ids, mask, mode, s, plain=plain))
+                    is_base = bench_models.METHODS[method][0] is None
+                    pair = attached.disabled if s.paired and mode == "eager" and not is_base else None
+                    row.update(measure_case(model, ids, mask, mode, s, plain=s.check_harness and is_base, base_of=pair))
                     row.update(_switch_stats(model, ids, mask, mode, s))
                 except Exception as err:  # noqa: BLE001 - compile failure, OOM, timeout...
                     row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
@@ -382,9 +405,9 @@ def _run_method(model, method: str, rnd: int, s: BenchSettings, adapters: dict, 
             if out is not None:
                 bench_output.write_tables(result, out)
     _reset_compiled(model)
-    if detach is not None:
+    if attached is not None:
         try:
-            detach()
+            attached.detach()
         except Exception as err:  # noqa: BLE001 - a broken detach would poison later methods
             raise RuntimeError(f"could not remove the {method} adapter; stopping the benchmark") from err
     same = bool(torch.equal(weight_fingerprint(model), fingerprint))
@@ -437,6 +460,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchSettings:
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.add_argument("--rounds", type=int, default=d.rounds,
                    help="run the method loop this many times, reversed every other round; the summary takes medians")
+    p.add_argument("--no-paired", dest="paired", action="store_false",
+                   help="eager: do not time the base model beside every repeat of an adapted method")
     p.add_argument("--no-harness-check", dest="check_harness", action="store_false",
                    help="base rows: skip timing plain generate without the step timer")
     p.add_argument("--no-decode-graphs", dest="decode_graphs", action="store_false",

@@ -31,6 +31,7 @@ class RoutingContext:
     last: dict[int, LayerRouting] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     past_tokens: int = 0  # tokens already in the forward's dynamic KV cache (0: prefill or unknown)
+    disabled: bool = False  # inside moelora.disable_adapter: the hooks do nothing, the base modules run
     _mask_cache: tuple | None = field(default=None, repr=False)  # (attention_mask, (B, T), mask)
 
     def token_mask_for(self, batch: int, seq: int) -> torch.Tensor | None:

@@ -160,6 +160,8 @@ class TorchMergePlan:
 
 def _route_at_first_layer(router: TopKRouter, state: SwitchState, context: RoutingContext, model: nn.Module):
     def hook(module, args, kwargs):
+        if context.disabled:  # moelora.disable_adapter: the base model runs
+            return
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
         B, T, D = hidden.shape
         mask = context.token_mask_for(B, T)
