@@ -29,6 +29,9 @@ D, FF, E, R, K = 4096, 11008, 8, 16, 2
 # num_warps, programs)
 CONFIGS = {False: list(itertools.product((256, 1024), (64, 128), (4, 8), (66, 132))),
            True: list(itertools.product((32, 64, 128, 256), (64, 128), (4, 8), (66, 132)))}
+# --warps: the split form on the production grid (programs=None: one program per token and column
+# block) at chunk 256, over block width and warps (moelora_kernels.ops._tiles picks the warps by T)
+WARPS_CONFIGS = list(itertools.product((256,), (64, 128), (2, 4, 8), (None,)))
 
 
 def bench_us(fn) -> float:
@@ -81,9 +84,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--tokens", default="1,8")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="a few configs only")
+    p.add_argument("--warps", action="store_true", help="split form only, production grid, over block and warps")
     a = p.parse_args(argv)
     dev, dt = "cuda", torch.bfloat16
     configs = {k: v[::5] for k, v in CONFIGS.items()} if a.quick else CONFIGS
+    if a.warps:
+        configs = {True: WARPS_CONFIGS}
     rows = []
     for T in (int(t) for t in a.tokens.split(",")):
         kernels, baselines = cases(T, dev, dt)
@@ -91,13 +97,13 @@ def main(argv=None) -> list[dict]:
             rows.append({"T": T, "case": name, "config": "", "us": bench_us(fn)})
             print(f"T={T} {name:<58} {rows[-1]['us']:8.2f} us", flush=True)
         for name, fn in kernels.items():
-            for split in (False, True):
+            for split in configs:
                 form = "split" if split else "one-launch"
                 best = None
                 for bd, bn, nw, pr in configs[split]:
                     us = bench_us(lambda: fn(bd, bn, nw, pr, split))
                     rows.append({"T": T, "case": f"{name} [{form}]", "config": f"{'c' if split else 'd'}{bd} n{bn} "
-                                 f"w{nw} p{pr}", "us": us})
+                                 f"w{nw} p{pr or 'auto'}", "us": us})
                     best = rows[-1] if best is None or us < best["us"] else best
                 best["best"] = True
                 print(f"T={T} {name + ' [' + form + ']':<58} best {best['us']:8.2f} us ({best['config']})", flush=True)

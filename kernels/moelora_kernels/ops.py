@@ -34,9 +34,19 @@ from torch import Tensor
 from . import mixlora_ffn
 
 # Split-form tiles: the best configs of benchmark_decode_kernels.py on the H100 at the
-# Llama-2-7B decode shapes (4.1-5.0 µs per delta inside a CUDA graph).
+# Llama-2-7B decode shapes at 1 and 8 tokens (4.1-5.0 µs per delta inside a CUDA graph).
 _LORA_TILES = dict(split=True, chunk=256, block_n=64, num_warps=8)
 _HIDDEN_CHUNK, _HIDDEN_TILES = 256, dict(block_f=128, num_warps=8)
+# From this many tokens on, the split grids (one program per token and column block: 32 x 64
+# programs for a 4096-wide expand at 32 tokens) run several waves of 8-warp programs on 132 SMs,
+# and each program is a short chain of dependent loads: 4 warps fit twice as many programs per
+# wave (H200 profile, batch 32 compiled: the expand averaged 15.6 µs per call, 2.5 ms per token).
+_MANY_TOKENS = 16
+
+
+def _tiles(tiles: dict, tokens: int) -> dict:
+    """The split-form launch config for ``tokens`` tokens."""
+    return tiles if tokens < _MANY_TOKENS else {**tiles, "num_warps": 4}
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -64,7 +74,7 @@ def linear_lora_delta_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
     The delta is computed on a side stream during the GEMM (see the module docstring)."""
     delta = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     join = _launch_beside(x.device, lambda: mixlora_ffn.lora_decode_add_(None, x, lora_A, lora_B, idx, gate, scaling,
-                                                                         out=delta, **_LORA_TILES))
+                                                                         out=delta, **_tiles(_LORA_TILES, x.shape[0])))
     y = F.linear(x, weight, bias)
     join()
     return y, delta
@@ -95,14 +105,15 @@ def mixlora_ffn_delta_op(x: Tensor, gate_w: Tensor, gate_b: Optional[Tensor], up
     u0 = F.linear(x, up_w, up_b)
     join()
     h, h_mix, idx, weight, probs = mixlora_ffn.expert_hidden_from_partials(g0, u0, b_gate, b_up, parts, top_k,
-                                                                          scaling, act, **_HIDDEN_TILES)
+                                                                          scaling, act, **_tiles(_HIDDEN_TILES, x.shape[0]))
     if a_down is None:
         delta = torch.zeros(x.shape[0], down_w.shape[0], dtype=torch.float32, device=dev)
         join = lambda: None  # noqa: E731
     else:
         delta = torch.empty(x.shape[0], down_w.shape[0], dtype=torch.float32, device=dev)
         join = _launch_beside(dev, lambda: mixlora_ffn.lora_decode_add_(None, h, a_down, b_down, idx, weight,
-                                                                        down_scaling, out=delta, **_LORA_TILES))
+                                                                        down_scaling, out=delta,
+                                                                        **_tiles(_LORA_TILES, x.shape[0])))
     y = F.linear(h_mix, down_w, down_b)
     join()
     return y, delta, idx, weight, probs
@@ -129,7 +140,7 @@ def linear_with_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Ten
         y, delta = linear_lora_delta_op(x, weight, bias, lora_A, lora_B, idx, gate, float(scaling))
         return _plus(y, delta)
     y = F.linear(x, weight, bias)
-    tiles = _LORA_TILES if _capturing(x) else {}
+    tiles = _tiles(_LORA_TILES, x.shape[0]) if _capturing(x) else {}
     return mixlora_ffn.lora_decode_add_(y, x, lora_A, lora_B, idx, gate, scaling, **tiles)
 
 
@@ -150,12 +161,12 @@ def mixlora_ffn_decode(x: Tensor, gate_w: Tensor, gate_b: Tensor | None, up_w: T
     graph = _capturing(x)
     g0 = F.linear(x, gate_w, gate_b)  # frozen, once for all experts
     u0 = F.linear(x, up_w, up_b)
-    split = dict(split=True, chunk=_HIDDEN_CHUNK, **_HIDDEN_TILES) if graph else {}
+    split = dict(split=True, chunk=_HIDDEN_CHUNK, **_tiles(_HIDDEN_TILES, x.shape[0])) if graph else {}
     h, h_mix, idx, weight, probs = mixlora_ffn.mixlora_expert_hidden(
         x, g0, u0, a_gate, b_gate, a_up, b_up, scaling=scaling, act=act, router_weight=router_weight, top_k=top_k,
         **split)
     y = F.linear(h_mix, down_w, down_b)
     if a_down is not None:
         y = mixlora_ffn.lora_decode_add_(y, h, a_down, b_down, idx, weight, down_scaling,
-                                         **(_LORA_TILES if graph else {}))
+                                         **(_tiles(_LORA_TILES, x.shape[0]) if graph else {}))
     return y, idx, weight, probs

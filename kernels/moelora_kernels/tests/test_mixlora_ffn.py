@@ -208,21 +208,27 @@ def test_custom_ops_pass_opcheck_and_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_split_forms_bf16_llama_shape_on_gpu():
-    """The CUDA-graph (split) forms at the Llama-2-7B decode shape agree with the references."""
-    x, g0, u0, a_g, b_g, a_u, b_u, _, _ = _inputs(1, 4096, 11008, 8, 16, 2, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("T", [1, 32])
+def test_split_forms_bf16_llama_shape_on_gpu(T):
+    """The CUDA-graph (split) forms at the Llama-2-7B decode shape, with the launch configs the
+    ops use at this token count (ops._tiles), agree with the references."""
+    from moelora_kernels import ops
+
+    x, g0, u0, a_g, b_g, a_u, b_u, _, _ = _inputs(T, 4096, 11008, 8, 16, 2, torch.bfloat16, "cuda")
     wr = torch.randn(8, 4096, device="cuda") * 0.05
     h, hm, idx, w, probs = mixlora_expert_hidden(x, g0, u0, a_g, b_g, a_u, b_u, scaling=2.0, router_weight=wr,
-                                                 top_k=2, split=True)
+                                                 top_k=2, split=True, chunk=ops._HIDDEN_CHUNK,
+                                                 **ops._tiles(ops._HIDDEN_TILES, T))
     ridx, rw, _ = route_topk_reference(x, wr, 2)
     assert torch.equal(torch.sort(idx, -1).values, torch.sort(ridx, -1).values)
     rh, rhm = mixlora_expert_hidden_reference(x, g0, u0, a_g, b_g, a_u, b_u, idx, w, 2.0)
     a_d, b_d = a_g[:, :, :4096].clone(), b_g[:, :4096].clone()
     for a, b in ((h, rh), (hm, rhm)):
         assert (a.float() - b.float()).norm() / b.float().norm() < 1e-2
+    tiles = {k: v for k, v in ops._tiles(ops._LORA_TILES, T).items() if k != "split"}
     for xin, a, b in ((x, a_d, b_d), (h, torch.randn(8, 16, 11008, device="cuda").bfloat16() * 0.02, b_d)):
-        y0 = torch.randn(1, 4096, device="cuda").bfloat16()
-        out = lora_decode_add_(y0, xin, a, b, idx, w, 2.0, out=torch.empty_like(y0), split=True)
+        y0 = torch.randn(T, 4096, device="cuda").bfloat16()
+        out = lora_decode_add_(y0, xin, a, b, idx, w, 2.0, out=torch.empty_like(y0), split=True, **tiles)
         ref = lora_decode_add_reference(y0.clone(), xin, a, b, idx, w, 2.0)
         assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
 
