@@ -38,33 +38,20 @@ from . import mixlora_ffn
 _LORA_TILES = dict(split=True, chunk=256, block_n=64, num_warps=8)
 _HIDDEN_CHUNK, _HIDDEN_TILES = 256, dict(block_f=128, num_warps=8)
 # From this many tokens on, the split grids (one program per token and column block: 32 x 64
-# programs for a 4096-wide expand at 32 tokens) run several waves of 8-warp programs on 132 SMs,
-# and each program is a short chain of dependent loads: 4 warps fit twice as many programs per
-# wave (H200 profile, batch 32 compiled: the expand averaged 15.6 µs per call, 2.5 ms per token).
+# programs for a 4096-wide expand at 32 tokens) run several waves of 8-warp programs, each a
+# short chain of dependent loads, so wider blocks of few warps win: at 32 tokens on the H200
+# (benchmark_decode_kernels.py --warps, experiments/2026-12-01_decode_latency) the per-slot down
+# delta took 18.3 µs at 64 cols x 8 warps, 15.7 at 64 x 4, 10.6 at 128 x 2; the MoE hidden
+# kernel 32.0 / 30.2 / 28.8 µs (128 cols x 8 / 4 / 2 warps). At 1 token 8 warps stay best.
 _MANY_TOKENS = 16
 
 
 def _tiles(tiles: dict, tokens: int) -> dict:
     """The split-form launch config for ``tokens`` tokens."""
-    return tiles if tokens < _MANY_TOKENS else {**tiles, "num_warps": 4}
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _launch_beside(device: torch.device, launch: Callable[[], object]) -> Callable[[], None]:
-    """Run ``launch`` (kernel launches only: its outputs must be allocated by the caller, on the
-    current stream) on a side stream that first waits for the work queued so far; returns
-    ``join()``, which makes the current stream wait for it. On CPU it runs in line."""
-    if device.type != "cuda":
-        launch()
-        return lambda: None
-    main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.get(device.index)
-    if side is None:  # from PyTorch's stream pool: no CUDA call, safe while a graph is captured
-        side = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device, priority=-1)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        launch()
-    return lambda: main.wait_stream(side)
+    if tokens < _MANY_TOKENS:
+        return tiles
+    width = "block_f" if "block_f" in tiles else "block_n"
+    return {**tiles, width: 128, "num_warps": 2}
 
 
 @torch.library.custom_op("moelora::linear_lora_delta", mutates_args=())
