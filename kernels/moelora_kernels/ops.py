@@ -54,6 +54,26 @@ def _tiles(tiles: dict, tokens: int) -> dict:
     return {**tiles, width: 128, "num_warps": 2}
 
 
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _launch_beside(device: torch.device, launch: Callable[[], object]) -> Callable[[], None]:
+    """Run ``launch`` (kernel launches only: its outputs must be allocated by the caller, on the
+    current stream) on a side stream that first waits for the work queued so far; returns
+    ``join()``, which makes the current stream wait for it. On CPU it runs in line."""
+    if device.type != "cuda":
+        launch()
+        return lambda: None
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device.index)
+    if side is None:  # from PyTorch's stream pool: no CUDA call, safe while a graph is captured
+        side = _SIDE_STREAMS[device.index] = torch.cuda.Stream(device, priority=-1)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        launch()
+    return lambda: main.wait_stream(side)
+
+
 @torch.library.custom_op("moelora::linear_lora_delta", mutates_args=())
 def linear_lora_delta_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                          idx: Optional[Tensor], gate: Optional[Tensor], scaling: float) -> tuple[Tensor, Tensor]:
