@@ -206,6 +206,30 @@ def test_custom_ops_pass_opcheck_and_compile():
         torch.testing.assert_close(eager[0], ref[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not INTERP and not CUDA, reason="needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.parametrize("T", [3, 17])
+def test_split_forms_with_the_ops_launch_configs_match_references(T):
+    """The split forms with the block widths the ops pick at T tokens (ops._tiles: wider blocks
+    from 16 tokens on), fp32, odd sizes that leave partial blocks and chunks."""
+    from moelora_kernels import ops
+
+    dev = "cuda" if CUDA else "cpu"
+    D, FF, E, R, K = 300, 270, 5, 6, 2
+    x, g0, u0, a_g, b_g, a_u, b_u, _, _ = _inputs(T, D, FF, E, R, K, torch.float32, dev, seed=T)
+    wr = torch.randn(E, D, generator=torch.Generator().manual_seed(4)).to(dev)
+    h, hm, idx, w, _ = mixlora_expert_hidden(x, g0, u0, a_g, b_g, a_u, b_u, scaling=0.5, router_weight=wr, top_k=K,
+                                             split=True, chunk=ops._HIDDEN_CHUNK, **ops._tiles(ops._HIDDEN_TILES, T))
+    rh, rhm = mixlora_expert_hidden_reference(x, g0, u0, a_g, b_g, a_u, b_u, idx, w, 0.5)
+    torch.testing.assert_close(h, rh, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hm, rhm, atol=1e-4, rtol=1e-4)
+    tiles = {k: v for k, v in ops._tiles(ops._LORA_TILES, T).items() if k != "split"}
+    a_d = (torch.randn(E, R, FF, generator=torch.Generator().manual_seed(5)) * 0.3).to(dev)
+    b_d = (torch.randn(E, D, R, generator=torch.Generator().manual_seed(6)) * 0.3).to(dev)
+    y0 = torch.randn(T, D, generator=torch.Generator().manual_seed(7)).to(dev)
+    out = lora_decode_add_(y0, h, a_d, b_d, idx, w, 2.0, out=torch.empty_like(y0), split=True, **tiles)
+    torch.testing.assert_close(out, lora_decode_add_reference(y0.clone(), h, a_d, b_d, idx, w, 2.0), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("T", [1, 32])
