@@ -32,7 +32,7 @@ def tiny_outputs(tmp_path_factory) -> dict[str, str]:
         write_routing_report(report, root / "eval")
         (root / "eval" / "results.md").write_text("| task | acc |\n|---|---|\n| add | 0.5 |\n")
         run_benchmark(BenchSettings(model="tiny_shape", methods=("base", "lora"), batch_sizes=(1, 2), prompt_lens=(4,),
-                                    new_tokens=2, modes=("eager",), repeats=1, warmup=0, r=4,
+                                    new_tokens=2, modes=("eager",), repeats=1, warmup=0, r=4, rounds=2,
                                     out_dir=str(root / "bench"), plots=False))
     finally:
         torch.set_num_threads(n_threads)

@@ -40,9 +40,17 @@ SUMMARY_COLUMNS = (("method", "mode", "batch_size", "prompt_len", "new_tokens", 
 
 
 def _version(module: str) -> str | None:
+    """``module.__version__``, else the installed distribution's version (the reference
+    ``mixlora`` package has no ``__version__``), else None (missing or broken)."""
     try:
         return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - missing or broken optional package
+    except Exception:  # noqa: BLE001 - missing or broken optional package, or no __version__
+        pass
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001
         return None
 
 
