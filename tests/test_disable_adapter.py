@@ -89,3 +89,22 @@ def test_no_adapter_is_a_no_op():
     model = make_tiny("llama")
     with moelora.disable_adapter(model) as m:
         assert m is model
+
+
+def test_a_compiled_forward_follows_the_swap():
+    """torch.compile guards on the module tree: inside the block the compiled model is the base,
+    after it the adapter again (dynamo with the eager backend: the guards, not Inductor)."""
+    model = make_tiny("llama")
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids).logits
+    moelora.inject_adapter(model, CONFIGS["mixlora"]())
+    randomize_adapter_(model)
+    model.eval()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        adapted = model(ids).logits
+        for _ in range(2):
+            torch.testing.assert_close(compiled(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+            with moelora.disable_adapter(model):
+                torch.testing.assert_close(compiled(ids).logits, base, atol=1e-5, rtol=1e-5)
