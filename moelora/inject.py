@@ -196,10 +196,10 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     call, no adapter math, no router, no aux loss), so the base runs exactly as it did before
     ``inject_adapter``; LoRA deltas folded in by ``merge_lora`` and a merged LoRA-Switch selection
     are taken back out of the weights first (``merge_lora``'d ones are folded in again on exit).
-    Swapping costs one ``setattr`` per adapted module; a ``torch.compile``'d model follows the swap
-    (its guards see the other module tree and it compiles for it: tested). No-op without an adapter or when already disabled;
-    the adapted modules return on exit (also after an exception), in the model's current
-    train/eval mode."""
+    Swapping costs one ``setattr`` per adapted module; a ``torch.compile``'d model follows the
+    swap (its guards see the other module tree and it compiles for it). No-op without an adapter
+    or when already disabled; the adapted modules return on exit (also after an exception), in
+    the model's current train/eval mode."""
     ctx: RoutingContext | None = getattr(model, "_moelora_context", None)
     if ctx is None or ctx.disabled:
         yield model
