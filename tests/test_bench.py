@@ -298,3 +298,30 @@ def test_host_gpu_monitor_logs_until_terminated(tmp_path):
     assert len(rows) >= 2
     now = time.time()
     assert all(now - 120 < float(r["t"]) <= now and float(r["probe_ms"]) > 0 for r in rows)
+
+
+def test_a_prefill_slower_than_the_long_run_is_flagged_not_hidden(monkeypatch):
+    """Noise can make t(1 new) > t(N+1 new) in one repeat: that repeat's decode time is <= 0. It is
+    counted and kept out of the paired ratio; the best-of uses the fastest runs of each length."""
+    times = iter([50.0, 40.0,            # repeat 0: prefill-only 50 ms, long run 40 ms -> decode < 0
+                  10.0, 70.0, 10.0, 40.0,  # its base pair (repeat 0: after), repeat 1's base pair (before)
+                  12.0, 72.0,            # repeat 1
+                  ])
+
+    def fake_timed(model, ids, mask, n_new, mode, deadline, stamps=True):
+        return next(times), []
+
+    monkeypatch.setattr(latency, "_timed", fake_timed)
+    s = _small(repeats=2, warmup=0, new_tokens=3)
+    row = latency.measure_case(torch.nn.Linear(1, 1), torch.zeros(1, 2, dtype=torch.long), None, "eager", s,
+                               base_of=__import__("contextlib").nullcontext)
+    assert row["decode_ms_repeats"] == pytest.approx([-10 / 3, 20.0])
+    assert row["paired_base_ms_repeats"] == pytest.approx([20.0, 10.0])
+    assert row["nonpositive_repeats"] == 1
+    assert row["decode_ratio_paired"] == pytest.approx(2.0)  # repeat 1 only
+    assert row["decode_ms_best"] == pytest.approx((40.0 - 12.0) / 3)
+    table = bench_output.format_table({"environment": {"device": "x", "torch": "t", "transformers": "t", "triton": "t",
+                                                       "model_dtype": "f", "command": "c"},
+                                       "rows": [{"method": "mixlora", "mode": "eager", "batch_size": 1, "prompt_len": 2,
+                                                 **row}]})
+    assert "noisy: 1 repeat(s) with decode <= 0" in table

@@ -25,7 +25,8 @@ COLUMNS = ("method", "mode", "batch_size", "prompt_len", "new_tokens", "round", 
            "prefill_ratio", "decode_ratio", "decode_ratio_best", "paired_base_ms_per_token", "decode_ratio_paired",
            "step_p50_ratio", "decode_ratio_vs_base_eager", "reference_speedup", "reference_speedup_best",
            "reference_speedup_paired",
-           "hf_generate_ms_per_token", "harness_ratio", "selection_change_rate", "decode_graphs", "error")
+           "hf_generate_ms_per_token", "harness_ratio", "selection_change_rate", "decode_graphs",
+           "nonpositive_repeats", "error")
 REFERENCE = "reference_mixlora"  # reference_speedup: its eager decode time over the row's
 # what summarize_rounds reports per case: the median over rounds, and for the ratios also min/max
 MEDIAN_KEYS = ("prefill_ms", "decode_ms_per_token", "step_ms_p50", "step_ms_p90", "decode_tokens_per_s",
@@ -36,7 +37,7 @@ SPREAD_KEYS = ("decode_ratio", "decode_ratio_paired", "decode_ratio_vs_base_eage
 BEST_KEYS = ("decode_ms_best", "decode_ratio_best", "reference_speedup_best")  # over all rounds' repeats
 SUMMARY_COLUMNS = (("method", "mode", "batch_size", "prompt_len", "new_tokens", "rounds") + MEDIAN_KEYS
                    + tuple(f"{k}{suffix}" for k in SPREAD_KEYS for suffix in ("", "_min", "_max")) + BEST_KEYS
-                   + ("error",))
+                   + ("nonpositive_repeats", "error"))
 
 
 def _version(module: str) -> str | None:
@@ -116,8 +117,8 @@ def _div(a: float | None, b: float | None) -> float | None:
 def summarize_rounds(rows: list[dict]) -> list[dict]:
     """One row per (method, mode, B, P) over the rounds of a run: the median of each measured
     value (``MEDIAN_KEYS``) and of each per-round ratio, with the ratios' min and max
-    (``SPREAD_KEYS``); ``decode_ms_best`` is the best repeat of all rounds and the ``_best`` ratios
-    compare those bests. ``rounds`` counts the rounds that measured the case; a case no round
+    (``SPREAD_KEYS``); ``decode_ms_best`` is the smallest of the rounds' best-of estimates and the
+    ``_best`` ratios compare those; ``nonpositive_repeats`` sums the rounds' noisy repeats. ``rounds`` counts the rounds that measured the case; a case no round
     measured keeps the first error."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -138,6 +139,9 @@ def summarize_rounds(rows: list[dict]) -> list[dict]:
         bests = [r["decode_ms_best"] for r in good if r.get("decode_ms_best") is not None]
         if bests:
             row["decode_ms_best"] = min(bests)
+        noisy = sum(r.get("nonpositive_repeats", 0) for r in good)
+        if noisy:
+            row["nonpositive_repeats"] = noisy
         out.append(row)
     by = {(r["method"], r["mode"], r["batch_size"], r["prompt_len"]): r for r in out if r["rounds"]}
     for r in out:  # best-of ratios: bests over all rounds against the base's and the reference's bests
@@ -247,6 +251,13 @@ def _spread(r: dict, key: str) -> str:
     return v
 
 
+def _note(r: dict) -> str:
+    if r.get("error"):
+        return r["error"][:80]
+    n = r.get("nonpositive_repeats")
+    return f"noisy: {n} repeat(s) with decode <= 0" if n else ""
+
+
 def format_table(result: dict) -> str:
     """The final summary: a markdown table of every case (over several rounds: the per-case
     medians, ratios with their range) plus where the files are."""
@@ -270,7 +281,7 @@ def format_table(result: dict) -> str:
                  _spread(r, "decode_ratio_paired"), _fmt(r.get("decode_ratio_best")),
                  _spread(r, "decode_ratio_vs_base_eager"), _spread(r, "reference_speedup"),
                  _spread(r, "reference_speedup_paired"), _fmt(r.get("reference_speedup_best")),
-                 _fmt(r.get("harness_ratio"), 3), r.get("decode_graphs", ""), (r.get("error") or "")[:80]]
+                 _fmt(r.get("harness_ratio"), 3), r.get("decode_graphs", ""), _note(r)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out = result.get("settings", {}).get("out_dir")
     if out:

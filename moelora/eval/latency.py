@@ -14,9 +14,11 @@ same count. Per case (method, mode, batch size B, prompt length P):
 - ratios to ``base`` measured in the same process, same mode (``*_ratio``) and to base eager
   (``decode_ratio_vs_base_eager``, the ANCHORS.md column); ``reference_speedup``: how many times
   faster than the reference MixLoRA (eager, same B/P) the row decodes;
-- ``decode_ms_best``: the fastest repeat's decode ms/token (the ``_best`` ratios use it): on a
-  shared host, interference only adds time, so the best repeat estimates the cost of the code
-  itself and the median what a user of that host gets; both are reported;
+- ``decode_ms_best`` = (min t(N+1) - min t(1)) / N over the repeats (the ``_best`` ratios use it):
+  on a shared host interference only adds time, so the fastest runs estimate the cost of the code
+  itself and the median what a user of that host gets; both are reported. A repeat whose
+  difference is <= 0 (prefill noise above the decode time) is counted in ``nonpositive_repeats``
+  with a warning and left out of the paired ratio;
 - ``hf_generate_ms_per_token`` (base rows): the same (t(N+1) - t(1)) / N timed around a plain
   ``generate`` without the step timer, interleaved with the timed runs; ``harness_ratio`` is the
   harness's decode time over it (what the per-step CUDA events cost).
@@ -200,6 +202,10 @@ def _timed(model, ids, mask, n_new: int, mode: str, deadline: float, stamps: boo
     return (time.perf_counter() - t0) * 1e3, timer.step_ms() if timer else []
 
 
+def _median_or_none(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
 def _percentile(xs: Sequence[float], q: float) -> float:
     s = sorted(xs)
     k = (len(s) - 1) * q
@@ -252,12 +258,17 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
     decode = statistics.median(repeats)
     B = ids.shape[0]
     extra: dict[str, Any] = {}
+    noisy = sum(r <= 0 for r in repeats + paired)
+    if noisy:  # a prefill slower than the whole (N+1)-token run: noise larger than the signal
+        log.warning("%d repeat(s) measured a decode time <= 0 (prefill noise above the decode time): "
+                    "raise new_tokens or repeats, or quiet the machine", noisy)
+        extra["nonpositive_repeats"] = noisy
     if plain_decode:
         hf = statistics.median(plain_decode)
         extra = {"hf_generate_ms_per_token": hf, "harness_ratio": decode / hf if hf > 0 else None}
     if paired:
         extra.update(paired_base_ms_per_token=statistics.median(paired), paired_base_ms_repeats=paired,
-                     decode_ratio_paired=statistics.median(r / b for r, b in zip(repeats, paired) if b > 0))
+                     decode_ratio_paired=_median_or_none([r / b for r, b in zip(repeats, paired) if r > 0 and b > 0]))
     return {
         "prefill_ms": statistics.median(t1s),
         "total_ms": statistics.median(tns),
@@ -267,7 +278,8 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         "decode_tokens_per_s": B * 1e3 / decode if decode > 0 else None,
         "peak_mem_mb": _peak_mem_mb(ids.device),
         "decode_graphs": captured_graphs(model),  # CUDA graphs of eager decode steps held by the adapters
-        "decode_ms_best": min(repeats),  # interference only adds time: the best repeat is the cleanest
+        # interference only adds time: the fastest long run minus the fastest prefill-only run
+        "decode_ms_best": (min(tns) - min(t1s)) / n,
         "decode_ms_repeats": repeats,  # the spread behind the median (bench.json only)
         "repeat_started_at": started,  # unix time of each repeat (bench.json only)
         **extra,
