@@ -16,6 +16,18 @@ def _ids(b=2, t=7, seed=3):
     return torch.randint(0, 61, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+def _adapted(method):
+    """(model with a random ``method`` adapter in eval mode, input ids, the base model's logits)."""
+    model = make_tiny("llama")
+    ids = _ids()
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    moelora.inject_adapter(model, CONFIGS[method]())
+    randomize_adapter_(model)
+    model.eval()
+    return model, ids, base_logits
+
+
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_inside_the_block_the_base_modules_run_and_the_adapter_returns(method):
     model = make_tiny("llama")
@@ -69,13 +81,7 @@ def test_training_inside_the_block_has_no_aux_loss_and_an_exception_restores_the
 
 
 def test_merged_lora_is_taken_out_and_folded_back():
-    model = make_tiny("llama")
-    ids = _ids()
-    with torch.no_grad():
-        base_logits = model(ids).logits
-    moelora.inject_adapter(model, CONFIGS["lora"]())
-    randomize_adapter_(model)
-    model.eval()
+    model, ids, base_logits = _adapted("lora")
     with torch.no_grad():
         adapted = model(ids).logits
         moelora.merge_lora(model)
@@ -94,13 +100,7 @@ def test_no_adapter_is_a_no_op():
 def test_a_compiled_forward_follows_the_swap():
     """torch.compile guards on the module tree: inside the block the compiled model is the base,
     after it the adapter again (dynamo with the eager backend: the guards, not Inductor)."""
-    model = make_tiny("llama")
-    ids = _ids()
-    with torch.no_grad():
-        base = model(ids).logits
-    moelora.inject_adapter(model, CONFIGS["mixlora"]())
-    randomize_adapter_(model)
-    model.eval()
+    model, ids, base = _adapted("mixlora")
     compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
         adapted = model(ids).logits
