@@ -325,3 +325,16 @@ def test_a_prefill_slower_than_the_long_run_is_flagged_not_hidden(monkeypatch):
                                        "rows": [{"method": "mixlora", "mode": "eager", "batch_size": 1, "prompt_len": 2,
                                                  **row}]})
     assert "noisy: 1 repeat(s) with decode <= 0" in table
+
+
+def test_a_noisy_base_row_keeps_its_flag_beside_the_harness_check(monkeypatch):
+    """Base rows also time plain generate (harness_ratio); that must not drop nonpositive_repeats."""
+    times = iter([50.0, 40.0,  # timed repeat: decode < 0
+                  10.0, 40.0])  # plain generate beside it
+
+    monkeypatch.setattr(latency, "_timed", lambda *a, **k: (next(times), []))
+    row = latency.measure_case(torch.nn.Linear(1, 1), torch.zeros(1, 2, dtype=torch.long), None, "eager",
+                               _small(repeats=1, warmup=0, new_tokens=3), plain=True)
+    assert row["nonpositive_repeats"] == 1
+    assert row["hf_generate_ms_per_token"] == pytest.approx(10.0)
+    assert row["harness_ratio"] == pytest.approx((-10 / 3) / 10.0)

@@ -118,8 +118,9 @@ def summarize_rounds(rows: list[dict]) -> list[dict]:
     """One row per (method, mode, B, P) over the rounds of a run: the median of each measured
     value (``MEDIAN_KEYS``) and of each per-round ratio, with the ratios' min and max
     (``SPREAD_KEYS``); ``decode_ms_best`` is the smallest of the rounds' best-of estimates and the
-    ``_best`` ratios compare those; ``nonpositive_repeats`` sums the rounds' noisy repeats. ``rounds`` counts the rounds that measured the case; a case no round
-    measured keeps the first error."""
+    ``_best`` ratios compare those; ``nonpositive_repeats`` sums the rounds' noisy repeats.
+    ``rounds`` counts the rounds that measured the case; a case no round measured keeps the first
+    error."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["mode"], r["batch_size"], r["prompt_len"]), []).append(r)

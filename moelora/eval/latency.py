@@ -229,10 +229,15 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
     is then paired with a base repeat, before it on odd repeats and after it on even ones."""
     n = s.new_tokens
     deadline = time.monotonic() + s.case_timeout_s
+
+    def one_decode(stamps: bool = True) -> float:
+        """(t(N+1 new) - t(1 new)) / N from one prefill-only run and one long run."""
+        t1 = _timed(model, ids, mask, 1, mode, deadline, stamps)[0]
+        return (_timed(model, ids, mask, n + 1, mode, deadline, stamps)[0] - t1) / n
+
     def base_decode() -> float:
         with base_of():
-            t1 = _timed(model, ids, mask, 1, mode, deadline)[0]
-            return (_timed(model, ids, mask, n + 1, mode, deadline)[0] - t1) / n
+            return one_decode()
 
     for _ in range(s.warmup):  # the long run first: the static cache keeps its larger size
         _timed(model, ids, mask, n + 1, mode, deadline)
@@ -252,8 +257,7 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         if base_of is not None:
             paired.append(before if before is not None else base_decode())
         if plain:
-            p1 = _timed(model, ids, mask, 1, mode, deadline, stamps=False)[0]
-            plain_decode.append((_timed(model, ids, mask, n + 1, mode, deadline, stamps=False)[0] - p1) / n)
+            plain_decode.append(one_decode(stamps=False))
     repeats = [(tn - t1) / n for tn, t1 in zip(tns, t1s)]
     decode = statistics.median(repeats)
     B = ids.shape[0]
@@ -265,7 +269,7 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         extra["nonpositive_repeats"] = noisy
     if plain_decode:
         hf = statistics.median(plain_decode)
-        extra = {"hf_generate_ms_per_token": hf, "harness_ratio": decode / hf if hf > 0 else None}
+        extra.update(hf_generate_ms_per_token=hf, harness_ratio=decode / hf if hf > 0 else None)
     if paired:
         extra.update(paired_base_ms_per_token=statistics.median(paired), paired_base_ms_repeats=paired,
                      decode_ratio_paired=_median_or_none([r / b for r, b in zip(repeats, paired) if r > 0 and b > 0]))
