@@ -4,7 +4,8 @@ Layers call two entry points, ``linear_with_lora`` (a LoRA or LoRA-Switch linear
 ``mixlora_ffn_decode`` (a MixLoRA FFN); each picks the form for how it runs:
 
 - **eager** (host-bound: a Triton launch costs ~30-60 µs of host time, an op dispatch ~10 µs):
-  the frozen GEMM, then the one-launch kernels of ``mixlora_ffn`` update its output in place.
+  the frozen GEMM, then the one-launch kernels of ``lora_decode`` / ``mixlora_ffn`` update its
+  output in place.
 - **inside a CUDA-graph capture** (``moelora.layers.decode_graphs``: eager decoding replays each
   adapted module's decode math as one graph): launches cost no host time there, so the split
   forms run in line after the frozen GEMM (fewer GPU µs than the one-launch forms).
@@ -31,27 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import mixlora_ffn
+from . import lora_decode, mixlora_ffn
 
-# Split-form tiles: the best configs of benchmark_decode_kernels.py on the H100 at the
-# Llama-2-7B decode shapes at 1 and 8 tokens (4.1-5.0 µs per delta inside a CUDA graph).
-_LORA_TILES = dict(split=True, chunk=256, block_n=64, num_warps=8)
-_HIDDEN_CHUNK, _HIDDEN_TILES = 256, dict(block_f=128, num_warps=8)
-# From this many tokens on, the split grids (one program per token and column block: 32 x 64
-# programs for a 4096-wide expand at 32 tokens) run several waves of 8-warp programs, each a
-# short chain of dependent loads, so wider blocks of few warps win: at 32 tokens on the H200
-# (benchmark_decode_kernels.py --warps, experiments/2026-12-01_decode_latency) the per-slot down
-# delta took 18.3 µs at 64 cols x 8 warps, 15.7 at 64 x 4, 10.6 at 128 x 2; the MoE hidden
-# kernel 32.0 / 30.2 / 28.8 µs (128 cols x 8 / 4 / 2 warps). At 1 token 8 warps stay best.
-_MANY_TOKENS = 16
-
-
-def _tiles(tiles: dict, tokens: int) -> dict:
-    """The split-form launch config for ``tokens`` tokens."""
-    if tokens < _MANY_TOKENS:
-        return tiles
-    width = "block_f" if "block_f" in tiles else "block_n"
-    return {**tiles, width: 128, "num_warps": 2}
+# Launch tiles: the launchers look them up in tiles.py (by GPU family, and for the split forms by
+# token count), so the calls below pass none.
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -80,8 +64,8 @@ def linear_lora_delta_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
     """(W x + b, s Σ_k g_tk B[idx_tk] A[idx_tk] x_t in fp32) for x (T, IN); idx=None is plain LoRA.
     The delta is computed on a side stream during the GEMM (see the module docstring)."""
     delta = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-    join = _launch_beside(x.device, lambda: mixlora_ffn.lora_decode_add_(None, x, lora_A, lora_B, idx, gate, scaling,
-                                                                         out=delta, **_tiles(_LORA_TILES, x.shape[0])))
+    join = _launch_beside(x.device, lambda: lora_decode.lora_decode_add_(None, x, lora_A, lora_B, idx, gate, scaling,
+                                                                         out=delta, split=True))
     y = F.linear(x, weight, bias)
     join()
     return y, delta
@@ -105,22 +89,20 @@ def mixlora_ffn_delta_op(x: Tensor, gate_w: Tensor, gate_b: Optional[Tensor], up
     mix: it replaces the base model's act·mul kernel), down GEMM. Beside it, on the side stream:
     the router logits + gate/up shrinks during the gate/up GEMMs, the down delta during the down GEMM."""
     dev = x.device
-    parts = mixlora_ffn.empty_route_shrink_partials(x, a_gate, _HIDDEN_CHUNK)
-    join = _launch_beside(dev, lambda: mixlora_ffn.route_shrink_partials(x, router_weight, a_gate, a_up,
-                                                                         _HIDDEN_CHUNK, out=parts))
+    parts = mixlora_ffn.empty_route_shrink_partials(x, a_gate)
+    join = _launch_beside(dev, lambda: mixlora_ffn.route_shrink_partials(x, router_weight, a_gate, a_up, out=parts))
     g0 = F.linear(x, gate_w, gate_b)
     u0 = F.linear(x, up_w, up_b)
     join()
     h, h_mix, idx, weight, probs = mixlora_ffn.expert_hidden_from_partials(g0, u0, b_gate, b_up, parts, top_k,
-                                                                          scaling, act, **_tiles(_HIDDEN_TILES, x.shape[0]))
+                                                                          scaling, act)
     if a_down is None:
         delta = torch.zeros(x.shape[0], down_w.shape[0], dtype=torch.float32, device=dev)
         join = lambda: None  # noqa: E731
     else:
         delta = torch.empty(x.shape[0], down_w.shape[0], dtype=torch.float32, device=dev)
-        join = _launch_beside(dev, lambda: mixlora_ffn.lora_decode_add_(None, h, a_down, b_down, idx, weight,
-                                                                        down_scaling, out=delta,
-                                                                        **_tiles(_LORA_TILES, x.shape[0])))
+        join = _launch_beside(dev, lambda: lora_decode.lora_decode_add_(None, h, a_down, b_down, idx, weight,
+                                                                        down_scaling, out=delta, split=True))
     y = F.linear(h_mix, down_w, down_b)
     join()
     return y, delta, idx, weight, probs
@@ -147,8 +129,7 @@ def linear_with_lora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Ten
         y, delta = linear_lora_delta_op(x, weight, bias, lora_A, lora_B, idx, gate, float(scaling))
         return _plus(y, delta)
     y = F.linear(x, weight, bias)
-    tiles = _tiles(_LORA_TILES, x.shape[0]) if _capturing(x) else {}
-    return mixlora_ffn.lora_decode_add_(y, x, lora_A, lora_B, idx, gate, scaling, **tiles)
+    return lora_decode.lora_decode_add_(y, x, lora_A, lora_B, idx, gate, scaling, split=_capturing(x))
 
 
 def _capturing(x: Tensor) -> bool:
@@ -168,12 +149,10 @@ def mixlora_ffn_decode(x: Tensor, gate_w: Tensor, gate_b: Tensor | None, up_w: T
     graph = _capturing(x)
     g0 = F.linear(x, gate_w, gate_b)  # frozen, once for all experts
     u0 = F.linear(x, up_w, up_b)
-    split = dict(split=True, chunk=_HIDDEN_CHUNK, **_tiles(_HIDDEN_TILES, x.shape[0])) if graph else {}
     h, h_mix, idx, weight, probs = mixlora_ffn.mixlora_expert_hidden(
         x, g0, u0, a_gate, b_gate, a_up, b_up, scaling=scaling, act=act, router_weight=router_weight, top_k=top_k,
-        **split)
+        split=graph)
     y = F.linear(h_mix, down_w, down_b)
     if a_down is not None:
-        y = mixlora_ffn.lora_decode_add_(y, h, a_down, b_down, idx, weight, down_scaling,
-                                         **(_tiles(_LORA_TILES, x.shape[0]) if graph else {}))
+        y = lora_decode.lora_decode_add_(y, h, a_down, b_down, idx, weight, down_scaling, split=graph)
     return y, idx, weight, probs
