@@ -28,6 +28,8 @@ a fixed launch count):
   and fuses the weighted sum over slots. Wider E*R falls back to "gather".
 Backward: dh = B^T g via the shrink, dx via the expand with A^T (Triton), dA / dB as one cuBLAS
 GEMM over a one-hot matrix (deterministic, no atomics), dweight in torch.
+Launch tiles: ``tiles.lookup(device)["gathered_lora"]``; the shrink is split over IN until about
+two waves of programs cover the device's SMs (``backend.sm_count``).
 
 Routing indices are not range-checked on CUDA (that would need a host sync): an index outside
 [0, E) makes its slot contribute zero in the Triton path; the reference's gather raises a
@@ -36,13 +38,13 @@ device-side assert. On CPU both functions raise ValueError.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
+from . import backend, tiles
 from ._host import cdiv
 from ._host import pow2_at_least as _pow2
 
@@ -50,15 +52,10 @@ __all__ = ["gathered_lora_reference", "gathered_lora", "GatheredLoraFunction"]
 
 Impl = Literal["auto", "gather", "tile"]
 
-# The interpreter decides at decoration time, so read the flag the same way. Its bf16 arithmetic
-# is broken, so every kernel upcasts loads to fp32 there (COMPUTE_F32).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_TOKENS = 32  # at or below: "gather" kernels (decode); above: "tile" kernels
 TILE_MAX_COLS = 256  # E_pad * R_pad beyond this makes the all-experts tile too wide
-_TARGET_PROGRAMS = 264  # ~2 waves of 132 H100 SMs: how far to split the shrink over IN
-_MAX_SPLIT = 16  # the consumers re-read every partial, so keep the split bounded
-_GATHER_BK = 128  # IN chunk of the decode shrink (tests shrink it to exercise the IN split)
-_TILE_BK = 64
+# Block sizes, warps and the IN split: tiles.lookup(device)["gathered_lora"] (tests shrink the IN
+# chunks there to exercise the split).
 
 
 def _alloc(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -198,6 +195,16 @@ def _shrink_gather_kernel(
 
 
 @triton.jit
+def _all_expert_columns(E, R, R_PAD: tl.constexpr, E_PAD: tl.constexpr):
+    """The E_PAD*R_PAD columns of the "tile" kernels: column c stands for expert ce = c // R_PAD,
+    rank row cj = c % R_PAD; col_ok masks the padding. Returns (ce, cj, col_ok)."""
+    cols = tl.arange(0, E_PAD * R_PAD)
+    ce = cols // R_PAD
+    cj = cols % R_PAD
+    return ce, cj, (ce < E) & (cj < R)
+
+
+@triton.jit
 def _store_slot_block(h_ptr, acc, rows, row_mask, k, ce, cj, idx_ptr, K, E, S, sk, s_it, s_ik,
                       R_PAD: tl.constexpr):
     # acc holds x @ A_e^T for every expert e; keep the R_PAD columns of the slot's own expert.
@@ -221,16 +228,12 @@ def _shrink_tile_kernel(
     COMPUTE_F32: tl.constexpr,
 ):
     # A token tile times all experts' A at once: [BM, BK] @ [BK, E_PAD*R_PAD] on tensor cores.
-    # Column c stands for expert c // R_PAD, rank row c % R_PAD.
     pid_m = tl.program_id(0)
     sk = tl.program_id(1)
     S = T * K
     rows = pid_m * BM + tl.arange(0, BM)
     row_mask = rows < T
-    cols = tl.arange(0, E_PAD * R_PAD)
-    ce = cols // R_PAD
-    cj = cols % R_PAD
-    col_ok = (ce < E) & (cj < R)
+    ce, cj, col_ok = _all_expert_columns(E, R, R_PAD, E_PAD)
     rk = tl.arange(0, BK)
     a_cols = a_ptr + ce[None, :].to(tl.int64) * s_ae + cj[None, :] * s_ar
     for kx in tl.static_range(K_X):  # K_X = K for per-slot x, 1 when x is shared by the slots
@@ -295,10 +298,7 @@ def _expand_tile_kernel(
     S = M * K_INNER  # number of slots
     rows = pid_m * BM + tl.arange(0, BM)
     row_mask = rows < M
-    cols = tl.arange(0, E_PAD * R_PAD)
-    ce = cols // R_PAD
-    cj = cols % R_PAD
-    col_ok = (ce < E) & (cj < R)
+    ce, cj, col_ok = _all_expert_columns(E, R, R_PAD, E_PAD)
     g = _onehot_rows(h_ptr, idx_ptr, w_ptr, rows, row_mask, ce, cj, col_ok, K, S, SPLIT,
                      s_it, s_ik, s_wt, s_wk, K_INNER, R_PAD, HAS_WEIGHT, BM, E_PAD * R_PAD)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -349,6 +349,9 @@ def _expand_gather_kernel(
     tl.store(y_ptr + row.to(tl.int64) * s_ym + rn * s_yo, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+backend.require_same_backend(_expand_gather_kernel)  # TRITON_INTERPRET unchanged since backend's import
+
+
 # --------------------------------------------------------------------------- launchers
 
 
@@ -357,7 +360,8 @@ def _r_pad(r: int) -> int:
 
 
 def _compute_f32(dtype: torch.dtype) -> bool:
-    return _INTERPRET or dtype == torch.float32 or dtype == torch.float64
+    # The interpreter's bf16 arithmetic is broken, so every kernel upcasts loads to fp32 there.
+    return backend.interpreted() or dtype == torch.float32 or dtype == torch.float64
 
 
 def _pick_path(T: int, E: int, R: int, impl: Impl) -> str:
@@ -371,9 +375,11 @@ def _pick_path(T: int, E: int, R: int, impl: Impl) -> str:
     return impl
 
 
-def _split(n_chunks: int, programs: int) -> tuple[int, int]:
-    """(SPLIT, chunks per split) so that programs * SPLIT reaches about two GPU waves."""
-    split = max(1, min(n_chunks, _MAX_SPLIT, cdiv(_TARGET_PROGRAMS, programs)))
+def _split(n_chunks: int, programs: int, device: torch.device, cfg: dict) -> tuple[int, int]:
+    """(SPLIT, chunks per split) so that programs * SPLIT reaches about ``cfg["waves"]`` waves
+    over the SMs of ``device``, at most ``cfg["max_split"]``."""
+    target = cfg["waves"] * backend.sm_count(device)
+    split = max(1, min(n_chunks, cfg["max_split"], cdiv(target, programs)))
     per = cdiv(n_chunks, split)
     return cdiv(n_chunks, per), per
 
@@ -392,25 +398,27 @@ def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str) -> 
     common = (E, R, IN)
     strides = (x3.stride(0), s_xk, x3.stride(2), *a.stride(), idx.stride(0), idx.stride(1))
     f32 = _compute_f32(x3.dtype)
+    dev = x3.device
+    cfg = tiles.lookup(dev)["gathered_lora"]
     if path == "gather":
-        bk = min(_GATHER_BK, _pow2(IN, 16))
-        split, per = _split(cdiv(IN, bk), S)
-        h = _alloc((split, S, r_pad), x3.device, torch.float32)
+        bk = min(cfg["gather_bk"], _pow2(IN, 16))
+        split, per = _split(cdiv(IN, bk), S, dev, cfg)
+        h = _alloc((split, S, r_pad), dev, torch.float32)
         _shrink_gather_kernel[(S, split)](
-            x3, a, idx, h, S, K, *common, per, *strides, R_PAD=r_pad, BK=bk, num_warps=4
+            x3, a, idx, h, S, K, *common, per, *strides, R_PAD=r_pad, BK=bk, num_warps=cfg["gather_shrink_warps"]
         )
         return h
     e_pad = _pow2(E)
-    bm = 64 if e_pad * r_pad <= 128 else 32
-    bk = min(_TILE_BK, _pow2(IN, 16))
+    bm = cfg["tile_bm"] if e_pad * r_pad <= 128 else cfg["tile_bm_wide"]
+    bk = min(cfg["tile_bk"], _pow2(IN, 16))
     n_m = cdiv(T, bm)
-    split, per = _split(cdiv(IN, bk), n_m)
-    h = _alloc((split, S, r_pad), x3.device, torch.float32)
+    split, per = _split(cdiv(IN, bk), n_m, dev, cfg)
+    h = _alloc((split, S, r_pad), dev, torch.float32)
     per_slot = kx == K and K > 1
     _shrink_tile_kernel[(n_m, split)](
         x3, a, idx, h, T, K, *common, per, *strides,
         K_X=K if per_slot else 1, K_SLOTS=K, X_PER_SLOT=per_slot,
-        BM=bm, BK=bk, R_PAD=r_pad, E_PAD=e_pad, COMPUTE_F32=f32, num_warps=4,
+        BM=bm, BK=bk, R_PAD=r_pad, E_PAD=e_pad, COMPUTE_F32=f32, num_warps=cfg["tile_shrink_warps"],
     )
     return h
 
@@ -437,20 +445,21 @@ def _expand(
     w = weight if weight is not None else h  # dummy pointer, never read without HAS_WEIGHT
     w_strides = (weight.stride(0), weight.stride(1)) if weight is not None else (0, 0)
     r_pad, split = _r_pad(R), h.shape[0]
+    cfg = tiles.lookup(h.device)["gathered_lora"]
     args = (h, b, idx, w, y2, M, K, E, R, OUT, split, float(scaling), b.stride(0), b.stride(1),
             b.stride(2), idx.stride(0), idx.stride(1), *w_strides, y2.stride(0), y2.stride(1))
     if path == "gather":
-        bn = min(64, _pow2(OUT, 16))
+        bn = min(cfg["gather_bn"], _pow2(OUT, 16))
         _expand_gather_kernel[(M, cdiv(OUT, bn))](
             *args, K_INNER=k_inner, HAS_WEIGHT=weight is not None, BN=bn, R_PAD=r_pad,
-            SPLIT_PAD=_pow2(split), num_warps=4,
+            SPLIT_PAD=_pow2(split), num_warps=cfg["gather_expand_warps"],
         )
         return y
     e_pad = _pow2(E)
-    bm, bn = 64, min(128, _pow2(OUT, 16))
+    bm, bn = cfg["tile_expand_bm"], min(cfg["tile_expand_bn"], _pow2(OUT, 16))
     _expand_tile_kernel[(cdiv(M, bm), cdiv(OUT, bn))](
         *args, K_INNER=k_inner, HAS_WEIGHT=weight is not None, BM=bm, BN=bn, R_PAD=r_pad,
-        E_PAD=e_pad, COMPUTE_F32=_compute_f32(b.dtype), num_warps=8,
+        E_PAD=e_pad, COMPUTE_F32=_compute_f32(b.dtype), num_warps=cfg["tile_expand_warps"],
     )
     return y
 
@@ -557,9 +566,7 @@ def gathered_lora(
     kernels plus the dweight reduction).
     """
     T, K, _, _, E, R, _ = _check_inputs(x, lora_A, lora_B, idx, weight)
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise RuntimeError("gathered_lora needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
-                           "use gathered_lora_reference otherwise")
+    backend.check_device(x, "gathered_lora", reference="gathered_lora_reference")
     path = _pick_path(T, E, R, impl)
     if T == 0 or K == 0:  # empty grids cannot launch; the reference handles it without kernels
         return gathered_lora_reference(x, lora_A, lora_B, idx, weight, scaling)

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moelora_kernels import gathered_lora as gl  # noqa: E402
+from moelora_kernels import tiles  # noqa: E402
 from moelora_kernels.gathered_lora import (  # noqa: E402
     gathered_lora,
     gathered_lora_reference,
@@ -244,9 +245,10 @@ def test_every_element_written(case, monkeypatch):
 @pytest.mark.parametrize("case", [FWD_CASES[0], FWD_CASES[2], FWD_CASES[5], FWD_CASES[6]], ids=str)
 def test_split_over_in(case, max_split, monkeypatch):
     """Small IN chunks force the IN-split partials (uneven too: 8 chunks over 3 splits)."""
-    monkeypatch.setattr(gl, "_GATHER_BK", 16)
-    monkeypatch.setattr(gl, "_TILE_BK", 16)
-    monkeypatch.setattr(gl, "_MAX_SPLIT", max_split)
+    cfg = tiles.lookup(torch.device(DEVICE))["gathered_lora"]
+    monkeypatch.setitem(cfg, "gather_bk", 16)
+    monkeypatch.setitem(cfg, "tile_bk", 16)
+    monkeypatch.setitem(cfg, "max_split", max_split)
     T, _, OUT, E, R, K, weighted, per_slot, impl = case
     inputs = make_inputs(T, 123, OUT, E, R, K, weighted=weighted, per_slot=per_slot, seed=13)
     h = gl._shrink(inputs[0] if per_slot else inputs[0].unsqueeze(1), inputs[1], inputs[3],
