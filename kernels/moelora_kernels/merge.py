@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backend, tiles
 from ._host import cdiv, pow2_at_least
 
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -196,27 +197,27 @@ class MergePlan:
             and `restore()` subtracts the current selection, leaving that residual: not exact.
         block_m, block_n: tile shape (powers of two >= 16).
         num_warps: warps per program.
-        max_programs: persistent-grid size cap (default 8 per SM on CUDA, 8 on CPU).
+        max_programs: persistent-grid size cap (default ``programs_per_sm`` per SM on CUDA, that
+            many in all on CPU).
         top_k: K, fixed for the plan's life; None takes it from the first merge.
         stream: evict-first L2 hints on the W0 loads and W stores (each byte is touched once
             per merge; the adapters, re-read by every tile, stay in L2).
-        The defaults (32x256 tiles, 4 warps, 8 programs/SM, stream) are the best of
+        Launch parameters left None come from ``tiles.lookup(device)["merge"]`` (today on every
+        GPU: 32x256 tiles, 4 warps, 8 programs/SM; with stream, the best of
         ``benchmark_merge.py --sweep`` on the H100 at the Llama-2-7B shape: 10.9 ms for 12.9 GB
-        of weights, 80% of the measured copy bandwidth.
+        of weights, 80% of the measured copy bandwidth).
     """
 
     def __init__(
         self, weights: Sequence[torch.Tensor], lora_A: Sequence[torch.Tensor],
         lora_B: Sequence[torch.Tensor], scalings: Sequence[float], pristine: bool = True,
-        block_m: int = 32, block_n: int = 256, num_warps: int = 4,
+        block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
         max_programs: int | None = None, top_k: int | None = None, stream: bool = True,
     ) -> None:
         self._check_inputs(weights, lora_A, lora_B, scalings)
         w_first = weights[0]
         self.device, self.dtype = w_first.device, w_first.dtype
-        if self.device.type == "cpu" and not _INTERPRETED:
-            raise RuntimeError("CPU tensors need TRITON_INTERPRET=1 set before importing "
-                               "moelora_kernels.merge (Triton's interpreter).")
+        backend.check_device(w_first, "MergePlan")
         self.pristine = pristine
         self.num_experts, self.rank = lora_A[0].shape[0], lora_A[0].shape[1]
         self.rank_padded = pow2_at_least(self.rank, 16)  # tl.dot needs an inner dim >= 16
@@ -304,34 +305,37 @@ class MergePlan:
         if a0.dtype not in _WEIGHT_DTYPES:
             raise ValueError(f"adapter dtype must be one of {_WEIGHT_DTYPES}, got {a0.dtype}")
 
-    def set_launch_config(self, block_m: int = 32, block_n: int = 256, num_warps: int = 4,
-                          max_programs: int | None = None, stream: bool = True) -> None:
-        """Change tile shape / grid / L2 eviction hints without re-packing (the benchmark sweeps these)."""
+    def set_launch_config(self, block_m: int | None = None, block_n: int | None = None,
+                          num_warps: int | None = None, max_programs: int | None = None,
+                          stream: bool = True) -> None:
+        """Change tile shape / grid / L2 eviction hints without re-packing (the benchmark sweeps
+        these); None: the device's ``tiles.py`` row."""
+        cfg = tiles.lookup(self.device)["merge"]
+        block_m = cfg["block_m"] if block_m is None else block_m
+        block_n = cfg["block_n"] if block_n is None else block_n
+        num_warps = cfg["num_warps"] if num_warps is None else num_warps
         for name, v in (("block_m", block_m), ("block_n", block_n)):
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         self.block_m, self.block_n, self.num_warps, self.stream = block_m, block_n, num_warps, stream
-        tiles = [cdiv(u, block_m) * cdiv(i, block_n)
+        per_mat = [cdiv(u, block_m) * cdiv(i, block_n)
                  for _, _, _, u, i in self._meta_rows]
         firsts = [0]
-        for t in tiles[:-1]:
+        for t in per_mat[:-1]:
             firsts.append(firsts[-1] + t)
-        self.num_tiles = sum(tiles)
+        self.num_tiles = sum(per_mat)
         al = self._align
         meta = [[w // al, a // al, b // al, u, i // al, f]
                 for (w, a, b, u, i), f in zip(self._meta_rows, firsts)]
         self._meta = torch.tensor(meta, dtype=torch.int64, device=self.device)
         # A tile -> matrix table (4 bytes per tile) beats a per-tile binary search's chain of
         # dependent loads; built once here, never per call.
-        counts = torch.tensor(tiles, dtype=torch.int64)
+        counts = torch.tensor(per_mat, dtype=torch.int64)
         self._tile_mat = torch.repeat_interleave(
-            torch.arange(len(tiles), dtype=torch.int32), counts).to(self.device)
-        if max_programs is None:
-            if self.device.type == "cuda":
-                sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-                max_programs = 8 * sms
-            else:
-                max_programs = 8
+            torch.arange(len(per_mat), dtype=torch.int32), counts).to(self.device)
+        if max_programs is None:  # CPU (interpreter): one SM's worth keeps the interpreted grid small
+            sms = backend.sm_count(self.device) if self.device.type == "cuda" else 1
+            max_programs = cfg["programs_per_sm"] * sms
         # Persistent grid: few programs, so the per-program arrival atomic never contends.
         self.grid = (max(1, min(self.num_tiles, max_programs)),)
 
@@ -427,4 +431,6 @@ def merge_selected_adapters(plan: MergePlan, idx: torch.Tensor, gate: torch.Tens
     plan.merge(idx, gate, force)
 
 
-_INTERPRETED = type(_merge_kernel).__name__ == "InterpretedFunction"
+backend.require_same_backend(_merge_kernel)  # TRITON_INTERPRET unchanged since backend's import
+# Deprecated alias of backend.interpreted() for moelora/layers/lora_switch.py; remove once it switched.
+_INTERPRETED = backend.interpreted()
