@@ -1,91 +1,40 @@
-"""Injection of adapters into Hugging Face causal LMs.
+"""The adapter API: many adapters of mixed methods over one frozen base model.
 
-``ARCHITECTURES`` maps ``config.model_type`` to where the decoder layers live and what their
-linears are called. Adding an architecture is one entry in that table (see README).
+``inject_adapter`` / ``add_adapter`` put adapters on a Hugging Face causal LM in place (the base
+is frozen; adapter parameters are ``lora_*`` / ``router*``); each adapter has a name, and every
+forward picks one per sequence (``adapter_names``) or uses the active one (``set_adapter``,
+``use_adapter``). All state lives in one ``AdapterState`` at ``model.moelora_state``
+(``moelora/state.py``); the methods live in ``moelora/methods/<method>/`` and are found through
+``methods/registry.py``. Adding an architecture is one entry in ``moelora.ARCHITECTURES``.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from .config import (
-    ATTENTION_MODULES,
-    AdapterConfig,
-    AdapterConfigError,
-    LoraConfig,
-    LoraSwitchConfig,
-    MixLoraConfig,
+from . import generation, hooks
+from .architectures import (  # noqa: F401 - re-exported
+    ARCHITECTURES,
+    ArchSpec,
+    UnsupportedArchitectureError,
+    arch_spec,
+    decoder_layers,
+    get_submodule,
 )
-from .layers.context import RoutingContext
+from .layers.adapted import AdaptedFFN, AdaptedLinear, AdapterRouters
 from .layers.decode_graphs import clear_decode_graphs
-from .layers.lora import LoraLinear
-from .layers.mixlora import MixLoraFFN
-from .layers.router import load_balance_loss, load_balance_terms, routing_entropy
+from .layers.router import load_balance_terms, routing_entropy
+from .methods.base import AdapterConfigError
+from .methods.lora_switch.layer import restore_switch_weights
+from .methods.registry import INJECTORS
+from .state import AdapterInfo, AdapterState, BatchPlan
 
-
-class UnsupportedArchitectureError(ValueError):
-    """The model's architecture is not in ARCHITECTURES."""
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where the adaptable modules of one architecture are.
-
-    attn / mlp map our logical names (q_proj, ..., gate_proj, ...) to the attribute names of
-    the attention and MLP modules. Fused projections (Phi-3's qkv_proj, gate_up_proj) appear as
-    the value of several logical names; they are adapted once, as a whole.
-    """
-
-    layers: str = "model.layers"
-    attn_attr: str = "self_attn"
-    mlp_attr: str = "mlp"
-    attn: dict = field(default_factory=lambda: {m: m for m in ATTENTION_MODULES})
-    mlp: dict = field(default_factory=lambda: {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"})
-    act_attr: str = "act_fn"
-
-
-_LLAMA_LIKE = ArchSpec()
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
-    "phi3": ArchSpec(
-        attn={"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj"},
-        mlp={"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"},
-        act_attr="activation_fn",
-    ),
-}
-
-
-def arch_spec(model: nn.Module) -> ArchSpec:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported; supported architectures: "
-            f"{sorted(ARCHITECTURES)}. Add an entry to moelora.inject.ARCHITECTURES to support it."
-        )
-    return ARCHITECTURES[model_type]
-
-
-def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
-    spec = spec or arch_spec(model)
-    obj = model
-    for part in spec.layers.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _actual_names(mapping: dict, logical: tuple[str, ...]) -> list[str]:
-    """Deduplicated attribute names for the logical targets, in first-seen order."""
-    return list(dict.fromkeys(mapping[m] for m in logical if m in mapping))
+DEFAULT_ADAPTER = "default"
+_SITES = (AdaptedLinear, AdaptedFFN, AdapterRouters)
 
 
 def is_adapter_parameter(name: str) -> bool:
@@ -94,100 +43,276 @@ def is_adapter_parameter(name: str) -> bool:
     return any(p.startswith("lora_") or p == "router" or p.startswith("router_") for p in parts)
 
 
-# ---------------------------------------------------------------------------------------------
-def inject_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Wrap the target modules of ``model`` in place with the adapter ``cfg`` describes.
+def adapter_state(model: nn.Module) -> AdapterState | None:
+    """The model's AdapterState, or None when moelora never touched it."""
+    return model.__dict__.get("moelora_state")
+
+
+def _require_state(model: nn.Module) -> AdapterState:
+    state = adapter_state(model)
+    if state is None:
+        raise ValueError("this model has no moelora adapter; call moelora.inject_adapter(model, cfg) first")
+    return state
+
+
+def _resolve(state: AdapterState, adapter_name: str | None) -> str:
+    """adapter_name, or the active adapter, or the only one."""
+    if adapter_name is not None:
+        state._check_known(adapter_name)
+        return adapter_name
+    if state.active is not None:
+        return state.active
+    if len(state.adapters) == 1:
+        return next(iter(state.adapters))
+    raise ValueError(f"no adapter is active and the model has {sorted(state.adapters)}: pass adapter_name=")
+
+
+# ---- adding and removing --------------------------------------------------------------------
+def inject_adapter(model: nn.Module, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Wrap the target modules of ``model`` in place with the adapter ``cfg`` describes, as the
+    adapter ``adapter_name`` (default "default"), and make it active.
 
     The base model is frozen; only adapter parameters (``lora_*``, ``router*``) train. Returns
-    the same model object, whose forward now adds the router load-balance loss to ``.loss``."""
-    if getattr(model, "moelora_config", None) is not None:
-        raise ValueError("this model already has a moelora adapter; call moelora.remove_adapter(model) first")
-    if not isinstance(cfg, (LoraConfig, MixLoraConfig, LoraSwitchConfig)):
+    the same model object, whose forward now adds the router load-balance loss to ``.loss``.
+    ``cfg`` is copied, never changed. On any error the model is left exactly as it was."""
+    if adapter_state(model) is not None:
+        raise ValueError("this model already has moelora adapters "
+                         f"({sorted(adapter_state(model).adapters)}); add another with "
+                         "moelora.add_adapter(model, name, cfg), or call moelora.remove_adapter(model) first")
+    add_adapter(model, adapter_name, cfg)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def add_adapter(model: nn.Module, adapter_name: str, cfg, trainable: bool = True) -> nn.Module:
+    """Add one more adapter (any method, rank, expert count) beside the model's others. It is
+    not made active (``set_adapter``); ``trainable=False`` keeps its parameters frozen.
+    On any error the model is left exactly as it was (modules, requires_grad flags, state)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+    injector = INJECTORS.get(type(cfg))
+    if injector is None:
         raise AdapterConfigError(f"expected a LoraConfig, MixLoraConfig or LoraSwitchConfig, got {type(cfg).__name__}")
-    cfg.validate()
+    cfg = copy.deepcopy(cfg).validate()  # the caller's object is never changed
     spec = arch_spec(model)
     layers = decoder_layers(model, spec)
+    state = adapter_state(model)
+    if state is not None and adapter_name in state.adapters:
+        raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or "
+                         f"moelora.delete_adapter(model, {adapter_name!r}) first")
     cfg.base_model_type = model.config.model_type
     if cfg.base_model_name_or_path is None:
         cfg.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-    context = RoutingContext()
-    originals: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attr, original) for remove_adapter
-
-    def wrap_linear(parent: nn.Module, attr: str) -> None:
-        base = getattr(parent, attr)
-        originals.append((parent, attr, base))
-        lin = LoraLinear(base, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora, cfg.init_lora_weights,
-                         cfg.adapter_dtype)
-        lin._context = context
-        setattr(parent, attr, lin)
-
-    if isinstance(cfg, LoraConfig):
-        for layer in layers:
-            attn, mlp = getattr(layer, spec.attn_attr), getattr(layer, spec.mlp_attr)
-            for name in _actual_names(spec.attn, cfg.target_modules):
-                wrap_linear(attn, name)
-            for name in _actual_names(spec.mlp, cfg.target_modules):
-                wrap_linear(mlp, name)
-    elif isinstance(cfg, MixLoraConfig):
-        roles = _mlp_roles(spec)
-        experts = tuple(_actual_names(spec.mlp, cfg.expert_target_modules))
-        for i, layer in enumerate(layers):
-            attn = getattr(layer, spec.attn_attr)
-            for name in _actual_names(spec.attn, cfg.attention_target_modules):
-                wrap_linear(attn, name)
-            mlp = getattr(layer, spec.mlp_attr)
-            originals.append((layer, spec.mlp_attr, mlp))
-            setattr(layer, spec.mlp_attr, MixLoraFFN(mlp, i, cfg, context, roles, spec.act_attr, experts))
-    else:
-        from .layers.lora_switch import inject_lora_switch
-
-        inject_lora_switch(model, layers, spec, cfg, context, originals)
-
-    # New modules start in training mode; match the model's mode so eval() models stay deterministic.
-    model.train(model.training)
-    handles = [
-        model.register_forward_pre_hook(_capture_inputs, with_kwargs=True),
-        model.register_forward_hook(_add_aux_loss, with_kwargs=True),
-    ]
-    model.moelora_config = cfg
-    model._moelora_context = context
-    model._moelora_originals = originals
-    model._moelora_handles = handles
+    grads = {p: p.requires_grad for p in model.parameters()}
+    installed = state is None
+    try:
+        if installed:
+            state = _install(model, spec)
+        restore_switch_weights(state)
+        injector(model, layers, spec, adapter_name, cfg, state)
+        state.adapters[adapter_name] = AdapterInfo(adapter_name, cfg, trainable)
+        for p in _adapter_parameters(model, adapter_name).values():
+            p.requires_grad_(trainable)
+        # New modules start in training mode; match the model's mode so eval() models stay deterministic.
+        model.train(model.training)
+    except BaseException:
+        if state is not None:
+            _drop_adapter_modules(model, state, adapter_name)
+            state.adapters.pop(adapter_name, None)
+            state.switch.pop(adapter_name, None)
+            if installed:
+                _uninstall(model, state)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        raise
     return model
 
 
-def _mlp_roles(spec: ArchSpec) -> dict[str, str]:
-    if spec.mlp["gate_proj"] == spec.mlp["up_proj"]:
-        return {"gate_up": spec.mlp["gate_proj"], "down": spec.mlp["down_proj"]}
-    return {"gate": spec.mlp["gate_proj"], "up": spec.mlp["up_proj"], "down": spec.mlp["down_proj"]}
+def _install(model: nn.Module, spec) -> AdapterState:
+    state = AdapterState()
+    stack = get_submodule(model, spec.stack)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.moelora_state = state
+    stack.moelora_state = state  # the decoder stack's hooks find the same owner
+    state.handles = [
+        model.register_forward_pre_hook(hooks.top_pre, with_kwargs=True),
+        model.register_forward_hook(hooks.top_post, with_kwargs=True),
+        stack.register_forward_pre_hook(hooks.stack_pre, with_kwargs=True),
+        stack.register_forward_hook(hooks.stack_post, with_kwargs=True, always_call=True),
+        model.register_state_dict_pre_hook(hooks.restore_before_state_dict),
+        model.register_load_state_dict_pre_hook(hooks.restore_before_state_dict),
+    ]
+    model.__class__ = generation.adapted_class(type(model))
+    return state
+
+
+def _uninstall(model: nn.Module, state: AdapterState) -> None:
+    restore_switch_weights(state)
+    clear_decode_graphs(model)
+    for parent, attr, original in reversed(state.originals):
+        if original is None:  # a module the adapter added (LoRA-Switch's routers)
+            if attr in parent._modules:
+                delattr(parent, attr)
+        else:
+            setattr(parent, attr, original)
+    state.originals.clear()
+    for h in state.handles + ([state.switch_hook] if state.switch_hook is not None else []):
+        h.remove()
+    model.__class__ = generation.original_class(type(model))
+    stack = get_submodule(model, arch_spec(model).stack)
+    for m in (model, stack):
+        m.__dict__.pop("moelora_state", None)
+
+
+def _drop_adapter_modules(model: nn.Module, state: AdapterState, name: str) -> None:
+    """Take adapter ``name`` out of every site; unwrap sites left without adapters."""
+    for m in list(model.modules()):
+        if isinstance(m, _SITES) and name in m.adapters:
+            del m.adapters[name]
+            clear_decode_graphs(m)
+    keep = []
+    for parent, attr, original in reversed(state.originals):
+        cur = getattr(parent, attr, None)
+        if isinstance(cur, _SITES) and len(cur.adapters) == 0:
+            if original is None:
+                delattr(parent, attr)
+            else:
+                setattr(parent, attr, original)
+        else:
+            keep.append((parent, attr, original))
+    state.originals[:] = list(reversed(keep))
+    if not any(isinstance(m, AdapterRouters) for m in model.modules()) and state.switch_hook is not None:
+        state.switch_hook.remove()
+        state.switch_hook = None
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove one adapter and its modules; the others stay as they are. Deleting the active
+    adapter leaves the base model active; deleting the last one is ``remove_adapter``."""
+    state = _require_state(model)
+    state._check_known(adapter_name)
+    if state.merged_lora == adapter_name:
+        unmerge_lora(model)
+    if len(state.adapters) == 1:
+        return remove_adapter(model)
+    restore_switch_weights(state)
+    _drop_adapter_modules(model, state, adapter_name)
+    del state.adapters[adapter_name]
+    state.switch.pop(adapter_name, None)
+    state.records.pop(adapter_name, None)
+    if state.active == adapter_name:
+        set_adapter(model, None)
+    return model
 
 
 def remove_adapter(model: nn.Module) -> nn.Module:
-    """Undo ``inject_adapter``: put the original modules back and unfreeze nothing else."""
-    if getattr(model, "moelora_config", None) is None:
+    """Undo every ``inject_adapter``/``add_adapter``: put the original modules back (their
+    requires_grad flags stay as they are)."""
+    state = adapter_state(model)
+    if state is None:
         return model
-    clear_decode_graphs(model)
-    for hook in getattr(model, "_moelora_cleanup", []):
-        hook()
-    for parent, attr, original in reversed(model._moelora_originals):
-        if original is None:  # a module the adapter added (LoRA-Switch's router)
-            delattr(parent, attr)
-        else:
-            setattr(parent, attr, original)
-    for h in model._moelora_handles:
-        h.remove()
-    for name in ("moelora_config", "_moelora_context", "_moelora_originals", "_moelora_handles", "_moelora_cleanup"):
-        if hasattr(model, name):
-            delattr(model, name)
+    if state.merged_lora is not None:
+        unmerge_lora(model)
+    _uninstall(model, state)
     return model
+
+
+# ---- choosing adapters ----------------------------------------------------------------------
+def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
+    """Make ``adapter_name`` the active adapter (None: the base model) for forwards and
+    ``generate`` calls that pass no ``adapter_names``."""
+    state = _require_state(model)
+    if adapter_name is not None:
+        state._check_known(adapter_name)
+    if state.merged_lora is not None and adapter_name != state.merged_lora:
+        raise RuntimeError(f"adapter {state.merged_lora!r} is merged into the base weights; "
+                           "call moelora.unmerge_lora(model) first")
+    state.active = adapter_name
+    if not state.in_forward:
+        state.plan = BatchPlan(adapter_name)
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, adapter_name: str | None) -> Iterator[nn.Module]:
+    """``set_adapter`` for the block; the previously active adapter is back on exit (also after an exception)."""
+    state = _require_state(model)
+    old = state.active
+    set_adapter(model, adapter_name)
+    try:
+        yield model
+    finally:
+        set_adapter(model, old)
+
+
+def list_adapters(model: nn.Module) -> list[dict]:
+    """One dict per adapter: name, method, trainable, active, and its config as a dict."""
+    state = adapter_state(model)
+    if state is None:
+        return []
+    return [{"name": n, "method": i.method, "trainable": i.trainable, "active": n == state.active,
+             "config": i.config.to_dict()} for n, i in state.adapters.items()]
+
+
+def get_adapter_config(model: nn.Module, adapter_name: str | None = None):
+    """The config of ``adapter_name`` (default: the active or only adapter); None without adapters."""
+    state = adapter_state(model)
+    if state is None or not state.adapters:
+        return None
+    return state.adapters[_resolve(state, adapter_name)].config
+
+
+def switch_state(model: nn.Module, adapter_name: str | None = None):
+    """The LoRA-Switch merge/routing state of ``adapter_name`` (benchmarks and tests), or None."""
+    state = adapter_state(model)
+    if state is None or not state.switch:
+        return None
+    if adapter_name is None and state.active not in state.switch and len(state.switch) == 1:
+        return next(iter(state.switch.values()))
+    return state.switch.get(_resolve(state, adapter_name))
+
+
+def restore_base_weights(model: nn.Module) -> None:
+    """Write the pristine base weights back if a LoRA-Switch selection is merged (custom decode loops)."""
+    state = adapter_state(model)
+    if state is not None:
+        restore_switch_weights(state)
+
+
+# ---- merging plain LoRA ---------------------------------------------------------------------
+def _lora_sites(model: nn.Module, name: str):
+    for m in model.modules():
+        if isinstance(m, AdaptedLinear):
+            a = m.adapters[name] if name in m.adapters else None
+            if a is not None and a.kind == "lora":
+                yield m, a
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold the active adapter's plain LoRA deltas into the base weights (exactly undone by
+    ``unmerge_lora``). While merged, forwards must use that adapter only."""
+    state = _require_state(model)
+    name = _resolve(state, None)
+    if state.merged_lora not in (None, name):
+        raise RuntimeError(f"adapter {state.merged_lora!r} is merged already; unmerge_lora(model) first")
+    restore_switch_weights(state)
+    for site, a in _lora_sites(model, name):
+        a.merge(site)
+    state.merged_lora = name
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    state = adapter_state(model)
+    if state is None or state.merged_lora is None:
+        return
+    for site, a in _lora_sites(model, state.merged_lora):
+        a.unmerge(site)
+    state.merged_lora = None
 
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as its base model inside the block, then give the adapter back::
+    """Run ``model`` as its base model inside the block, then give the adapters back::
 
         with moelora.disable_adapter(model):
             ref_logits = model(ids).logits      # the frozen base: KL / DPO reference, A/B timing
@@ -200,107 +325,57 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     swap (its guards see the other module tree and it compiles for it). No-op without an adapter
     or when already disabled; the adapted modules return on exit (also after an exception), in
     the model's current train/eval mode."""
-    ctx: RoutingContext | None = getattr(model, "_moelora_context", None)
-    if ctx is None or ctx.disabled:
+    state = adapter_state(model)
+    if state is None or state.disabled:
         yield model
         return
-    from .layers.lora_switch import restore_base_weights
-
-    restore_base_weights(model)
-    merged = [m for m in model.modules() if isinstance(m, LoraLinear) and m.merged]  # merge_lora'd deltas
-    for m in merged:
-        m.unmerge()
+    restore_switch_weights(state)
+    merged = state.merged_lora
+    if merged is not None:
+        unmerge_lora(model)
     swapped = []
-    for parent, attr, original in model._moelora_originals:
-        if original is not None:  # None: a module the adapter added (LoRA-Switch's router): unused while disabled
+    for parent, attr, original in state.originals:
+        if original is not None:  # None: a module the adapter added (LoRA-Switch's routers): unused while disabled
             swapped.append((parent, attr, getattr(parent, attr)))
             setattr(parent, attr, original)
-    ctx.disabled = True
-    ctx.last.clear()
+    state.disabled = True
+    state.records = {}
     try:
         yield model
     finally:
         for parent, attr, adapted in reversed(swapped):
             setattr(parent, attr, adapted)
             adapted.train(model.training)
-        for m in merged:
-            m.merge()
-        ctx.disabled = False
-        ctx.last.clear()
-
-
-# ---- hooks ----------------------------------------------------------------------------------
-def _capture_inputs(module, args, kwargs):
-    ctx: RoutingContext = module._moelora_context
-    if ctx.disabled:
-        return
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        mask = args[1]
-    ctx.attention_mask = mask
-    ctx._mask_cache = None  # the token mask is cached for one forward (the mask may be updated in place)
-    ctx.has_labels = kwargs.get("labels") is not None
-    ctx.past_tokens = _cached_tokens(kwargs.get("past_key_values", kwargs.get("cache")))
-    ctx.last.clear()
-
-
-def _cached_tokens(cache) -> int:
-    """Tokens already held by a dynamic KV cache (read off a tensor shape: no host sync). 0 for
-    no cache, a static cache (its length is a device-side count) and under torch.compile.
-    (transformers 5.17 passes the cache as ``past_key_values``, later 5.x as ``cache``.)"""
-    if cache is None or torch.compiler.is_compiling():
-        return 0
-    from transformers import DynamicCache
-
-    return int(cache.get_seq_length()) if isinstance(cache, DynamicCache) else 0
-
-
-def _add_aux_loss(module, args, kwargs, output):
-    ctx: RoutingContext = module._moelora_context
-    cfg = module.moelora_config
-    if torch.compiler.is_compiling() and not module.training:
-        ctx.end_compiled_step()
-    if not ctx.last or not (module.training or ctx.has_labels):
-        return output  # decode/eval without labels: no extra work on the hot path
-    # LoRA-Switch has one routed layer, so only MixLoRA offers the pooled form.
-    aux = cfg.router_aux_loss_coef * aux_loss_from_context(ctx, getattr(cfg, "aux_loss_pooling", "layer_mean"))
-    if isinstance(output, tuple):
-        return output
-    if getattr(output, "loss", None) is not None:
-        output["loss"] = output.loss + aux.to(output.loss.dtype)
-    output["aux_loss"] = aux
-    return output
-
-
-def aux_loss_from_context(ctx: RoutingContext, pooling: str = "layer_mean") -> torch.Tensor:
-    """Load-balance loss (without coef) over the routed layers of the last forward."""
-    terms = [(load_balance_terms(r.routing, r.token_mask, r.num_experts), r.num_experts) for r in ctx.last.values()]
-    if pooling == "pooled":
-        counts = sum(t[0][0] for t in terms)
-        probs = sum(t[0][1] for t in terms)
-        n = sum(t[0][2] for t in terms)
-        return load_balance_loss(counts, probs, n, terms[0][1])
-    losses = [load_balance_loss(c, p, n, e) for (c, p, n), e in terms]
-    return torch.stack(losses).mean()
+        state.disabled = False
+        state.records = {}
+        if merged is not None:
+            with use_adapter(model, merged):
+                merge_lora(model)
 
 
 # ---- introspection --------------------------------------------------------------------------
-def get_adapter_config(model: nn.Module):
-    return getattr(model, "moelora_config", None)
+def _records(model: nn.Module, adapter_name: str | None) -> dict:
+    state = adapter_state(model)
+    if state is None or not state.records:
+        return {}
+    if adapter_name is None and state.active is None and len(state.records) == 1:
+        return next(iter(state.records.values()))
+    if adapter_name is None and state.active not in state.records and len(state.records) == 1:
+        return next(iter(state.records.values()))
+    return state.records.get(adapter_name if adapter_name is not None else state.active, {})
 
 
-def router_statistics(model: nn.Module) -> list[dict]:
-    """Per routed layer, from the last forward: expert load fractions, mean probability
-    (importance), mean per-token entropy, and the coefficient of variation of the load.
-    Empty after a torch.compile'd inference forward, which keeps no routing records (see
-    ``RoutingContext.record``); run the analysis forward uncompiled."""
-    ctx: RoutingContext | None = getattr(model, "_moelora_context", None)
-    if ctx is None:
-        return []
+def router_statistics(model: nn.Module, adapter_name: str | None = None) -> list[dict]:
+    """Per routed layer of ``adapter_name`` (default: the active one), from the last forward:
+    expert load fractions, mean probability (importance), mean per-token entropy, and the
+    coefficient of variation of the load. In a mixed batch each adapter's statistics cover
+    its own sequences. Empty after a torch.compile'd inference forward, which keeps no routing
+    records (see ``AdapterState.record``); run the analysis forward uncompiled."""
     stats = []
+    records = _records(model, adapter_name)
     with torch.no_grad():
-        for layer in sorted(ctx.last):
-            r = ctx.last[layer]
+        for layer in sorted(records):
+            r = records[layer]
             counts, probs, n = load_balance_terms(r.routing, r.token_mask, r.num_experts)
             n = n.clamp_min(1.0)
             load = counts / counts.sum().clamp_min(1.0)
@@ -320,15 +395,13 @@ def router_statistics(model: nn.Module) -> list[dict]:
     return stats
 
 
-def routing_records(model: nn.Module) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+def routing_records(model: nn.Module, adapter_name: str | None = None) -> dict[int, tuple]:
     """Per routed layer, the last forward's (experts (N, K), weights (N, K), token mask (N,))."""
-    ctx: RoutingContext | None = getattr(model, "_moelora_context", None)
-    if ctx is None:
-        return {}
     # Copies: at eager decode steps the routing tensors are CUDA-graph outputs (decode_graphs)
     # that the next step overwrites, and a caller may keep these records across steps.
     return {i: (r.routing.experts.detach().clone(), r.routing.weights.detach().clone(),
-                None if r.token_mask is None else r.token_mask.clone()) for i, r in ctx.last.items()}
+                None if r.token_mask is None else r.token_mask.clone())
+            for i, r in _records(model, adapter_name).items()}
 
 
 def trainable_parameters(model: nn.Module) -> dict:
@@ -338,27 +411,58 @@ def trainable_parameters(model: nn.Module) -> dict:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors (lora_*, router*), detached, keyed by their module path."""
-    return {k: v.detach() for k, v in model.state_dict().items() if is_adapter_parameter(k)}
+# ---- adapter tensors by name ----------------------------------------------------------------
+def canonical_key(key: str, adapter_name: str) -> str | None:
+    """The file key of one adapter's parameter (the module path with ``adapters.<name>`` and
+    ``base_layer`` left out: the same keys whatever other adapters share the model), or None
+    when ``key`` belongs to another adapter or the base."""
+    parts = key.split(".")
+    out, found, i = [], False, 0
+    while i < len(parts):
+        if parts[i] == "adapters" and i + 1 < len(parts):
+            if parts[i + 1] != adapter_name:
+                return None
+            found = True
+            i += 2
+            continue
+        if parts[i] != "base_layer":
+            out.append(parts[i])
+        i += 1
+    return ".".join(out) if found else None
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors in, strictly: every key must exist with the same shape, and every
-    adapter tensor of the model must be given. Validates everything before changing anything."""
-    own = adapter_state_dict(model)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    out = {}
+    for k, p in model.named_parameters():
+        c = canonical_key(k, adapter_name)
+        if c is not None:
+            out[c] = p
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Only the tensors of ``adapter_name`` (default: the active or only adapter), detached,
+    keyed by their module path without ``adapters.<name>``/``base_layer`` (the file format)."""
+    state = _require_state(model)
+    return {k: p.detach() for k, p in _adapter_parameters(model, _resolve(state, adapter_name)).items()}
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+    """Copy one adapter's tensors in, strictly: every key must exist with the same shape, and
+    every tensor of that adapter must be given. Validates everything before changing anything."""
+    state = _require_state(model)
+    params = _adapter_parameters(model, _resolve(state, adapter_name))
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise KeyError(
             f"adapter tensors do not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
+    bad = [(k, tuple(tensors[k].shape), tuple(p.shape)) for k, p in params.items() if tensors[k].shape != p.shape]
     if bad:
         k, got, want = bad[0]
         raise ValueError(f"shape mismatch for {len(bad)} adapter tensor(s), e.g. {k}: file {got}, model {want}")
-    params = dict(model.named_parameters())
     with torch.no_grad():
-        for k, v in state.items():
-            params[k].copy_(v.to(params[k].dtype))
+        for k, p in params.items():
+            p.copy_(tensors[k].to(p.dtype))

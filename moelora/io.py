@@ -23,11 +23,16 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import AdapterConfigError, LoraConfig, MixLoraConfig, config_from_dict
 from .inject import (
+    DEFAULT_ADAPTER,
+    adapter_state,
     adapter_state_dict,
+    add_adapter,
     arch_spec,
-    inject_adapter,
+    delete_adapter,
+    get_adapter_config,
     load_adapter_state_dict,
     remove_adapter,
+    set_adapter,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -80,12 +85,13 @@ def _model_signature(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapter (config + tensors) to the folder ``path``, atomically."""
-    cfg = getattr(model, "moelora_config", None)
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write one adapter (config + tensors; default: the active or only one) to the folder
+    ``path``, atomically. The files hold that adapter alone, whatever else shares the model."""
+    cfg = get_adapter_config(model, adapter_name)
     if cfg is None:
         raise ValueError("this model has no moelora adapter; call moelora.inject_adapter first")
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "moelora": __version__})
@@ -117,19 +123,28 @@ def read_adapter_config(path: str | os.PathLike):
     return config_from_dict(meta["adapter"]), meta
 
 
-def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Inject the adapter stored at ``path`` into ``base_model`` and load its tensors.
+def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                 trainable: bool = True) -> nn.Module:
+    """Add the adapter stored at ``path`` to ``base_model`` as ``adapter_name`` and load its tensors.
 
-    Reads our format, or a reference MixLoRA folder (peft_type MIXLORA + adapter_model.bin).
-    On any error (wrong base model, missing/extra tensor, shape mismatch, truncated or corrupted
-    file, unknown config key) raises and leaves ``base_model`` exactly as it was."""
+    On a model without moelora the adapter is named "default" (unless named) and made active,
+    as ``inject_adapter`` does; on a model that has adapters already it is added beside them
+    (``add_adapter``), not made active. Reads our format, or a reference MixLoRA folder
+    (peft_type MIXLORA + adapter_model.bin). On any error (wrong base model, missing/extra
+    tensor, shape mismatch, truncated or corrupted file, unknown config key) raises and leaves
+    ``base_model`` exactly as it was, requires_grad flags included."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterFileError(f"adapter folder {str(path)!r} does not exist")
-    if getattr(base_model, "moelora_config", None) is not None:
-        raise ValueError("base_model already has an adapter; call moelora.remove_adapter(model) first")
+    state = adapter_state(base_model)
+    fresh = state is None
+    if adapter_name is None:
+        if not fresh and DEFAULT_ADAPTER in state.adapters:
+            raise ValueError(f"the model has adapters {sorted(state.adapters)} already: pass adapter_name= "
+                             "to load this one beside them")
+        adapter_name = DEFAULT_ADAPTER
     if _is_reference_mixlora(path):
-        cfg, state = _read_reference_mixlora(path, base_model)
+        cfg, tensors = _read_reference_mixlora(path, base_model)
     else:
         cfg, meta = read_adapter_config(path)
         _check_base(meta, base_model, path)
@@ -142,17 +157,24 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{str(weights)!r} does not match the checksum in {CONFIG_NAME}: the file is corrupted or truncated"
             )
         try:
-            state = load_file(str(weights))
+            tensors = load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as e:
             raise AdapterFileError(f"{str(weights)!r} cannot be read ({e}); the file is truncated or corrupted") from e
-    inject_adapter(base_model, cfg)
+    grads = {p: p.requires_grad for p in base_model.parameters()}
+    add_adapter(base_model, adapter_name, cfg, trainable=trainable)
     try:
-        load_adapter_state_dict(base_model, state)
-    except (KeyError, ValueError) as e:
-        remove_adapter(base_model)
-        raise AdapterFileError(f"adapter at {str(path)!r} does not fit this model: {e}") from e
-    except BaseException:
-        remove_adapter(base_model)
+        load_adapter_state_dict(base_model, tensors, adapter_name)
+        if fresh:
+            set_adapter(base_model, adapter_name)
+    except BaseException as e:
+        if fresh:
+            remove_adapter(base_model)
+        else:
+            delete_adapter(base_model, adapter_name)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        if isinstance(e, (KeyError, ValueError)) and not isinstance(e, AdapterFileError):
+            raise AdapterFileError(f"adapter at {str(path)!r} does not fit this model: {e}") from e
         raise
     return base_model
 
@@ -260,9 +282,9 @@ def _convert_reference_state(ref: dict, cfg: MixLoraConfig, model: nn.Module, sp
 
 
 # ---- PEFT export ----------------------------------------------------------------------------
-def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write a plain-LoRA adapter as a PEFT folder that ``peft.PeftModel.from_pretrained`` loads."""
-    cfg = getattr(model, "moelora_config", None)
+    cfg = get_adapter_config(model, adapter_name)
     if not isinstance(cfg, LoraConfig):
         raise ValueError("only plain LoRA adapters (moelora.LoraConfig) can be exported to PEFT")
     spec = arch_spec(model)
@@ -275,7 +297,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
         "init_lora_weights": True,
     }
     tensors = {}
-    for k, v in adapter_state_dict(model).items():
+    for k, v in adapter_state_dict(model, adapter_name).items():
         # ours: model.layers.0.self_attn.q_proj.lora_A -> PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
         tensors[f"base_model.model.{k}.weight"] = v.contiguous().cpu()
 

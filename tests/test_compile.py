@@ -1,6 +1,6 @@
 """torch.compile of adapted models: one graph, decode kernels inside it as custom ops.
 
-Runs on CPU with the Triton interpreter (MOELORA_CPU_KERNELS=1) and the ``aot_eager`` backend,
+Runs on CPU with the Triton interpreter (``moelora.kernel_backend("triton")``) and the ``aot_eager`` backend,
 which traces exactly what Inductor would see (the GPU run compiles with Inductor + CUDA graphs).
 A graph break here would split every compiled decode step into pieces, each with its own guard
 checks and CUDA-graph replay.
@@ -40,18 +40,17 @@ def test_compiled_model_is_one_graph_with_decode_kernels(method, batch, monkeypa
         return aot_eager(gm, example_inputs)
 
     with torch.no_grad():
-        monkeypatch.setenv("MOELORA_CPU_KERNELS", "0")
         ref = model(ids).logits  # torch paths
-        monkeypatch.setenv("MOELORA_CPU_KERNELS", "1")
         torch.compiler.reset()
-        out = torch.compile(model, backend=recording_backend)(ids).logits
+        with moelora.kernel_backend("triton"):
+            out = torch.compile(model, backend=recording_backend)(ids).logits
     torch.compiler.reset()
     assert len(graphs) == 1, f"{len(graphs)} graphs: the compiled forward has graph breaks"
     n_ops = graphs[0].count("moelora.linear_lora_delta") + graphs[0].count("moelora.mixlora_ffn_delta")
     assert n_ops == OPS_PER_LAYER[method] * len(model.model.layers)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # No step tensors outlive a compiled inference step (cudagraph trees would re-record).
-    ctx = model._moelora_context
-    assert not ctx.last
+    state = model.moelora_state
+    assert not any(state.records.values())
     if method == "lora_switch":
-        assert ctx.extras["switch"].experts is None
+        assert state.switch["default"].experts is None

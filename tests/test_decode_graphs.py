@@ -6,8 +6,8 @@ from torch.utils._pytree import tree_flatten
 
 import moelora
 from moelora.layers import decode_graphs
-from moelora.layers.context import RoutingContext
-from moelora.layers.lora_switch import switch_state
+from moelora.state import AdapterState
+from moelora import switch_state
 from conftest import make_tiny, randomize_adapter_
 
 
@@ -98,36 +98,35 @@ def test_shape_limit_and_failed_capture_fall_back_to_direct_calls():
 
 def test_graphs_never_apply_on_cpu_or_when_disabled():
     x = torch.randn(1, 4)
-    ctx = RoutingContext(past_tokens=3)
+    ctx = AdapterState(past_tokens=3)
     assert not decode_graphs.applies(x, ctx)  # CPU
     assert not decode_graphs.applies(x, None)
-    decode_graphs.set_decode_graphs(False)
-    try:
-        assert not decode_graphs.decode_graphs_enabled()
-    finally:
-        decode_graphs.set_decode_graphs(True)
+    with moelora.decode_graphs(False):
+        assert not moelora.switches.decode_graphs_enabled()
+    assert moelora.switches.decode_graphs_enabled()  # restored after the block
 
 
 def test_decode_steps_are_told_by_the_dynamic_cache():
     from transformers import DynamicCache
 
-    from moelora.inject import _cached_tokens
+    from moelora._private import cached_tokens
 
-    assert _cached_tokens(None) == 0
+    assert cached_tokens({}) == 0
     cache = DynamicCache()
-    assert _cached_tokens(cache) == 0  # the first forward (prefill, or a one-token prompt)
+    assert cached_tokens({"past_key_values": cache}) == 0  # the first forward (prefill, or a one-token prompt)
     k = torch.randn(2, 2, 3, 4)
     cache.update(k, k.clone(), 0)
-    assert _cached_tokens(cache) == 3
-    assert _cached_tokens(object()) == 0  # a static or unknown cache: no graphs
-    ctx = RoutingContext()
+    assert cached_tokens({"past_key_values": cache}) == 3
+    assert cached_tokens({"cache": cache}) == 3
+    assert cached_tokens({"past_key_values": object()}) == 0  # a static or unknown cache: no graphs
+    ctx = AdapterState()
     assert not ctx.cached_decode_step()
     ctx.past_tokens = 3
     assert ctx.cached_decode_step()
 
 
 def test_token_mask_is_computed_once_per_forward():
-    ctx = RoutingContext(attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    ctx = AdapterState(attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
     m = ctx.token_mask_for(2, 1)
     assert m is ctx.token_mask_for(2, 1) and m.tolist() == [True, True]
     ctx.attention_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
@@ -147,7 +146,7 @@ def test_routing_records_are_copies(tiny_llama):
     moelora.inject_adapter(tiny_llama, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
     tiny_llama(torch.randint(0, 61, (1, 5)))
     rec = moelora.routing_records(tiny_llama)
-    live = tiny_llama._moelora_context.last[0].routing.experts
+    live = tiny_llama.moelora_state.records["default"][0].routing.experts
     assert rec[0][0].data_ptr() != live.data_ptr() and torch.equal(rec[0][0], live)
 
 
@@ -208,11 +207,8 @@ def test_graphed_generate_equals_ungraphed(method, batch, dtype):
     model = _gpu_model(method, dtype)
     ids = torch.randint(4, 61, (batch, 7), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    decode_graphs.set_decode_graphs(False)
-    try:
+    with moelora.decode_graphs(False):
         ref = _generate(model, ids)
-    finally:
-        decode_graphs.set_decode_graphs(True)
     got = _generate(model, ids)
     if method == "lora_switch_merge":  # merged decode runs plain F.linear: nothing to graph
         assert switch_state(model).merge_launches > 0 and _captures(model) == 0
@@ -230,13 +226,10 @@ def test_graphs_follow_in_place_and_replaced_adapter_weights():
     _generate(model, ids)  # captures
     randomize_adapter_(model, seed=5, scale=0.05)  # in place: same addresses
     lin = model.model.layers[0].self_attn.q_proj
-    lin.lora_B = torch.nn.Parameter(torch.randn_like(lin.lora_B) * 0.05)  # replaced: a new address
+    lin.adapters["default"].lora_B = torch.nn.Parameter(torch.randn_like(lin.lora_B) * 0.05)  # replaced: a new address
     got = _generate(model, ids)
-    decode_graphs.set_decode_graphs(False)
-    try:
+    with moelora.decode_graphs(False):
         ref = _generate(model, ids)
-    finally:
-        decode_graphs.set_decode_graphs(True)
     _assert_same_generation(got, ref, torch.float32)
 
 
@@ -281,13 +274,15 @@ def test_graphed_decode_step_has_no_host_sync(method):
 
 
 @pytest.mark.parametrize("method", ["lora", "mixlora", "lora_switch"])
-def test_whole_model_decode_takes_the_graph_path_on_cpu(method, monkeypatch):
+def test_whole_model_decode_takes_the_graph_path_on_cpu(method, monkeypatch, request):
     """The layers' side of the graphs, on CPU: the Triton kernels run in the interpreter
-    (MOELORA_CPU_KERNELS=1), ``applies`` is forced on and the stand-in capture replays by calling
+    (``moelora.kernel_backend("triton")``), ``applies`` is forced on and the stand-in capture replays by calling
     the function. Every adapted module must capture at the second decode step and the generation
     must equal the ungraphed one (same kernels)."""
-    monkeypatch.setenv("MOELORA_CPU_KERNELS", "1")
-    monkeypatch.setattr(decode_graphs, "applies", lambda x, ctx: decode_graphs._enabled and x.is_contiguous()
+    backend = moelora.kernel_backend("triton")
+    backend.__enter__()
+    request.addfinalizer(lambda: backend.__exit__(None, None, None))
+    monkeypatch.setattr(decode_graphs, "applies", lambda x, ctx: moelora.switches.SETTINGS.decode_graphs and x.is_contiguous()
                         and ctx is not None and ctx.cached_decode_step())
     monkeypatch.setattr(decode_graphs, "_cuda_capture", _fake_capture)
     cfg = {"lora": moelora.LoraConfig(r=4, lora_dropout=0.0),
@@ -298,14 +293,11 @@ def test_whole_model_decode_takes_the_graph_path_on_cpu(method, monkeypatch):
     moelora.inject_adapter(model, cfg)
     randomize_adapter_(model, scale=0.2)
     for m in model.modules():
-        if isinstance(m, moelora.MixLoraFFN):
+        if isinstance(m, moelora.MixLoraAdapter):
             m.backend = "fused"  # "auto" is fused on CUDA only
     ids = torch.randint(4, 61, (2, 5), generator=torch.Generator().manual_seed(0))
-    decode_graphs.set_decode_graphs(False)
-    try:
+    with moelora.decode_graphs(False):
         ref = _generate(model, ids, n=5)
-    finally:
-        decode_graphs.set_decode_graphs(True)
     got = _generate(model, ids, n=5)
     modules = {"lora": 14, "mixlora": 2 * 4 + 2, "lora_switch": 14 + 1}[method]  # + the LoRA-Switch router
     assert decode_graphs.captured_graphs(model) == modules

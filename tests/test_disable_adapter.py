@@ -45,7 +45,7 @@ def test_inside_the_block_the_base_modules_run_and_the_adapter_returns(method):
         assert not torch.allclose(adapted, base_logits, atol=1e-3)
         with moelora.disable_adapter(model) as m:
             assert m is model
-            assert not any(isinstance(x, (moelora.LoraLinear, moelora.MixLoraFFN)) for x in model.model.layers.modules())
+            assert not any(isinstance(x, (moelora.AdaptedLinear, moelora.AdaptedFFN)) for x in model.model.layers.modules())
             torch.testing.assert_close(model(ids).logits, base_logits, atol=0, rtol=0)  # the very same modules and weights
             torch.testing.assert_close(model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0), base_gen)
             assert moelora.routing_records(model) == {}
@@ -75,7 +75,7 @@ def test_training_inside_the_block_has_no_aux_loss_and_an_exception_restores_the
             torch.testing.assert_close(out.loss, base_loss)
             model.eval()
             raise RuntimeError("boom")
-    assert isinstance(model.model.layers[0].mlp, moelora.MixLoraFFN)
+    assert isinstance(model.model.layers[0].mlp, moelora.AdaptedFFN)
     assert not model.model.layers[0].mlp.training  # the adapted modules follow the mode set inside
     assert model(ids).logits.shape == (2, 7, 61)
 
@@ -87,7 +87,7 @@ def test_merged_lora_is_taken_out_and_folded_back():
         moelora.merge_lora(model)
         with moelora.disable_adapter(model):
             torch.testing.assert_close(model(ids).logits, base_logits, atol=1e-5, rtol=1e-5)
-        assert all(m.merged for m in model.modules() if isinstance(m, moelora.LoraLinear))
+        assert all(m.merged for m in model.modules() if isinstance(m, moelora.AdaptedLinear) and "default" in m.adapters)
         torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import moelora
-from moelora.layers.lora_switch import switch_state
+from moelora import switch_state
 from conftest import make_tiny, randomize_adapter_
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -18,7 +18,7 @@ def _mix(dtype, hidden=256, inter=688, layers=2):
 
 def _set_backend(model, backend):
     for m in model.modules():
-        if isinstance(m, moelora.MixLoraFFN):
+        if isinstance(m, moelora.MixLoraAdapter):
             m.backend = backend
 
 

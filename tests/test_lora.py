@@ -97,7 +97,7 @@ def test_merge_unmerge_round_trip(dtype):
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(merged.float(), unmerged.float(), atol=tol, rtol=tol)
     lin = model.model.layers[0].self_attn.q_proj
-    expect = (w0["model.layers.0.self_attn.q_proj.base_layer.weight"].float() + lin.delta_weight()).to(dtype)
+    expect = (w0["model.layers.0.self_attn.q_proj.base_layer.weight"].float() + lin.adapters["default"].delta_weight()).to(dtype)
     torch.testing.assert_close(lin.base_layer.weight, expect, atol=0, rtol=0)
     moelora.unmerge_lora(model)
     for k, v in model.state_dict().items():
@@ -109,7 +109,7 @@ def test_rslora_scaling_and_gaussian_init():
     assert cfg.scaling == pytest.approx(32 / 4)
     model = moelora.inject_adapter(make_tiny("llama"), cfg)
     lin = model.model.layers[0].self_attn.q_proj
-    assert lin.scaling == pytest.approx(8.0)
+    assert lin.adapters["default"].scaling == pytest.approx(8.0)
     assert torch.count_nonzero(lin.lora_B) == 0 and lin.lora_A.std() > 0
 
 

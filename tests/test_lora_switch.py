@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moelora
-from moelora.layers.lora_switch import LoraSwitchLinear, switch_state
+from moelora import switch_state
 from conftest import make_tiny, randomize_adapter_
 
 
@@ -27,7 +27,7 @@ def test_unmerged_layer_matches_formula():
     model = _switch_model("unmerged")
     ids = torch.randint(0, 61, (2, 5))
     captured = {}
-    lin: LoraSwitchLinear = model.model.layers[1].mlp.down_proj
+    lin = model.model.layers[1].mlp.down_proj
     h = lin.register_forward_hook(lambda m, a, o: captured.update(x=a[0], y=o))
     with torch.no_grad():
         model(ids)
@@ -121,8 +121,10 @@ import os, sys, torch
 sys.path.insert(0, sys.argv[1])
 from conftest import make_tiny, randomize_adapter_
 import moelora
-from moelora.layers.lora_switch import switch_state
+from moelora import switch_state
 from moelora_kernels.merge import MergePlan
+_backend = moelora.kernel_backend("triton")  # the Triton kernels on CPU, for the whole script
+_backend.__enter__()
 ids = torch.randint(0, 61, (1, 5), generator=torch.Generator().manual_seed(2))
 seqs = {}
 for mode in ("unmerged", "merge"):
@@ -144,7 +146,7 @@ print("OK")
 @pytest.mark.slow
 def test_merged_decode_through_triton_kernel_interpreter():
     """The real fused kernel (under TRITON_INTERPRET=1) drives merged decode of a tiny model."""
-    env = dict(os.environ, TRITON_INTERPRET="1", MOELORA_CPU_KERNELS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1")
     here = os.path.dirname(__file__)
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT, here], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

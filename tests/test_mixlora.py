@@ -78,7 +78,7 @@ def test_logits_equal_reference_mixlora(tmp_path, arch, top_k, num_experts, back
 
     ours = moelora.load_adapter(base, tmp_path / "ref")  # reads the reference format
     for m in ours.modules():
-        if isinstance(m, moelora.MixLoraFFN):
+        if isinstance(m, moelora.MixLoraAdapter):
             m.backend = backend
     with torch.no_grad():
         out = ours(ids, attention_mask=mask).logits
@@ -88,7 +88,7 @@ def test_logits_equal_reference_mixlora(tmp_path, arch, top_k, num_experts, back
     moelora.save_adapter(ours, tmp_path / "ours")
     again = moelora.load_adapter(make_tiny(arch), tmp_path / "ours")
     for m in again.modules():
-        if isinstance(m, moelora.MixLoraFFN):
+        if isinstance(m, moelora.MixLoraAdapter):
             m.backend = backend
     with torch.no_grad():
         torch.testing.assert_close(again(ids, attention_mask=mask).logits, out, atol=0, rtol=0)
@@ -132,7 +132,7 @@ def test_model_aux_loss_is_coef_times_layer_mean():
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1))
     per_layer = []
     for layer in model.model.layers:
-        r = model._moelora_context.last[layer.mlp.layer_idx]
+        r = model.moelora_state.records["default"][layer.mlp.layer_idx]
         per_layer.append(load_balance_loss(*load_balance_terms(r.routing, r.token_mask, 4), 4))
     torch.testing.assert_close(out.aux_loss, 0.1 * torch.stack(per_layer).mean())
     torch.testing.assert_close(out.loss, ce + out.aux_loss)
@@ -145,13 +145,14 @@ def test_routing_edge_cases_eager_vs_fused():
     model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
     randomize_adapter_(model)
     ffn = model.model.layers[0].mlp
+    moe = ffn.adapters["default"]
     for n in (1, 9):
         x = torch.randn(n, 24)
         # every token goes to experts 2 then 0; experts 1 and 3 get nothing
         probs = torch.tensor([0.3, 0.05, 0.6, 0.05]).expand(n, 4)
         routing = Routing(torch.tensor([[0.6, 0.4]]).expand(n, 2), torch.tensor([[2, 0]]).expand(n, 2), probs, None)
         with torch.no_grad():
-            eager, fused = ffn.forward_eager(x, routing), ffn.forward_fused(x, routing)
+            eager, fused = moe.forward_eager(ffn, x, routing), moe.forward_fused(ffn, x, routing)
         torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
         counts, _, _ = load_balance_terms(routing, None, 4)
         assert counts[1] == 0 and counts[3] == 0 and counts[2] == n
@@ -159,7 +160,7 @@ def test_routing_edge_cases_eager_vs_fused():
     x = torch.randn(5, 24)
     r = route(torch.randn(5, 4), "topk", 4)
     with torch.no_grad():
-        torch.testing.assert_close(ffn.forward_fused(x, r), ffn.forward_eager(x, r), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe.forward_fused(ffn, x, r), moe.forward_eager(ffn, x, r), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -190,7 +191,7 @@ def test_other_strategies_run_and_backends_agree(strategy):
     outs = {}
     for backend in ("eager", "fused"):
         for layer in model.model.layers:
-            layer.mlp.backend = backend
+            layer.mlp.adapters["default"].backend = backend
         with torch.no_grad():
             outs[backend] = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(outs["fused"], outs["eager"], atol=1e-5, rtol=1e-5)
@@ -242,6 +243,8 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from conftest import make_tiny, randomize_adapter_
 import moelora
+_backend = moelora.kernel_backend("triton")  # the Triton kernels on CPU, for the whole script
+_backend.__enter__()
 for arch in ("llama", "gemma"):
     m = make_tiny(arch)
     moelora.inject_adapter(m, moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_dropout=0.0))
@@ -250,11 +253,12 @@ for arch in ("llama", "gemma"):
     out = {}
     for backend in ("eager", "fused"):
         for layer in m.model.layers:
-            layer.mlp.backend = backend
+            layer.mlp.adapters["default"].backend = backend
         with torch.no_grad():
             out[backend] = m(ids).logits
     with torch.no_grad():
-        assert m.model.layers[0].mlp._decode_kernel_applies(torch.zeros(2, 24)), "decode kernel path not taken"
+        ffn = m.model.layers[0].mlp
+        assert ffn.adapters["default"]._decode_kernel_applies(ffn, torch.zeros(2, 24)), "decode kernel path not taken"
     torch.testing.assert_close(out["fused"], out["eager"], atol=1e-4, rtol=1e-4)
     st = moelora.router_statistics(m)
     assert abs(float(st[0]["load"].sum()) - 1.0) < 1e-5
@@ -269,7 +273,7 @@ def test_decode_kernels_match_eager_under_interpreter():
     import subprocess
     import sys
 
-    env = dict(os.environ, TRITON_INTERPRET="1", MOELORA_CPU_KERNELS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", _DECODE_SCRIPT, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
@@ -284,7 +288,7 @@ def test_fused_training_matches_eager_gradients():
     grads = {}
     for backend in ("eager", "fused"):
         for layer in model.model.layers:
-            layer.mlp.backend = backend
+            layer.mlp.adapters["default"].backend = backend
         model.zero_grad()
         out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()

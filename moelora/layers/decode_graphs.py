@@ -22,7 +22,7 @@ MixLoRA eager decode 1.67x -> 1.04-1.23x base, LoRA 1.94x (H100) -> 1.25x.
 returns is the graph's static output, overwritten by that module's next call with the same shape.
 Hugging Face decoder layers consume it at once (residual add, RoPE, copy into the KV cache); a
 forward hook that keeps a module's output across decode steps must ``.clone()`` it. Turn the
-graphs off with ``moelora.set_decode_graphs(False)`` or ``MOELORA_DECODE_GRAPHS=0``.
+graphs off for a block with ``with moelora.decode_graphs(False): ...`` (``moelora/switches.py``).
 
 **Staleness**: a graph holds the addresses of the tensors it read. The cache key holds every
 parameter's ``data_ptr`` and the scalar arguments, so a replaced tensor (``load_adapter`` into new
@@ -31,34 +31,21 @@ tensors, ``.to()``, a changed scaling) gets a new capture, while in-place update
 """
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..switches import SETTINGS
+
 MAX_SHAPES = 8  # graphs per module (distinct input shapes); further shapes run the kernels directly
-_enabled = os.environ.get("MOELORA_DECODE_GRAPHS", "1") != "0"
-
-
-def set_decode_graphs(enabled: bool) -> None:
-    """Turn the eager-decode CUDA graphs on or off (default on; env ``MOELORA_DECODE_GRAPHS=0``).
-    Turning them off also frees the graphs captured so far."""
-    global _enabled
-    _enabled = bool(enabled)
-    if not _enabled:
-        clear_decode_graphs()
-
-
-def decode_graphs_enabled() -> bool:
-    return _enabled
 
 
 def applies(x: torch.Tensor, context: Any) -> bool:
     """The runtime part of the rule in the module docstring, for a module's input ``x`` and the
-    model's ``RoutingContext`` (None: no decode steps known). Cheap: runs once per module call."""
-    return (_enabled and context is not None and context.cached_decode_step() and x.is_cuda and x.is_contiguous()
+    model's ``AdapterState`` (None: no decode steps known). Cheap: runs once per module call."""
+    return (SETTINGS.decode_graphs and context is not None and context.cached_decode_step() and x.is_cuda and x.is_contiguous()
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 

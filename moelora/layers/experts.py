@@ -5,15 +5,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import init_lora_, resolve_dtype
+from .dispatch import gathered_kernel_applies
+from .lora_math import init_lora_, resolve_dtype
 
 
 def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0):
     """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere."""
     from moelora_kernels import gathered_lora as gl
 
-    # Under torch.compile the pure-torch reference is traced and fused by Inductor instead.
-    fn = gl.gathered_lora if x.is_cuda and not torch.compiler.is_compiling() else gl.gathered_lora_reference
+    fn = gl.gathered_lora if gathered_kernel_applies(x) else gl.gathered_lora_reference
     return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
 
 

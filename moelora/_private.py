@@ -1,0 +1,52 @@
+"""Every use of a dependency's private or unstable API by the moelora core, in one place.
+
+Tested with torch 2.13 and transformers 5.17-5.24 (``TESTED``); ``tests/test_private_api.py``
+fails with a message naming the attribute when one of these moves.
+
+- ``torch.Tensor._version``: the in-place version counter. A merged weight whose counter moved
+  was overwritten by someone else (``load_state_dict``), so a saved pristine copy is stale.
+- ``nn.Module._modules``: the dict behind ``nn.ModuleDict``; one ``.get`` per adapted module call
+  on the decode hot path instead of ``in`` + ``[]`` (two lookups through ``__getattr__``).
+- transformers' ``DynamicCache.get_seq_length()`` and where ``forward`` receives the cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+TESTED = {"torch": ">=2.9,<2.14", "transformers": ">=5.17,<5.25"}
+
+
+def tensor_stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's storage and contents, cheaply: (data_ptr, dtype, device, version)."""
+    return (t.data_ptr(), t.dtype, t.device, t._version)
+
+
+def stamp_change(t: torch.Tensor, stamp: tuple | None) -> str | None:
+    """None: unchanged since ``stamp``; "moved": new storage (``.to()``, ``.half()``, deepcopy);
+    "overwritten": same storage written in place by someone else."""
+    if stamp is None:
+        return None
+    if (t.data_ptr(), t.dtype, t.device) != stamp[:3]:
+        return "moved"
+    if t._version != stamp[3]:
+        return "overwritten"
+    return None
+
+
+def module_dict_get(md: nn.ModuleDict, key):
+    """``md[key]`` or None, in one dict lookup (the decode hot path)."""
+    return md._modules.get(key)
+
+
+def cached_tokens(kwargs: dict) -> int:
+    """Tokens already held by the forward's dynamic KV cache (read off a tensor shape: no host
+    sync). 0 for no cache, a static cache (its length is a device-side count) and under
+    torch.compile. (transformers 5.17 passes the cache as ``past_key_values``, later 5.x as
+    ``cache``.)"""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is None or torch.compiler.is_compiling():
+        return 0
+    from transformers import DynamicCache
+
+    return int(cache.get_seq_length()) if isinstance(cache, DynamicCache) else 0

@@ -1,0 +1,260 @@
+"""The adapted modules: a frozen base module plus the adapters of every name that target it.
+
+``AdaptedLinear`` wraps a frozen ``nn.Linear``, ``AdaptedFFN`` a decoder layer's MLP. Each holds
+``adapters``: an ``nn.ModuleDict`` from adapter name to that method's module for this site
+(``methods/<method>/layer.py``), and ``_state``: the model's ``AdapterState`` (a plain reference,
+so ``copy.deepcopy`` of the model copies it consistently).
+
+Execution, decided here for every forward from the state's ``BatchPlan``:
+- a uniform batch (every sequence uses one adapter, or the base): that adapter's own
+  ``forward_site`` with its fast paths, or the frozen module alone;
+- a mixed batch: the frozen module once for all tokens, plus each adapter's delta on its tokens.
+  At inference, when every adapter of the site is plain LoRA, all deltas go through ONE gathered
+  shrink/expand (adapter slot = expert slot of ``moelora_kernels.gathered_lora``; ranks are
+  zero-padded to the largest, which adds exact zeros); otherwise (training, LoRA-Switch rows)
+  the eager loop over the batch's adapters, the reference the fast path is tested against.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import _private
+
+# ACT_NAMES: activation modules of transformers.activations that the fused MixLoRA decode kernel implements.
+ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+             "NewGELUActivation": "gelu_tanh", "GELUActivation": "gelu", "GELU": "gelu"}
+
+
+def _only(site):
+    """The site's one adapter (attribute shortcuts below); a clear error when it has several."""
+    mods = list(site.adapters.values())
+    if len(mods) != 1:
+        active = site._state.active
+        if active in site.adapters:
+            return site.adapters[active]
+        raise AttributeError(f"this module holds {len(mods)} adapters ({list(site.adapters)}); "
+                             "use module.adapters[name]")
+    return mods[0]
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base_layer``, never copied) plus ``adapters`` by name."""
+
+    def __init__(self, base_layer: nn.Linear, state) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"AdaptedLinear wraps nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self._state = state
+
+    # the frozen linear's interface (fused kernels read weight/bias of the projections)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    # shortcuts to the one (or active) adapter: model.model.layers[0].self_attn.q_proj.lora_A
+    @property
+    def lora_A(self) -> torch.Tensor:
+        return _only(self).lora_A
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        return _only(self).lora_B
+
+    @property
+    def experts(self):
+        return _only(self).experts
+
+    @property
+    def merged(self) -> bool:
+        return any(getattr(a, "merged", False) for a in self.adapters.values())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._state.plan
+        if plan.mixed:
+            return mixed_linear(self, x, plan)
+        adapter = _private.module_dict_get(self.adapters, plan.name)
+        if adapter is None:
+            # The base model (or an adapter that does not target this linear).
+            return F.linear(x, self.base_layer.weight, self.base_layer.bias)
+        return adapter.forward_site(self, x)
+
+
+class AdaptedFFN(nn.Module):
+    """A decoder layer's frozen MLP (``base_layer``) plus the MixLoRA ``adapters`` by name.
+    ``proj_names`` maps roles to the base MLP's attributes: gated MLPs use gate/up/down;
+    Phi-3 uses a fused gate_up projection ('gate_up')."""
+
+    def __init__(self, base_mlp: nn.Module, layer_idx: int, state, proj_names: dict[str, str], act_attr: str) -> None:
+        super().__init__()
+        self.base_layer = base_mlp
+        self.adapters = nn.ModuleDict()
+        self.layer_idx = layer_idx
+        self.proj_names = dict(proj_names)  # role -> attribute, roles: gate, up, gate_up, down
+        self.act_fn = getattr(base_mlp, act_attr)
+        self.act_name = ACT_NAMES.get(type(self.act_fn).__name__)  # None: no fused decode kernel
+        self.fused_gate_up = "gate_up" in proj_names
+        self._state = state
+
+    @property
+    def router(self):
+        return _only(self).router
+
+    @property
+    def experts(self):
+        return _only(self).experts
+
+    def _proj(self, role: str) -> nn.Module:
+        return getattr(self.base_layer, self.proj_names[role])
+
+    def _in_roles(self) -> tuple[str, ...]:
+        return ("gate_up",) if self.fused_gate_up else ("gate", "up")
+
+    def _activate(self, pre: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.fused_gate_up:
+            gate, up = pre["gate_up"].chunk(2, dim=-1)  # Phi-3 order: gate first
+            return up * self.act_fn(gate)
+        return self.act_fn(pre["gate"]) * pre["up"]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        plan = self._state.plan
+        if plan.mixed:
+            return mixed_ffn(self, hidden_states, plan)
+        adapter = _private.module_dict_get(self.adapters, plan.name)
+        if adapter is None:
+            return self.base_layer(hidden_states)  # its projections may carry LoRA adapters
+        return adapter.forward_site(self, hidden_states)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_idx}"
+
+
+class AdapterRouters(nn.Module):
+    """LoRA-Switch's layer-0 routers, one per LoRA-Switch adapter (``adapters`` by name)."""
+
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self._state = state
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return _only(self).weight
+
+
+# ---- mixed batches ----------------------------------------------------------------------------
+def _batch_shape(plan, x2: torch.Tensor) -> tuple[int, int]:
+    batch = plan.row_slots.shape[0]
+    return batch, x2.shape[0] // batch
+
+
+def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
+    base = site.base_layer
+    y = F.linear(x, base.weight, base.bias)
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    B, T = _batch_shape(plan, x2)
+    adapters = [_private.module_dict_get(site.adapters, n) for n in plan.slot_names]
+    present = [a for a in adapters if a is not None]
+    if not present:
+        return y
+    if (not torch.is_grad_enabled() and not site.training
+            and all(a.kind == "lora" and not a.merged for a in present)):
+        a_stack, b_stack, scal = _stacked_lora(site, plan.slot_names, adapters, x.dtype)
+        tok = plan.token_slots(B, T)
+        idx = tok.view(-1, 1)
+        w = scal[tok].view(-1, 1)  # each token's adapter scale; 0 for tokens without an adapter here
+        from .experts import _gathered_lora
+
+        delta = _gathered_lora(x2.to(a_stack.dtype), a_stack, b_stack, idx, weight=w, scaling=1.0)
+        y2 += delta.to(y2.dtype)
+        return y
+    for slot, a in enumerate(adapters):  # the eager reference (and the training path)
+        if a is None:
+            continue
+        rows = plan.rows_of(slot, B, T)
+        if rows.numel():
+            y2.index_add_(0, rows, a.delta_rows(site, x2[rows], slot).to(y2.dtype))
+    return y
+
+
+_STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _stacked_lora(site, names, adapters, dtype):
+    """(A (S, R, in), B (S, out, R), scale (S,)) of the batch's adapters at this site, zero where
+    an adapter does not target it, ranks zero-padded to the largest. Cached per site for the
+    last batch composition (kept outside the module: no state_dict/deepcopy side effects); the
+    key holds every tensor's storage and version, so training or reloading rebuilds it."""
+    key = tuple((n, None if a is None else (_private.tensor_stamp(a.lora_A), _private.tensor_stamp(a.lora_B),
+                                            a.scaling)) for n, a in zip(names, adapters))
+    hit = _STACKS.get(site)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    present = [a for a in adapters if a is not None]
+    r = max(a.r for a in present)
+    wdt = present[0].lora_A.dtype
+    dev = site.base_layer.weight.device
+    a_stack = torch.zeros(len(names), r, site.in_features, dtype=wdt, device=dev)
+    b_stack = torch.zeros(len(names), site.out_features, r, dtype=wdt, device=dev)
+    scal = torch.zeros(len(names), dtype=torch.float32, device=dev)
+    with torch.no_grad():
+        for s, a in enumerate(adapters):
+            if a is not None:
+                a_stack[s, : a.r] = a.lora_A
+                b_stack[s, :, : a.r] = a.lora_B
+                scal[s] = a.scaling
+    out = (a_stack, b_stack, scal.to(wdt))
+    _STACKS[site] = (key, out)
+    return out
+
+
+def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
+    """The frozen projections once for all tokens (their LoRA adapters add to their own tokens),
+    each MixLoRA adapter's experts on its tokens, then ONE down projection (linearity of W2)."""
+    adapters = [_private.module_dict_get(ffn.adapters, n) for n in plan.slot_names]
+    if all(a is None for a in adapters):
+        return ffn.base_layer(hidden)
+    shape = hidden.shape
+    x = hidden.reshape(-1, shape[-1])
+    B, T = _batch_shape(plan, x)
+    base_pre = {role: ffn._proj(role)(x) for role in ffn._in_roles()}
+    h_mix = ffn._activate(base_pre)  # the plain FFN hidden for tokens without a MixLoRA adapter here
+    down_delta = None
+    state = ffn._state
+    mask = state.token_mask_for(B, T)
+    for slot, a in enumerate(adapters):
+        if a is None:
+            continue
+        rows = plan.rows_of(slot, B, T)
+        if rows.numel() == 0:
+            continue
+        m = None if mask is None else mask[rows]
+        routing = a.router(x[rows], m)
+        state.record(a.adapter_name, ffn.layer_idx, routing, m, a.num_experts)
+        hm, dd = a.mix_hidden(ffn, x[rows], {r: v[rows] for r, v in base_pre.items()}, routing)
+        h_mix = h_mix.index_copy(0, rows, hm.to(h_mix.dtype))
+        if dd is not None:
+            if down_delta is None:
+                down_delta = torch.zeros(x.shape[0], dd.shape[-1], dtype=dd.dtype, device=dd.device)
+            down_delta = down_delta.index_copy(0, rows, dd)
+    y = ffn._proj("down")(h_mix)
+    if down_delta is not None:
+        y = y + down_delta.to(y.dtype)
+    return y.view(shape)

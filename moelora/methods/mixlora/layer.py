@@ -1,0 +1,185 @@
+"""MixLoRA FFN: a sparse MoE of LoRA experts that share one frozen FFN (arXiv 2404.15159 §3).
+
+Expert j is the frozen FFN with its own LoRA deltas: E_j(x) = W2ʲ(act(W1ʲx) ⊙ W3ʲx), Wʲ = W + ΔW_j.
+Output y = Σ_{j∈S} w_j E_j(x). Two implementations of the same function:
+
+- ``eager``: loops over experts with data-dependent indexing, like the reference code. It is the
+  ground truth that every fast path is tested against.
+- ``fused``: static shapes and no host sync. The frozen W1x, W3x are computed once; the selected
+  experts' deltas are gathered per token; and because W2 is linear, the frozen down projection
+  is applied once to Σ_j w_j h_j instead of once per expert (K× fewer big GEMMs than the reference).
+
+``MixLoraAdapter`` holds one adapter's router and expert stacks; it lives in the ``adapters`` dict
+of the ``AdaptedFFN`` (``moelora/layers/adapted.py``) that wraps the frozen MLP and provides the
+frozen projections and the activation (``ffn`` below). In a batch that mixes adapters, the FFN
+computes the frozen pre-activations once for all tokens and each MixLoRA adapter adds its
+experts to its own tokens (``mix_hidden``: the fused math on a subset of rows).
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+
+from ...layers import decode_graphs
+from ...layers.dispatch import decode_kernels_apply
+from ...layers.experts import LoraExperts
+from ...layers.router import Routing, TopKRouter
+
+
+class MixLoraAdapter(nn.Module):
+    """One MixLoRA adapter of one FFN: its router and its LoRA expert stacks (by projection)."""
+
+    kind = "mixlora"
+
+    def __init__(self, ffn, cfg, expert_projs: tuple[str, ...]) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.strategy = cfg.routing_strategy
+        self.backend = cfg.expert_backend
+        self.adapter_name: str | None = None  # set by the injector (the key of the routing records)
+        down = ffn._proj("down")
+        self.router = TopKRouter(
+            down.out_features, cfg.num_experts, cfg.top_k, cfg.routing_strategy, cfg.top_p,
+            cfg.capacity_factor, cfg.router_init_range, cfg.jitter_noise, device=down.weight.device,
+        )
+        self.experts = nn.ModuleDict()
+        base_mlp = ffn.base_layer
+        for attr in expert_projs:  # attribute names of the base MLP that get expert LoRAs
+            self.experts[attr] = LoraExperts(
+                _frozen(getattr(base_mlp, attr)), cfg.num_experts, cfg.r, cfg.scaling,
+                cfg.lora_dropout, cfg.init_lora_weights, cfg.adapter_dtype,
+            )
+
+    def _expert(self, ffn, role: str) -> LoraExperts | None:
+        name = ffn.proj_names.get(role)
+        return self.experts[name] if name in self.experts else None
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if self.backend == "auto":
+            return x.is_cuda
+        return self.backend == "fused"
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward_site(self, ffn, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The FFN output when every token of the batch uses this adapter."""
+        B, T, D = hidden_states.shape
+        x = hidden_states.reshape(B * T, D)  # (N, D)
+        state = ffn._state
+        mask = state.token_mask_for(B, T)
+        fused = self._use_fused(x)
+        if fused and self._decode_kernel_applies(ffn, x):
+            if decode_graphs.applies(x, state):
+                # Eager decode step: the whole FFN replayed as one CUDA graph (decode_graphs).
+                y, routing = decode_graphs.graphed(self, lambda t: self.forward_decode(ffn, t), (x,),
+                                                   self._decode_params(ffn))
+            else:
+                y, routing = self.forward_decode(ffn, x)  # router fused into the kernel
+        else:
+            routing = self.router(x, mask)
+            y = self.forward_fused(ffn, x, routing) if fused else self.forward_eager(ffn, x, routing)
+        state.record(self.adapter_name, ffn.layer_idx, routing, mask, self.num_experts)
+        return y.view(B, T, D)
+
+    def forward_eager(self, ffn, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Reference semantics: per expert, slice its tokens and run the full expert on them."""
+        base_pre = {role: ffn._proj(role)(x) for role in ffn._in_roles()}  # frozen, once
+        down = ffn._proj("down")
+        out = torch.zeros(x.shape[0], down.out_features, dtype=torch.float32, device=x.device)
+        active = routing.weights != 0  # dynamic/switch routing leaves zero-weight slots
+        for e in range(self.num_experts):
+            tok, slot = torch.where((routing.experts == e) & active)  # host sync: eager only
+            if tok.numel() == 0:
+                continue
+            xe = x[tok]
+            pre = {}
+            for role in ffn._in_roles():
+                lora = self._expert(ffn, role)
+                pre[role] = base_pre[role][tok]
+                if lora is not None:
+                    pre[role] = pre[role] + lora.delta(e, xe).to(pre[role].dtype)
+            h = ffn._activate(pre)
+            y = down(h)
+            lora = self._expert(ffn, "down")
+            if lora is not None:
+                y = y + lora.delta(e, h).to(y.dtype)
+            out.index_add_(0, tok, y.float() * routing.weights[tok, slot, None])
+        if self.strategy == "switch":
+            # Tokens over capacity (weight 0) keep the frozen FFN output.
+            rest = (1.0 - routing.weights.sum(-1).detach()).clamp_min(0.0)  # (N,)
+            frozen = down(ffn._activate(base_pre))
+            out = out + frozen.float() * rest[:, None]
+        return out.to(x.dtype)
+
+    def _decode_kernel_applies(self, ffn, x: torch.Tensor) -> bool:
+        """Inference on CUDA with few tokens, top-k routing, a gated MLP with gate/up experts."""
+        return self._decode_capable(ffn) and decode_kernels_apply(x, ffn)
+
+    def _decode_capable(self, ffn) -> bool:
+        # The static part of the test above (this runs on every decode step of every layer).
+        cap = self.__dict__.get("_decode_capable_cache")
+        if cap is None:
+            cap = (not ffn.fused_gate_up and ffn.act_name is not None and self.strategy == "topk"
+                   and self._expert(ffn, "gate") is not None and self._expert(ffn, "up") is not None)
+            self.__dict__["_decode_capable_cache"] = cap
+        return cap
+
+    def _decode_params(self, ffn) -> tuple:
+        """Everything ``forward_decode`` reads besides x: the key of its decode graphs."""
+        eg, eu, ed = self._expert(ffn, "gate"), self._expert(ffn, "up"), self._expert(ffn, "down")
+        gate, up, down = ffn._proj("gate"), ffn._proj("up"), ffn._proj("down")
+        out = [gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, eg.lora_A, eg.lora_B, eu.lora_A,
+               eu.lora_B, self.router.weight, self.top_k, eg.scaling, ffn.act_name]
+        if ed is not None:
+            out += [ed.lora_A, ed.lora_B, ed.scaling]
+        return tuple(out)
+
+    def forward_decode(self, ffn, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """Decode: the frozen gate/up GEMMs, one kernel for router + gate/up deltas + activation +
+        mix, the ONE frozen down GEMM and the down delta (vs ~30 launches unfused); under
+        torch.compile the adapter kernels run beside the GEMMs (moelora_kernels.ops)."""
+        from moelora_kernels import ops
+
+        eg, eu, ed = self._expert(ffn, "gate"), self._expert(ffn, "up"), self._expert(ffn, "down")
+        gate, up, down = ffn._proj("gate"), ffn._proj("up"), ffn._proj("down")
+        y, idx, w, probs = ops.mixlora_ffn_decode(
+            x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, eg.lora_A, eg.lora_B, eu.lora_A,
+            eu.lora_B, None if ed is None else ed.lora_A, None if ed is None else ed.lora_B, self.router.weight,
+            self.top_k, eg.scaling, eg.scaling if ed is None else ed.scaling, ffn.act_name)
+        return y, Routing(w, idx, probs, None)
+
+    def mix_hidden(self, ffn, x: torch.Tensor, base_pre: dict, routing: Routing) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused math up to the frozen down projection, for tokens x (n, D) whose frozen
+        pre-activations are ``base_pre``: (Σ_j w_j h_j (n, F), the down experts' delta (n, D) or None)."""
+        idx, w = routing.experts, routing.weights  # (n, K)
+        pre = {}
+        for role in ffn._in_roles():
+            base = base_pre[role].unsqueeze(1)  # (n, 1, F), frozen, once for all experts
+            lora = self._expert(ffn, role)
+            pre[role] = base + lora.gathered(x, idx).to(base.dtype) if lora is not None else base
+        h = ffn._activate(pre)  # (n, K, F) or (n, 1, F) when no expert touches gate/up
+        if h.shape[1] != idx.shape[1]:
+            h = h.expand(-1, idx.shape[1], -1)
+        wd = w.to(h.dtype).unsqueeze(-1)  # (n, K, 1)
+        h_mix = (h * wd).sum(1)  # (n, F): Σ_j w_j h_j, so W2 runs once (linearity)
+        if self.strategy == "switch":
+            rest = (1.0 - w.sum(-1).detach()).clamp_min(0.0)
+            h_mix = h_mix + ffn._activate(base_pre) * rest.to(h.dtype)[:, None]
+        lora = self._expert(ffn, "down")
+        down_delta = lora.gathered(h, idx, weight=w) if lora is not None else None
+        return h_mix, down_delta
+
+    def forward_fused(self, ffn, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Static-shape path: gathered deltas per (token, slot), one frozen down projection."""
+        base_pre = {role: ffn._proj(role)(x) for role in ffn._in_roles()}
+        h_mix, down_delta = self.mix_hidden(ffn, x, base_pre, routing)
+        y = ffn._proj("down")(h_mix)
+        return y if down_delta is None else y + down_delta.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, backend={self.backend}"
+
+
+def _frozen(linear: nn.Module) -> nn.Linear:
+    """The frozen nn.Linear under an AdaptedLinear (a LoRA adapter of another name on that projection)."""
+    return getattr(linear, "base_layer", linear)

@@ -1,0 +1,197 @@
+"""The one owner of a model's adapter state: ``model.moelora_state``.
+
+An ``AdapterState`` holds everything moelora knows about a model besides the adapter tensors
+(which are parameters of the adapted modules): the adapters by name with their configs, the
+active adapter, the per-forward batch plan (which adapter each sequence uses), the routing
+records of the last forward, LoRA-Switch merge state, and what ``remove_adapter`` must undo.
+
+Every adapted module and every hook reaches it through the module it belongs to (a plain
+attribute, never a closure), so ``copy.deepcopy(model)`` copies it along with the modules and the
+copy is independent. It holds no tensors of its own that ``.to()`` would need to move, except the
+LoRA-Switch merge plans, which check their weights before every use (``methods/lora_switch``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .layers.router import Routing
+
+
+@dataclass
+class LayerRouting:
+    """What one routed layer decided in the last forward (kept for the aux loss and analysis)."""
+
+    layer: int
+    routing: Routing
+    token_mask: torch.Tensor | None  # (N,) bool, True = real token
+    num_experts: int
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter of the model: its (private copy of the) config and whether it trains."""
+
+    name: str
+    config: Any
+    trainable: bool = True
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+
+class BatchPlan:
+    """Which adapter each sequence of the current forward uses, decided once per forward.
+
+    ``name``: the adapter of every row when the batch is uniform (None: the base model).
+    ``mixed``: rows use different adapters; then ``slot_names`` lists the distinct names (None =
+    base) and ``row_slots`` (B,) maps each row to its slot. ``token_slots(B, T)`` expands that to
+    the (B*T,) per-token index that every adapted module of this forward shares."""
+
+    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok")
+
+    def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None) -> None:
+        self.name = name
+        self.row_names = row_names
+        self.mixed = row_names is not None
+        self._tok: tuple | None = None
+        if self.mixed:
+            self.slot_names = tuple(dict.fromkeys(row_names))
+            slot = {n: i for i, n in enumerate(self.slot_names)}
+            self.row_slots = torch.tensor([slot[n] for n in row_names], dtype=torch.long, device=device)
+        else:
+            self.slot_names = (name,)
+            self.row_slots = None
+
+    def token_slots(self, batch: int, seq: int) -> torch.Tensor:
+        """(batch*seq,) slot of every token (computed once per forward and shape)."""
+        c = self._tok
+        if c is not None and c[0] == (batch, seq):
+            return c[1]
+        if self.row_slots.shape[0] != batch:
+            raise ValueError(f"adapter_names has {self.row_slots.shape[0]} entries but the batch has {batch} rows")
+        tok = self.row_slots.repeat_interleave(seq)
+        self._tok = ((batch, seq), tok)
+        return tok
+
+    def rows_of(self, slot: int, batch: int, seq: int) -> torch.Tensor:
+        """Token indices (into the flattened batch*seq tokens) that use ``slot_names[slot]``."""
+        return torch.nonzero(self.token_slots(batch, seq) == slot, as_tuple=True)[0]
+
+    def names(self) -> tuple:
+        """The adapters this forward uses (None included when some rows run the base)."""
+        return self.slot_names
+
+
+@dataclass
+class AdapterState:
+    """See the module docstring. One per adapted model, reachable as ``model.moelora_state``."""
+
+    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
+    active: str | None = None
+    # what remove_adapter undoes: (parent, attr, original module or None for a module we added)
+    originals: list = field(default_factory=list)
+    handles: list = field(default_factory=list)  # hook handles of the model-level hooks
+    disabled: bool = False  # inside moelora.disable_adapter: the base modules run
+    merged_lora: str | None = None  # the LoRA adapter moelora.merge_lora folded into the base weights
+    switch_hook: Any = None  # handle of LoRA-Switch's layer-0 routing hook (while one is present)
+    # ---- per-forward state, reset by the decoder-stack pre-hook of every forward ----
+    plan: BatchPlan = field(default_factory=BatchPlan)
+    attention_mask: torch.Tensor | None = None
+    has_labels: bool = False
+    past_tokens: int = 0  # tokens already in the forward's dynamic KV cache (0: prefill or unknown)
+    in_forward: bool = False
+    pending_names: Any = None  # adapter_names of the top-level call, consumed by its decoder forward
+    generation_names: Any = None  # adapter_names of the model.generate call in progress
+    records: dict[str | None, dict[int, LayerRouting]] = field(default_factory=dict)
+    switch: dict[str, Any] = field(default_factory=dict)  # LoRA-Switch per-adapter SwitchState
+    _mask_cache: tuple | None = field(default=None, repr=False)
+
+    # ---- the batch plan -------------------------------------------------------------------
+    def resolve_names(self, names, batch: int | None, device=None) -> BatchPlan:
+        """A BatchPlan from ``adapter_names`` (a list per row, one name for all, or None = active)."""
+        if names is None:
+            return BatchPlan(self.active)
+        if isinstance(names, str):
+            self._check_known(names)
+            return BatchPlan(names)
+        names = tuple(names)
+        for n in names:
+            if n is not None:
+                self._check_known(n)
+        if batch is not None and len(names) != batch:
+            if len(names) and batch % len(names) == 0:  # generate's num_return_sequences / beams
+                rep = batch // len(names)
+                names = tuple(n for n in names for _ in range(rep))
+            else:
+                raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch} sequences; "
+                                 "give one name (or None for the base model) per sequence")
+        if len(set(names)) == 1:
+            return BatchPlan(names[0])
+        return BatchPlan(None, names, device)
+
+    def _check_known(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"unknown adapter {name!r}; this model has {sorted(self.adapters)} "
+                           "(moelora.list_adapters(model) lists them, None selects the base model)")
+
+    def begin_forward(self, plan: BatchPlan, attention_mask, past_tokens: int) -> None:
+        self.plan = plan
+        self.attention_mask = attention_mask
+        self._mask_cache = None
+        self.past_tokens = past_tokens
+        self.in_forward = True
+        self.records = {}
+
+    def end_forward(self) -> None:
+        """Forget what only held for the forward that ended (a direct call of an inner module
+        afterwards sees the active adapter and no mask, never a stale one)."""
+        self.plan = BatchPlan(self.active)
+        self.attention_mask = None
+        self._mask_cache = None
+        self.past_tokens = 0
+        self.in_forward = False
+
+    def current_plan(self) -> BatchPlan:
+        return self.plan if self.in_forward else BatchPlan(self.active)
+
+    # ---- what the layers read --------------------------------------------------------------
+    def token_mask_for(self, batch: int, seq: int) -> torch.Tensor | None:
+        """(batch*seq,) bool mask of the current tokens, or None when there is no padding info.
+
+        During cached decoding the mask covers past + new tokens; the new ones are the last `seq`.
+        Computed once per forward (three launches), not once per routed layer."""
+        am = self.attention_mask
+        if am is None or am.dim() != 2 or am.shape[0] != batch or am.shape[1] < seq:
+            return None
+        c = self._mask_cache
+        if c is not None and c[0] is am and c[1] == (batch, seq):
+            return c[2]
+        mask = am[:, am.shape[1] - seq:].reshape(-1).bool()
+        self._mask_cache = (am, (batch, seq), mask)
+        return mask
+
+    def cached_decode_step(self) -> bool:
+        """Whether this forward decodes on top of cached tokens (``past_tokens > 0``). The eager
+        decode graphs (``decode_graphs``) apply only then, never to a prefill, whose outputs a KV
+        cache may keep by reference."""
+        return self.past_tokens > 0
+
+    def record(self, adapter: str | None, layer: int, routing: Routing, token_mask, num_experts: int) -> None:
+        if torch.compiler.is_compiling() and not (torch.is_grad_enabled() or self.has_labels):
+            # Compiled inference keeps no routing records (router_statistics() stays empty): under
+            # CUDA graphs (mode="reduce-overhead", HF's static cache) the routing tensors are graph
+            # outputs that the next replay overwrites, so a record kept past its step would be
+            # stale, and live outputs constrain how cudagraph trees may replay.
+            return
+        if not self.in_forward:
+            self.records = {}  # an inner module called on its own: its records only
+        self.records.setdefault(adapter, {})[layer] = LayerRouting(layer, routing, token_mask, num_experts)
+
+    def end_compiled_step(self) -> None:
+        """Drop step-local tensors held on Python objects (see ``record``); compiled inference only."""
+        for st in self.switch.values():
+            st.experts = st.weights = st.rows = None
