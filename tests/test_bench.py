@@ -1,4 +1,5 @@
-"""Latency benchmark: CPU smoke run, failure handling, the Hydra and argparse entries."""
+"""Latency benchmark (moelora.bench): CPU smoke run, failure handling, the Hydra and argparse
+entries, and its shared helpers (settings = Hydra schema, atomic JSON, versions, timing)."""
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,12 @@ import torch
 import yaml
 
 import moelora
-from moelora.eval import bench_models, bench_output, latency
-from moelora.eval.latency import BenchSettings, run_benchmark
+from moelora.bench import cli as bench_cli
+from moelora.bench import latency
+from moelora.bench import models as bench_models
+from moelora.bench import output as bench_output
+from moelora.bench.latency import run_benchmark
+from moelora.bench.settings import BenchSettings
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_METHODS = ("base", "lora", "mixlora", "lora_switch_merge", "lora_switch_unmerged", "reference_mixlora")
@@ -67,7 +72,7 @@ def test_bench_smoke_on_cpu_writes_sane_files(tmp_path):
 
 
 def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
-    real_attach, real_enter = bench_models.attach_method, latency._enter_mode
+    real_attach, real_enter = bench_models.attach_method, latency.enter_mode
 
     def attach(model, method, *a, **k):
         if method == "lora":
@@ -80,7 +85,7 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
         return real_enter(model, mode, s)
 
     monkeypatch.setattr(bench_models, "attach_method", attach)
-    monkeypatch.setattr(latency, "_enter_mode", enter)
+    monkeypatch.setattr(latency, "enter_mode", enter)
     rows = run_benchmark(_small(methods=("base", "lora", "mixlora"), modes=("eager", "compile"),
                                 out_dir=str(tmp_path)))["rows"]
     by = {(r["method"], r["mode"]): r for r in rows}
@@ -114,35 +119,94 @@ def test_random_shape_model_and_adapters_are_not_zero_and_route_heterogeneously(
     assert moelora.get_adapter_config(model) is None
 
 
-def test_hydra_config_builds_the_same_settings(tmp_path):
+def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
-    from moelora.eval.cli import bench_settings_from_config
+    from moelora.bench.settings import register_configs
 
+    register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("bench", overrides=["model=llama2_7b_shape", "batch_sizes=[1,8,32]", "prompt_lens=[64]",
-                                          "new_tokens=128", "adapters.mixlora.num_experts=4",
-                                          f"paths.output_dir={tmp_path}"])
-    s = bench_settings_from_config(cfg)
+        return compose("bench", overrides=list(overrides))
+
+
+def test_hydra_config_builds_the_same_settings(tmp_path):
+    cfg = _compose(["model=llama2_7b_shape", "batch_sizes=[1,8,32]", "prompt_lens=[64]", "new_tokens=128",
+                    "adapters.mixlora.num_experts=4", "adapters.lora_switch.switch_mode=merge",
+                    f"paths.output_dir={tmp_path}"])
+    s = bench_cli.settings_from_config(cfg)
     assert s.batch_sizes == (1, 8, 32) and s.prompt_lens == (64,) and s.new_tokens == 128
-    assert s.methods == ALL_METHODS and s.modes == ("eager", "static")
-    assert s.adapters["mixlora"]["num_experts"] == 4 and s.adapters["lora"]["r"] == 16
-    assert s.model["_target_"] == "moelora.eval.bench_models.build_shape_model"
-    moelora.config_from_dict(s.adapters["lora_switch"])  # the training groups + bench sizes stay valid
+    assert s.methods == ALL_METHODS and s.modes == ("eager", "static") and s.out_dir == str(tmp_path)
+    adapters = s.adapter_configs()
+    assert adapters["mixlora"]["num_experts"] == 4 and adapters["lora_switch"]["num_experts"] == 8
+    assert adapters["lora"]["r"] == 16 and adapters["lora_switch"]["switch_mode"] == "merge"
+    assert s.model["_target_"] == "moelora.bench.models.build_shape_model"
+    for family in ("lora", "mixlora", "lora_switch"):
+        moelora.config_from_dict(adapters[family])  # the bench sizes and overrides stay valid configs
     # the YAML shape is the Python one
     node = yaml.safe_load((REPO / "conf/model/llama2_7b_shape.yaml").read_text())
     assert {k: node[k] for k in bench_models.MODEL_SHAPES["llama2_7b_shape"]} == bench_models.MODEL_SHAPES["llama2_7b_shape"]
-    # and a tiny composed run works end to end
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("bench", overrides=["methods=[base,lora]", "modes=[eager]", "new_tokens=2", "repeats=1",
-                                          "warmup=0", "plots=false", f"paths.output_dir={tmp_path}"])
-    result = run_benchmark(bench_settings_from_config(cfg))
+    # and a tiny composed run works end to end, on the tiny_llama group's model
+    cfg = _compose(["methods=[base,lora]", "modes=[eager]", "prompt_lens=[8]", "new_tokens=2", "repeats=1",
+                    "warmup=0", "plots=false", f"paths.output_dir={tmp_path}"])
+    result = run_benchmark(bench_cli.settings_from_config(cfg))
     assert [r["method"] for r in result["rows"]] == ["base", "lora"] and (tmp_path / "bench.csv").is_file()
+    assert result["environment"]["model_config"]["hidden_size"] == 128  # conf/model/tiny_llama.yaml
+    assert result["environment"]["model_config"]["num_hidden_layers"] == 2
+
+
+def test_settings_dataclass_is_the_hydra_schema(tmp_path):
+    """Every field of BenchSettings is a Hydra key with the dataclass default; bench.yaml restates none."""
+    import dataclasses
+
+    cfg = _compose([f"paths.output_dir={tmp_path}"])
+    s = bench_cli.settings_from_config(cfg)
+    defaults = BenchSettings()
+    for f in dataclasses.fields(BenchSettings):
+        if f.name not in ("model", "paths", "out_dir", "command"):  # the groups and the run directory
+            assert getattr(s, f.name) == getattr(defaults.validate(), f.name), f.name
+    bench_yaml = yaml.safe_load((REPO / "conf/bench.yaml").read_text())
+    assert set(bench_yaml) == {"defaults"}, "conf/bench.yaml must only pick groups: fields live in BenchSettings"
+    assert s.model["_target_"] == "moelora.training.tiny.tiny_llama" and s.task_name == "bench"
+    # the argparse flags are the same fields with the same defaults
+    assert bench_cli.parse_args([]) == BenchSettings()
+
+
+def test_unknown_or_mistyped_bench_keys_fail_naming_the_key(tmp_path):
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ConfigCompositionException, match="new_tokenz"):
+        _compose(["new_tokenz=3"])
+    with pytest.raises(ConfigCompositionException, match="new_tokens"):
+        _compose(["new_tokens=many"])
+    # "+key" gets past Hydra's schema check; the settings still refuse it, by name
+    with pytest.raises(ValueError, match=r"unknown bench setting\(s\) \['new_tokenz'\]"):
+        bench_cli.settings_from_config(_compose(["+new_tokenz=3", f"paths.output_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match=r"unknown adapter family \['mixlora2'\]"):
+        bench_cli.settings_from_config(_compose(["+adapters.mixlora2.r=3", f"paths.output_dir={tmp_path}"]))
+    # a config from elsewhere (e.g. an old run's .hydra/config.yaml) is checked the same way
+    with pytest.raises(ValueError, match="warm_up"):
+        bench_cli.settings_from_config(OmegaConf.create({"warm_up": 2, "new_tokens": 3}))
+    with pytest.raises(TypeError, match="warm_up"):
+        BenchSettings(warm_up=2)
+    with pytest.raises(SystemExit):
+        bench_cli.parse_args(["--warm-up", "2"])
+
+
+def test_console_script_points_at_the_bench_package():
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    target = project["project"]["scripts"]["moelora-bench"]
+    module, _, name = target.partition(":")
+    assert module.startswith("moelora.bench") and callable(getattr(importlib.import_module(module), name))
+    assert "moelora.bench" in project["tool"]["setuptools"]["packages"]
 
 
 def test_argparse_entry_runs_without_hydra_lm_eval_datasets(tmp_path):
     """The GPU machine has none of hydra/omegaconf/lm-eval/datasets: block them and run the CLI."""
-    s = latency.parse_args(["--model", "llama2_7b_shape", "--methods", "base,lora,mixlora", "--batch-sizes", "1,8,32",
+    s = bench_cli.parse_args(["--model", "llama2_7b_shape", "--methods", "base,lora,mixlora", "--batch-sizes", "1,8,32",
                             "--prompt-len", "64", "--new-tokens", "128", "--modes", "eager,static", "--out", "X"])
     assert (s.model, s.methods, s.batch_sizes, s.prompt_lens, s.out_dir) == (
         "llama2_7b_shape", ("base", "lora", "mixlora"), (1, 8, 32), (64,), "X")
@@ -150,9 +214,9 @@ def test_argparse_entry_runs_without_hydra_lm_eval_datasets(tmp_path):
         "import sys, runpy\n"
         "for name in ('hydra', 'omegaconf', 'lm_eval', 'datasets'):\n"
         "    sys.modules[name] = None  # import -> ModuleNotFoundError, find_spec -> None: as if uninstalled\n"
-        "sys.argv = ['latency.py', '--model', 'tiny_shape', '--methods', 'base,lora', '--batch-sizes', '1',\n"
+        "sys.argv = ['__main__.py', '--model', 'tiny_shape', '--methods', 'base,lora', '--batch-sizes', '1',\n"
         f"            '--prompt-len', '4', '--new-tokens', '2', '--repeats', '1', '--modes', 'eager', '--out', {str(tmp_path)!r}]\n"
-        "runpy.run_module('moelora.eval.latency', run_name='__main__')\n"
+        "runpy.run_module('moelora.bench', run_name='__main__')\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
@@ -160,7 +224,7 @@ def test_argparse_entry_runs_without_hydra_lm_eval_datasets(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("files: ")  # the table is printed last
     assert "| lora | eager | 1 | 4 |" in proc.stdout
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert data["environment"]["command"].startswith("python -m moelora.eval.latency --model tiny_shape")
+    assert data["environment"]["command"].startswith("python -m moelora.bench --model tiny_shape")
 
 
 def test_rounds_alternate_the_order_and_the_summary_takes_per_round_medians(tmp_path):
@@ -225,8 +289,10 @@ def test_reference_speedup_and_the_harness_check(tmp_path):
 def test_bad_rounds_fail_clearly():
     with pytest.raises(ValueError, match="rounds"):
         _small(rounds=0).validate()
-    s = latency.parse_args(["--rounds", "4", "--no-harness-check"])
-    assert s.rounds == 4 and s.check_harness is False
+    s = bench_cli.parse_args(["--rounds", "4", "--no-harness-check", "--no-paired", "--no-plots", "--no-decode-graphs",
+                              "--time-budget-s", "30", "--lora-alpha", "8", "--prompt-lens", "4,8"])
+    assert s.rounds == 4 and s.check_harness is False and s.paired is False and s.plots is False
+    assert s.decode_graphs is False and s.time_budget_s == 30.0 and s.lora_alpha == 8.0 and s.prompt_lens == (4, 8)
 
 
 def test_best_of_repeats_and_its_ratios():
@@ -311,7 +377,7 @@ def test_a_prefill_slower_than_the_long_run_is_flagged_not_hidden(monkeypatch):
     def fake_timed(model, ids, mask, n_new, mode, deadline, stamps=True):
         return next(times), []
 
-    monkeypatch.setattr(latency, "_timed", fake_timed)
+    monkeypatch.setattr(latency, "timed_generate", fake_timed)
     s = _small(repeats=2, warmup=0, new_tokens=3)
     row = latency.measure_case(torch.nn.Linear(1, 1), torch.zeros(1, 2, dtype=torch.long), None, "eager", s,
                                base_of=__import__("contextlib").nullcontext)
@@ -332,9 +398,126 @@ def test_a_noisy_base_row_keeps_its_flag_beside_the_harness_check(monkeypatch):
     times = iter([50.0, 40.0,  # timed repeat: decode < 0
                   10.0, 40.0])  # plain generate beside it
 
-    monkeypatch.setattr(latency, "_timed", lambda *a, **k: (next(times), []))
+    monkeypatch.setattr(latency, "timed_generate", lambda *a, **k: (next(times), []))
     row = latency.measure_case(torch.nn.Linear(1, 1), torch.zeros(1, 2, dtype=torch.long), None, "eager",
                                _small(repeats=1, warmup=0, new_tokens=3), plain=True)
     assert row["nonpositive_repeats"] == 1
     assert row["hf_generate_ms_per_token"] == pytest.approx(10.0)
     assert row["harness_ratio"] == pytest.approx((-10 / 3) / 10.0)
+
+
+def test_moelora_bench_console_entry_runs_and_names_unknown_keys(tmp_path):
+    """``moelora-bench`` as installed (moelora.bench.cli:hydra_main), in a fresh process."""
+    def run(*overrides):
+        code = ("import sys\nfrom moelora.bench.cli import hydra_main\n"
+                f"sys.argv = ['moelora-bench', *{list(overrides)!r}]\nhydra_main()\n")
+        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    run_dir = tmp_path / "run"
+    proc = run("methods=[base,lora]", "modes=[eager]", "prompt_lens=[4]", "new_tokens=2", "repeats=1", "warmup=0",
+               "plots=false", "paired=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| lora | eager | 1 | 4 |" in proc.stdout
+    data = json.loads((run_dir / "bench.json").read_text())
+    assert data["environment"]["command"].startswith("moelora-bench methods=[base,lora]")
+    assert data["settings"]["out_dir"] == str(run_dir) and (run_dir / ".hydra" / "config.yaml").is_file()
+    bad = run("new_tokenz=3", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and "new_tokenz" in bad.stderr
+
+
+def test_adapter_sizes_apply_to_every_family_and_adapters_override_per_family():
+    s = BenchSettings(r=4, num_experts=4, top_k=1, adapters={"mixlora": {"num_experts": 2, "expert_backend": "eager"}})
+    cfg = s.validate().adapter_configs()
+    assert cfg["lora"] == {"method": "lora", "r": 4, "lora_alpha": 32.0, "lora_dropout": 0.0}
+    assert (cfg["mixlora"]["num_experts"], cfg["mixlora"]["top_k"], cfg["mixlora"]["expert_backend"]) == (2, 1, "eager")
+    assert cfg["lora_switch"]["num_experts"] == 4
+    assert s.record()["adapter_configs"] == cfg  # bench.json keeps what was attached
+    with pytest.raises(ValueError, match="unknown adapter family"):
+        BenchSettings(adapters={"mixlora2": {}}).validate()
+
+
+def test_write_json_is_atomic(tmp_path, monkeypatch):
+    from moelora.bench import jsonio
+
+    path = tmp_path / "sub" / "result.json"
+    jsonio.write_json(path, {"rows": [1, 2], "where": tmp_path})  # folder created; a Path is written as str
+    assert jsonio.read_json(path) == {"rows": [1, 2], "where": str(tmp_path)}
+    old = path.read_text()
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("failed mid-write")
+
+    # json.dump streams into the temporary file: the rows before the bad value are already written
+    with pytest.raises(RuntimeError, match="mid-write"):
+        jsonio.write_json(path, {"rows": list(range(10_000)), "bad": Boom()})
+    assert path.read_text() == old and sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
+
+    def no_replace(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(jsonio.os, "replace", no_replace)  # the very last step fails
+    with pytest.raises(OSError, match="disk gone"):
+        jsonio.write_json(path, {"rows": []})
+    assert path.read_text() == old and sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
+
+
+def test_version_recorder_fields(monkeypatch):
+    import transformers
+
+    from moelora.bench import versions
+
+    rec = versions.record_versions("python kernels/benchmarks/x.py --out d")
+    assert tuple(rec) == versions.FIELDS
+    assert rec["torch"] == torch.__version__ and rec["transformers"] == transformers.__version__
+    assert rec["moelora"] == moelora.__version__ and rec["cuda"] == torch.version.cuda
+    assert rec["command"] == "python kernels/benchmarks/x.py --out d"
+    assert (rec["gpu"] is None) == (not torch.cuda.is_available())
+    if (REPO / ".git").exists():
+        assert len(rec["git_commit"]) == 40 and isinstance(rec["git_dirty"], bool)
+    assert versions.record_versions(["prog", "a b"])["command"] == "prog 'a b'"
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/moelora-bench", "new_tokens=8"])
+    assert versions.default_command() == "moelora-bench new_tokens=8"
+    monkeypatch.setattr(sys, "argv", ["kernels/benchmarks/benchmark_merge.py", "--small"])
+    monkeypatch.setattr(sys, "orig_argv", ["/usr/bin/python3", "kernels/benchmarks/benchmark_merge.py", "--small"])
+    assert versions.default_command() == "python kernels/benchmarks/benchmark_merge.py --small"
+    assert versions.package_version("surely_not_installed_pkg") is None
+    assert versions.git_commit("/") == (None, None)
+
+
+def test_transformers_private_attributes_still_exist():
+    """moelora/bench/_transformers_private.py: if this fails, transformers changed an internal the
+    benchmark relies on; the message names it."""
+    from moelora.bench import _transformers_private as hf_private
+
+    missing = hf_private.missing_private_api()
+    assert not missing, "\n".join(missing)
+    # and they do what the benchmark assumes: a static-cache generate keeps the longest length
+    model, _ = bench_models.build_shape_model("tiny_shape", dtype="float32", device="cpu")
+    ids = torch.randint(4, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    assert hf_private.static_cache_length(model) >= ids.shape[1] + 1, "generate no longer records the static-cache length"
+    hf_private.set_static_cache_length(model, 64)
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    assert hf_private.static_cache_length(model) == 64, "generate no longer reuses the longest static-cache length"
+    hf_private.forget_generate_state(model)
+    assert not hasattr(model, hf_private.CACHE_LENGTH)
+
+
+def test_timing_helper():
+    from moelora.bench import timing
+
+    calls = []
+    times = timing.time_ms(lambda: calls.append(1), warmup=2, repeats=5, device="cpu")
+    assert len(calls) == 7 and len(times) == 5 and all(t >= 0 for t in times)
+    assert timing.median_ms(lambda: None, warmup=0, repeats=3, device="cpu") >= 0
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert timing.percentile(xs, 0.5) == 3.0 and timing.percentile(xs, 0.0) == 1.0 and timing.percentile(xs, 1.0) == 5.0
+    assert [timing.percentile(xs, q) for q in (0.2, 0.8)] == pytest.approx(
+        [statistics.quantiles(xs, n=5, method="inclusive")[i] for i in (0, 3)])
+    assert timing.median_or_none([]) is None

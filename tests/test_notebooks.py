@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import moelora
+from moelora.bench.latency import run_benchmark
+from moelora.bench.settings import BenchSettings
 from moelora.data import make_synthetic_suite
-from moelora.eval.latency import BenchSettings, run_benchmark
 from moelora.eval.routing import routing_report, write_routing_report
 from moelora.models import build_tiny_model, char_tokenizer
 

@@ -7,13 +7,14 @@ Per method and mode it writes ``profile_<method>_<mode>.txt`` (the top ops by GP
 host time) and one ``profile_summary.json`` row: wall ms/token of the profiled generate, GPU
 kernel ms/token (the sum of kernel times: the time the GPU was busy), kernels per token, and the
 gap between the two, which is host overhead (launches, Python) that the GPU waits for.
-The benchmark numbers come from ``moelora.eval.latency``; this tool explains them.
+The benchmark numbers come from ``moelora.bench``; this tool explains them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # moelora_kernels 
 
 
 def main(argv=None) -> list[dict]:
-    from moelora.eval import bench_models, bench_output
-    from moelora.eval.latency import BenchSettings, _enter_mode, _reset_compiled, _timed, measure_case, prompts_for
+    from moelora.bench import models as bench_models
+    from moelora.bench import output as bench_output
+    from moelora.bench.jsonio import write_json
+    from moelora.bench.latency import enter_mode, measure_case, prompts_for, reset_compiled, timed_generate
+    from moelora.bench.settings import BenchSettings
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama2_7b_shape", choices=sorted(bench_models.MODEL_SHAPES))
@@ -45,9 +49,9 @@ def main(argv=None) -> list[dict]:
     device = bench_models.resolve_device(s.device)
     dtype = bench_models.resolve_dtype(s.dtype, device)
     model = bench_models.build_bench_model(s.model, device, dtype, s.seed)
-    adapters = bench_models.default_adapter_configs(s.r, s.lora_alpha, s.num_experts, s.top_k)
+    adapters = s.adapter_configs()
     (ids, mask), = prompts_for(s, model.config.vocab_size, device).values()
-    env = bench_output.environment(model, device, "python kernels/benchmarks/profile_decode.py " + " ".join(
+    env = bench_output.environment(model, device, "python kernels/benchmarks/profile_decode.py " + shlex.join(
         sys.argv[1:] if argv is None else argv))
     rows = []
     cuda = device.type == "cuda"
@@ -55,12 +59,12 @@ def main(argv=None) -> list[dict]:
     for method in s.methods:
         detach = bench_models.attach_method(model, method, adapters, s.seed).detach
         try:
-            _enter_mode(model, a.mode, s)
+            enter_mode(model, a.mode, s)
             measure_case(model, ids, mask, a.mode, s)  # warm-up: compiles and CUDA graphs happen here
             deadline = time.monotonic() + 600
-            wall1, _ = _timed(model, ids, mask, 1, a.mode, deadline)
+            wall1, _ = timed_generate(model, ids, mask, 1, a.mode, deadline)
             with torch.profiler.profile(activities=acts) as prof:
-                walln, steps = _timed(model, ids, mask, a.new_tokens + 1, a.mode, deadline)
+                walln, steps = timed_generate(model, ids, mask, a.new_tokens + 1, a.mode, deadline)
             ev = prof.key_averages()
             key = "self_device_time_total" if cuda else "self_cpu_time_total"
             text = [f"{method} / {a.mode} / batch {a.batch_size}: {a.new_tokens + 1} new tokens, wall {walln:.1f} ms"
@@ -80,9 +84,9 @@ def main(argv=None) -> list[dict]:
             (out / f"profile_{method}_{a.mode}.txt").write_text("\n".join(text) + "\n")
             print(json.dumps(row), flush=True)
         finally:
-            _reset_compiled(model)
+            reset_compiled(model)
             detach()
-    (out / "profile_summary.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    write_json(out / "profile_summary.json", {"environment": env, "rows": rows}, indent=1)
     return rows
 
 

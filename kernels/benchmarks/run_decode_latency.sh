@@ -11,13 +11,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [[ $mode == eager ]]; then
-  python3 -m moelora.eval.latency --model llama2_7b_shape \
+  python3 -m moelora.bench --model llama2_7b_shape \
     --methods ${METHODS:-base,lora,mixlora,lora_switch_merge,lora_switch_merge_forced,lora_switch_unmerged,reference_mixlora,base_recheck} \
     --batch-sizes ${BATCHES:-1,8,32} --prompt-len 64 --new-tokens "$n" --modes eager --repeats 3 --rounds ${ROUNDS:-1} \
-    --case-timeout-s 120 --time-budget-s ${BUDGET:-400} ${EXTRA:-} --out "$OUT/${NAME:-eager}" 2>&1 | grep -v "moelora.bench"
+    --case-timeout-s 120 --time-budget-s ${BUDGET:-400} ${EXTRA:-} --out "$OUT/${NAME:-eager}" 2>&1 | grep -Ev "^[0-9-]+ [0-9:,]+ moelora\.bench "
 else
-  python3 -m moelora.eval.latency --model llama2_7b_shape \
+  python3 -m moelora.bench --model llama2_7b_shape \
     --methods ${METHODS:-base,lora,mixlora,lora_switch_unmerged} \
     --batch-sizes ${BATCHES:-1} --prompt-len 64 --new-tokens "$n" --modes static --repeats 3 --rounds ${ROUNDS:-1} \
-    --case-timeout-s 200 --time-budget-s ${BUDGET:-420} ${EXTRA:-} --out "$OUT/${NAME:-static}" 2>&1 | grep -v "moelora.bench"
+    --case-timeout-s 200 --time-budget-s ${BUDGET:-420} ${EXTRA:-} --out "$OUT/${NAME:-static}" 2>&1 | grep -Ev "^[0-9-]+ [0-9:,]+ moelora\.bench "
 fi

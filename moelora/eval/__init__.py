@@ -4,8 +4,8 @@
   and a moelora adapter) and ``evaluate()``, the Python entry point;
 - ``moelora.eval.tasks``: lm-eval task YAMLs (synthetic suite, GSM8K, commonsense);
 - ``moelora.eval.multiple_choice``: the MixLoRA paper's fast multiple-choice scoring;
-- ``moelora.eval.latency``: the decode-latency benchmark (plain torch + transformers: it must
-  run on machines without hydra / lm-eval / datasets, so nothing here imports them eagerly);
+- the decode-latency benchmark is its own package, ``moelora.bench`` (plain torch + transformers:
+  it must run on machines without hydra / lm-eval / datasets);
 - ``moelora.eval.routing``: router statistics per task and layer ("do experts specialise?").
 
 Importing this package registers the model name ``moelora`` with lm-eval (when lm-eval is
@@ -24,7 +24,7 @@ Commands (all offline)::
     # commonsense from the hub (needs hub access): --include_path $(python -c
     #   "import moelora.eval.tasks as t; print(t.HUB_TASK_DIR)") --tasks moelora_commonsense
     # latency (no Hydra needed), or the same through Hydra: moelora-bench model=llama2_7b_shape ...
-    python -m moelora.eval.latency --model llama2_7b_shape --batch-sizes 1,8,32 --prompt-len 64 \\
+    python -m moelora.bench --model llama2_7b_shape --batch-sizes 1,8,32 --prompt-len 64 \\
         --new-tokens 128 --modes eager,static --out experiments/latency
 """
 from __future__ import annotations

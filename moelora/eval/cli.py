@@ -1,6 +1,7 @@
-"""Console scripts ``moelora-eval`` and ``moelora-bench`` (Hydra): the only eval code that sees
-a DictConfig. Each turns the composed config into typed calls and writes the run directory;
-``evaluate_from_config`` / ``bench_settings_from_config`` are what tests call after ``compose()``.
+"""Console script ``moelora-eval`` (Hydra): the only eval code that sees a DictConfig. It turns
+the composed config into typed calls and writes the run directory; ``evaluate_from_config`` is
+what tests call after ``compose()``. ``moelora-bench`` lives in ``moelora.bench.cli`` and uses
+``CONFIG_PATH``, ``_plain``, ``_overrides`` and ``_fail`` from here.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("moelora.eval")
-
 
 
 def _config_dir() -> str:
@@ -147,40 +147,6 @@ def eval_main(cfg: DictConfig) -> float | None:
           + (", routing.json, routing_load.csv" if objects["results"].get("routing_files") else "") + ")")
     accs = [v for k, v in metrics.items() if k.startswith("acc/")]
     return sum(accs) / len(accs) if accs else None
-
-
-# ---- moelora-bench ----------------------------------------------------------------------------
-def bench_settings_from_config(cfg: DictConfig):
-    """The ``BenchSettings`` of a composed bench config (the same dataclass the argparse entry
-    ``python -m moelora.eval.latency`` builds)."""
-    from moelora.eval.latency import BenchSettings
-
-    model = _plain(cfg.model)
-    overrides = _overrides()
-    return BenchSettings(
-        model=model, methods=tuple(cfg.methods), batch_sizes=tuple(cfg.batch_sizes),
-        prompt_lens=tuple(cfg.prompt_lens), new_tokens=cfg.new_tokens, modes=tuple(cfg.modes),
-        repeats=cfg.repeats, warmup=cfg.warmup, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
-        adapters={k: dict(_plain(v)) for k, v in cfg.adapters.items()}, compile_mode=cfg.compile_mode,
-        case_timeout_s=cfg.case_timeout_s, time_budget_s=cfg.time_budget_s, out_dir=str(cfg.paths.output_dir),
-        command="moelora-bench " + " ".join(overrides), plots=cfg.plots,
-        decode_graphs=cfg.get("decode_graphs", True), rounds=cfg.get("rounds", 1),
-        check_harness=cfg.get("check_harness", True), paired=cfg.get("paired", True),
-    ).validate()
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
-def bench_main(cfg: DictConfig) -> None:
-    """``moelora-bench model=llama2_7b_shape batch_sizes=[1,8,32] modes=[eager,static]``"""
-    from moelora.eval import bench_output
-    from moelora.eval.latency import run_benchmark
-
-    try:
-        settings = bench_settings_from_config(cfg)
-    except (ValueError, KeyError) as err:
-        _fail("moelora-bench", err)
-    result = run_benchmark(settings)
-    print(bench_output.format_table(result))  # the final table is the last thing printed
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from moelora.eval.bench_output import plot_vs_batch
+from moelora.bench.output import plot_vs_batch
 
 
 def routing_heatmaps(report: Mapping[str, Any], value: str = "load"):

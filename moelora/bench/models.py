@@ -8,6 +8,7 @@ routers are scaled so that their logits are O(1) and different tokens pick diffe
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import moelora
+from moelora.bench import _moelora_internals as internals
 
 # Llama-2-7B: the shape of ANCHORS.md. "tiny_shape" is the same code path at test size.
 MODEL_SHAPES: dict[str, dict[str, int]] = {
@@ -94,7 +96,7 @@ def build_shape_model(name: str = "llama2_7b_shape", dtype: str = "auto", device
     dt = resolve_dtype(dtype, dev)
     config = LlamaConfig(**{**MODEL_SHAPES[name], **overrides}, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    config._name_or_path = name
+    config.name_or_path = name
     prev = torch.get_default_dtype()
     try:
         torch.set_default_dtype(dt)
@@ -107,18 +109,30 @@ def build_shape_model(name: str = "llama2_7b_shape", dtype: str = "auto", device
 
 
 def build_bench_model(spec: str | dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
-    """The base model of a benchmark: a shape name from ``MODEL_SHAPES``, a dict from the
-    Hydra model group (``name``/shape fields or ``name_or_path``), or a name/path for
-    ``moelora.models.load_base_model`` (``tiny``, ``smollm2``, a local HF folder)."""
+    """The base model of a benchmark, on ``device`` in ``dtype``, in eval mode:
+
+    - a shape name from ``MODEL_SHAPES``, or a Hydra model-group node of ``build_shape_model``
+      (``conf/model/llama2_7b_shape.yaml``: ``name`` + shape fields; its dtype/device/seed are the
+      benchmark's): random weights, built on the device;
+    - any other model-group node (``_target_`` + keyword arguments: ``tiny_llama``,
+      ``smollm2_135m``, ``hf``): the target is imported and called, as Hydra would;
+    - a name or path for ``moelora.models.load_base_model`` (``tiny``, ``smollm2``, an HF folder)."""
+    dtype_name = str(dtype).removeprefix("torch.")
     if isinstance(spec, dict):
-        spec = {k: v for k, v in spec.items() if k not in ("_target_", "dtype", "device", "seed")}
-        if "name_or_path" in spec:
-            spec = spec["name_or_path"]
+        target = spec.get("_target_", "")
+        kwargs = {k: v for k, v in spec.items() if not k.startswith("_")}
+        if target.endswith(".build_shape_model") or (not target and "name_or_path" not in kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "device", "seed")}
+            return build_shape_model(kwargs.pop("name", "llama2_7b_shape"), dtype_name, str(device), seed, **kwargs)[0]
+        if not target:  # {name_or_path: ...}
+            spec = kwargs["name_or_path"]
         else:
-            name = spec.pop("name", "llama2_7b_shape")
-            return build_shape_model(name, str(dtype).removeprefix("torch."), str(device), seed, **spec)[0]
+            module, _, name = target.rpartition(".")
+            out = getattr(importlib.import_module(module), name)(**kwargs)
+            model = out[0] if isinstance(out, tuple) else out  # (model, tokenizer) or a model
+            return model.to(device=device, dtype=dtype).eval()
     if spec in MODEL_SHAPES:
-        return build_shape_model(spec, str(dtype).removeprefix("torch."), str(device), seed)[0]
+        return build_shape_model(spec, dtype_name, str(device), seed)[0]
     from moelora.models import load_base_model
 
     model, _ = load_base_model(spec, dtype=dtype)
@@ -132,7 +146,7 @@ def randomize_adapter_(model: nn.Module, seed: int = 0, std: float = WEIGHT_STD)
     std 1/sqrt(fan_in), so router logits are O(1) and routing is heterogeneous."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1)
     for name, p in model.named_parameters():
-        if not moelora.inject.is_adapter_parameter(name):
+        if not internals.is_adapter_parameter(name):
             continue
         is_router = any(part == "router" or part.startswith("router_") for part in name.split("."))
         p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]) if is_router else std, generator=gen)
@@ -162,9 +176,7 @@ def attach_method(model: nn.Module, method: str, adapters: dict[str, dict], seed
     randomize_adapter_(model, seed)
     model.eval()
     if method.endswith("_forced"):
-        from moelora.layers.lora_switch import switch_state
-
-        switch_state(model).force_merge = True
+        internals.force_every_merge(model)
     return Attached(lambda: moelora.remove_adapter(model), lambda: moelora.disable_adapter(model))
 
 
@@ -176,7 +188,9 @@ def attach_reference_mixlora(model: nn.Module, mix: dict, seed: int = 0) -> Atta
     c = model.config
     attn = list(mix.get("attention_target_modules", ("q_proj", "k_proj", "v_proj", "o_proj")))
     ffn = list(mix.get("expert_target_modules", ("gate_proj", "up_proj", "down_proj")))
-    E, r = int(mix.get("num_experts", 8)), int(mix.get("r", 8))
+    E, r, alpha = int(mix.get("num_experts", 8)), int(mix.get("r", 8)), mix.get("lora_alpha", 16)
+    if float(alpha) != int(alpha):
+        raise ValueError(f"the reference mixlora takes an integer lora_alpha, not {alpha}")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     shapes = {"q_proj": (c.num_attention_heads * head_dim, c.hidden_size),
               "k_proj": (c.num_key_value_heads * head_dim, c.hidden_size),
@@ -204,7 +218,7 @@ def attach_reference_mixlora(model: nn.Module, mix: dict, seed: int = 0) -> Atta
                 weights[f"mixlora.layers.{i}.mlp.{p}.experts.{e}.lora_B.weight"] = rnd(out_f, r)
     config = mixlora.MixLoraConfig.from_config({
         "bias": "none", "peft_type": "MIXLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "bench",
-        "r": r, "lora_alpha": mix.get("lora_alpha", 16),
+        "r": r, "lora_alpha": int(alpha),  # its config check wants an int
         "lora_dropout": 0.05,  # the reference asserts dropout > 0; its modules are put in eval below
         "target_modules": attn + ffn, "routing_strategy": "mixlora", "num_experts": E,
         "top_k": int(mix.get("top_k", 2)), "act_fn": c.hidden_act,
@@ -249,7 +263,7 @@ def attach_reference_mixlora(model: nn.Module, mix: dict, seed: int = 0) -> Atta
 
     def detach() -> None:
         take_off()
-        model.__dict__.pop("_mixlora_config", None)
+        model.__dict__.pop("_mixlora_config", None)  # the reference package's record of its config
 
     return Attached(detach, disabled)
 

@@ -1,12 +1,12 @@
 """What a benchmark run writes: bench.json, bench.csv, plots, and the printed table.
 
 Standard library only for the tables (csv, json): the GPU machine may lack pandas; matplotlib is
-optional (no plots without it, with a note in the log).
+optional (no plots without it, with a note in the log). Every file is written atomically
+(``moelora.bench.jsonio``): a killed run leaves the previous complete file, never half of one.
 """
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import platform
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from moelora.bench.jsonio import atomic_open, read_json, write_json
+from moelora.bench.versions import record_versions
 
 log = logging.getLogger("moelora.bench")
 
@@ -40,49 +43,27 @@ SUMMARY_COLUMNS = (("method", "mode", "batch_size", "prompt_len", "new_tokens", 
                    + ("nonpositive_repeats", "error"))
 
 
-def _version(module: str) -> str | None:
-    """``module.__version__``, else the installed distribution's version (the reference
-    ``mixlora`` package has no ``__version__``), else None (missing or broken)."""
-    try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - missing or broken optional package, or no __version__
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def environment(model, device: torch.device, command: str) -> dict[str, Any]:
-    """Device, library versions, model size and the exact command: recorded with every number."""
-    import moelora
-
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the thread count."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def environment(model, device: torch.device, command: str | None) -> dict[str, Any]:
+    """``versions.record_versions`` (library versions, GPU, git commit, exact command) plus the
+    device and the model's size: recorded with every number."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
-        "device": name,
+        "device": device_name(device),
         "device_type": device.type,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "moelora": moelora.__version__,
-        "mixlora": _version("mixlora"),
-        "python": platform.python_version(),
-        "hostname": platform.node(),
+        **record_versions(command),
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "model_weight_gb": round(weight_bytes / 1e9, 3),
         "model_config": {k: getattr(model.config, k, None) for k in (
             "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size")},
         "peak_mem_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS",
-        "command": command,
-        "cwd": os.getcwd(),
     }
 
 
@@ -156,25 +137,25 @@ def summarize_rounds(rows: list[dict]) -> list[dict]:
 def write_tables(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """bench.json (settings, environment, rows[, summary]), bench.csv (one row per case and round)
     and, with a summary, bench_summary.csv (one row per case), each written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     j, c = out_dir / JSON_NAME, out_dir / CSV_NAME
-    tmp = j.with_name(f".{j.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, j)
-    _write_csv(c, result["rows"], COLUMNS)
+    write_json(j, result)
+    write_csv(c, result["rows"], COLUMNS)
     if result.get("summary"):
-        _write_csv(out_dir / SUMMARY_CSV_NAME, result["summary"], SUMMARY_COLUMNS)
+        write_csv(out_dir / SUMMARY_CSV_NAME, result["summary"], SUMMARY_COLUMNS)
     return j, c
 
 
-def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """``rows`` as CSV, atomically; ``columns``: the header (default: every key, first seen first);
+    keys a row lacks are empty cells, keys not in ``columns`` are left out."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_open(path, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for row in rows:
             w.writerow({k: row.get(k) for k in columns})
-    os.replace(tmp, path)
+    return Path(path)
 
 
 def _series(rows: Sequence[dict], key: str) -> dict[tuple[str, str, int], list[tuple[int, float]]]:
@@ -294,4 +275,4 @@ def format_table(result: dict) -> str:
 def load_bench(path: str | Path) -> dict:
     """bench.json of a run directory (or the file itself)."""
     path = Path(path)
-    return json.loads((path / JSON_NAME if path.is_dir() else path).read_text())
+    return read_json(path / JSON_NAME if path.is_dir() else path)

@@ -1,6 +1,6 @@
 """Decode-latency benchmark: base vs LoRA vs MixLoRA vs LoRA-Switch vs reference MixLoRA.
 
-Method (shared/ANCHORS.md): one process, one base model whose weights every method reuses
+Method (docs/anchors.md): one process, one base model whose weights every method reuses
 (inject -> measure -> remove), the same random prompts for every method, warm-up first, CUDA
 events on GPU, greedy decoding with ``min_new_tokens = max_new_tokens`` so every run decodes the
 same count. Per case (method, mode, batch size B, prompt length P):
@@ -43,80 +43,32 @@ forward on CUDA with CUDA graphs), ``compile`` (static cache + an explicit ``tor
 the forward, ``compile_mode``). A failing case (compile error, OOM, timeout) is recorded in its
 row and the run goes on; the other cases of that method and mode are then skipped.
 
-This module imports nothing from hydra / lm-eval / datasets (the GPU machine lacks them)::
+This module imports nothing from hydra / lm-eval / datasets (the GPU machine lacks them); its
+command line is ``python -m moelora.bench`` (``moelora.bench.cli``)::
 
-    python -m moelora.eval.latency --model llama2_7b_shape --methods base,lora,mixlora \\
+    python -m moelora.bench --model llama2_7b_shape --methods base,lora,mixlora \\
         --batch-sizes 1,8,32 --prompt-len 64 --new-tokens 128 --modes eager,static --out DIR
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
-import shlex
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
 
-from moelora.eval import bench_models, bench_output
-from moelora.layers.decode_graphs import captured_graphs, set_decode_graphs
+from moelora.bench import _moelora_internals as internals
+from moelora.bench import _transformers_private as hf_private
+from moelora.bench import models as bench_models
+from moelora.bench import output as bench_output
+from moelora.bench.settings import BenchSettings
+from moelora.bench.timing import median_or_none, percentile, time_call_ms
+from moelora.bench.versions import default_command
 
 log = logging.getLogger("moelora.bench")
-
-DEFAULT_METHODS = ("base", "lora", "mixlora", "lora_switch_merge", "lora_switch_unmerged", "reference_mixlora")
-MODES = ("eager", "static", "compile")
-
-
-@dataclass
-class BenchSettings:
-    """Everything a benchmark run depends on (also written to bench.json)."""
-
-    model: str | dict = "tiny"  # shape name (llama2_7b_shape), load_base_model name/path, or a model-group dict
-    methods: tuple[str, ...] = DEFAULT_METHODS  # "base" is always measured first (ratios need it)
-    batch_sizes: tuple[int, ...] = (1,)
-    prompt_lens: tuple[int, ...] = (64,)
-    new_tokens: int = 128  # N: decode ms/token = (t(N+1) - t(1)) / N
-    modes: tuple[str, ...] = ("eager", "static")
-    repeats: int = 3
-    warmup: int = 1  # untimed (N+1)-token generations per case; compiles happen here
-    device: str = "auto"
-    dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
-    seed: int = 0
-    r: int = 16
-    lora_alpha: float = 32
-    num_experts: int = 8
-    top_k: int = 2
-    adapters: dict[str, dict] | None = None  # per family (lora/mixlora/lora_switch) config dicts; None: from r/E/K above
-    compile_mode: str = "default"  # torch.compile mode of the "compile" mode
-    case_timeout_s: float = 600.0  # a case still generating after this is stopped and recorded as a timeout
-    time_budget_s: float | None = None  # cases not started within this are recorded as skipped
-    out_dir: str | None = None
-    command: str | None = None  # recorded verbatim; default: this process's command line
-    plots: bool = True
-    decode_graphs: bool = True  # eager decoding replays adapted modules as CUDA graphs (moelora.set_decode_graphs)
-    rounds: int = 1  # the whole method loop this many times, reversed every other round (module docstring)
-    check_harness: bool = True  # base rows: also time plain generate without the step timer
-    paired: bool = True  # eager rows of adapted methods: time the base beside every repeat (module docstring)
-
-    def validate(self) -> "BenchSettings":
-        bad = [m for m in self.methods if m not in bench_models.METHODS]
-        if bad:
-            raise ValueError(f"unknown method(s) {bad}; choose from {sorted(bench_models.METHODS)}")
-        bad = [m for m in self.modes if m not in MODES]
-        if bad:
-            raise ValueError(f"unknown mode(s) {bad}; choose from {list(MODES)}")
-        if self.new_tokens < 1 or self.repeats < 1 or self.warmup < 0 or self.rounds < 1:
-            raise ValueError("new_tokens, repeats and rounds must be >= 1, warmup >= 0")
-        if not self.batch_sizes or not self.prompt_lens or min(self.batch_sizes) < 1 or min(self.prompt_lens) < 1:
-            raise ValueError("batch_sizes and prompt_lens must be non-empty positive integers")
-        self.methods = ("base",) + tuple(m for m in dict.fromkeys(self.methods) if m != "base")
-        return self
 
 
 class CaseTimeout(RuntimeError):
@@ -180,37 +132,19 @@ def _static_cache(model, batch: int):
 
     caches = model.__dict__.setdefault("_bench_static_caches", {})
     if batch not in caches:
-        caches[batch] = StaticCache(config=model.config, max_cache_len=model._previous_max_cache_length)
+        caches[batch] = StaticCache(config=model.config, max_cache_len=hf_private.static_cache_length(model))
     cache = caches[batch]
     cache.reset()
     return cache
 
 
-def _timed(model, ids, mask, n_new: int, mode: str, deadline: float, stamps: bool = True) -> tuple[float, list[float]]:
-    """(wall ms of one generate, per-step ms); ``stamps=False``: plain generate, no per-step times."""
+def timed_generate(model, ids, mask, n_new: int, mode: str, deadline: float,
+                   stamps: bool = True) -> tuple[float, list[float]]:
+    """(ms of one generate of ``n_new`` tokens, per-step ms); ``stamps=False``: plain generate,
+    no per-step times. ``deadline``: ``time.monotonic()`` after which it raises CaseTimeout."""
     timer = StepTimer(ids.device, deadline) if stamps else None
-    if ids.device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        _generate(model, ids, mask, n_new, mode, timer)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end), timer.step_ms() if timer else []
-    t0 = time.perf_counter()
-    _generate(model, ids, mask, n_new, mode, timer)
-    return (time.perf_counter() - t0) * 1e3, timer.step_ms() if timer else []
-
-
-def _median_or_none(xs: Sequence[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def _percentile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    ms = time_call_ms(lambda: _generate(model, ids, mask, n_new, mode, timer), ids.device)
+    return ms, timer.step_ms() if timer else []
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -232,16 +166,16 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
 
     def one_decode(stamps: bool = True) -> float:
         """(t(N+1 new) - t(1 new)) / N from one prefill-only run and one long run."""
-        t1 = _timed(model, ids, mask, 1, mode, deadline, stamps)[0]
-        return (_timed(model, ids, mask, n + 1, mode, deadline, stamps)[0] - t1) / n
+        t1 = timed_generate(model, ids, mask, 1, mode, deadline, stamps)[0]
+        return (timed_generate(model, ids, mask, n + 1, mode, deadline, stamps)[0] - t1) / n
 
     def base_decode() -> float:
         with base_of():
             return one_decode()
 
     for _ in range(s.warmup):  # the long run first: the static cache keeps its larger size
-        _timed(model, ids, mask, n + 1, mode, deadline)
-        _timed(model, ids, mask, 1, mode, deadline)
+        timed_generate(model, ids, mask, n + 1, mode, deadline)
+        timed_generate(model, ids, mask, 1, mode, deadline)
         if base_of is not None:
             base_decode()
     if ids.device.type == "cuda":
@@ -250,8 +184,8 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
     for i in range(s.repeats):
         started.append(round(time.time(), 3))  # wall clock: lines the repeats up with nvidia-smi dmon / host logs
         before = base_decode() if base_of is not None and i % 2 else None
-        t1s.append(_timed(model, ids, mask, 1, mode, deadline)[0])
-        tn, st = _timed(model, ids, mask, n + 1, mode, deadline)
+        t1s.append(timed_generate(model, ids, mask, 1, mode, deadline)[0])
+        tn, st = timed_generate(model, ids, mask, n + 1, mode, deadline)
         tns.append(tn)
         steps += st
         if base_of is not None:
@@ -272,16 +206,16 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         extra.update(hf_generate_ms_per_token=hf, harness_ratio=decode / hf if hf > 0 else None)
     if paired:
         extra.update(paired_base_ms_per_token=statistics.median(paired), paired_base_ms_repeats=paired,
-                     decode_ratio_paired=_median_or_none([r / b for r, b in zip(repeats, paired) if r > 0 and b > 0]))
+                     decode_ratio_paired=median_or_none([r / b for r, b in zip(repeats, paired) if r > 0 and b > 0]))
     return {
         "prefill_ms": statistics.median(t1s),
         "total_ms": statistics.median(tns),
         "decode_ms_per_token": decode,
-        "step_ms_p50": _percentile(steps, 0.5) if steps else None,
-        "step_ms_p90": _percentile(steps, 0.9) if steps else None,
+        "step_ms_p50": percentile(steps, 0.5) if steps else None,
+        "step_ms_p90": percentile(steps, 0.9) if steps else None,
         "decode_tokens_per_s": B * 1e3 / decode if decode > 0 else None,
         "peak_mem_mb": _peak_mem_mb(ids.device),
-        "decode_graphs": captured_graphs(model),  # CUDA graphs of eager decode steps held by the adapters
+        "decode_graphs": internals.captured_graphs(model),  # CUDA graphs of eager decode steps held by the adapters
         # interference only adds time: the fastest long run minus the fastest prefill-only run
         "decode_ms_best": (min(tns) - min(t1s)) / n,
         "decode_ms_repeats": repeats,  # the spread behind the median (bench.json only)
@@ -291,37 +225,32 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
 
 
 def _switch_stats(model, ids, mask, mode: str, s: BenchSettings) -> dict[str, Any]:
-    """LoRA-Switch merge mode: the share of decode steps whose selection changed (the steps that
-    pay for a merge; the others are skipped in-kernel), from one extra untimed generation."""
-    from moelora.layers.lora_switch import switch_state
-
-    state = switch_state(model)
-    if state is None or ids.shape[0] != 1 or state.mode == "unmerged":
+    """LoRA-Switch merge mode, batch 1: the share of decode steps whose selection changed (the
+    steps that pay for a merge; the others are skipped in-kernel), from one extra untimed run."""
+    if ids.shape[0] != 1:
         return {}
-    state.history = []
-    try:
-        _timed(model, ids, mask, s.new_tokens + 1, mode, time.monotonic() + s.case_timeout_s)
-        rate = state.selection_change_rate()
-    finally:
-        state.history = None
+    deadline = time.monotonic() + s.case_timeout_s
+    rate = internals.selection_change_rate(
+        model, lambda: timed_generate(model, ids, mask, s.new_tokens + 1, mode, deadline))
     return {} if rate is None else {"selection_change_rate": rate}
 
 
 # ---- mode set-up ------------------------------------------------------------------------------
-def _reset_compiled(model) -> None:
+def reset_compiled(model) -> None:
     """Forget compiled graphs and the static-cache size between methods and modes: a method must
     not inherit another's graphs, and every method gets the same cache length."""
-    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length", "_cache", "forward",
-                 "_bench_static_caches"):
-        model.__dict__.pop(attr, None)  # "forward": our explicit torch.compile wrapper
+    hf_private.forget_generate_state(model)
+    for attr in ("forward", "_bench_static_caches"):  # our torch.compile wrapper, our static caches
+        model.__dict__.pop(attr, None)
     torch.compiler.reset()
 
 
-def _enter_mode(model, mode: str, s: BenchSettings) -> None:
-    _reset_compiled(model)
+def enter_mode(model, mode: str, s: BenchSettings) -> None:
+    """Set ``model`` up for ``mode`` (after ``reset_compiled``)."""
+    reset_compiled(model)
     # The static cache keeps the largest length it has seen; fix it for every case and method so
     # attention over the cache costs the same everywhere (and no case recompiles for a new size).
-    model._previous_max_cache_length = max(s.prompt_lens) + s.new_tokens + 1
+    hf_private.set_static_cache_length(model, max(s.prompt_lens) + s.new_tokens + 1)
     if mode == "compile":
         model.forward = torch.compile(model.forward, mode=s.compile_mode)
 
@@ -351,15 +280,19 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     (JSON and CSV after every case, so a killed run keeps what it measured). Returns
     ``{"settings", "environment", "rows"}`` (+ ``"summary"`` when ``rounds > 1``)."""
     s.validate()
-    set_decode_graphs(s.decode_graphs)
+    with internals.decode_graphs(s.decode_graphs):
+        return _run(s)
+
+
+def _run(s: BenchSettings) -> dict[str, Any]:
     t_start = time.monotonic()
     device = bench_models.resolve_device(s.device)
     dtype = bench_models.resolve_dtype(s.dtype, device)
-    adapters = s.adapters or bench_models.default_adapter_configs(s.r, s.lora_alpha, s.num_experts, s.top_k)
+    adapters = s.adapter_configs()
     torch.manual_seed(s.seed)
     model = bench_models.build_bench_model(s.model, device, dtype, s.seed)
     env = bench_output.environment(model, device, s.command or default_command())
-    result: dict[str, Any] = {"settings": dataclasses.asdict(s), "environment": env, "rows": []}
+    result: dict[str, Any] = {"settings": s.record(), "environment": env, "rows": []}
     prompts = prompts_for(s, model.config.vocab_size, device)
     out = Path(s.out_dir) if s.out_dir else None
     fingerprint = weight_fingerprint(model)
@@ -394,7 +327,7 @@ def _run_method(model, method: str, rnd: int, s: BenchSettings, adapters: dict, 
         failed = attach_error
         if failed is None:
             try:
-                _enter_mode(model, mode, s)
+                enter_mode(model, mode, s)
             except Exception as err:  # noqa: BLE001
                 failed = f"{mode} set-up failed: {type(err).__name__}: {err}"
         for (B, P), (ids, mask) in prompts.items():
@@ -420,7 +353,7 @@ def _run_method(model, method: str, rnd: int, s: BenchSettings, adapters: dict, 
             bench_output.add_ratios(result["rows"])
             if out is not None:
                 bench_output.write_tables(result, out)
-    _reset_compiled(model)
+    reset_compiled(model)
     if attached is not None:
         try:
             attached.detach()
@@ -430,71 +363,3 @@ def _run_method(model, method: str, rnd: int, s: BenchSettings, adapters: dict, 
     env["base_weights_unchanged"][method] = env["base_weights_unchanged"].get(method, True) and same
     if not same:
         log.error("%s changed the base weights: later methods run on modified weights", method)
-
-
-def default_command() -> str:
-    """This process's command line, as a user would type it."""
-    if sys.argv and sys.argv[0].endswith("latency.py"):
-        return "python -m moelora.eval.latency " + shlex.join(sys.argv[1:])
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else ""
-
-
-# ---- argparse entry (no hydra) ----------------------------------------------------------------
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
-
-
-def _strs(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def parse_args(argv: Sequence[str] | None = None) -> BenchSettings:
-    d = BenchSettings()
-    p = argparse.ArgumentParser(prog="python -m moelora.eval.latency", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, help=f"shape ({', '.join(bench_models.MODEL_SHAPES)}), 'tiny', 'smollm2' or an HF folder")
-    p.add_argument("--methods", type=_strs, default=d.methods, help=f"comma list of {', '.join(bench_models.METHODS)}")
-    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma list, e.g. 1,8,32")
-    p.add_argument("--prompt-len", "--prompt-lens", dest="prompt_lens", type=_ints, default=d.prompt_lens,
-                   help="comma list of prompt lengths (random token ids)")
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="N: decode ms/token = (t(N+1) - t(1)) / N")
-    p.add_argument("--modes", type=_strs, default=d.modes, help="comma list of eager, static, compile")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats per case (median)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed generations per case (compiles here)")
-    p.add_argument("--device", default=d.device, help="auto = cuda if available")
-    p.add_argument("--dtype", default=d.dtype, help="auto = bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--r", type=int, default=d.r)
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--num-experts", type=int, default=d.num_experts)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--compile-mode", default=d.compile_mode)
-    p.add_argument("--case-timeout-s", type=float, default=d.case_timeout_s, help="stop a case after this long")
-    p.add_argument("--time-budget-s", type=float, default=None,
-                   help="start no case after this many seconds (the rest is recorded as skipped)")
-    p.add_argument("--out", dest="out_dir", default=None, help="run directory for bench.json/.csv/plots")
-    p.add_argument("--no-plots", dest="plots", action="store_false")
-    p.add_argument("--rounds", type=int, default=d.rounds,
-                   help="run the method loop this many times, reversed every other round; the summary takes medians")
-    p.add_argument("--no-paired", dest="paired", action="store_false",
-                   help="eager: do not time the base model beside every repeat of an adapted method")
-    p.add_argument("--no-harness-check", dest="check_harness", action="store_false",
-                   help="base rows: skip timing plain generate without the step timer")
-    p.add_argument("--no-decode-graphs", dest="decode_graphs", action="store_false",
-                   help="eager decoding without the adapters' CUDA graphs (moelora.set_decode_graphs(False))")
-    args = p.parse_args(argv)
-    return BenchSettings(**vars(args))
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    s = parse_args(argv)
-    if argv is not None:
-        s.command = "python -m moelora.eval.latency " + shlex.join(argv)
-    result = run_benchmark(s)
-    print(bench_output.format_table(result))  # the final table is the last thing printed
-    return result
-
-
-if __name__ == "__main__":
-    main()
