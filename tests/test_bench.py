@@ -443,6 +443,9 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "result.json"
     jsonio.write_json(path, {"rows": [1, 2], "where": tmp_path})  # folder created; a Path is written as str
     assert jsonio.read_json(path) == {"rows": [1, 2], "where": str(tmp_path)}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
     old = path.read_text()
 
     class Boom:

@@ -13,16 +13,16 @@ decode_kernels.json/.csv with every row and the best config per case.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # moelora_kernels without install
+import _repo_paths  # noqa: F401 - moelora and moelora_kernels without install
+from moelora.bench.jsonio import write_json
+from moelora.bench.output import write_csv
+from moelora.bench.versions import record_versions
 
 D, FF, E, R, K = 4096, 11008, 8, 16, 2
 # one-launch form: (block_d, block_n|block_f, num_warps, programs); split form: (chunk, block_n|block_f,
@@ -108,14 +108,9 @@ def main(argv=None) -> list[dict]:
                 best["best"] = True
                 print(f"T={T} {name + ' [' + form + ']':<58} best {best['us']:8.2f} us ({best['config']})", flush=True)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "command": "python kernels/benchmarks/benchmark_decode_kernels.py " + " ".join(sys.argv[1:])}
-    (out / "decode_kernels.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    with open(out / "decode_kernels.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=["T", "case", "config", "us", "best"])
-        wr.writeheader()
-        wr.writerows(rows)
+    env = {"device": torch.cuda.get_device_name(), **record_versions()}
+    write_json(out / "decode_kernels.json", {"environment": env, "rows": rows}, indent=1)
+    write_csv(out / "decode_kernels.csv", rows, ["T", "case", "config", "us", "best"])
     return rows
 
 

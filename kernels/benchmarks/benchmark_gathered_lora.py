@@ -16,15 +16,11 @@ versions and the exact command.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
-import json
 import os
 import platform
-import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +29,13 @@ import torch
 if "--small" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
+import triton  # noqa: E402,F401 - imported after TRITON_INTERPRET is decided
 
+import _repo_paths  # noqa: E402,F401 - moelora and moelora_kernels without install
+from moelora.bench.jsonio import write_json  # noqa: E402
+from moelora.bench.output import write_csv  # noqa: E402
+from moelora.bench.timing import percentile, time_ms  # noqa: E402
+from moelora.bench.versions import record_versions  # noqa: E402
 from moelora_kernels.gathered_lora import gathered_lora, gathered_lora_reference  # noqa: E402
 
 # mode -> (x per slot?, weighted output?)
@@ -104,28 +105,6 @@ def make_inputs(T, IN, OUT, E, R, K, per_slot, weighted, dtype, device, grad, se
     return x, A, B, idx, w
 
 
-def time_fn(fn: Callable[[], object], warmup: int, reps: int, device: str) -> list[float]:
-    """Per-call milliseconds: CUDA events around each call on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in events]
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def make_call(fn: Callable, inputs: tuple, grad: bool, dtype, device) -> Callable[[], object]:
     """One timed step: forward under no_grad, or forward + backward with a fixed random grad."""
     x, A, B, idx, w = inputs
@@ -159,9 +138,9 @@ def bench_one(provider, mode, T, IN, OUT, args, device, dtype):
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             call = make_call(PROVIDERS[provider], inputs, grad, dtype, device)
-            ms = time_fn(call, args.warmup, args.reps, device)
-            q = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else [ms[0]] * 4
-            row.update(median_ms=statistics.median(ms), p20_ms=q[0], p80_ms=q[-1])
+            # CUDA events around each call, recorded back to back (device time per call)
+            ms = time_ms(call, args.warmup, args.reps, device, back_to_back=True)
+            row.update(median_ms=statistics.median(ms), p20_ms=percentile(ms, 0.2), p80_ms=percentile(ms, 0.8))
             if device == "cuda":
                 row["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         except torch.OutOfMemoryError as exc:  # record and go on: one provider's OOM is a result
@@ -185,14 +164,8 @@ def check_agreement(mode, T, IN, OUT, args, device, dtype) -> float:
 
 
 def environment(device: str) -> dict:
-    env = dict(
-        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        cuda=torch.version.cuda, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
-        command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    )
-    return env
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), **record_versions()}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -263,19 +236,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"max relative forward disagreement with the reference: {max_err:.2e}")
 
     env = environment(device)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     tag = "small" if args.small else env["device"].replace(" ", "_")
     fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k)
                     if k in rows[0] else 99)
     csv_path = args.out_dir / f"gathered_lora_{tag}.csv"
     json_path = csv_path.with_suffix(".json")
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    json_path.write_text(json.dumps(dict(environment=env, max_rel_disagreement=max_err,
-                                         settings=dict(warmup=args.warmup, reps=args.reps), results=rows),
-                                    indent=2, sort_keys=True))
+    write_csv(csv_path, rows, fields)
+    write_json(json_path, dict(environment=env, max_rel_disagreement=max_err,
+                               settings=dict(warmup=args.warmup, reps=args.reps), results=rows), sort_keys=True)
     print(f"wrote {csv_path} and {json_path}")
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     if max_err > tol:

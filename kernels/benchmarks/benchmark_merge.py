@@ -19,16 +19,12 @@ plus the adapters and their packed copy.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import itertools
-import json
 import os
-import shlex
 import statistics
-import sys
-import time
 from pathlib import Path
+
+import _repo_paths  # noqa: F401 - moelora and moelora_kernels without install
 
 # name: (layers, hidden, kv dim, ffn); the 7 adapted linears of a Llama-style layer.
 SHAPES = {
@@ -83,33 +79,6 @@ def layer_shapes(name: str) -> list[tuple[int, int]]:
     layers, d, kv, ffn = SHAPES[name]
     one = [(d, d), (kv, d), (kv, d), (d, d), (ffn, d), (ffn, d), (d, ffn)]  # q k v o gate up down
     return one * layers
-
-
-class Timer:
-    """Per-call time: CUDA events on GPU (never host time of async work), perf_counter on CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def time_ms(self, fn, warmup: int, repeats: int) -> list[float]:
-        import torch
-        for _ in range(warmup):
-            fn()
-        out = []
-        for _ in range(repeats):
-            if self.cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                out.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
-        return out
 
 
 def build(args, torch, device, dtype, shapes):
@@ -171,20 +140,20 @@ def main(argv=None) -> None:
     if dev_name == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
     import torch
-    import triton
 
+    from moelora.bench.jsonio import write_json  # torch and triton only after TRITON_INTERPRET is set
+    from moelora.bench.output import write_csv
+    from moelora.bench.timing import time_ms as timed
+    from moelora.bench.versions import record_versions
     from moelora_kernels import merge as mm
 
     device = torch.device(dev_name)
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    timer = Timer(device)
     result = {
-        "command": shlex.join([sys.executable] + sys.argv),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if on_gpu else "cpu (triton interpreter)",
-        "torch": torch.__version__, "triton": triton.__version__,
+        **record_versions(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     if args.check:
@@ -201,8 +170,8 @@ def main(argv=None) -> None:
     rotation = itertools.cycle(sels)
     rows = []
 
-    def time_ms(fn):
-        return timer.time_ms(fn, args.warmup, args.repeats)
+    def time_ms(fn):  # CUDA events around each call on GPU (never host time of async work)
+        return timed(fn, args.warmup, args.repeats, device)
 
     def record(name, times, moved=nbytes, **extra):
         ms = statistics.median(times)
@@ -282,12 +251,8 @@ def main(argv=None) -> None:
     })
     print(f"best merge: {best['ms']:.3f} ms = {best['GB_per_s']:.1f} GB/s = "
           f"{best['frac_of_copy_bw']:.0%} of copy bandwidth (target >= 75%)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_json(args.out / "results.json", result, sort_keys=True)
+    write_csv(args.out / "results.csv", rows, sorted({k for r in rows for k in r}))
     print(f"wrote {args.out / 'results.json'} and results.csv")
 
 

@@ -11,36 +11,16 @@ Writes JSON + CSV with the device, versions and the exact command.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import statistics
-import sys
-import time
 
 import torch
 
-
-def _timer(fn, warmup: int, reps: int) -> float:
-    """Median milliseconds of fn()."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+import _repo_paths  # noqa: F401 - moelora and moelora_kernels without install
+from moelora.bench.jsonio import write_json
+from moelora.bench.output import write_csv
+from moelora.bench.timing import median_ms as _timer  # median ms of fn(): CUDA events, warm-up first
+from moelora.bench.versions import record_versions
 
 
 def build_block(d: int, ffn: int, experts: int, top_k: int, rank: int, dtype, device):
@@ -143,24 +123,14 @@ def main() -> None:
         args.tokens, args.d, args.ffn, args.warmup, args.reps = 64, 32, 48, 1, 2
         args.decode_tokens = [1, 4]
     rows, summary = run(args)
-    import transformers
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **record_versions()}
     print(f"{'what':<18} {'backend':<7} {'tokens':>6} {'ms':>9} {'tokens/s':>12}")
     for r in rows:
         print(f"{r['what']:<18} {r['backend']:<7} {r['tokens']:>6} {r['ms']:>9.3f} {r['tokens_per_s']:>12.0f}")
     print(json.dumps(summary), json.dumps(meta))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "mixlora_block.json"), "w") as f:
-            json.dump({"rows": rows, "summary": summary, "meta": meta}, f, indent=2)
-        with open(os.path.join(args.out, "mixlora_block.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_json(os.path.join(args.out, "mixlora_block.json"), {"rows": rows, "summary": summary, "meta": meta})
+        write_csv(os.path.join(args.out, "mixlora_block.csv"), rows, list(rows[0]))
 
 
 if __name__ == "__main__":

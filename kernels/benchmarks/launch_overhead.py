@@ -12,33 +12,35 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+import _repo_paths  # noqa: F401 - moelora and moelora_kernels without install
+from moelora.bench.timing import time_call_ms
+from moelora.bench.versions import record_versions
+
+
+def _calls(fn, n: int):
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
 
 def host_us(fn, n: int = 200) -> float:
+    """Host µs per call, no synchronisation: what eager decode pays while the GPU waits."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
+    us = time_call_ms(_calls(fn, n), device="cpu") / n * 1e3
     torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+    return us
 
 
 def device_us(fn, n: int = 200) -> float:
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / n * 1e3
+    """Device µs per call: CUDA events around ``n`` calls."""
+    return time_call_ms(_calls(fn, n), device="cuda") / n * 1e3
 
 
 def main() -> None:
@@ -77,7 +79,7 @@ def main() -> None:
     print(f"{'op':<52} {'host us':>9} {'device us':>10}")
     for r in rows:
         print(f"{r['op']:<52} {r['host_us']:>9.1f} {r['device_us']:>10.1f}")
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}))
+    print(json.dumps({"device": torch.cuda.get_device_name(), **record_versions(), "rows": rows}))
     if "--cprofile" in sys.argv:
         import cProfile
         import pstats

@@ -5,11 +5,7 @@
 # ROUNDS>1: the method loop again, reversed every other round; bench_summary.csv holds the medians.
 set -uo pipefail
 OUT=${OUT:-results}; mode=${1:-eager}; n=${2:-64}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # carried wheels, PYTHONPATH
 if [[ $mode == eager ]]; then
   python3 -m moelora.bench --model llama2_7b_shape \
     --methods ${METHODS:-base,lora,mixlora,lora_switch_merge,lora_switch_merge_forced,lora_switch_unmerged,reference_mixlora,base_recheck} \

@@ -6,13 +6,9 @@ set -uo pipefail
 OUT=${OUT:-kernels/benchmarks/results}
 mkdir -p "$OUT"
 what=${1:-all}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:$PWD/kernels:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # carried wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/log.txt"
+python3 -c "import json; from moelora.bench.versions import record_versions; print(json.dumps(record_versions()))" | tee -a "$OUT/log.txt"
 if [[ $what == tests || $what == all ]]; then
   timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -rf --tb=short --maxfail=30 -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_decode_graphs.py \
     kernels/moelora_kernels/tests > "$OUT/gpu_tests.txt" 2>&1

@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_NEW_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's file is 0600)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
     """A text file to write ``path`` through: it replaces ``path`` when the block ends without an
@@ -29,6 +38,7 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else _NEW_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
