@@ -1,24 +1,24 @@
 """Every access of the benchmark to moelora internals (state that is not public API), in one place.
 
-The core is being redesigned; when its internals move, re-point the imports here and nothing else:
+When moelora's internals move, re-point the imports here and nothing else:
 
 - ``switch_state(model)`` is the ONE function that reaches LoRA-Switch's merge state (today
-  ``moelora.layers.lora_switch.switch_state``, which reads ``model._moelora_context``); the two
-  helpers below it are the only readers and writers of that state's fields.
+  ``moelora.switch_state``, which reads the model's ``AdapterState``; before the multi-adapter
+  core it was ``moelora.layers.lora_switch.switch_state``, reading ``model._moelora_context``);
+  the two helpers below it are the only readers and writers of that state's fields.
 - ``decode_graphs(enabled)`` / ``captured_graphs(model)``: the eager-decode CUDA graphs switch
-  and the count of graphs the adapters hold (``moelora.layers.decode_graphs``).
+  (public) and the count of graphs the adapters hold (``moelora.layers.decode_graphs``).
 - ``is_adapter_parameter(name)``: moelora's "this parameter is the adapter's" filter.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ContextManager
 
 
 def switch_state(model) -> Any:
     """The LoRA-Switch merge state of ``model`` (None: no LoRA-Switch adapter on it)."""
-    from moelora.layers.lora_switch import switch_state as _switch_state  # the one line to re-point
+    from moelora import switch_state as _switch_state  # the one line to re-point
 
     return _switch_state(model)
 
@@ -43,24 +43,12 @@ def selection_change_rate(model, generate: Callable[[], Any]) -> float | None:
         state.history = None
 
 
-@contextlib.contextmanager
-def decode_graphs(enabled: bool) -> Iterator[None]:
+def decode_graphs(enabled: bool) -> ContextManager[None]:
     """Eager decode steps replay adapted modules as CUDA graphs inside the block (or not); the
-    previous setting is restored on exit."""
+    previous setting comes back on exit (``moelora.decode_graphs``, ``moelora/switches.py``)."""
     import moelora
 
-    if hasattr(moelora, "decode_graphs"):  # the redesigned core: a scoped switch
-        with moelora.decode_graphs(enabled):
-            yield
-        return
-    from moelora.layers.decode_graphs import decode_graphs_enabled
-
-    old = decode_graphs_enabled()
-    moelora.set_decode_graphs(enabled)
-    try:
-        yield
-    finally:
-        moelora.set_decode_graphs(old)
+    return moelora.decode_graphs(enabled)
 
 
 def captured_graphs(model) -> int:
