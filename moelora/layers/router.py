@@ -122,7 +122,7 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_noise > 0:
             # Out of place: the caller's hidden states (and the expert inputs) stay exact.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        logits = F.linear(x, self.weight)  # (N, E)
+        logits = F.linear(x, self.weight.float())  # (N, E); fp32 also after model.to(dtype)
         return route(logits, self.strategy, self.top_k, self.top_p, self.capacity_factor, token_mask)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,45 @@
+"""The dependency internals moelora relies on (moelora/_private.py) are still there.
+
+When one of these fails after a torch/transformers upgrade, the message names what moved; fix
+moelora/_private.py (the only module that touches them) and widen ``TESTED``."""
+import torch
+import transformers
+
+from moelora import _private
+
+
+def test_tensor_version_counter_tracks_in_place_writes():
+    t = torch.zeros(3)
+    assert hasattr(t, "_version"), "torch.Tensor._version is gone: update moelora/_private.tensor_stamp"
+    st = _private.tensor_stamp(t)
+    assert _private.stamp_change(t, st) is None
+    t.add_(1)
+    assert _private.stamp_change(t, st) == "overwritten"
+    t.data = torch.zeros(3, dtype=torch.float64)
+    assert _private.stamp_change(t, st) == "moved"
+
+
+def test_module_dict_lookup():
+    md = torch.nn.ModuleDict({"a": torch.nn.Identity()})
+    assert hasattr(md, "_modules"), "nn.Module._modules is gone: update moelora/_private.module_dict_get"
+    assert _private.module_dict_get(md, "a") is md["a"] and _private.module_dict_get(md, None) is None
+
+
+def test_dynamic_cache_length():
+    from transformers import DynamicCache
+
+    c = DynamicCache()
+    k = torch.randn(1, 2, 4, 8)
+    c.update(k, k.clone(), 0)
+    assert _private.cached_tokens({"past_key_values": c}) == 4, \
+        f"DynamicCache.get_seq_length changed in transformers {transformers.__version__}"
+
+
+def test_versions_are_in_the_tested_range():
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    for name, mod in (("torch", torch), ("transformers", transformers)):
+        v = Version(mod.__version__.split("+")[0])
+        assert v in SpecifierSet(_private.TESTED[name]), \
+            f"{name} {v} is outside the range moelora/_private.py was tested with ({_private.TESTED[name]})"
