@@ -20,8 +20,9 @@ from .methods.base import (  # noqa: F401 - re-exported
 from .methods.lora.config import LoraConfig
 from .methods.lora_switch.config import LoraSwitchConfig
 from .methods.mixlora.config import MixLoraConfig
+from .methods.registry import INJECTORS
 
-CONFIG_CLASSES: dict[str, type] = {c.method: c for c in (LoraConfig, MixLoraConfig, LoraSwitchConfig)}
+CONFIG_CLASSES: dict[str, type] = {c.method: c for c in INJECTORS}  # method name -> config class
 AdapterConfig = LoraConfig | MixLoraConfig | LoraSwitchConfig
 
 
