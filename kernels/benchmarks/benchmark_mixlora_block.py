@@ -24,26 +24,34 @@ from moelora.bench.versions import record_versions
 
 
 def build_block(d: int, ffn: int, experts: int, top_k: int, rank: int, dtype, device):
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
+    """One Llama FFN (frozen, N(0, 0.02)) as a MixLoRA MoE: the MLP of a one-layer Llama adapted
+    with ``moelora.inject_adapter`` (public API; no LoRA on attention). ``set_backend`` picks the
+    fused or the eager expert path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     import moelora
-    from moelora.layers.context import RoutingContext
-    from moelora.layers.mixlora import MixLoraFFN
 
     torch.manual_seed(0)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=ffn)).to(device, dtype)
-    for p in mlp.parameters():
+    heads = max(1, d // 128)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=ffn, num_hidden_layers=1, vocab_size=8,
+                                         num_attention_heads=heads, num_key_value_heads=heads)).to(device, dtype)
+    for p in model.model.layers[0].mlp.parameters():
         torch.nn.init.normal_(p, std=0.02)
-        p.requires_grad_(False)
-    cfg = moelora.MixLoraConfig(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2 * rank, lora_dropout=0.0).validate()
-    block = MixLoraFFN(mlp, 0, cfg, RoutingContext(), {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-                       "act_fn", ("gate_proj", "up_proj", "down_proj"))
+    cfg = moelora.MixLoraConfig(num_experts=experts, top_k=top_k, r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                attention_target_modules=())
+    moelora.inject_adapter(model, cfg)
+    block = model.model.layers[0].mlp
     with torch.no_grad():  # non-zero B so the deltas (and their gradients) are real
         for e in block.experts.values():
             e.lora_B.normal_(std=0.02)
         block.router.weight.normal_(std=0.5)  # heterogeneous routing
     return block
+
+
+def set_backend(block, backend: str) -> None:
+    """The expert path of ``block``'s MixLoRA adapter: fused (Triton kernels) or eager (torch)."""
+    for adapter in block.adapters.values():
+        adapter.backend = backend
 
 
 def _profile(step, backend: str, out: str) -> None:
@@ -75,7 +83,7 @@ def run(args) -> list[dict]:
 
     grads = {}
     for backend in ("eager", "fused"):
-        block.backend = backend
+        set_backend(block, backend)
 
         def step():
             for p in params:

@@ -45,7 +45,7 @@ def device_us(fn, n: int = 200) -> float:
 
 def main() -> None:
     sys.path.insert(0, "kernels/benchmarks")
-    from benchmark_mixlora_block import build_block
+    from benchmark_mixlora_block import build_block, set_backend
     from moelora_kernels.gathered_lora import gathered_lora, gathered_lora_reference
     from moelora_kernels.mixlora_ffn import mixlora_expert_hidden
 
@@ -73,7 +73,7 @@ def main() -> None:
         for name, fn in ops.items():
             rows.append({"op": name, "host_us": host_us(fn), "device_us": device_us(fn)})
         for backend in ("fused", "eager"):
-            block.backend = backend
+            set_backend(block, backend)
             fn = lambda: block(xb)  # noqa: E731
             rows.append({"op": f"MixLoRA FFN layer T=1 backend={backend}", "host_us": host_us(fn), "device_us": device_us(fn)})
     print(f"{'op':<52} {'host us':>9} {'device us':>10}")
@@ -84,7 +84,7 @@ def main() -> None:
         import cProfile
         import pstats
 
-        block.backend = "fused"
+        set_backend(block, "fused")
         prof = cProfile.Profile()
         with torch.no_grad():
             prof.enable()
