@@ -109,6 +109,7 @@ class AdapterState:
     records: dict[str | None, dict[int, LayerRouting]] = field(default_factory=dict)
     switch: dict[str, Any] = field(default_factory=dict)  # LoRA-Switch per-adapter SwitchState
     _mask_cache: tuple | None = field(default=None, repr=False)
+    _static_slots: dict = field(default_factory=dict, repr=False)  # (B, T, device) -> [buffer, plan it holds]
 
     # ---- the batch plan -------------------------------------------------------------------
     def resolve_names(self, names, batch: int | None, device=None) -> BatchPlan:
@@ -173,6 +174,19 @@ class AdapterState:
         mask = am[:, am.shape[1] - seq:].reshape(-1).bool()
         self._mask_cache = (am, (batch, seq), mask)
         return mask
+
+    def static_token_slots(self, batch: int, seq: int) -> torch.Tensor:
+        """The current plan's per-token slots in a buffer whose address never changes for this
+        shape (read by the mixed-batch decode graphs); written once per forward."""
+        tok = self.plan.token_slots(batch, seq)
+        key = (batch, seq, tok.device)
+        entry = self._static_slots.get(key)
+        if entry is None:
+            entry = self._static_slots[key] = [torch.empty_like(tok), None]
+        if entry[1] is not self.plan:
+            entry[0].copy_(tok)
+            entry[1] = self.plan
+        return entry[0]
 
     def cached_decode_step(self) -> bool:
         """Whether this forward decodes on top of cached tokens (``past_tokens > 0``). The eager

@@ -304,3 +304,37 @@ def test_whole_model_decode_takes_the_graph_path_on_cpu(method, monkeypatch, req
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
 
+
+
+def test_mixed_adapter_decode_takes_the_graph_path_on_cpu(monkeypatch):
+    """A batch of sequences on different LoRA adapters: every adapted linear graphs its frozen
+    GEMM + gathered deltas at decode steps (stand-in capture on CPU), reading the per-token slots
+    from the state's fixed buffer; the generation equals the ungraphed one and each row alone."""
+    monkeypatch.setattr(decode_graphs, "applies", lambda x, ctx: moelora.switches.SETTINGS.decode_graphs
+                        and x.is_contiguous() and ctx is not None and ctx.cached_decode_step())
+    monkeypatch.setattr(decode_graphs, "_cuda_capture", _fake_capture)
+    model = make_tiny("llama", hidden=32, inter=40, layers=2, heads=4, kv_heads=2)
+    moelora.inject_adapter(model, moelora.LoraConfig(r=4, lora_dropout=0.0), adapter_name="a")
+    moelora.add_adapter(model, "b", moelora.LoraConfig(r=2, lora_dropout=0.0, target_modules=("q_proj", "down_proj")))
+    randomize_adapter_(model, scale=0.2)
+    ids = torch.randint(4, 61, (3, 5), generator=torch.Generator().manual_seed(0))
+    names = ["a", None, "b"]
+
+    def gen():
+        with torch.no_grad():
+            r = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                               do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                               adapter_names=names)
+        return r.sequences, torch.stack(r.logits).float()
+
+    with moelora.decode_graphs(False):
+        ref = gen()
+    got = gen()
+    assert decode_graphs.captured_graphs(model) == 14  # every adapted linear of the 2 layers
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(names):
+        with moelora.use_adapter(model, n), torch.no_grad():
+            one = model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), max_new_tokens=5,
+                                 min_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(one[0], got[0][i])

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _private
+from . import decode_graphs
 
 # ACT_NAMES: activation modules of transformers.activations that the fused MixLoRA decode kernel implements.
 ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
@@ -167,24 +168,27 @@ def _batch_shape(plan, x2: torch.Tensor) -> tuple[int, int]:
 
 def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
     base = site.base_layer
-    y = F.linear(x, base.weight, base.bias)
-    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
     B, T = _batch_shape(plan, x2)
     adapters = [_private.module_dict_get(site.adapters, n) for n in plan.slot_names]
     present = [a for a in adapters if a is not None]
+    if (present and not torch.is_grad_enabled() and not site.training
+            and all(a.kind == "lora" and not a.merged for a in present)):
+        stacks = _stacked_lora(site, plan.slot_names, adapters)
+        state = site._state
+        if decode_graphs.applies(x2, state):
+            # Eager decode step: frozen GEMM + every adapter's delta replayed as one CUDA graph; the
+            # graph reads the tokens' slots from the state's fixed-address buffer (one copy per forward).
+            tok = state.static_token_slots(B, T)
+            y = decode_graphs.graphed(site, lambda t: _lora_slots(site, t, stacks, tok), (x2,),
+                                      (base.weight, base.bias, *stacks, tok))
+        else:
+            y = _lora_slots(site, x2, stacks, plan.token_slots(B, T))
+        return y.view(*x.shape[:-1], y.shape[-1])
+    y = F.linear(x, base.weight, base.bias)
     if not present:
         return y
-    if (not torch.is_grad_enabled() and not site.training
-            and all(a.kind == "lora" and not a.merged for a in present)):
-        a_stack, b_stack, scal = _stacked_lora(site, plan.slot_names, adapters, x.dtype)
-        tok = plan.token_slots(B, T)
-        idx = tok.view(-1, 1)
-        w = scal[tok].view(-1, 1)  # each token's adapter scale; 0 for tokens without an adapter here
-        from .experts import _gathered_lora
-
-        delta = _gathered_lora(x2.to(a_stack.dtype), a_stack, b_stack, idx, weight=w, scaling=1.0)
-        y2 += delta.to(y2.dtype)
-        return y
+    y2 = y.view(-1, y.shape[-1])
     for slot, a in enumerate(adapters):  # the eager reference (and the training path)
         if a is None:
             continue
@@ -194,35 +198,52 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
     return y
 
 
+def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tensor:
+    """Frozen GEMM + each token's adapter delta through ONE gathered shrink/expand."""
+    from .experts import _gathered_lora
+
+    a_stack, b_stack, scal = stacks
+    y = F.linear(x2, site.base_layer.weight, site.base_layer.bias)
+    w = scal[tok].view(-1, 1)  # each token's adapter scale; 0 for tokens without an adapter here
+    delta = _gathered_lora(x2.to(a_stack.dtype), a_stack, b_stack, tok.view(-1, 1), weight=w, scaling=1.0)
+    return y + delta.to(y.dtype)
+
+
 _STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _stacked_lora(site, names, adapters, dtype):
+def _stacked_lora(site, names, adapters):
     """(A (S, R, in), B (S, out, R), scale (S,)) of the batch's adapters at this site, zero where
-    an adapter does not target it, ranks zero-padded to the largest. Cached per site for the
-    last batch composition (kept outside the module: no state_dict/deepcopy side effects); the
-    key holds every tensor's storage and version, so training or reloading rebuilds it."""
-    key = tuple((n, None if a is None else (_private.tensor_stamp(a.lora_A), _private.tensor_stamp(a.lora_B),
-                                            a.scaling)) for n, a in zip(names, adapters))
-    hit = _STACKS.get(site)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    an adapter does not target it, ranks zero-padded to the largest (exact zeros). Eager: cached
+    per site for the last batch composition (outside the module: no state_dict/deepcopy side
+    effects) and checked at every use against each tensor's storage and version, so training,
+    loading or replacing an adapter rebuilds it. Under torch.compile: built in the graph."""
     present = [a for a in adapters if a is not None]
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        hit = _STACKS.get(site)
+        if hit is not None and hit[0] == names and all(
+                t is a_t and t._version == v for (t, v), a_t in zip(hit[1], _tensors(adapters))):
+            return hit[2]
     r = max(a.r for a in present)
-    wdt = present[0].lora_A.dtype
-    dev = site.base_layer.weight.device
-    a_stack = torch.zeros(len(names), r, site.in_features, dtype=wdt, device=dev)
-    b_stack = torch.zeros(len(names), site.out_features, r, dtype=wdt, device=dev)
-    scal = torch.zeros(len(names), dtype=torch.float32, device=dev)
-    with torch.no_grad():
-        for s, a in enumerate(adapters):
-            if a is not None:
-                a_stack[s, : a.r] = a.lora_A
-                b_stack[s, :, : a.r] = a.lora_B
-                scal[s] = a.scaling
-    out = (a_stack, b_stack, scal.to(wdt))
-    _STACKS[site] = (key, out)
+    ref = present[0].lora_A
+    a_rows, b_rows = [], []
+    for a in adapters:
+        if a is None:
+            a_rows.append(ref.new_zeros(r, site.in_features))
+            b_rows.append(ref.new_zeros(site.out_features, r))
+        else:
+            a_rows.append(F.pad(a.lora_A.detach(), (0, 0, 0, r - a.r)))
+            b_rows.append(F.pad(a.lora_B.detach(), (0, r - a.r)))
+    scal = torch.tensor([0.0 if a is None else a.scaling for a in adapters], dtype=ref.dtype, device=ref.device)
+    out = (torch.stack(a_rows), torch.stack(b_rows), scal)
+    if not compiling:
+        _STACKS[site] = (names, [(t, t._version) for t in _tensors(adapters)], out)
     return out
+
+
+def _tensors(adapters) -> list[torch.Tensor]:
+    return [t for a in adapters if a is not None for t in (a.lora_A, a.lora_B)]
 
 
 def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
