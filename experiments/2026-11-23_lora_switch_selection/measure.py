@@ -28,7 +28,7 @@ import torch
 
 import moelora
 from moelora.data.synthetic import make_synthetic_suite
-from moelora.layers.lora_switch import switch_state
+from moelora import switch_state
 from moelora.models import load_base_model
 
 NATURAL = [
@@ -89,7 +89,7 @@ def main(argv=None) -> list[dict]:
     for router_kind in ("trained", "initial"):
         model, tok = load_base_model(a.base)
         moelora.load_adapter(model, a.adapter)
-        cfg = model.moelora_config
+        cfg = moelora.get_adapter_config(model)
         if router_kind == "initial":  # the same experts, the router as inject_adapter draws it
             torch.manual_seed(0)
             fresh = moelora.inject_adapter(load_base_model(a.base)[0], cfg)
@@ -104,7 +104,7 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = {"command": "python " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-           "adapter_config": model.moelora_config.to_dict()}
+           "adapter_config": moelora.get_adapter_config(model).to_dict()}
     (out / "results.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

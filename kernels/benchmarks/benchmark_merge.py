@@ -6,7 +6,7 @@
 
 Providers (ms per merge of ALL adapted linears, median of --repeats, CUDA events):
   copy_same_bytes   plan.restore(): W <- W0, the exact bytes a pristine merge moves (the floor)
-  copy_1024mib      a plain 1 GiB -> 1 GiB device copy (ANCHORS.md's copy-bandwidth method)
+  copy_1024mib      a plain 1 GiB -> 1 GiB device copy (docs/anchors.md's copy-bandwidth method)
   triton_merge      MergePlan.merge with a new random selection every call (never skipped)
   triton_skip       MergePlan.merge with the selection already merged (the in-kernel skip)
   torch_unfused     per matrix: gather B[idx], A[idx], scale, addmm(W0, B, A, out=W)

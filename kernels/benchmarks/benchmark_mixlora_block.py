@@ -5,7 +5,7 @@ reference, with a gradient-equality check, plus decode-size forward times.
     python kernels/benchmarks/benchmark_mixlora_block.py --small          # CPU smoke test
 
 The block is one Llama-2-7B FFN (d 4096, ffn 11008, bf16) wrapped as a MixLoRA MoE of 8 LoRA
-experts, top-2, r=16. Timing: CUDA events, warm-up, median of repeats (ANCHORS.md method).
+experts, top-2, r=16. Timing: CUDA events, warm-up, median of repeats (docs/anchors.md method).
 Writes JSON + CSV with the device, versions and the exact command.
 """
 from __future__ import annotations

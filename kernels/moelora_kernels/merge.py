@@ -432,5 +432,3 @@ def merge_selected_adapters(plan: MergePlan, idx: torch.Tensor, gate: torch.Tens
 
 
 backend.require_same_backend(_merge_kernel)  # TRITON_INTERPRET unchanged since backend's import
-# Deprecated alias of backend.interpreted() for moelora/layers/lora_switch.py; remove once it switched.
-_INTERPRETED = backend.interpreted()

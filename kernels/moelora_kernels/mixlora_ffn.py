@@ -11,7 +11,7 @@ where g0 = W_gate x, u0 = W_up x are the frozen projections computed once for al
 h_mix feeds the ONE frozen down GEMM (the down experts' delta is ``lora_decode.lora_decode_add_``
 on h). Unfused: ~18 launches (router 6, 2 shrinks, 2 expands, adds, act, mul, mix).
 
-Eager batch-1 decode is launch-bound (ANCHORS.md: every Python-level op costs ~10-50 µs while
+Eager batch-1 decode is launch-bound (docs/anchors.md: every Python-level op costs ~10-50 µs while
 the arithmetic of a LoRA delta costs ~1 µs), so the one-launch form trades a little redundant
 arithmetic for launches: grid (T, G); each program first computes the rank-R shrinks of its
 token for all K slots (K·R·D MACs, A read from L2 after the first program; recomputed per
@@ -41,8 +41,6 @@ __all__ = ["mixlora_expert_hidden", "mixlora_expert_hidden_reference", "route_to
            "route_shrink_partials", "empty_route_shrink_partials", "expert_hidden_from_partials", "ACTIVATIONS"]
 
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
-# Deprecated alias of backend.interpreted() for moelora/layers/dispatch.py; remove once it switched.
-_INTERPRET = backend.interpreted()
 
 
 def _torch_act(name: str):

@@ -12,7 +12,7 @@ same count. Per case (method, mode, batch size B, prompt length P):
 - ``decode_tokens_per_s`` = B * N / (t(N+1) - t(1)); ``peak_mem_mb``: CUDA max allocated over the
   timed runs (on CPU: the process's max RSS);
 - ratios to ``base`` measured in the same process, same mode (``*_ratio``) and to base eager
-  (``decode_ratio_vs_base_eager``, the ANCHORS.md column); ``reference_speedup``: how many times
+  (``decode_ratio_vs_base_eager``, the docs/anchors.md column); ``reference_speedup``: how many times
   faster than the reference MixLoRA (eager, same B/P) the row decodes;
 - ``decode_ms_best`` = (min t(N+1) - min t(1)) / N over the repeats (the ``_best`` ratios use it):
   on a shared host interference only adds time, so the fastest runs estimate the cost of the code

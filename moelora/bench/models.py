@@ -20,7 +20,7 @@ import torch.nn as nn
 import moelora
 from moelora.bench import _moelora_internals as internals
 
-# Llama-2-7B: the shape of ANCHORS.md. "tiny_shape" is the same code path at test size.
+# Llama-2-7B: the shape of docs/anchors.md. "tiny_shape" is the same code path at test size.
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     "llama2_7b_shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
@@ -48,7 +48,7 @@ METHODS: dict[str, tuple[str | None, dict[str, Any]]] = {
 
 
 def default_adapter_configs(r: int = 16, lora_alpha: float = 32, num_experts: int = 8, top_k: int = 2) -> dict[str, dict]:
-    """Adapter configs (``moelora.config_from_dict`` form) of the ANCHORS.md setup: rank 16 on all
+    """Adapter configs (``moelora.config_from_dict`` form) of the docs/anchors.md setup: rank 16 on all
     seven linears, 8 experts, top-2. Dropout is 0: it is off at inference anyway."""
     common = dict(r=r, lora_alpha=lora_alpha, lora_dropout=0.0)
     routed = dict(common, num_experts=num_experts, top_k=top_k)

@@ -2,7 +2,7 @@
 
 A training sequence is ``[special prefix] prompt target EOS``; ``labels`` equal ``input_ids`` on
 ``target EOS`` and -100 elsewhere, so the loss is the CE of the answer only: no prompt and no
-padding (the reference MixLoRA also trains on pad tokens, DESIGN.md §1). The special prefix is
+padding (the reference MixLoRA also trains on pad tokens, docs/design.md §1). The special prefix is
 whatever the tokenizer puts in front of a text by itself (BOS for Llama-style tokenizers, nothing
 for SmolLM2's).
 """

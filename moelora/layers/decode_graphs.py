@@ -1,7 +1,7 @@
 """CUDA graphs for the adapter math of eager decoding ("piecewise" graphs, as vLLM captures them).
 
 Eager decode of a 7B model at small batch is host-bound: the GPU work of a decode step is ~6 ms,
-its host time ~30 ms (ANCHORS.md), and an adapted module adds host time, not GPU time: a frozen
+its host time ~30 ms (docs/anchors.md), and an adapted module adds host time, not GPU time: a frozen
 GEMM plus its LoRA delta is 2-3 launches (``F.linear`` ~20 µs of host time each, a Triton launch
 ~55 µs on the H100 host), a MixLoRA FFN five launches and its bookkeeping. Here each adapted
 module captures its decode math (frozen GEMMs + adapter kernels) once per input shape into a CUDA

@@ -1,4 +1,4 @@
-"""Token routers and the load-balance loss (DESIGN.md §1).
+"""Token routers and the load-balance loss (docs/design.md §1).
 
 Everything here has static shapes and no host synchronisation, so a decode step that routes
 can be captured in a CUDA graph. The "dynamic" (top-p) strategy keeps K = E slots and zeroes

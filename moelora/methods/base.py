@@ -25,7 +25,7 @@ class AdapterConfigError(ValueError):
 
 @dataclass
 class _LoraHParams:
-    """Hyperparameters shared by every LoRA-based method (DESIGN.md §1 notation)."""
+    """Hyperparameters shared by every LoRA-based method (docs/design.md §1 notation)."""
 
     r: int = 8  # LoRA rank R
     lora_alpha: float = 16  # scale s = alpha / r (alpha / sqrt(r) with use_rslora)

@@ -15,13 +15,11 @@ if not torch.cuda.is_available():
 from moelora_kernels import _host, backend, gathered_lora, lora_decode, merge, mixlora_ffn, tiles  # noqa: E402
 
 
-def test_interpreted_agrees_with_triton_and_the_aliases():
+def test_interpreted_agrees_with_triton():
     kernels = (mixlora_ffn._moe_hidden_kernel, lora_decode._lora_add_kernel, gathered_lora._shrink_gather_kernel,
                merge._merge_kernel)
     for k in kernels:
         assert (type(k).__name__ == "InterpretedFunction") == backend.interpreted()
-    assert mixlora_ffn._INTERPRET is backend.interpreted()  # deprecated aliases, same answer
-    assert merge._INTERPRETED is backend.interpreted()
     if not torch.cuda.is_available():
         assert backend.interpreted()  # the root conftest (or this module) set TRITON_INTERPRET=1
 

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     # Must precede the first @triton.jit of moelora_kernels.merge (read at decoration time).
     os.environ["TRITON_INTERPRET"] = "1"
 
+from moelora_kernels import backend  # noqa: E402
 from moelora_kernels import merge as merge_mod  # noqa: E402
 from moelora_kernels.merge import (  # noqa: E402
     MergePlan,
@@ -25,7 +26,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-2,
        torch.bfloat16: dict(atol=8e-2, rtol=1.6e-2)}
 
 cpu_interp = pytest.mark.skipif(
-    not merge_mod._INTERPRETED,
+    not backend.interpreted(),
     reason="CPU cases need TRITON_INTERPRET=1 before moelora_kernels.merge is first imported")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,7 @@ and every adapted linear of every layer uses that choice:
                               W_l = round(W0_l + Σ_{i∈S_t} g_i · s · B_{l,i} A_{l,i}) for all l,
                               then the token is decoded by the plain backbone.
 
-Exactness (DESIGN.md §1): the merge starts from a pristine copy W0 kept by the merge plan, never
+Exactness (docs/design.md §1): the merge starts from a pristine copy W0 kept by the merge plan, never
 from the previously merged weight, so rounding never accumulates over a long generation: at
 every step the weight is exactly the one rounding of W0 + Δ_t (|error| ≤ ulp/2 elementwise), and
 ``restore()`` writes W0 back bit-for-bit; ``model.generate`` restores when it returns or raises
