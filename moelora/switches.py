@@ -84,4 +84,4 @@ def triton_kernels_for(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return True
-    return b == "triton"
+    return b == "triton" and _interpreted()  # CPU tensors: only in Triton's interpreter

@@ -275,6 +275,10 @@ def test_graphed_decode_step_has_no_host_sync(method):
 
 @pytest.mark.parametrize("method", ["lora", "mixlora", "lora_switch"])
 def test_whole_model_decode_takes_the_graph_path_on_cpu(method, monkeypatch, request):
+    from moelora_kernels import backend as kernel_backend
+
+    if not kernel_backend.interpreted():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by the root conftest without CUDA)")
     """The layers' side of the graphs, on CPU: the Triton kernels run in the interpreter
     (``moelora.kernel_backend("triton")``), ``applies`` is forced on and the stand-in capture replays by calling
     the function. Every adapted module must capture at the second decode step and the generation

@@ -5,7 +5,7 @@
 # here), and for `regression` the pre-redesign source (git archive 1feacf1 moelora kernels conf
 # pyproject.toml) unpacked in baseline_src/. Results go to $OUT (default: results/).
 set -uo pipefail
-OUT=${OUT:-results}; mkdir -p "$OUT"
+OUT=${OUT:-results}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -19,15 +19,16 @@ case "${1:-}" in
       tests/test_multi_adapter.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
   regression)  # the same moelora-bench before (pre-redesign commit 1feacf1) and after, alternating
     for v in $(for i in $(seq ${PAIRS:-1}); do echo before after; done); do
-      if [ $v = before ]; then P=$OLD; M=moelora.eval.latency; else P=$NEW; M=moelora.bench; fi
-      PYTHONPATH=$P timeout 280 python3 -m $M $BENCH_ARGS --out "$OUT/bench_$v" > "$OUT/bench_$v.log" 2>&1
+      # python -m puts the working directory first on sys.path: run each version from its own tree
+      if [ $v = before ]; then P=$OLD; M=moelora.eval.latency; D=baseline_src; else P=$NEW; M=moelora.bench; D=.; fi
+      (cd $D && PYTHONPATH=$P timeout 280 python3 -m $M $BENCH_ARGS --out "$OUT/bench_$v") > "$OUT/bench_$v.log" 2>&1
       echo "== $v (exit $?)"; tail -12 "$OUT/bench_$v.log"
     done ;;
   mixed_eager)
-    PYTHONPATH=$NEW timeout 560 python3 -m moelora.bench.multi_adapter --modes eager --repeats 2 --rounds 2 \
+    PYTHONPATH=$NEW timeout ${MIXED_TIMEOUT:-300} python3 -m moelora.bench.multi_adapter --modes eager --repeats 2 --rounds 2 \
       --out "$OUT/mixed_eager" 2>&1 | grep -v Warning | tail -16 ;;
   mixed_static)
-    PYTHONPATH=$NEW timeout 560 python3 -m moelora.bench.multi_adapter --modes static --no-peft --repeats 3 --rounds 2 \
+    PYTHONPATH=$NEW timeout ${MIXED_TIMEOUT:-300} python3 -m moelora.bench.multi_adapter --modes static --no-peft --repeats 3 --rounds 2 \
       --out "$OUT/mixed_static" 2>&1 | grep -v Warning | tail -16 ;;
   *) echo "usage: $0 tests|regression|mixed_eager|mixed_static"; exit 2 ;;
 esac
