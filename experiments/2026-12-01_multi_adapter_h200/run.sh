@@ -12,18 +12,18 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 NEW="$PWD:$PWD/kernels:/tmp/site"
 OLD="$PWD/baseline_src:$PWD/baseline_src/kernels:/tmp/site"
-BENCH_ARGS="--model llama2_7b_shape --methods base,lora,mixlora,lora_switch_merge,lora_switch_unmerged --batch-sizes 1,8 --prompt-len 64 --new-tokens 32 --modes eager --repeats 3 --no-plots"
+BENCH_ARGS="--model llama2_7b_shape --methods ${METHODS:-base,lora,mixlora,lora_switch_merge,lora_switch_unmerged} --batch-sizes ${BATCHES:-1,8} --prompt-len 64 --new-tokens 32 --modes eager --repeats 3 --no-plots"
 case "${1:-}" in
   tests)
     PYTHONPATH=$NEW timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_decode_graphs.py \
       tests/test_multi_adapter.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
   regression)  # the same moelora-bench before (pre-redesign commit 1feacf1) and after, alternating
-    for v in $(for i in $(seq ${PAIRS:-1}); do echo before after; done); do
+    for i in $(seq ${PAIRS:-1}); do for v in before after; do
       # python -m puts the working directory first on sys.path: run each version from its own tree
       if [ $v = before ]; then P=$OLD; M=moelora.eval.latency; D=baseline_src; else P=$NEW; M=moelora.bench; D=.; fi
-      (cd $D && PYTHONPATH=$P timeout 280 python3 -m $M $BENCH_ARGS --out "$OUT/bench_$v") > "$OUT/bench_$v.log" 2>&1
-      echo "== $v (exit $?)"; tail -12 "$OUT/bench_$v.log"
-    done ;;
+      (cd $D && PYTHONPATH=$P timeout 280 python3 -m $M $BENCH_ARGS --out "$OUT/bench_$v$i") > "$OUT/bench_$v$i.log" 2>&1
+      echo "== $v (exit $?)"; tail -8 "$OUT/bench_$v$i.log"
+    done; done ;;
   mixed_eager)
     PYTHONPATH=$NEW timeout ${MIXED_TIMEOUT:-300} python3 -m moelora.bench.multi_adapter --modes eager --repeats 2 --rounds 2 \
       --out "$OUT/mixed_eager" 2>&1 | grep -v Warning | tail -16 ;;
