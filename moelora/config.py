@@ -8,6 +8,7 @@ them and turns a saved dict back into a config.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from .methods.base import (  # noqa: F401 - re-exported
@@ -26,12 +27,24 @@ CONFIG_CLASSES: dict[str, type] = {c.method: c for c in INJECTORS}  # method nam
 AdapterConfig = LoraConfig | MixLoraConfig | LoraSwitchConfig
 
 
-def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
-    """Build and validate a config from its dict form; unknown keys are an error, not ignored."""
+def config_from_dict(d: dict[str, Any], *, require_keys: bool = False) -> AdapterConfig:
+    """Build and validate a config from its dict form; unknown keys are an error, not ignored.
+
+    Anything malformed (not a mapping, an unknown method or key, a value of the wrong type) raises
+    ``AdapterConfigError`` naming it. ``require_keys=True`` (adapter files) also requires the keys
+    every saved config holds (``r``, ``lora_alpha``; ``num_experts``, ``top_k`` for the mixtures)
+    instead of silently taking their defaults."""
+    if not isinstance(d, Mapping):
+        raise AdapterConfigError(
+            f"an adapter config must be a mapping of keys to values (a JSON object), got {type(d).__name__}: {d!r:.80}"
+        )
     d = dict(d)
+    bad_keys = [k for k in d if not isinstance(k, str)]
+    if bad_keys:
+        raise AdapterConfigError(f"adapter config keys must be strings, got {bad_keys[0]!r}")
     method = d.pop("method", None)
     d.pop("format_version", None)
-    if method not in CONFIG_CLASSES:
+    if not isinstance(method, str) or method not in CONFIG_CLASSES:
         raise AdapterConfigError(
             f"unknown adapter method {method!r}; supported: {sorted(CONFIG_CLASSES)}"
         )
@@ -42,6 +55,10 @@ def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
         raise AdapterConfigError(
             f"unknown key(s) {unknown} for method {method!r}; valid keys: {sorted(names)}"
         )
+    if require_keys:
+        missing = [k for k in cls.required_keys if k not in d]
+        if missing:
+            raise AdapterConfigError(f"adapter config of method {method!r} is missing the key(s) {missing}")
     for k, v in list(d.items()):
         if isinstance(v, list):
             d[k] = tuple(v)

@@ -9,6 +9,8 @@ was trained with (the reference MixLoRA code forgets router coef/jitter/init ran
 from __future__ import annotations
 
 import dataclasses
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +23,50 @@ FORMAT_VERSION = 1
 
 class AdapterConfigError(ValueError):
     """A config value or key is invalid; the message says which and how to fix it."""
+
+
+# ---- type checks: one line naming the key, the value and the expected type -----------------
+def _type_error(key: str, value: Any, expected: str) -> AdapterConfigError:
+    return AdapterConfigError(f"{key}={value!r} has the wrong type: expected {expected}, got {type(value).__name__}")
+
+
+def check_int(key: str, value: Any) -> None:
+    """An integer (bool and float are refused: ``num_experts=True`` and ``top_k=2.0`` are mistakes)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _type_error(key, value, "an integer")
+
+
+def check_number(key: str, value: Any) -> None:
+    """A real number (int or float; bool and strings such as ``"16"`` are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _type_error(key, value, "a number")
+
+
+def check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _type_error(key, value, "true or false")
+
+
+def check_str(key: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise _type_error(key, value, "a string or null" if optional else "a string")
+
+
+def check_names(key: str, value: Any) -> tuple[str, ...]:
+    """A list/tuple of module names; a single string is refused (it would iterate into letters)."""
+    if isinstance(value, (str, bytes)):
+        raise AdapterConfigError(f"{key}={value!r} has the wrong type: expected a list of module names "
+                                 f"such as [{value!r}], got a single string")
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise _type_error(key, value, "a list of module names")
+    names = tuple(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise AdapterConfigError(f"{key}={list(names)!r} has the wrong type: expected a list of module names "
+                                 f"(strings), got {bad[0]!r} ({type(bad[0]).__name__})")
+    return names
 
 
 @dataclass
@@ -37,14 +83,24 @@ class _LoraHParams:
     base_model_type: str | None = None  # HF config.model_type, filled by inject, checked by load
 
     method: ClassVar[str] = "base"
+    # keys an adapter_config.json must hold (others may be missing in older files: their defaults apply)
+    required_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha")
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def validate(self) -> "_LoraHParams":
-        """Raise AdapterConfigError with a clear message if a value is out of range."""
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        """Raise AdapterConfigError with a clear message if a value has the wrong type or is out of range."""
+        check_int("r", self.r)
+        check_number("lora_alpha", self.lora_alpha)
+        check_number("lora_dropout", self.lora_dropout)
+        check_bool("use_rslora", self.use_rslora)
+        check_str("init_lora_weights", self.init_lora_weights)
+        check_str("adapter_dtype", self.adapter_dtype)
+        check_str("base_model_name_or_path", self.base_model_name_or_path, optional=True)
+        check_str("base_model_type", self.base_model_type, optional=True)
+        if self.r <= 0:
             raise AdapterConfigError(f"r must be a positive integer, got {self.r!r}")
         if not self.lora_alpha > 0:
             raise AdapterConfigError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
@@ -76,7 +132,7 @@ def _check_modules(name: str, modules: tuple[str, ...], allowed: tuple[str, ...]
 
 def _check_targets(modules) -> tuple[str, ...]:
     """target_modules of LoRA / LoRA-Switch: a non-empty subset of the seven linears."""
-    modules = tuple(modules)
+    modules = check_names("target_modules", modules)
     if not modules:
         raise AdapterConfigError("target_modules is empty: name at least one linear to adapt")
     _check_modules("target_modules", modules, ALL_LINEAR_MODULES)
@@ -93,9 +149,16 @@ class _RoutedConfig(_LoraHParams):
     router_init_range: float = 0.02  # router weight ~ N(0, range^2)
     jitter_noise: float = 0.0  # multiplicative U(1-eps, 1+eps) on the router input, training only
 
+    required_keys: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "num_experts", "top_k")
+
     def validate(self) -> "_RoutedConfig":
         super().validate()
-        if not isinstance(self.num_experts, int) or self.num_experts <= 0:
+        check_int("num_experts", self.num_experts)
+        check_int("top_k", self.top_k)
+        check_number("router_aux_loss_coef", self.router_aux_loss_coef)
+        check_number("router_init_range", self.router_init_range)
+        check_number("jitter_noise", self.jitter_noise)
+        if self.num_experts <= 0:
             raise AdapterConfigError(f"num_experts must be a positive integer, got {self.num_experts!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise AdapterConfigError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..base import ALL_LINEAR_MODULES, AdapterConfigError, _check_targets, _RoutedConfig
+from ..base import ALL_LINEAR_MODULES, AdapterConfigError, _check_targets, _RoutedConfig, check_str
 
 
 @dataclass
@@ -25,6 +25,7 @@ class LoraSwitchConfig(_RoutedConfig):
     def validate(self) -> "LoraSwitchConfig":
         super().validate()
         self.target_modules = _check_targets(self.target_modules)
+        check_str("switch_mode", self.switch_mode)
         if self.switch_mode not in ("auto", "merge", "unmerged"):
             raise AdapterConfigError(
                 f"switch_mode must be 'auto', 'merge' or 'unmerged', got {self.switch_mode!r}"

@@ -4,7 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..base import ATTENTION_MODULES, FFN_MODULES, AdapterConfigError, _check_modules, _RoutedConfig
+from ..base import (
+    ATTENTION_MODULES,
+    FFN_MODULES,
+    AdapterConfigError,
+    _check_modules,
+    _RoutedConfig,
+    check_names,
+    check_number,
+    check_str,
+)
 
 
 @dataclass
@@ -34,8 +43,12 @@ class MixLoraConfig(_RoutedConfig):
 
     def validate(self) -> "MixLoraConfig":
         super().validate()
-        self.attention_target_modules = tuple(self.attention_target_modules)
-        self.expert_target_modules = tuple(self.expert_target_modules)
+        self.attention_target_modules = check_names("attention_target_modules", self.attention_target_modules)
+        self.expert_target_modules = check_names("expert_target_modules", self.expert_target_modules)
+        for key in ("routing_strategy", "aux_loss_pooling", "expert_backend"):
+            check_str(key, getattr(self, key))
+        check_number("top_p", self.top_p)
+        check_number("capacity_factor", self.capacity_factor)
         _check_modules("attention_target_modules", self.attention_target_modules, ATTENTION_MODULES)
         _check_modules("expert_target_modules", self.expert_target_modules, FFN_MODULES)
         if self.routing_strategy not in ("topk", "dynamic", "switch"):
