@@ -248,7 +248,12 @@ def _tensors(adapters) -> list[torch.Tensor]:
 
 def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     """The frozen projections once for all tokens (their LoRA adapters add to their own tokens),
-    each MixLoRA adapter's experts on its tokens, then ONE down projection (linearity of W2)."""
+    each MixLoRA adapter's experts on its tokens, then ONE down projection (linearity of W2).
+
+    At inference with top-k routers, all MixLoRA adapters of the batch run as ONE mixture over
+    virtual experts (slot × E_max + expert; see ``_virtual_experts``): no loop over adapters.
+    Otherwise (training, top-p / switch routing) the loop over the batch's adapters below, the
+    reference the virtual-expert path is tested against."""
     adapters = [_private.module_dict_get(ffn.adapters, n) for n in plan.slot_names]
     if all(a is None for a in adapters):
         return ffn.base_layer(hidden)
@@ -256,26 +261,135 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     x = hidden.reshape(-1, shape[-1])
     B, T = _batch_shape(plan, x)
     base_pre = {role: ffn._proj(role)(x) for role in ffn._in_roles()}
-    h_mix = ffn._activate(base_pre)  # the plain FFN hidden for tokens without a MixLoRA adapter here
-    down_delta = None
     state = ffn._state
     mask = state.token_mask_for(B, T)
-    for slot, a in enumerate(adapters):
-        if a is None:
-            continue
-        rows = plan.rows_of(slot, B, T)
-        if rows.numel() == 0:
-            continue
-        m = None if mask is None else mask[rows]
-        routing = a.router(x[rows], m)
-        state.record(a.adapter_name, ffn.layer_idx, routing, m, a.num_experts)
-        hm, dd = a.mix_hidden(ffn, x[rows], {r: v[rows] for r, v in base_pre.items()}, routing)
-        h_mix = h_mix.index_copy(0, rows, hm.to(h_mix.dtype))
-        if dd is not None:
-            if down_delta is None:
-                down_delta = torch.zeros(x.shape[0], dd.shape[-1], dtype=dd.dtype, device=dd.device)
-            down_delta = down_delta.index_copy(0, rows, dd)
+    present = [a for a in adapters if a is not None]
+    if not torch.is_grad_enabled() and not ffn.training and all(a.strategy == "topk" for a in present):
+        h_mix, down_delta = _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask)
+    else:
+        h_mix = ffn._activate(base_pre)  # the plain FFN hidden for tokens without a MixLoRA adapter here
+        down_delta = None
+        for slot, a in enumerate(adapters):
+            if a is None:
+                continue
+            rows = plan.rows_of(slot, B, T)
+            if rows.numel() == 0:
+                continue
+            m = None if mask is None else mask[rows]
+            routing = a.router(x[rows], m)
+            state.record(a.adapter_name, ffn.layer_idx, routing, m, a.num_experts)
+            hm, dd = a.mix_hidden(ffn, x[rows], {r: v[rows] for r, v in base_pre.items()}, routing)
+            h_mix = h_mix.index_copy(0, rows, hm.to(h_mix.dtype))
+            if dd is not None:
+                if down_delta is None:
+                    down_delta = torch.zeros(x.shape[0], dd.shape[-1], dtype=dd.dtype, device=dd.device)
+                down_delta = down_delta.index_copy(0, rows, dd)
     y = ffn._proj("down")(h_mix)
     if down_delta is not None:
         y = y + down_delta.to(y.dtype)
     return y.view(shape)
+
+
+def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask):
+    """Every MixLoRA adapter of the batch as one mixture: their routers stacked into one
+    (S·E_max, D) matrix, each token's softmax/top-k restricted to its own adapter's columns
+    (the others masked to -inf: the softmax over its own experts, exactly), and the expert
+    stacks indexed by virtual id slot·E_max + e; tokens of the base or of plain-LoRA adapters get
+    one slot on a zero expert with weight 1 (the plain FFN hidden). Scales are folded into B."""
+    from .experts import _gathered_lora
+    from .router import Routing
+
+    st = _moe_stacks(ffn, plan.slot_names, adapters)
+    tok = plan.token_slots(B, T)
+    n_cols = st["router"].shape[0]
+    logits = F.linear(x.float(), st["router"])  # (N, S*Emax)
+    e_tok, k_tok = st["E"][tok], st["k"][tok]  # (N,): 0 for tokens without a MixLoRA adapter here
+    has = e_tok > 0
+    col = torch.arange(n_cols, device=x.device)
+    valid = ((col // st["emax"])[None] == tok[:, None]) & ((col % st["emax"])[None] < e_tok[:, None])
+    valid = valid | (~has[:, None] & (col[None] == 0))  # a finite softmax for them; weights reset below
+    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    w, vid = torch.topk(probs, st["K"], dim=-1)  # (N, K)
+    keep = torch.arange(st["K"], device=x.device)[None] < k_tok[:, None]
+    w = torch.where(keep, w, torch.zeros_like(w))
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+    first = torch.zeros_like(w)
+    first[:, 0] = 1.0
+    w = torch.where(has[:, None], w, first)
+    vid = torch.where(has[:, None] & keep, vid, torch.full_like(vid, n_cols))  # n_cols: the zero expert
+    state = ffn._state
+    for s, a in enumerate(adapters):
+        if a is not None:
+            base = s * st["emax"]
+            own = tok == s if mask is None else (tok == s) & mask
+            # slots past this adapter's own top-k (K is the batch's largest) are not "routed" (f_e)
+            routing = Routing(w, (vid - base).clamp(0, a.num_experts - 1), probs[:, base: base + a.num_experts], keep)
+            state.record(a.adapter_name, ffn.layer_idx, routing, own, a.num_experts)
+    pre = {}
+    for role in ffn._in_roles():
+        b = base_pre[role].unsqueeze(1)  # (N, 1, F)
+        if role in st["A"]:
+            d = _gathered_lora(x.to(st["A"][role].dtype), st["A"][role], st["B"][role], vid, scaling=1.0)
+            pre[role] = b + d.to(b.dtype)
+        else:
+            pre[role] = b
+    h = ffn._activate(pre)
+    if h.shape[1] != vid.shape[1]:
+        h = h.expand(-1, vid.shape[1], -1)
+    h_mix = (h * w.to(h.dtype).unsqueeze(-1)).sum(1)
+    down_delta = None
+    if "down" in st["A"]:
+        down_delta = _gathered_lora(h.to(st["A"]["down"].dtype), st["A"]["down"], st["B"]["down"], vid,
+                                    weight=w.to(st["A"]["down"].dtype), scaling=1.0)
+    return h_mix, down_delta
+
+
+_MOE_STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _moe_stacks(ffn, names, adapters) -> dict:
+    """The batch's MixLoRA adapters of this FFN stacked by virtual expert (cached per site for the
+    last batch composition, checked against every tensor's storage and version at each use)."""
+    present = [a for a in adapters if a is not None]
+    tensors = [t for a in present for t in [a.router.weight] + [p for e in a.experts.values()
+                                                                 for p in (e.lora_A, e.lora_B)]]
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        hit = _MOE_STACKS.get(ffn)
+        if hit is not None and hit[0] == names and len(hit[1]) == len(tensors) and all(
+                t is u and t._version == v for (t, v), u in zip(hit[1], tensors)):
+            return hit[2]
+    emax = max(a.num_experts for a in present)
+    rmax = max(e.r for a in present for e in a.experts.values())
+    S = len(adapters)
+    dev = ffn._proj("down").weight.device
+    router = torch.zeros(S * emax, present[0].router.weight.shape[1], dtype=torch.float32, device=dev)
+    E = torch.zeros(S, dtype=torch.long, device=dev)
+    k = torch.zeros(S, dtype=torch.long, device=dev)
+    stacks_a, stacks_b = {}, {}
+    roles = [r for r in ("gate", "up", "gate_up", "down") if r in ffn.proj_names]
+    with torch.no_grad():
+        for s, a in enumerate(adapters):
+            if a is None:
+                continue
+            router[s * emax: s * emax + a.num_experts] = a.router.weight.float()
+            E[s], k[s] = a.num_experts, a.top_k
+        for role in roles:
+            experts = [None if a is None else a._expert(ffn, role) for a in adapters]
+            ref = next((e for e in experts if e is not None), None)
+            if ref is None:
+                continue
+            _, out_f, _ = ref.lora_B.shape
+            in_f = ref.lora_A.shape[-1]
+            A = torch.zeros(S * emax + 1, rmax, in_f, dtype=ref.lora_A.dtype, device=dev)  # +1: the zero expert
+            Bm = torch.zeros(S * emax + 1, out_f, rmax, dtype=ref.lora_B.dtype, device=dev)
+            for s, e in enumerate(experts):
+                if e is not None:
+                    A[s * emax: s * emax + e.num_experts, : e.r] = e.lora_A
+                    Bm[s * emax: s * emax + e.num_experts, :, : e.r] = (e.lora_B.float() * e.scaling).to(Bm.dtype)
+            stacks_a[role], stacks_b[role] = A, Bm
+    out = {"router": router, "E": E, "k": k, "K": int(max(a.top_k for a in present)), "emax": emax,
+           "A": stacks_a, "B": stacks_b}
+    if not compiling:
+        _MOE_STACKS[ffn] = (names, [(t, t._version) for t in tensors], out)
+    return out
