@@ -48,13 +48,14 @@ from .io import AdapterFileError, export_peft, load_adapter, read_adapter_config
 from .layers.adapted import AdaptedFFN, AdaptedLinear  # noqa: E402
 from .layers.decode_graphs import clear_decode_graphs  # noqa: E402
 from .layers.router import TopKRouter, load_balance_loss  # noqa: E402
+from .methods.bdlora.config import BdLoraConfig, rank_for_budget  # noqa: E402
 from .methods.lora.layer import LoraAdapter  # noqa: E402
 from .methods.lora_switch.layer import LoraSwitchAdapter  # noqa: E402
 from .methods.mixlora.layer import MixLoraAdapter  # noqa: E402
 from .switches import decode_graphs, kernel_backend  # noqa: E402
 
 __all__ = [
-    "ARCHITECTURES", "AdaptedFFN", "AdaptedLinear", "AdapterConfigError", "AdapterFileError", "LoraAdapter",
+    "ARCHITECTURES", "BdLoraConfig", "rank_for_budget", "AdaptedFFN", "AdaptedLinear", "AdapterConfigError", "AdapterFileError", "LoraAdapter",
     "LoraConfig", "LoraSwitchAdapter", "LoraSwitchConfig", "MixLoraAdapter", "MixLoraConfig", "TopKRouter",
     "UnsupportedArchitectureError", "adapter_state", "adapter_state_dict", "add_adapter", "clear_decode_graphs",
     "config_from_dict", "decode_graphs", "delete_adapter", "disable_adapter", "export_peft", "get_adapter_config",

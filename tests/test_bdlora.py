@@ -1,0 +1,88 @@
+"""Block-diagonal LoRA (issue 18, the adapter): blocks only, dense-equivalent math, save/load, mixed batches."""
+import pytest
+import torch
+
+import moelora
+from moelora.methods.bdlora.layer import block_diag_of
+from conftest import make_tiny, randomize_adapter_
+
+
+def _bd(nblocks=2, r=4, **kw):
+    model = make_tiny("llama", hidden=24, inter=36)
+    moelora.inject_adapter(model, moelora.BdLoraConfig(r=r, nblocks=nblocks, lora_dropout=0.0, **kw))
+    randomize_adapter_(model, seed=2)
+    return model.eval()
+
+
+def test_only_the_blocks_are_parameters_and_counts_follow_the_paper():
+    model = _bd(nblocks=2, r=4)
+    q = model.model.layers[0].self_attn.q_proj.adapters["default"]  # column: B block-diagonal
+    o = model.model.layers[0].self_attn.o_proj.adapters["default"]  # row: A block-diagonal
+    assert q.role == "column" and tuple(q.lora_A.shape) == (4, 24) and tuple(q.lora_B.shape) == (24, 2)
+    assert o.role == "row" and tuple(o.lora_A.shape) == (4, 12) and tuple(o.lora_B.shape) == (24, 4)
+    d_in, d_out, r, n = 24, 24, 4, 2
+    assert q.lora_A.numel() + q.lora_B.numel() == r * d_in + r * d_out // n
+    assert o.lora_A.numel() + o.lora_B.numel() == r * d_in // n + r * d_out
+    a, b = q.dense_factors()
+    assert torch.count_nonzero(b[:12, 2:]) == 0 and torch.count_nonzero(b[12:, :2]) == 0
+
+
+def test_blockwise_math_equals_the_dense_factors_and_plain_lora_with_them():
+    model = _bd(nblocks=3, r=6)
+    ids = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(1))
+    # the whole model: block-diagonal adapter == plain LoRA holding the dense factors
+    plain = make_tiny("llama", hidden=24, inter=36)
+    moelora.inject_adapter(plain, moelora.LoraConfig(r=6, lora_dropout=0.0))
+    with torch.no_grad():
+        for (n1, m1), (n2, m2) in zip(model.named_modules(), plain.named_modules()):
+            if isinstance(m1, moelora.AdaptedLinear):
+                a, b = m1.adapters["default"].dense_factors()
+                m2.adapters["default"].lora_A.copy_(a)
+                m2.adapters["default"].lora_B.copy_(b)
+                xi = torch.randn(5, m1.in_features)
+                torch.testing.assert_close(m1.adapters["default"].blocked_delta(xi), m1.adapters["default"].delta(xi),
+                                           atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_training_keeps_off_block_entries_zero_and_trains_the_blocks():
+    model = _bd()
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(0, 61, (2, 6))
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".lora_A" in n)
+    b = model.model.layers[1].mlp.up_proj.adapters["default"].dense_factors()[1]
+    assert torch.count_nonzero(b[: b.shape[0] // 2, b.shape[1] // 2:]) == 0
+
+
+def test_save_load_and_mixed_batches(tmp_path):
+    model = _bd()
+    moelora.add_adapter(model, "plain", moelora.LoraConfig(r=2, lora_dropout=0.0))
+    randomize_adapter_(model, seed=5)
+    ids = torch.randint(0, 61, (3, 5), generator=torch.Generator().manual_seed(2))
+    names = ["default", "plain", None]
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        for i, n in enumerate(names):
+            torch.testing.assert_close(mixed[i:i + 1], model(ids[i:i + 1], adapter_names=[n]).logits, atol=1e-5, rtol=1e-5)
+    moelora.save_adapter(model, tmp_path / "bd", adapter_name="default")
+    again = moelora.load_adapter(make_tiny("llama", hidden=24, inter=36), tmp_path / "bd")
+    assert moelora.get_adapter_config(again).method == "bdlora"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids, adapter_names="default").logits, atol=0, rtol=0)
+
+
+def test_rank_for_budget_and_clear_errors():
+    r = moelora.rank_for_budget(16, 4096, 4096, nblocks=8, role="column")
+    assert r % 8 == 0 and r * (4096 + 4096 / 8) <= 16 * 8192 < (r + 8) * (4096 + 4096 / 8)
+    with pytest.raises(moelora.AdapterConfigError, match="multiple of nblocks"):
+        moelora.BdLoraConfig(r=5, nblocks=2).validate()
+    with pytest.raises(moelora.AdapterConfigError, match="neither column_modules nor row_modules"):
+        moelora.BdLoraConfig(r=4, nblocks=2, row_modules=("down_proj",)).validate()
+    model = make_tiny("llama", hidden=24, inter=37)  # 37 FFN features: not divisible by 2
+    with pytest.raises(ValueError, match="cannot be split"):
+        moelora.inject_adapter(model, moelora.BdLoraConfig(r=4, nblocks=2))
+    assert moelora.adapter_state(model) is None  # the failed inject left nothing behind
