@@ -8,9 +8,13 @@ and exit code 2 instead of a long traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +31,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import moelora
 from moelora.training import outputs
-from moelora.training.checkpoint import AtomicCheckpointIO
+from moelora.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable, read_checkpoint
+from moelora.training.interrupt import GracefulInterrupt, last_checkpoint_path
 from moelora.training.module import check_same_adapter
+from moelora.training.validate import ConfigValueError, check_config_values
 
 log = logging.getLogger("moelora.train")
 
@@ -141,10 +147,21 @@ class Run:
     params: dict
 
 
+def check_values(cfg: DictConfig) -> None:
+    """Types and ranges of the plain values (moelora/training/validate.py), before any work."""
+    with config_errors("config"):
+        plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    try:
+        check_config_values(plain)
+    except ConfigValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def build_run(cfg: DictConfig) -> Run:
     """Instantiate everything from ``cfg``. Every part a bad value can break is built here, before
     any training step, and the errors a bad value raises come out as ConfigError."""
     run_dir = Path(cfg.paths.output_dir)
+    check_values(cfg)
     adapter_cfg = build_adapter_config(cfg)  # cheap checks first: no model is loaded for a typo
     with config_errors("data"):
         datamodule = hydra.utils.instantiate(cfg.data)
@@ -156,8 +173,16 @@ def build_run(cfg: DictConfig) -> Run:
     with config_errors("adapter"):
         model = moelora.inject_adapter(model, adapter_cfg)
     if ckpt_path:
-        with config_errors("resume"):
-            check_same_adapter(torch.load(ckpt_path, map_location="cpu", weights_only=True), model)
+        # the whole checkpoint is read and checked now: a torn file or another base model's
+        # checkpoint is one line here, not a traceback from inside trainer.fit
+        try:
+            ckpt = read_checkpoint(ckpt_path)
+            check_resumable(ckpt, ckpt_path, model, moelora.adapter_state_dict(model))
+        except CheckpointError as err:
+            raise ConfigError(f"resume: {err}") from None
+        with config_errors(f"resume from {ckpt_path!r}"):
+            check_same_adapter(ckpt, model)
+        del ckpt
     params = moelora.trainable_parameters(model)
     set_cpu_threads(cfg.get("cpu_threads"), params["total"])
     log.info("adapter %s: %s trainable of %s parameters (%.2f%%)", adapter_cfg.method,
@@ -176,6 +201,7 @@ def build_run(cfg: DictConfig) -> Run:
         step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"]
         outputs.set_aside_metrics_for_resume(run_dir, int(step))
     callbacks = instantiate_group(cfg.get("callbacks"), "callback")
+    callbacks.append(GracefulInterrupt())  # Ctrl-C: stop after the step, with a checkpoint
     loggers = instantiate_group(cfg.get("logger"), "logger")
     with config_errors("trainer"):
         trainer: pl.Trainer = hydra.utils.instantiate(
@@ -190,41 +216,91 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train (and evaluate) the adapter the config describes; write the run directory.
 
     Returns ``(metrics, objects)``: final metrics as floats, and the objects that produced them
-    (the fields of ``Run``, plus ``results`` on rank 0)."""
+    (the fields of ``Run``, plus ``results`` on rank 0). Ctrl-C during training ends the run early
+    but still writes results.json (``"status": "interrupted"``), the adapter and a resume command
+    (``objects["interrupted"]`` is then True)."""
     start = time.time()
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(unwritable_dir_message(err)) from None
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run = build_run(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    stopper = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
 
+    interrupted = False
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=run.ckpt_path)
+        previous_sigint = signal.getsignal(signal.SIGINT)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=run.ckpt_path)
+        except SystemExit:
+            # Lightning turns a KeyboardInterrupt into sys.exit(1) after its own shutdown
+            if not trainer.interrupted:
+                raise
+            interrupted = True
+        finally:
+            # after an interrupt Lightning leaves Ctrl-C ignored, or (its signal connector's teardown)
+            # set back to the stop-after-this-step handler: Ctrl-C must work as before the fit
+            if threading.current_thread() is threading.main_thread() and previous_sigint is not None:
+                signal.signal(signal.SIGINT, previous_sigint)
+        interrupted = interrupted or bool(stopper and stopper.requested)
     elif run.ckpt_path:  # evaluate a checkpoint without training
         module.load_state_dict(torch.load(run.ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
     metrics = {k: outputs.to_float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("test", True):
+    if cfg.get("test", True) and not interrupted:
         for k, v in (trainer.test(module, datamodule=datamodule, verbose=False) or [{}])[0].items():
             metrics[k] = outputs.to_float(v)
 
     objects = dict(vars(run))
+    objects["interrupted"] = interrupted
     if trainer.is_global_zero:
-        results = write_run_outputs(cfg, run_dir, run.model, run.adapter_cfg, run.params, metrics, trainer, start)
+        resume = None
+        if interrupted:
+            last = last_checkpoint_path(trainer)
+            resume = resume_command(cfg, last) if last.is_file() else None
+        results = write_run_outputs(cfg, run_dir, run.model, run.adapter_cfg, run.params, metrics, trainer, start,
+                                    interrupted=interrupted, resume=resume)
         objects["results"] = results
         outputs.print_run_summary(run_dir, results)
+        if interrupted:
+            print(f"Interrupted at step {trainer.global_step}: the adapter of this step is in {run_dir / 'adapter'}"
+                  if cfg.get("save_adapter", True) else f"Interrupted at step {trainer.global_step}.")
+            print(f"Resume with: {resume}" if resume else
+                  "No checkpoint was written before the interrupt: nothing to resume from.")
     return metrics, objects
 
 
-def write_run_outputs(cfg, run_dir, model, adapter_cfg, params, metrics, trainer, start) -> dict[str, Any]:
-    """adapter/, results.json and curves.png of a finished run (rank 0 only)."""
+def resume_command(cfg: DictConfig, ckpt: Path) -> str:
+    """The command line that continues this run from ``ckpt`` (the run's overrides + ckpt_path)."""
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        with contextlib.suppress(Exception):
+            overrides = [str(o) for o in HydraConfig.get().overrides.task]
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume")]
+    return " ".join(["moelora-train", *map(shlex.quote, keep), shlex.quote(f"ckpt_path={ckpt.resolve()}")])
+
+
+def unwritable_dir_message(err: OSError) -> str:
+    """One line for a run/log/sweep directory that cannot be created or written."""
+    where = err.filename or "the run directory"
+    why = err.strerror or type(err).__name__
+    return (f"cannot write the log directory {str(where)!r}: {why}. Move the logs with MOELORA_LOG_DIR=<writable dir> "
+            "(or hydra.run.dir=<dir>, hydra.sweep.dir=<dir> for -m)")
+
+
+def write_run_outputs(cfg, run_dir, model, adapter_cfg, params, metrics, trainer, start, *,
+                      interrupted: bool | None = None, resume: str | None = None) -> dict[str, Any]:
+    """adapter/, results.json and curves.png of a finished or interrupted run (rank 0 only)."""
     for lg in trainer.loggers:
         lg.save()  # flush metrics.csv before plotting it
     outputs.merge_resumed_metrics(run_dir)
     if cfg.get("save_adapter", True):
         moelora.save_adapter(model, run_dir / "adapter")
     results = {
-        "status": "finished" if not trainer.interrupted else "interrupted",
+        "status": "interrupted" if (trainer.interrupted if interrupted is None else interrupted) else "finished",
         "run_dir": str(run_dir),
         "method": adapter_cfg.method,
         "adapter": adapter_cfg.to_dict(),
@@ -236,6 +312,8 @@ def write_run_outputs(cfg, run_dir, model, adapter_cfg, params, metrics, trainer
         "wall_time_s": round(time.time() - start, 2),
         "versions": outputs.library_versions(),
     }
+    if resume:
+        results["resume_command"] = resume
     if HydraConfig.initialized():
         results["overrides"] = list(HydraConfig.get().overrides.task)
     outputs.write_json_atomic(run_dir / outputs.RESULTS_NAME, results)
@@ -264,17 +342,130 @@ def compose_train_config(overrides: list[str] | None = None, output_dir: str | o
     return cfg
 
 
+# Jobs of this process's sweep that failed: (job dir, error line, was it a config error)
+_SWEEP_FAILURES: list[tuple[str, str, bool]] = []
+PREFIX = "moelora-train: error:"
+
+
+def _in_multirun() -> bool:
+    if not HydraConfig.initialized():
+        return False
+    from hydra.types import RunMode
+
+    with contextlib.suppress(Exception):
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    return False
+
+
+def _record_failed_job(cfg: DictConfig, message: str) -> None:
+    """results.json of a job that stopped on an error, so that the sweep summary lists it."""
+    with contextlib.suppress(Exception):
+        run_dir = Path(cfg.paths.output_dir)
+        adapter = cfg.get("adapter")
+        results = {"status": "failed", "error": message, "run_dir": str(run_dir),
+                   "method": adapter.get("method") if isinstance(adapter, DictConfig) else None,
+                   "model": model_name(cfg), "seed": cfg.get("seed"), "versions": outputs.library_versions()}
+        if HydraConfig.initialized():
+            results["overrides"] = list(HydraConfig.get().overrides.task)
+        outputs.write_json_atomic(run_dir / outputs.RESULTS_NAME, results)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def train_main(cfg: DictConfig) -> float | None:
-    """``moelora-train [key=value ...]``; with no arguments, the offline CPU quickstart."""
+def hydra_train_main(cfg: DictConfig) -> float | None:
+    """The Hydra task: one run, or one job of a sweep. In a sweep, a job that fails is recorded
+    (results.json with its error, listed by the summary) and the sweep goes on."""
     try:
-        metrics, _ = train(cfg)
+        metrics, objects = train(cfg)
     except ConfigError as err:
+        _record_failed_job(cfg, str(err))
         if os.environ.get("MOELORA_DEBUG"):
             raise
-        print(f"moelora-train: error: {err}  (set MOELORA_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+        if not _in_multirun():
+            _exit_with(str(err))  # SystemExit passes Hydra by (it would log the failure once more)
+        print(f"{PREFIX} job {cfg.paths.output_dir}: {err}", file=sys.stderr)
+        _SWEEP_FAILURES.append((str(cfg.paths.output_dir), str(err), True))
+        return None
+    except Exception as err:
+        if not _in_multirun():
+            raise
+        line = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        log.exception("job %s failed", cfg.paths.output_dir)  # the traceback goes to the job's log
+        _record_failed_job(cfg, line)
+        _SWEEP_FAILURES.append((str(cfg.paths.output_dir), line, False))
+        return None
+    if objects.get("interrupted"):
+        if _in_multirun():
+            raise KeyboardInterrupt  # Ctrl-C stops the whole sweep (this job's outputs are written)
+        sys.exit(130)
     return metrics.get("test/acc")  # what a Hydra sweeper would optimise
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf error (often several lines, with the config search path) as one line."""
+    text = str(err).strip()
+    if type(err).__name__ == "MissingConfigException" or "Available options" in text:
+        lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines() if ln.strip()]
+        head = [ln for ln in lines if not ln.startswith("Available options")]
+        options = lines[lines.index(next(ln for ln in lines if ln.startswith("Available options"))) + 1:] \
+            if any(ln.startswith("Available options") for ln in lines) else []
+        first = next((ln for ln in head if ln not in options), text)
+        return first + (f" Available options: {', '.join(options)}" if options else "")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if getattr(err, "override", None):  # OverrideParseException: say which override
+        lines.insert(0, f"cannot parse the override {err.override!r}:")
+    return " ".join(ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "Set the environment"))) \
+        or type(err).__name__
+
+
+def train_main() -> float | None:
+    """``moelora-train [key=value ...]``; with no arguments, the offline CPU quickstart.
+
+    Every error a bad command line or config causes, Hydra's included (an unknown group option,
+    a malformed override, a missing ``???`` value), a checkpoint that cannot be resumed and a log
+    directory that cannot be written end in one line ``moelora-train: error: ...`` and exit code 2
+    (MOELORA_DEBUG=1 shows the traceback). Ctrl-C exits with 130 after writing the run's outputs.
+    A sweep runs every job; it exits 2 (or 1 for a crash) if any job failed."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    debug = bool(os.environ.get("MOELORA_DEBUG"))
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exit(1)
+    _SWEEP_FAILURES.clear()
+    try:
+        result = hydra_train_main()
+    except ConfigError as err:
+        if debug:
+            raise
+        _exit_with(str(err))
+    except (HydraException, OmegaConfBaseException) as err:
+        if debug:
+            raise
+        _exit_with(one_line(err))
+    except OSError as err:
+        if debug or err.errno not in _DIR_ERRNOS:
+            raise
+        _exit_with(unwritable_dir_message(err))
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+    if _SWEEP_FAILURES:
+        n = len(_SWEEP_FAILURES)
+        print(f"{PREFIX} {n} sweep job(s) failed: " + "; ".join(f"{Path(d).name}: {e}" for d, e, _ in _SWEEP_FAILURES),
+              file=sys.stderr)
+        sys.exit(2 if all(c for _, _, c in _SWEEP_FAILURES) else 1)
+    return result
+
+
+# OSErrors that mean "this directory cannot be created or written" (Hydra makes the run dir first)
+_DIR_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC}
+
+
+def _exit_with(message: str) -> None:
+    print(f"{PREFIX} {message}  (set MOELORA_DEBUG=1 for the traceback)", file=sys.stderr)
+    sys.exit(2)
 
 
 class SweepSummaryCallback(HydraCallback):

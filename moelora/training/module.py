@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 import moelora
+from moelora.training.checkpoint import BASE_KEY, base_signature
 
 # Prefix of the adapter keys in Lightning's checkpoint["state_dict"] (the module's attribute name).
 _KEY_PREFIX = "model."
@@ -107,6 +108,7 @@ class MoeLoraModule(pl.LightningModule):
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["moelora_rng"] = rng
         checkpoint["moelora_adapter_config"] = moelora.get_adapter_config(self.model).to_dict()
+        checkpoint[BASE_KEY] = base_signature(self.model)  # checked on resume (checkpoint.check_resumable)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_same_adapter(checkpoint, self.model)

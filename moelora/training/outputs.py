@@ -124,7 +124,8 @@ def _job_overrides(job_dir: Path) -> str:
 
 
 def summarize_sweep(sweep_dir: str | os.PathLike) -> tuple[Path, Path] | None:
-    """Collect every job's results.json under ``sweep_dir`` into summary.csv and summary.md."""
+    """Collect every job's results.json under ``sweep_dir`` into summary.csv and summary.md; a job
+    that failed (``"status": "failed"``) is a row with its error and no metrics."""
     import pandas as pd
 
     sweep_dir = Path(sweep_dir)
@@ -139,10 +140,14 @@ def summarize_sweep(sweep_dir: str | os.PathLike) -> tuple[Path, Path] | None:
             if key.startswith("test/") or key in ("val/loss", "val/acc"):
                 row[key] = metrics[key]
         row["wall_time_s"] = r.get("wall_time_s")
+        row["status"] = r.get("status", "finished")
+        row["error"] = r.get("error")
         rows.append(row)
     if not rows:
         return None
     df = pd.DataFrame(rows)
+    if df["error"].isna().all():
+        df = df.drop(columns="error")  # no failed job: no empty column
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
     df.to_csv(csv_path, index=False)
     md_path.write_text(f"# Sweep summary: {sweep_dir}\n\n{markdown_table(df)}\n")
