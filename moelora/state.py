@@ -66,6 +66,22 @@ class BatchPlan:
             self.slot_names = (name,)
             self.row_slots = None
 
+    @classmethod
+    def per_token(cls, slot_names, token_slots: torch.Tensor) -> "BatchPlan":
+        """A mixed plan for a packed batch (continuous batching: every request's tokens flattened
+        into one sequence): ``token_slots`` (N,) gives each token's index into ``slot_names``
+        (None = base). The N tokens are the plan's rows, one token each, so every adapted module
+        reads them through ``token_slots(N, 1)`` like any mixed batch. Pass it as
+        ``adapter_names=plan`` to the forward (``AdapterState.resolve_names`` returns it as is)."""
+        plan = cls.__new__(cls)
+        plan.name = None
+        plan.row_names = None
+        plan.mixed = True
+        plan._tok = None
+        plan.slot_names = tuple(slot_names)
+        plan.row_slots = token_slots.reshape(-1).long()
+        return plan
+
     def token_slots(self, batch: int, seq: int) -> torch.Tensor:
         """(batch*seq,) slot of every token (computed once per forward and shape)."""
         c = self._tok
@@ -113,9 +129,15 @@ class AdapterState:
 
     # ---- the batch plan -------------------------------------------------------------------
     def resolve_names(self, names, batch: int | None, device=None) -> BatchPlan:
-        """A BatchPlan from ``adapter_names`` (a list per row, one name for all, or None = active)."""
+        """A BatchPlan from ``adapter_names`` (a list per row, one name for all, or None = active;
+        a ``BatchPlan`` itself, e.g. ``BatchPlan.per_token``, is used as given after a name check)."""
         if names is None:
             return BatchPlan(self.active)
+        if isinstance(names, BatchPlan):
+            for n in names.slot_names:
+                if n is not None:
+                    self._check_known(n)
+            return names
         if isinstance(names, str):
             self._check_known(names)
             return BatchPlan(names)

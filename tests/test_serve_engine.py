@@ -1,0 +1,130 @@
+"""moelora.serve.Engine: every response equals offline greedy ``model.generate`` with that adapter
+alone, token-exact (CPU, fp32), also when requests to different adapters run concurrently in
+one continuous batch; cancel / load / unload / errors; the CB internals we rely on."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import moelora
+from moelora.serve import Engine, PromptTooLongError, QueueFullError, UnknownAdapterError
+from moelora.serve import _cb_private
+
+from conftest import make_tiny, randomize_adapter_
+
+NEW = 10
+
+
+def test_cb_private_internals():
+    missing = _cb_private.check_internals()
+    assert not missing, ("transformers' continuous-batching internals that moelora/serve/_cb_private.py uses moved "
+                         f"(tested range {_cb_private.TESTED}): {missing}")
+
+
+def _model():
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="lora")
+    moelora.add_adapter(m, "mix", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    moelora.add_adapter(m, "lora8", moelora.LoraConfig(r=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    randomize_adapter_(m, seed=3)
+    return m.eval()
+
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3, 3, 3], [20, 21], [5, 9, 13, 17, 2, 30],
+           [40, 41, 42, 43], [8]]
+NAMES = ["lora", "mix", None, "lora8", "mix", "lora", None, "lora8"]
+
+
+def _offline(m, prompt, name, new=NEW):
+    out = m.generate(torch.tensor([prompt]), adapter_names=[name], max_new_tokens=new, do_sample=False,
+                     eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def served():
+    m = _model()
+    refs = [_offline(m, p, n) for p, n in zip(PROMPTS, NAMES)]
+    eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_pending=len(PROMPTS) + 2)
+    yield m, eng, refs
+    eng.close()
+
+
+def test_sequential_equals_offline(served):
+    m, eng, refs = served
+    for p, n, ref in zip(PROMPTS, NAMES, refs):
+        assert eng.generate(p, n) == ref, n
+
+
+def test_concurrent_mixed_batch_equals_offline(served):
+    m, eng, refs = served
+    before = eng.mixed_steps
+    rids = [eng.submit(p, n) for p, n in zip(PROMPTS, NAMES)]  # all queued at once: packed together
+    outs = [list(eng.stream(r)) for r in rids]
+    assert outs == refs
+    assert eng.mixed_steps > before  # the batches really mixed adapters
+
+    results = {}
+
+    def client(i):
+        results[i] = eng.generate(PROMPTS[i], NAMES[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(len(PROMPTS))] == refs
+
+
+def test_errors_and_cancel(served):
+    m, eng, refs = served
+    with pytest.raises(UnknownAdapterError) as e:
+        eng.submit([1, 2], "nope")
+    assert "lora" in str(e.value) and "base" in e.value.available
+    with pytest.raises(PromptTooLongError):
+        eng.submit(list(range(1, 50)) * 3, None)
+    rid = eng.submit(PROMPTS[0], "lora", max_new_tokens=100)
+    eng.cancel(rid)
+    assert len(list(eng.stream(rid))) < 100
+    assert eng.generate(PROMPTS[1], "mix") == refs[1]  # still serving
+    assert eng.generate(PROMPTS[2], "base") == refs[2]  # the base model's name
+
+
+def test_queue_full():
+    m = _model()
+    eng = Engine(m, max_new_tokens=4, eos_token_id=-1, max_pending=2)
+    try:
+        with eng._model_lock:  # hold the generation loop so requests stay in flight
+            eng.submit([1, 2, 3], "lora")
+            eng.submit([1, 2, 3], "mix")
+            with pytest.raises(QueueFullError):
+                eng.submit([1, 2, 3], None)
+    finally:
+        eng.close()
+
+
+def test_load_unload_and_adapters_dir(tmp_path):
+    m = _model()
+    refs = {n: _offline(m, PROMPTS[0], n) for n in ("lora", "mix")}
+    for n in ("lora", "mix"):
+        moelora.save_adapter(m, tmp_path / "dir" / n, adapter_name=n)
+    other = make_tiny(hidden=32, inter=40)  # another base: its adapter must not load
+    moelora.inject_adapter(other, moelora.LoraConfig(r=4))
+    moelora.save_adapter(other, tmp_path / "dir" / "wrongbase")
+    eng = Engine(make_tiny(), adapters_dir=tmp_path / "dir", max_new_tokens=NEW, eos_token_id=-1)
+    try:
+        assert sorted(eng.adapter_names()) == ["lora", "mix"]
+        assert "wrongbase" in eng.load_errors
+        assert eng.generate(PROMPTS[0], "lora") == refs["lora"]
+        assert eng.generate(PROMPTS[0], "mix") == refs["mix"]
+        eng.unload_adapter("mix")
+        with pytest.raises(UnknownAdapterError):
+            eng.submit(PROMPTS[0], "mix")
+        eng.load_adapter("mix2", tmp_path / "dir" / "mix")
+        assert eng.generate(PROMPTS[0], "mix2") == refs["mix"]
+        assert eng.generate(PROMPTS[0], "lora") == refs["lora"]
+    finally:
+        eng.close()
