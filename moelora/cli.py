@@ -2,8 +2,11 @@
 
 ``train(cfg)`` instantiates typed objects from the composed config, trains, evaluates and writes
 the run directory; it returns ``(metrics, objects)`` so tests can call it after ``compose()``.
-``train_main`` is the ``@hydra.main`` wrapper that turns our config errors into one clear line
-and exit code 2 instead of a long traceback.
+``hydra_train_main`` is the ``@hydra.main`` task; ``train_main`` (the console script) runs it and
+turns every error a bad input causes (our config checks, Hydra's composition errors, an unusable
+checkpoint, an unwritable log folder) into one line ``moelora-train: error: ...`` and exit code 2
+instead of a long traceback. In a sweep a failed job is recorded and the others run; Ctrl-C
+writes the run's outputs and a resume command (exit code 130).
 """
 from __future__ import annotations
 
@@ -177,11 +180,14 @@ def build_run(cfg: DictConfig) -> Run:
         # checkpoint is one line here, not a traceback from inside trainer.fit
         try:
             ckpt = read_checkpoint(ckpt_path)
-            check_resumable(ckpt, ckpt_path, model, moelora.adapter_state_dict(model))
         except CheckpointError as err:
             raise ConfigError(f"resume: {err}") from None
         with config_errors(f"resume from {ckpt_path!r}"):
-            check_same_adapter(ckpt, model)
+            check_same_adapter(ckpt, model)  # first: names the config keys that differ
+        try:
+            check_resumable(ckpt, ckpt_path, model, moelora.adapter_state_dict(model))
+        except CheckpointError as err:
+            raise ConfigError(f"resume: {err}") from None
         del ckpt
     params = moelora.trainable_parameters(model)
     set_cpu_threads(cfg.get("cpu_threads"), params["total"])
@@ -377,11 +383,11 @@ def hydra_train_main(cfg: DictConfig) -> float | None:
     try:
         metrics, objects = train(cfg)
     except ConfigError as err:
-        _record_failed_job(cfg, str(err))
         if os.environ.get("MOELORA_DEBUG"):
             raise
-        if not _in_multirun():
+        if not _in_multirun():  # (no results.json: a resume in place keeps the old run's)
             _exit_with(str(err))  # SystemExit passes Hydra by (it would log the failure once more)
+        _record_failed_job(cfg, str(err))
         print(f"{PREFIX} job {cfg.paths.output_dir}: {err}", file=sys.stderr)
         _SWEEP_FAILURES.append((str(cfg.paths.output_dir), str(err), True))
         return None
@@ -417,7 +423,7 @@ def one_line(err: BaseException) -> str:
         or type(err).__name__
 
 
-def train_main() -> float | None:
+def train_main() -> None:
     """``moelora-train [key=value ...]``; with no arguments, the offline CPU quickstart.
 
     Every error a bad command line or config causes, Hydra's included (an unknown group option,
@@ -433,7 +439,7 @@ def train_main() -> float | None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exit(1)
     _SWEEP_FAILURES.clear()
     try:
-        result = hydra_train_main()
+        hydra_train_main()  # returns None: the console script's sys.exit(train_main()) exits 0
     except ConfigError as err:
         if debug:
             raise
@@ -456,7 +462,6 @@ def train_main() -> float | None:
         print(f"{PREFIX} {n} sweep job(s) failed: " + "; ".join(f"{Path(d).name}: {e}" for d, e, _ in _SWEEP_FAILURES),
               file=sys.stderr)
         sys.exit(2 if all(c for _, _, c in _SWEEP_FAILURES) else 1)
-    return result
 
 
 # OSErrors that mean "this directory cannot be created or written" (Hydra makes the run dir first)

@@ -199,6 +199,16 @@ def test_sweep_runs_the_other_jobs_and_lists_the_failed_one(tmp_path: Path, monk
     assert "Sweep summary" in out
 
 
+def test_sweep_with_an_unknown_group_option_stops_before_any_job(tmp_path: Path, monkeypatch, capsys) -> None:
+    # a typo in a group name is found when Hydra composes every job's config, before the first runs
+    sweep = tmp_path / "sweep"
+    code, _, err = run_cli(monkeypatch, capsys, "-m", "adapter=lora,nope", *FAST, f"hydra.sweep.dir={sweep}")
+    assert code == 2, err[-3000:]
+    lines = error_lines(err)
+    assert len(lines) == 1 and "adapter/nope" in lines[0]
+    assert not list(sweep.glob("*/results.json"))
+
+
 # ---- 5. Ctrl-C during training --------------------------------------------------------------
 class InterruptAtStep(pl.Callback):
     """Ctrl-C when optimizer step ``step`` is about to run: a real SIGINT to this process, or
