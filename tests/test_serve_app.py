@@ -20,7 +20,6 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 import moelora  # noqa: E402
-from moelora.models import load_base_model  # noqa: E402
 
 from conftest import randomize_adapter_  # noqa: E402
 
@@ -47,10 +46,14 @@ def _post(url, body, raw=False):
 def server(tmp_path_factory):
     import uvicorn
 
+    import hydra
+
     from moelora.serve.cli import build_server, compose_serve_config
 
     root = tmp_path_factory.mktemp("serve")
-    m, tok = load_base_model("tiny")
+    cfg = compose_serve_config(["model=tiny", "device=cpu", f"adapters={root / 'adapters'}", "max_pending=16",
+                                "served_model_name=tiny-base"])
+    m, tok = hydra.utils.instantiate(cfg.model)  # the base the server builds
     moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="lora")
     moelora.add_adapter(m, "mix", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
     randomize_adapter_(m, seed=5)
@@ -65,8 +68,6 @@ def server(tmp_path_factory):
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
-    cfg = compose_serve_config(["model=tiny", "device=cpu", f"adapters={root / 'adapters'}", "max_pending=16",
-                                "served_model_name=tiny-base"])
     app, engine = build_server(cfg)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -174,3 +175,74 @@ def test_load_unload_at_run_time(server):
     assert status == 200
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="mix2", prompt="x", max_tokens=2)
+
+
+def _sse_lines(resp):
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            yield line[6:]
+
+
+def test_client_disconnect_cancels(server):
+    engine, base = server["engine"], server["base"]
+    body = json.dumps({"model": "lora", "prompt": "abc", "max_tokens": 400, "stream": True}).encode()
+    req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    resp = urllib.request.urlopen(req, timeout=30)
+    lines = _sse_lines(resp)
+    next(lines)
+    assert engine.pending() == 1
+    resp.close()  # the client goes away mid-stream
+    from moelora.serve.engine import wait_until
+
+    assert wait_until(lambda: engine.pending() == 0, timeout=10), "the request was not cancelled"
+    assert server["client"].completions.create(model="lora", prompt="abc", max_tokens=3).choices[0].text == \
+        server["offline"]("abc", "lora", 3)
+
+
+def test_cli_subprocess_and_sigterm_drains(tmp_path):
+    """``moelora-serve model=tiny device=cpu adapters=DIR port=N`` as a process; SIGTERM lets the
+    stream in flight finish, then the process exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    m, _ = __import__("hydra").utils.instantiate(
+        __import__("moelora.serve.cli", fromlist=["x"]).compose_serve_config(["model=tiny"]).model)
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="a1")
+    moelora.save_adapter(m, tmp_path / "adapters" / "a1")
+    port = _free_port()
+    env = dict(os.environ, MOELORA_LOG_DIR=str(tmp_path / "logs"))
+    proc = subprocess.Popen([sys.executable, "-m", "moelora.serve.cli", "model=tiny", "device=cpu",
+                             f"adapters={tmp_path / 'adapters'}", f"port={port}"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() - t0 < 60, "the server did not start"
+            time.sleep(0.2)
+        with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
+            assert [d["id"] for d in json.loads(r.read())["data"]] == ["tiny_llama", "a1"]
+        body = json.dumps({"model": "a1", "prompt": "abc", "max_tokens": 300, "stream": True}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            lines = _sse_lines(resp)
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["usage"]["completion_tokens"] == 300
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

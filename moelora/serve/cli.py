@@ -18,12 +18,15 @@ CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _register_tiny() -> None:
-    """``model=tiny``: the in-process tiny random Llama of ``moelora.models.load_base_model("tiny")``
-    (a config node in Hydra's ConfigStore, beside conf/model/*.yaml)."""
+    """``model=tiny``: conf/model/tiny_llama.yaml (the in-process tiny random Llama that
+    ``moelora-train`` trains on by default, so its run's ``adapter/`` folders serve on it), as a
+    config node in Hydra's ConfigStore beside conf/model/*.yaml."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(group="model", name="tiny",
-                                 node={"_target_": "moelora.models.load_base_model", "name_or_path": "tiny"})
+    path = Path(CONFIG_PATH) / "model" / "tiny_llama.yaml"
+    if path.is_file():
+        ConfigStore.instance().store(group="model", name="tiny", node=OmegaConf.load(path))
 
 
 _register_tiny()
