@@ -67,6 +67,132 @@ def _resolve(state: AdapterState, adapter_name: str | None) -> str:
     raise ValueError(f"no adapter is active and the model has {sorted(state.adapters)}: pass adapter_name=")
 
 
+# ---- transactions ---------------------------------------------------------------------------
+def _shallow(v):
+    if isinstance(v, dict):
+        return type(v).copy(v) if hasattr(type(v), "copy") else dict(v)
+    if isinstance(v, (list, set)):
+        return type(v)(v)
+    return v
+
+
+def _restore_container(obj, saved) -> None:
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved)
+    elif isinstance(obj, list):
+        obj[:] = saved
+    elif isinstance(obj, set):
+        obj.clear()
+        obj.update(saved)
+
+
+class _Snapshot:
+    """What a failed inject/add/load/delete must put back: every module's attributes (its child
+    modules, parameters, buffers, hook dicts, flags: the ``__dict__`` and the contents of its
+    dicts/lists/sets), the model's class, every parameter's ``requires_grad``, and the
+    AdapterState's fields. Parameter values are not copied: the operations only write the new
+    adapter's tensors (dropped with it) or undo their own value changes (``on_rollback``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.cls = model.__class__
+        self.objects = []
+        for m in model.modules():
+            self._take(m)
+        state = adapter_state(model)
+        if state is not None:
+            self._take(state)
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        self.on_rollback: list = []
+
+    def _take(self, obj) -> None:
+        d = obj.__dict__
+        self.objects.append((obj, dict(d), {k: _shallow(v) for k, v in d.items()
+                                            if isinstance(v, (dict, list, set))}))
+
+    def rollback(self) -> None:
+        for obj, attrs, contents in self.objects:
+            d = obj.__dict__
+            for k in [k for k in d if k not in attrs]:
+                del d[k]
+            for k, v in attrs.items():
+                d[k] = v
+                if k in contents:
+                    _restore_container(v, contents[k])
+        self.model.__class__ = self.cls
+        for p, g in self.grads:
+            p.requires_grad_(g)
+        for undo in reversed(self.on_rollback):
+            undo()
+        clear_decode_graphs(self.model)  # derived caches: rebuilt when needed
+
+
+@contextlib.contextmanager
+def transaction(model: nn.Module) -> Iterator[_Snapshot]:
+    """On any error (or KeyboardInterrupt) inside the block, put ``model`` back exactly as it was
+    at entry (see ``_Snapshot``) and re-raise. A merged LoRA-Switch selection is restored to the
+    pristine base weights first (the same model, as after every ``generate``)."""
+    state = adapter_state(model)
+    if state is not None:
+        restore_switch_weights(state)
+    snap = _Snapshot(model)
+    try:
+        yield snap
+    except BaseException:
+        snap.rollback()
+        raise
+
+
+def _refuse_peft(model: nn.Module) -> None:
+    wrapped = type(model).__module__.split(".")[0] == "peft" or any(
+        type(m).__module__.split(".")[0] == "peft" for m in model.modules())
+    if wrapped or getattr(model, "peft_config", None) is not None:
+        raise ValueError(
+            "this model is wrapped by PEFT (peft.PeftModel or PEFT LoRA layers): moelora adapts a plain "
+            "Hugging Face model; load the plain base model (or call model.unload() / "
+            "merge_and_unload() on the PEFT model first), then inject moelora adapters into it"
+        )
+
+
+def _target_paths(model: nn.Module, cfg, spec, layers) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every linear ``cfg`` would wrap (also inside an existing AdaptedFFN)."""
+    names = {n: m for n, m in model.named_modules()}
+    paths = {id(m): n for n, m in names.items()}
+    out = []
+    attn_targets = getattr(cfg, "target_modules", None) or getattr(cfg, "attention_target_modules", ())
+    mlp_targets = getattr(cfg, "target_modules", None) or getattr(cfg, "expert_target_modules", ())
+    if cfg.method == "mixlora":  # the whole FFN is shared by the experts: all its projections must be linears
+        mlp_targets = tuple(spec.mlp)
+    for layer in layers:
+        for attr_name, mapping, logical in ((spec.attn_attr, spec.attn, attn_targets),
+                                            (spec.mlp_attr, spec.mlp, mlp_targets)):
+            parent = getattr(layer, attr_name)
+            if isinstance(parent, AdaptedFFN):
+                parent = parent.base_layer
+            for attr in dict.fromkeys(mapping[m] for m in logical if m in mapping):
+                mod = getattr(parent, attr, None)
+                out.append((f"{paths.get(id(parent), '?')}.{attr}", mod))
+    return out
+
+
+def _preflight(model: nn.Module, cfg, spec, layers) -> None:
+    """Refuse, before anything changes, targets that cannot be adapted (names the first one)."""
+    for path, mod in _target_paths(model, cfg, spec, layers):
+        if isinstance(mod, AdaptedLinear):
+            mod = mod.base_layer
+        if mod is None:
+            raise TypeError(f"{path} does not exist: this model does not have the layout of its "
+                            f"model_type {model.config.model_type!r} (moelora.ARCHITECTURES)")
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"{path} is a {type(mod).__module__}.{type(mod).__qualname__}, not a torch.nn.Linear: "
+                            "moelora adapts plain linear projections only (put the original nn.Linear back, "
+                            "or leave this projection out of the config's target modules)")
+        if not mod.weight.is_floating_point():
+            raise TypeError(f"{path} has a {mod.weight.dtype} weight: moelora adapts floating-point linears only "
+                            "(quantized bases are not supported)")
+
+
 # ---- adding and removing --------------------------------------------------------------------
 def inject_adapter(model: nn.Module, cfg, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Wrap the target modules of ``model`` in place with the adapter ``cfg`` describes, as the
@@ -79,8 +205,10 @@ def inject_adapter(model: nn.Module, cfg, adapter_name: str = DEFAULT_ADAPTER) -
         raise ValueError("this model already has moelora adapters "
                          f"({sorted(adapter_state(model).adapters)}); add another with "
                          "moelora.add_adapter(model, name, cfg), or call moelora.remove_adapter(model) first")
-    add_adapter(model, adapter_name, cfg)
-    set_adapter(model, adapter_name)
+    _refuse_peft(model)
+    with transaction(model):
+        add_adapter(model, adapter_name, cfg)
+        set_adapter(model, adapter_name)
     return model
 
 
@@ -94,37 +222,26 @@ def add_adapter(model: nn.Module, adapter_name: str, cfg, trainable: bool = True
     if injector is None:
         raise AdapterConfigError(f"expected a LoraConfig, MixLoraConfig or LoraSwitchConfig, got {type(cfg).__name__}")
     cfg = copy.deepcopy(cfg).validate()  # the caller's object is never changed
+    _refuse_peft(model)
     spec = arch_spec(model)
     layers = decoder_layers(model, spec)
     state = adapter_state(model)
     if state is not None and adapter_name in state.adapters:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another name or "
                          f"moelora.delete_adapter(model, {adapter_name!r}) first")
+    _preflight(model, cfg, spec, layers)
     cfg.base_model_type = model.config.model_type
     if cfg.base_model_name_or_path is None:
         cfg.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
-    grads = {p: p.requires_grad for p in model.parameters()}
-    installed = state is None
-    try:
-        if installed:
+    with transaction(model):  # on any error: modules, flags, hooks, class, state as they were
+        if state is None:
             state = _install(model, spec)
-        restore_switch_weights(state)
         injector(model, layers, spec, adapter_name, cfg, state)
         state.adapters[adapter_name] = AdapterInfo(adapter_name, cfg, trainable)
         for p in _adapter_parameters(model, adapter_name).values():
             p.requires_grad_(trainable)
         # New modules start in training mode; match the model's mode so eval() models stay deterministic.
         model.train(model.training)
-    except BaseException:
-        if state is not None:
-            _drop_adapter_modules(model, state, adapter_name)
-            state.adapters.pop(adapter_name, None)
-            state.switch.pop(adapter_name, None)
-            if installed:
-                _uninstall(model, state)
-        for p, g in grads.items():
-            p.requires_grad_(g)
-        raise
     return model
 
 
@@ -192,18 +309,26 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     adapter leaves the base model active; deleting the last one is ``remove_adapter``."""
     state = _require_state(model)
     state._check_known(adapter_name)
-    if state.merged_lora == adapter_name:
-        unmerge_lora(model)
-    if len(state.adapters) == 1:
-        return remove_adapter(model)
-    restore_switch_weights(state)
-    _drop_adapter_modules(model, state, adapter_name)
-    del state.adapters[adapter_name]
-    state.switch.pop(adapter_name, None)
-    state.records.pop(adapter_name, None)
-    if state.active == adapter_name:
-        set_adapter(model, None)
+    with transaction(model) as tx:  # on any error: the model exactly as before, merged LoRA included
+        if state.merged_lora == adapter_name:
+            unmerge_lora(model)
+            tx.on_rollback.append(lambda: _remerge(model, adapter_name))
+        if len(state.adapters) == 1:
+            return remove_adapter(model)
+        _drop_adapter_modules(model, state, adapter_name)
+        del state.adapters[adapter_name]
+        state.switch.pop(adapter_name, None)
+        state.records.pop(adapter_name, None)
+        if state.active == adapter_name:
+            set_adapter(model, None)
     return model
+
+
+def _remerge(model: nn.Module, name: str) -> None:
+    """Fold ``name``'s LoRA deltas in again after a rolled-back delete had taken them out."""
+    for site, a in _lora_sites(model, name):
+        a.merged = False
+        a.merge(site)
 
 
 def remove_adapter(model: nn.Module) -> nn.Module:
@@ -448,8 +573,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
 
 
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
-    """Copy one adapter's tensors in, strictly: every key must exist with the same shape, and
-    every tensor of that adapter must be given. Validates everything before changing anything."""
+    """Copy one adapter's tensors in, strictly: every key must exist with the same shape, every
+    tensor of that adapter must be given, and all must be floating point (an integer or bool
+    tensor is refused by name). Validates everything before changing anything."""
     state = _require_state(model)
     params = _adapter_parameters(model, _resolve(state, adapter_name))
     missing = sorted(set(params) - set(tensors))
@@ -459,6 +585,14 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
             f"adapter tensors do not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+    not_tensor = sorted(k for k in params if not isinstance(tensors[k], torch.Tensor))
+    if not_tensor:
+        raise TypeError(f"adapter value {not_tensor[0]!r} is a {type(tensors[not_tensor[0]]).__name__}, not a tensor")
+    not_float = sorted(k for k in params if not tensors[k].is_floating_point())
+    if not_float:
+        k = not_float[0]
+        raise ValueError(f"{len(not_float)} adapter tensor(s) are not floating point, e.g. {k} "
+                         f"({str(tensors[k].dtype).replace('torch.', '')}): adapter weights must be float tensors")
     bad = [(k, tuple(tensors[k].shape), tuple(p.shape)) for k, p in params.items() if tensors[k].shape != p.shape]
     if bad:
         k, got, want = bad[0]
