@@ -51,13 +51,14 @@ class BatchPlan:
     base) and ``row_slots`` (B,) maps each row to its slot. ``token_slots(B, T)`` expands that to
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
-    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok")
+    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None) -> None:
         self.name = name
         self.row_names = row_names
         self.mixed = row_names is not None
         self._tok: tuple | None = None
+        self.packed = False
         if self.mixed:
             self.slot_names = tuple(dict.fromkeys(row_names))
             slot = {n: i for i, n in enumerate(self.slot_names)}
@@ -71,13 +72,15 @@ class BatchPlan:
         """A mixed plan for a packed batch (continuous batching: every request's tokens flattened
         into one sequence): ``token_slots`` (N,) gives each token's index into ``slot_names``
         (None = base). The N tokens are the plan's rows, one token each, so every adapted module
-        reads them through ``token_slots(N, 1)`` like any mixed batch. Pass it as
+        reads them through ``token_slots(N, 1)`` like any mixed batch (or ``token_slots(1, N)``: the
+        packed sequence as the model sees it, e.g. LoRA-Switch's layer-0 router). Pass it as
         ``adapter_names=plan`` to the forward (``AdapterState.resolve_names`` returns it as is)."""
         plan = cls.__new__(cls)
         plan.name = None
         plan.row_names = None
         plan.mixed = True
         plan._tok = None
+        plan.packed = True
         plan.slot_names = tuple(slot_names)
         plan.row_slots = token_slots.reshape(-1).long()
         return plan
@@ -87,6 +90,8 @@ class BatchPlan:
         c = self._tok
         if c is not None and c[0] == (batch, seq):
             return c[1]
+        if self.packed and batch * seq == self.row_slots.shape[0]:
+            return self.row_slots  # the packed tokens, in order, whichever way they are shaped
         if self.row_slots.shape[0] != batch:
             raise ValueError(f"adapter_names has {self.row_slots.shape[0]} entries but the batch has {batch} rows")
         tok = self.row_slots.repeat_interleave(seq)
