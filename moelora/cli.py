@@ -31,13 +31,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 import moelora
 from moelora.training import outputs
 from moelora.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable, read_checkpoint
 from moelora.training.interrupt import GracefulInterrupt, last_checkpoint_path
 from moelora.training.module import check_same_adapter
-from moelora.training.validate import ConfigValueError, check_config_values
+from moelora.training.validate import ConfigValueError, check_config_values, check_target_keys
 
 log = logging.getLogger("moelora.train")
 
@@ -60,9 +61,12 @@ def config_errors(phase: str) -> Iterator[None]:
         yield
     except ConfigError:
         raise
-    except (ValueError, KeyError, FileNotFoundError, TypeError, InstantiationException) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise ConfigError(f"{phase}: {msg}") from err
+    except (ValueError, KeyError, FileNotFoundError, TypeError, InstantiationException, OmegaConfBaseException) as err:
+        msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        # one line: Hydra's InstantiationException spreads over several ("Error in call ...", the
+        # cause, "full_key: ...")
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and not ln.strip().startswith("full_key:")]
+        raise ConfigError(f"{phase}: {' '.join(lines)}") from err
 
 
 def _container(node: Any) -> Any:
@@ -152,10 +156,16 @@ class Run:
 
 def check_values(cfg: DictConfig) -> None:
     """Types and ranges of the plain values (moelora/training/validate.py), before any work."""
+    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    missing = sorted(OmegaConf.missing_keys(task_cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} has no value (??? in its config): set it, e.g. {missing[0]}=<value>"
+                          + (f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""))
     with config_errors("config"):
-        plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        plain = OmegaConf.to_container(task_cfg, resolve=True)
     try:
         check_config_values(plain)
+        check_target_keys(plain)
     except ConfigValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -348,6 +358,8 @@ def compose_train_config(overrides: list[str] | None = None, output_dir: str | o
     return cfg
 
 
+# Whether Hydra got as far as calling the task (an error before it is about the command line)
+_TASK_STARTED = False
 # Jobs of this process's sweep that failed: (job dir, error line, was it a config error)
 _SWEEP_FAILURES: list[tuple[str, str, bool]] = []
 PREFIX = "moelora-train: error:"
@@ -380,6 +392,8 @@ def _record_failed_job(cfg: DictConfig, message: str) -> None:
 def hydra_train_main(cfg: DictConfig) -> float | None:
     """The Hydra task: one run, or one job of a sweep. In a sweep, a job that fails is recorded
     (results.json with its error, listed by the summary) and the sweep goes on."""
+    global _TASK_STARTED
+    _TASK_STARTED = True
     try:
         metrics, objects = train(cfg)
     except ConfigError as err:
@@ -432,12 +446,13 @@ def train_main() -> None:
     (MOELORA_DEBUG=1 shows the traceback). Ctrl-C exits with 130 after writing the run's outputs.
     A sweep runs every job; it exits 2 (or 1 for a crash) if any job failed."""
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     debug = bool(os.environ.get("MOELORA_DEBUG"))
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exit(1)
+    global _TASK_STARTED
     _SWEEP_FAILURES.clear()
+    _TASK_STARTED = False
     try:
         hydra_train_main()  # returns None: the console script's sys.exit(train_main()) exits 0
     except ConfigError as err:
@@ -452,6 +467,10 @@ def train_main() -> None:
         if debug or err.errno not in _DIR_ERRNOS:
             raise
         _exit_with(unwritable_dir_message(err))
+    except (ValueError, TypeError, KeyError) as err:
+        if debug or _TASK_STARTED:
+            raise  # an error of the run itself keeps its traceback
+        _exit_with(f"the command line: {one_line(err)}")  # Hydra composing the config, e.g. adapter=null
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -60,6 +60,11 @@ BAD_TYPES = {
     "unknown_adapter_group": ("adapter=nope", ["adapter/nope", "lora", "mixlora", "lora_switch"]),
     "unknown_schedule": ("module.scheduler.name=cosin", ["module.scheduler.name='cosin'", "cosine | linear"]),
     "bad_override_syntax": ("trainer.max_steps=[1", ["trainer.max_steps=[1"]),
+    "null_group": ("adapter=null", ["Config group override"]),
+    "bad_interpolation": ("seed=${nope}", ["nope"]),
+    "unknown_trainer_key": ("+trainer.foo=1", ["trainer.foo=1", "takes no argument 'foo'"]),
+    "trainer_key_typo": ("+trainer.max_step=5", ["trainer.max_step=5", "did you mean trainer.max_steps?"]),
+    "optimizer_key_typo": ("+module.optimizer.learning_rate=1", ["module.optimizer.learning_rate", "AdamW"]),
 }
 
 
@@ -76,6 +81,13 @@ def test_wrong_value_is_one_line_with_exit_code_2(case: str, tmp_path: Path, mon
         assert text in lines[0], (text, lines[0])
     assert "nonexistent/model" not in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_mandatory_value_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "model=hf", run_dir=tmp_path / "run")
+    assert code == 2
+    lines = error_lines(err)
+    assert len(lines) == 1 and "model.name_or_path has no value" in lines[0], err[-3000:]
 
 
 def test_valid_values_pass_the_checks(tmp_path: Path) -> None:

@@ -127,3 +127,43 @@ def check_config_values(cfg: Mapping[str, Any], checks: Mapping[str, Check] = CH
         node = cfg.get(group, _MISSING)
         if node is not _MISSING and node is not None and not isinstance(node, Mapping):
             raise ConfigValueError(f"{group}={node!r}: expected a config group (pick one with {group}=<name>)")
+
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# the arguments moelora-train passes itself (not from the config)
+_PASSED_IN = {"module": {"model", "tokenizer", "task_names", "score_fn", "max_new_tokens"},
+              "trainer": {"callbacks", "logger", "plugins"}}
+
+
+def check_target_keys(cfg: Mapping[str, Any], groups: tuple[str, ...] = ("trainer", "data", "module", "model")) -> None:
+    """Raise ConfigValueError for a key that the group's ``_target_`` does not take (a typo such as
+    ``trainer.max_step`` or ``+trainer.foo=1``), found before the model loads. Targets that take
+    ``**kwargs`` or cannot be imported are left to instantiation."""
+    import difflib
+    import inspect
+
+    from hydra.utils import get_object
+
+    def check(path: str, node: Any) -> None:
+        if not isinstance(node, Mapping) or not isinstance(node.get("_target_"), str):
+            return
+        try:
+            target = get_object(node["_target_"])
+            params = inspect.signature(target).parameters
+        except Exception:  # noqa: BLE001 - an unimportable target is reported when it is built
+            return
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        for key in node:
+            if key in _HYDRA_KEYS or key in params:
+                continue
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f" (did you mean {path}.{close[0]}?)" if close else ""
+            raise ConfigValueError(f"{path}.{key}={node[key]!r}: {node['_target_']} takes no argument {key!r}{hint}")
+
+    for group in groups:
+        node = cfg.get(group)
+        check(group, node)
+        if isinstance(node, Mapping):
+            for key, sub in node.items():
+                check(f"{group}.{key}", sub)
