@@ -152,6 +152,8 @@ def atomic_write_dir(target: str | os.PathLike, write_fn) -> Path:
     (``AdapterFileError``), never a silently mixed adapter. The folder and files get the modes
     any file the user writes gets (the umask; a replaced folder keeps its mode)."""
     target = Path(target)
+    if target.is_symlink() and target.is_dir():  # replace the folder the link points to, keep the link
+        target = Path(os.path.realpath(target))
     existing = _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -203,7 +205,11 @@ def _model_signature(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write one adapter (config + tensors; default: the active or only one) to the folder
-    ``path``, atomically. The files hold that adapter alone, whatever else shares the model."""
+    ``path``, atomically. The files hold that adapter alone, whatever else shares the model.
+
+    ``path`` may be new, an empty folder, or an adapter folder (ours or a PEFT export), which is
+    replaced in one atomic swap; a regular file or a folder holding anything else raises
+    ``AdapterFileError`` and nothing is changed (``atomic_write_dir``)."""
     cfg = get_adapter_config(model, adapter_name)
     if cfg is None:
         raise ValueError("this model has no moelora adapter; call moelora.inject_adapter first")
@@ -311,17 +317,15 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
             raise AdapterFileError(f"{str(weights)!r} cannot be read ({type(e).__name__}: {e}); "
                                    "the file is truncated or corrupted") from e
         _check_tensors(tensors, weights)
-    try:
-        with transaction(base_model):  # on any error: the model exactly as before
-            add_adapter(base_model, adapter_name, cfg, trainable=trainable)
+    with transaction(base_model):  # on any error: the model exactly as before
+        add_adapter(base_model, adapter_name, cfg, trainable=trainable)
+        try:
             load_adapter_state_dict(base_model, tensors, adapter_name)
-            if fresh:
-                set_adapter(base_model, adapter_name)
-    except (KeyError, ValueError) as e:
-        if isinstance(e, (AdapterFileError, AdapterConfigError)):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise AdapterFileError(f"adapter at {str(path)!r} does not fit this model: {msg}") from e
+        except (KeyError, ValueError, TypeError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise AdapterFileError(f"adapter at {str(path)!r} does not fit this model: {msg}") from e
+        if fresh:
+            set_adapter(base_model, adapter_name)
     return base_model
 
 
@@ -466,6 +470,9 @@ def _convert_reference_state(ref: dict, cfg: MixLoraConfig, model: nn.Module, sp
     for (i, proj, ab), per_expert in experts.items():
         if sorted(per_expert) != list(range(cfg.num_experts)):
             raise AdapterFileError(f"layer {i} {proj}: expert tensors {sorted(per_expert)} do not cover 0..{cfg.num_experts - 1}")
+        shapes = {tuple(t.shape) for t in per_expert.values()}
+        if len(shapes) != 1:
+            raise AdapterFileError(f"layer {i} {proj} lora_{ab}: the experts' tensors have different shapes {sorted(shapes)}")
         stacked = torch.stack([per_expert[e] for e in range(cfg.num_experts)])
         state[f"{layers_prefix}.{i}.{spec.mlp_attr}.experts.{proj}.lora_{ab}"] = stacked
     return state
@@ -473,7 +480,9 @@ def _convert_reference_state(ref: dict, cfg: MixLoraConfig, model: nn.Module, sp
 
 # ---- PEFT export ----------------------------------------------------------------------------
 def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write a plain-LoRA adapter as a PEFT folder that ``peft.PeftModel.from_pretrained`` loads."""
+    """Write a plain-LoRA adapter as a PEFT folder that ``peft.PeftModel.from_pretrained`` loads.
+    The target rules of ``save_adapter`` apply (an adapter folder is replaced atomically;
+    anything else there is an error)."""
     cfg = get_adapter_config(model, adapter_name)
     if not isinstance(cfg, LoraConfig):
         raise ValueError("only plain LoRA adapters (moelora.LoraConfig) can be exported to PEFT")

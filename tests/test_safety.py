@@ -791,3 +791,29 @@ def test_random_corruptions_always_raise_and_change_nothing(tmp_path):
         assert_same(before, snapshot(target))
         assert _tree(folder) == tree, (case, kind)
     assert seen == {k for k, _ in kinds}
+
+
+def test_save_through_a_symlink_replaces_the_linked_folder_and_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    moelora.save_adapter(_lora_model(0), real)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    new = _lora_model(1)
+    moelora.save_adapter(new, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    got = _weights_of(real)
+    assert all(torch.equal(got[k], v) for k, v in moelora.adapter_state_dict(new).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_reference_experts_of_different_shapes_get_our_error(tmp_path):
+    from test_mixlora import _write_reference_adapter
+
+    base = make_tiny()
+    _, w = _write_reference_adapter(tmp_path / "ref", base, 2, 1)
+    key = "mixlora.layers.0.mlp.up_proj.experts.1.lora_A.weight"
+    w[key] = torch.zeros(w[key].shape[0] + 1, w[key].shape[1])
+    torch.save(w, tmp_path / "ref" / "adapter_model.bin")
+    before = snapshot(base)
+    with pytest.raises(AdapterFileError, match="different shapes"):
+        moelora.load_adapter(base, tmp_path / "ref")
+    assert_same(before, snapshot(base))
