@@ -18,6 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+import moelora
 from moelora import cli
 from moelora.cli import ConfigError, compose_train_config, train
 
@@ -255,9 +256,13 @@ def test_ctrl_c_stops_after_the_step_with_results_adapter_and_resume_command(tmp
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4
     assert results["resume_command"].startswith("moelora-train ") and f"ckpt_path={ckpt}" in results["resume_command"]
     assert not any(k.startswith("test/") for k in results["metrics"])  # no final test of a stopped run
-    # the resume command's checkpoint continues the run to its end
+    # the resume command's checkpoint continues the run to its end, where the uninterrupted run ends
     _, resumed = train(compose_train_config([*SHORT, f"ckpt_path={ckpt}", "test=false"], output_dir=tmp_path / "r"))
     assert resumed["trainer"].global_step == 6 and not resumed["interrupted"]
+    _, full = train(compose_train_config([*SHORT, "test=false"], output_dir=tmp_path / "full"))
+    full_adapter, resumed_adapter = (moelora.adapter_state_dict(o["model"]) for o in (full, resumed))
+    for k, v in full_adapter.items():
+        torch.testing.assert_close(resumed_adapter[k], v, rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_keyboard_interrupt_in_the_loop_still_writes_the_run(tmp_path: Path) -> None:

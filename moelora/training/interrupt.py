@@ -55,7 +55,7 @@ class GracefulInterrupt(pl.Callback):
         trainer.should_stop = True
         if not trainer.fast_dev_run:
             path = last_checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # optimizer and loop state too
             self.checkpoint = path
 
     def _restore(self) -> None:
