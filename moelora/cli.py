@@ -360,6 +360,8 @@ def compose_train_config(overrides: list[str] | None = None, output_dir: str | o
 
 # Whether Hydra got as far as calling the task (an error before it is about the command line)
 _TASK_STARTED = False
+# The sweep folder of a sweep stopped by Ctrl-C (its summary is written for the jobs so far)
+_INTERRUPTED_SWEEP: Path | None = None
 # Jobs of this process's sweep that failed: (job dir, error line, was it a config error)
 _SWEEP_FAILURES: list[tuple[str, str, bool]] = []
 PREFIX = "moelora-train: error:"
@@ -415,6 +417,8 @@ def hydra_train_main(cfg: DictConfig) -> float | None:
         return None
     if objects.get("interrupted"):
         if _in_multirun():
+            global _INTERRUPTED_SWEEP
+            _INTERRUPTED_SWEEP = Path(cfg.paths.output_dir).parent
             raise KeyboardInterrupt  # Ctrl-C stops the whole sweep (this job's outputs are written)
         sys.exit(130)
     return metrics.get("test/acc")  # what a Hydra sweeper would optimise
@@ -450,9 +454,9 @@ def train_main() -> None:
     debug = bool(os.environ.get("MOELORA_DEBUG"))
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exit(1)
-    global _TASK_STARTED
+    global _TASK_STARTED, _INTERRUPTED_SWEEP
     _SWEEP_FAILURES.clear()
-    _TASK_STARTED = False
+    _TASK_STARTED, _INTERRUPTED_SWEEP = False, None
     try:
         hydra_train_main()  # returns None: the console script's sys.exit(train_main()) exits 0
     except ConfigError as err:
@@ -467,6 +471,13 @@ def train_main() -> None:
         if debug or err.errno not in _DIR_ERRNOS:
             raise
         _exit_with(unwritable_dir_message(err))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        if _INTERRUPTED_SWEEP is not None:
+            _print_sweep_summary(_INTERRUPTED_SWEEP)
+        print("moelora-train: interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, TypeError, KeyError) as err:
         if debug or _TASK_STARTED:
             raise  # an error of the run itself keeps its traceback
@@ -506,10 +517,14 @@ class SweepSummaryCallback(HydraCallback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         for sweep_dir in sorted(self.sweep_dirs):
-            written = outputs.summarize_sweep(sweep_dir)
-            if written:
-                print(f"Sweep summary: {written[1]} (and {written[0].name})")
-                print(written[1].read_text())
+            _print_sweep_summary(sweep_dir)
+
+
+def _print_sweep_summary(sweep_dir: Path) -> None:
+    written = outputs.summarize_sweep(sweep_dir)
+    if written:
+        print(f"Sweep summary: {written[1]} (and {written[0].name})")
+        print(written[1].read_text())
 
 
 if __name__ == "__main__":

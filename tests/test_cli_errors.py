@@ -222,6 +222,31 @@ def test_sweep_with_an_unknown_group_option_stops_before_any_job(tmp_path: Path,
     assert not list(sweep.glob("*/results.json"))
 
 
+class FailAtStart(pl.Callback):
+    """A crash inside training (not a config error) when ``fail`` is set."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.fail:
+            raise RuntimeError("boom in the training loop")
+
+
+def test_sweep_outlives_a_crashed_job_and_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    code, out, err = run_cli(monkeypatch, capsys, "-m", f"+callbacks.fail._target_={__name__}.FailAtStart",
+                             "+callbacks.fail.fail=true,false", "adapter=lora", *FAST, "trainer.max_steps=1",
+                             "trainer.val_check_interval=1", "test=false", "save_adapter=false",
+                             f"hydra.sweep.dir={sweep}")
+    assert code == 1
+    import pandas as pd
+
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert list(summary["status"]) == ["failed", "finished"]
+    assert summary["error"][0] == "RuntimeError: boom in the training loop"
+
+
 # ---- 5. Ctrl-C during training --------------------------------------------------------------
 class InterruptAtStep(pl.Callback):
     """Ctrl-C when optimizer step ``step`` is about to run: a real SIGINT to this process, or
@@ -289,3 +314,13 @@ def test_cli_exits_130_after_ctrl_c_and_prints_the_resume_command(tmp_path: Path
 def test_config_error_is_still_a_config_error_in_process(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"trainer.max_steps='abc'"):
         train(compose_train_config(["trainer.max_steps=abc"], output_dir=tmp_path / "run"))
+
+
+def test_ctrl_c_stops_a_sweep_with_a_summary_of_the_jobs_so_far(tmp_path: Path, monkeypatch, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    code, out, err = run_cli(monkeypatch, capsys, "-m", "seed=1,2", *SHORT, *INTERRUPT, "test=false",
+                             "save_adapter=false", f"hydra.sweep.dir={sweep}")
+    assert code == 130, err[-3000:]
+    assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "interrupted"
+    assert not (sweep / "1").exists()  # the sweep stopped
+    assert "interrupted" in (sweep / "summary.md").read_text() and "Sweep summary" in out
