@@ -468,8 +468,8 @@ def train_main() -> None:
             raise
         _exit_with(one_line(err))
     except OSError as err:
-        if debug or err.errno not in _DIR_ERRNOS:
-            raise
+        if debug or _TASK_STARTED or err.errno not in _DIR_ERRNOS:
+            raise  # (the task itself reports an unwritable run directory as a ConfigError)
         _exit_with(unwritable_dir_message(err))
     except KeyboardInterrupt:
         if debug:
