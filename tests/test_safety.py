@@ -69,6 +69,14 @@ def test_wrong_config_type_fails_in_validate_with_one_line(key, value, classes, 
         assert moelora.adapter_state(model) is None and type(model).__name__ == "LlamaForCausalLM"
 
 
+@pytest.mark.parametrize("key", ["lora_alpha", "lora_dropout", "router_aux_loss_coef", "router_init_range",
+                                 "jitter_noise", "top_p", "capacity_factor"])
+def test_non_finite_numbers_are_refused(key):
+    for v in (float("inf"), float("nan"), -float("inf")):
+        with pytest.raises(AdapterConfigError, match=rf"^{key}=.* (is not a finite number|must be)"):
+            moelora.MixLoraConfig(**{key: v}).validate()
+
+
 def test_target_modules_string_is_not_iterated_into_letters():
     with pytest.raises(AdapterConfigError, match=r"single string"):
         moelora.LoraConfig(target_modules="q_proj").validate()
@@ -219,16 +227,18 @@ def test_an_error_in_the_middle_of_inject_rolls_everything_back(method, fail_at,
         before = snapshot(model)
         calls = {"n": 0}
 
+        exc = KeyboardInterrupt if fail_at == 3 else RuntimeError  # Ctrl-C in the middle, too
+
         def flaky(*a, **k):
             calls["n"] += 1
             if calls["n"] == fail_at:
-                raise RuntimeError("injected failure")
+                raise exc("injected failure")
             return linear_site(*a, **k)
 
         with monkeypatch.context() as mp:
             mp.setattr(lora_inj, "linear_site", flaky)
             mp.setattr(switch_inj, "linear_site", flaky)
-            with pytest.raises(RuntimeError, match="injected failure"):
+            with pytest.raises(exc, match="injected failure"):
                 if existing is None:
                     moelora.inject_adapter(model, CFGS[method]())
                 else:
@@ -817,3 +827,53 @@ def test_reference_experts_of_different_shapes_get_our_error(tmp_path):
     with pytest.raises(AdapterFileError, match="different shapes"):
         moelora.load_adapter(base, tmp_path / "ref")
     assert_same(before, snapshot(base))
+
+
+# the same property under hypothesis (when installed): it draws the method, the corruption, its
+# random choices and the target model
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - the seeded loop above still runs
+    given = None
+
+
+@pytest.fixture(scope="module")
+def corruption_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corruption_sources")
+    sources = {}
+    for method in CFGS:
+        m = moelora.inject_adapter(make_tiny(), CFGS[method]())
+        randomize_adapter_(m)
+        moelora.save_adapter(m, root / method)
+        sources[method] = root / method
+    return sources, {"bare": make_tiny(), "adapted": _adapted()}
+
+
+if given is not None:
+    _KINDS = _corruptions()
+
+    @settings(max_examples=50, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(method=st.sampled_from(sorted(CFGS)), kind=st.integers(0, len(_KINDS) - 1),
+           target=st.sampled_from(["bare", "adapted"]), seed=st.integers(0, 2**32 - 1))
+    def test_property_corrupted_folders_raise_and_change_nothing(corruption_setup, method, kind, target, seed):
+        import random
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        sources, targets = corruption_setup
+        name, corrupt = _KINDS[kind]
+        with tempfile.TemporaryDirectory() as d:
+            folder = Path(d) / "adapter"
+            shutil.copytree(sources[method], folder)
+            corrupt(folder, random.Random(seed))
+            tree = _tree(folder)
+            model = targets[target]
+            before = snapshot(model)
+            with pytest.raises((AdapterFileError, AdapterConfigError)) as err:
+                moelora.load_adapter(model, folder, adapter_name="loaded")
+            assert "\n" not in str(err.value), (name, err.value)
+            assert_same(before, snapshot(model))
+            assert _tree(folder) == tree, name

@@ -9,6 +9,7 @@ was trained with (the reference MixLoRA code forgets router coef/jitter/init ran
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -37,9 +38,11 @@ def check_int(key: str, value: Any) -> None:
 
 
 def check_number(key: str, value: Any) -> None:
-    """A real number (int or float; bool and strings such as ``"16"`` are refused)."""
+    """A finite real number (int or float; bool, strings such as ``"16"``, inf and nan are refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _type_error(key, value, "a number")
+    if not math.isfinite(value):
+        raise AdapterConfigError(f"{key}={value!r} is not a finite number")
 
 
 def check_bool(key: str, value: Any) -> None:
