@@ -246,3 +246,15 @@ def test_cli_subprocess_and_sigterm_drains(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_stop_strings(server):
+    c, offline = server["client"], server["offline"]
+    full = offline(PROMPTS[3], "mix")
+    stop = full[4:6]
+    want = full[:full.find(stop)]
+    r = c.completions.create(model="mix", prompt=PROMPTS[3], max_tokens=NEW, stop=[stop])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    text = "".join(ch.choices[0].text for ch in c.completions.create(model="mix", prompt=PROMPTS[3], max_tokens=NEW,
+                                                                     stop=stop, stream=True))
+    assert text == want

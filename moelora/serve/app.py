@@ -174,7 +174,7 @@ def create_app(engine: Engine, tokenizer, *, close_engine: bool = True):
 
     def _submit(prompt_ids, adapter, n):
         try:
-            return engine.submit(prompt_ids, adapter, n), None
+            return engine.submit(prompt_ids, adapter, n, loop=asyncio.get_running_loop()), None
         except QueueFullError as e:
             return None, _error(429, str(e), "RateLimitError", "queue_full")
         except PromptTooLongError as e:
@@ -185,14 +185,10 @@ def create_app(engine: Engine, tokenizer, *, close_engine: bool = True):
             return None, _error(503, str(e), "ServiceUnavailableError", "engine_stopped")
 
     async def _tokens(rid):
-        """The request's tokens in chunks as they come (the engine's blocking stream in a thread)."""
-        it = engine.stream(rid)
-        done = object()
-        while True:
-            tok = await asyncio.to_thread(next, it, done)
-            if tok is done:
-                return
-            yield tok
+        """The request's new tokens as they come (delivered to this event loop by the engine)."""
+        async for chunk in engine.astream(rid):
+            for tok in chunk:
+                yield tok
 
     async def _run(rid, stop, max_new):
         """Collect a whole response: (text, completion tokens, finish reason)."""

@@ -75,6 +75,8 @@ class _Request:
     adapter: str | None
     prompt_len: int
     out: queue.Queue = field(default_factory=queue.Queue)
+    loop: object = None  # an asyncio loop: outputs go to ``aout`` through it (``astream``)
+    aout: object = None
     sent: int = 0
     finished: bool = False
     tokens: list = field(default_factory=list)
@@ -195,9 +197,10 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids, adapter: str | None = None, max_new_tokens: int | None = None,
-               eos_token_id=None) -> str:
+               eos_token_id=None, loop=None) -> str:
         """Queue a greedy generation of ``prompt_ids`` (a list of token ids) with ``adapter``
-        (None or the base name: the base model); returns the request id for ``stream``."""
+        (None or the base name: the base model); returns the request id for ``stream``
+        (or, given the running asyncio ``loop``, for ``astream``)."""
         name = self.resolve(adapter)
         ids = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
         if not ids:
@@ -219,6 +222,10 @@ class Engine:
             rid = f"moelora-{self._counter}"
             self._counter += 1
             req = self._requests[rid] = _Request(rid, name, len(ids))
+            if loop is not None:
+                import asyncio
+
+                req.loop, req.aout = loop, asyncio.Queue()
             self._adapter_of[rid] = name
         _cb_private.register_handler(self._manager, rid, lambda out, req=req: self._deliver(req, out))
         got = self._manager.add_request(ids, request_id=rid, max_new_tokens=n, streaming=True,
@@ -228,8 +235,17 @@ class Engine:
             raise EngineError("the continuous batching manager refused the request")
         return rid
 
+    def _put(self, req: _Request, item) -> None:
+        if req.loop is not None:
+            try:
+                req.loop.call_soon_threadsafe(req.aout.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+        else:
+            req.out.put(item)
+
     def _deliver(self, req: _Request, out) -> None:  # in the generation thread
-        req.out.put(out)
+        self._put(req, out)
         if out.is_finished():
             self._finish(req, keep=True)
 
@@ -253,18 +269,47 @@ class Engine:
                     raise EngineError(f"request {rid} produced nothing for {timeout} s") from None
                 if out is _DONE:
                     return
-                if out.error:
-                    raise EngineError(f"request {rid} failed: {out.error}")
-                toks = list(out.generated_tokens)
-                new = toks[req.sent:]
-                req.sent = len(toks)
-                req.tokens = toks
-                yield from new
+                yield from self._new_tokens(req, out)
                 if out.is_finished():
                     return
         finally:
             if req.finished:
                 self._requests.pop(rid, None)
+
+    async def astream(self, rid: str, timeout: float | None = 300.0):
+        """``stream`` for asyncio (the request was submitted with ``loop=``): an async iterator
+        of lists of new token ids, no thread per request."""
+        import asyncio
+
+        req = self._requests.get(rid)
+        if req is None or req.aout is None:
+            raise KeyError(f"unknown request {rid!r} (or not submitted with loop=)")
+        try:
+            while True:
+                try:
+                    out = await asyncio.wait_for(req.aout.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise EngineError(f"request {rid} produced nothing for {timeout} s") from None
+                if out is _DONE:
+                    return
+                new = self._new_tokens(req, out)
+                if new:
+                    yield new
+                if out.is_finished():
+                    return
+        finally:
+            if req.finished:
+                self._requests.pop(rid, None)
+
+    @staticmethod
+    def _new_tokens(req: _Request, out) -> list[int]:
+        if out.error:
+            raise EngineError(f"request {req.rid} failed: {out.error}")
+        toks = list(out.generated_tokens)
+        new = toks[req.sent:]
+        req.sent = len(toks)
+        req.tokens = toks
+        return new
 
     def generate(self, prompt_ids, adapter: str | None = None, max_new_tokens: int | None = None, **kw) -> list[int]:
         """``submit`` + collect: the generated token ids."""
@@ -277,7 +322,7 @@ class Engine:
             return
         self._manager.cancel_request(rid)
         self._finish(req)
-        req.out.put(_DONE)
+        self._put(req, _DONE)
 
     def pending(self) -> int:
         with self._lock:
