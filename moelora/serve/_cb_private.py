@@ -1,7 +1,9 @@
 """Every touch of transformers' private continuous-batching code by ``moelora.serve``, in one place.
 
-Tested with transformers 5.24 (``TESTED``; the GPU machine has 5.17, not yet run there);
-``tests/test_serve_engine.py::test_cb_private_internals`` fails with a message naming what moved.
+Run and tested with transformers 5.24; transformers 5.17 (the GPU machine's) only checked by
+reading its source: every name below is there, with the same ``_generation_step`` body
+(``TESTED``). ``tests/test_serve_engine.py::test_cb_private_internals`` fails with a message
+naming what moved.
 
 What we rely on (``transformers.generation.continuous_batching``):
 - ``ContinuousBatchingManager`` (public) and its ``_generation_step`` (private): one step of the
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-TESTED = {"transformers": ">=5.24,<5.25"}
+TESTED = {"transformers": ">=5.17,<5.25"}  # 5.24 run, 5.17 read
 
 
 def _cb():
