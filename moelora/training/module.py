@@ -30,6 +30,8 @@ def check_same_adapter(checkpoint: Mapping[str, Any], model: nn.Module) -> None:
     current = moelora.get_adapter_config(model).to_dict()
     if saved is None or saved == current:
         return
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"the checkpoint's moelora_adapter_config is {type(saved).__name__}, not a mapping")
     diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
     raise ValueError(
         "the checkpoint was trained with a different adapter config: "
