@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 
 import moelora  # noqa: E402
 
-from conftest import randomize_adapter_  # noqa: E402
+from conftest import make_tiny, randomize_adapter_  # noqa: E402
 
 NEW = 12
 
@@ -60,6 +60,9 @@ def server(tmp_path_factory):
     for n in ("lora", "mix"):
         moelora.save_adapter(m, root / "adapters" / n, adapter_name=n)
     moelora.save_adapter(m, root / "spare" / "mix", adapter_name="mix")
+    other = make_tiny()  # another base model (24 wide): its adapter must not load
+    moelora.inject_adapter(other, moelora.LoraConfig(r=4))
+    moelora.save_adapter(other, root / "spare" / "otherbase")
     m.eval()
 
     def offline(text, name, new=NEW):
@@ -171,6 +174,11 @@ def test_load_unload_at_run_time(server):
     assert r.choices[0].text == server["offline"](PROMPTS[2], "mix")
     status, body = _post(base + "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(root / "missing")})
     assert status == 400 and "bad" in body["error"]["message"]
+    status, body = _post(base + "/v1/load_lora_adapter", {"lora_name": "ob", "lora_path": str(root / "spare" / "otherbase")})
+    assert status == 400 and "ob" in body["error"]["message"], body
+    assert "ob" not in [m.id for m in c.models.list().data]
+    assert c.completions.create(model="lora", prompt="abc", max_tokens=3).choices[0].text == \
+        server["offline"]("abc", "lora", 3)
     status, _ = _post(base + "/v1/unload_lora_adapter", {"lora_name": "mix2"})
     assert status == 200
     with pytest.raises(openai.NotFoundError):
