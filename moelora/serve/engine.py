@@ -17,7 +17,8 @@ mixed batch. Everything that touches transformers' private CB code is in ``_cb_p
 Settings that keep each response equal to ``model.generate`` with its adapter alone: no KV block
 sharing between requests (the KV of one prompt differs per adapter), no CUDA graphs or compile of
 the CB step (moelora's hooks run per forward), greedy decoding. LoRA-Switch rows always run
-unmerged here. Not done: the GPU slot pool / host cache / paging of adapters (all adapters live in
+unmerged here. While the engine is open it owns the model (its generation thread runs the
+forwards): do not call the model from elsewhere until ``close()``. Not done: the GPU slot pool / host cache / paging of adapters (all adapters live in
 the model), an adapter-aware scheduler, sampling parameters per request.
 """
 from __future__ import annotations
