@@ -484,10 +484,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     The target rules of ``save_adapter`` apply (an adapter folder is replaced atomically;
     anything else there is an error)."""
     cfg = get_adapter_config(model, adapter_name)
-    if not isinstance(cfg, LoraConfig):
-        raise ValueError("only plain LoRA adapters (moelora.LoraConfig) can be exported to PEFT")
+    if not isinstance(cfg, LoraConfig):  # BdLoraConfig is a LoraConfig too
+        raise ValueError("only plain or block-diagonal LoRA adapters (moelora.LoraConfig, moelora.BdLoraConfig) "
+                         "can be exported to PEFT")
     spec = arch_spec(model)
-    targets = sorted({spec.attn.get(m) or spec.mlp.get(m) for m in cfg.target_modules})
+    actual = {m: spec.attn.get(m) or spec.mlp.get(m) for m in cfg.target_modules}
+    targets = sorted(set(actual.values()))
     peft_cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout, "target_modules": targets, "bias": "none",
@@ -495,6 +497,14 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         "base_model_name_or_path": cfg.base_model_name_or_path, "modules_to_save": None,
         "init_lora_weights": True,
     }
+    if cfg.method == "bdlora":
+        # PEFT >= 0.21: LoraConfig(use_bdlora=BdLoraConfig(...)); its BlockDiagonalLinear stores a
+        # block-diagonal factor exactly as we do (row chunk i = block i), so tensors map 1:1.
+        peft_cfg["use_bdlora"] = {
+            "target_modules_bd_a": sorted({actual[m] for m in cfg.target_modules if cfg.role(m) == "row"}),
+            "target_modules_bd_b": sorted({actual[m] for m in cfg.target_modules if cfg.role(m) == "column"}),
+            "nblocks": cfg.nblocks, "match_strict": True,
+        }
     tensors = {}
     for k, v in adapter_state_dict(model, adapter_name).items():
         # ours: model.layers.0.self_attn.q_proj.lora_A -> PEFT: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight

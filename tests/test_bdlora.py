@@ -86,3 +86,16 @@ def test_rank_for_budget_and_clear_errors():
     with pytest.raises(ValueError, match="cannot be split"):
         moelora.inject_adapter(model, moelora.BdLoraConfig(r=4, nblocks=2))
     assert moelora.adapter_state(model) is None  # the failed inject left nothing behind
+
+
+def test_export_peft_loads_in_peft_with_equal_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "BdLoraConfig"):
+        pytest.skip("this PEFT has no block-diagonal LoRA (needs peft >= 0.21)")
+    model = _bd(nblocks=2, r=4)
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(3))
+    moelora.export_peft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(make_tiny("llama", hidden=24, inter=36), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(make_tiny("llama", hidden=24, inter=36)(ids).logits, model(ids).logits, atol=1e-3)
