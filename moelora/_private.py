@@ -8,6 +8,8 @@ fails with a message naming the attribute when one of these moves.
 - ``nn.Module._modules``: the dict behind ``nn.ModuleDict``; one ``.get`` per adapted module call
   on the decode hot path instead of ``in`` + ``[]`` (two lookups through ``__getattr__``).
 - transformers' ``DynamicCache.get_seq_length()`` and where ``forward`` receives the cache.
+- ``nn.Module._apply``: the one method ``.to()``/``.half()``/``.cuda()`` route every tensor
+  through; ``Float32Params`` overrides it so routers stay fp32 when the model is cast to 16 bits.
 """
 from __future__ import annotations
 
@@ -32,6 +34,19 @@ def stamp_change(t: torch.Tensor, stamp: tuple | None) -> str | None:
     if t._version != stamp[3]:
         return "overwritten"
     return None
+
+
+class Float32Params(nn.Module):
+    """A module whose parameters stay float32 when the model is cast to a 16-bit dtype
+    (``model.half()``, ``model.to(torch.bfloat16)``); device moves and float64 apply as usual.
+    The routers' softmax/top-k decision is sensitive to rounding (moelora/layers/router.py)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        for p in self.parameters(recurse=False):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        return out
 
 
 def module_dict_get(md: nn.ModuleDict, key):

@@ -363,3 +363,18 @@ def test_mixlora_virtual_experts_equal_the_loop_over_adapters(arch):
             torch.testing.assert_close(a["tokens"], b["tokens"])
             torch.testing.assert_close(a["load"], b["load"], atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(a["importance"], b["importance"], atol=1e-6, rtol=1e-6)
+
+
+def test_routers_stay_float32_when_the_model_is_cast():
+    model = _model(names=("mix", "sw"))
+    model.half()
+    routers = [m for m in model.modules() if isinstance(m, moelora.TopKRouter)]
+    assert routers and all(r.weight.dtype == torch.float32 for r in routers)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float16
+    model.to(torch.float64)  # wider than fp32: follows the model
+    assert all(r.weight.dtype == torch.float64 for r in routers)
+    model.to(torch.bfloat16)
+    assert all(r.weight.dtype == torch.float32 for r in routers)
+    with torch.no_grad():
+        out = model(torch.randint(1, 61, (2, 4)), adapter_names=["mix", "sw"]).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _private
+
 
 class Routing(NamedTuple):
     weights: torch.Tensor  # (N, K) fp32 mixing weights of the selected experts (0 = not used)
@@ -95,7 +97,7 @@ def load_balance_loss(
     return num_experts * torch.sum((counts / n) * (prob_sums / n))
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(_private.Float32Params):
     """fp32 linear router W_g (E, D), init N(0, init_range^2), with optional training-only jitter."""
 
     def __init__(
@@ -111,7 +113,8 @@ class TopKRouter(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        # fp32 even in bf16 models: the softmax/top-k decision is sensitive to rounding.
+        # fp32 even in bf16 models, also after model.half() / .to(bf16) (Float32Params): the
+        # softmax/top-k decision is sensitive to rounding.
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32, device=device))
         nn.init.normal_(self.weight, std=init_range)
         self.num_experts, self.top_k, self.strategy = num_experts, top_k, strategy
