@@ -32,18 +32,39 @@ class AdapterGenerationMixin:
 
 
 _CLASSES: dict[type, type] = {}
+_PREFIX, _SEP, _DOT = "adapted_", "_cls_", "_dot_"
+
+
+def _pickle_name(cls: type) -> str:
+    return _PREFIX + cls.__module__.replace(".", _DOT) + _SEP + cls.__qualname__.replace(".", _DOT)
 
 
 def adapted_class(cls: type) -> type:
+    """The subclass of ``cls`` with ``adapter_names`` in ``generate``. Its ``__name__`` is the
+    original's (``save_pretrained`` writes it as the architecture); it pickles by reference as
+    ``moelora.generation.<encoded name>`` (found again by this module's ``__getattr__``)."""
     if getattr(cls, "moelora_adapted_class", False):
         return cls
     sub = _CLASSES.get(cls)
     if sub is None:
-        sub = type(cls.__name__, (AdapterGenerationMixin, cls), {"__module__": cls.__module__,
-                                                                  "__qualname__": cls.__qualname__,
+        sub = type(cls.__name__, (AdapterGenerationMixin, cls), {"__module__": __name__,
+                                                                  "__qualname__": _pickle_name(cls),
                                                                   "moelora_base_class": cls})
         _CLASSES[cls] = sub
     return sub
+
+
+def __getattr__(name: str):
+    """Unpickling an adapted model in a fresh process: rebuild its class from the encoded name."""
+    if name.startswith(_PREFIX) and _SEP in name:
+        import importlib
+
+        module, qualname = (part.replace(_DOT, ".") for part in name[len(_PREFIX):].split(_SEP, 1))
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return adapted_class(obj)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def original_class(cls: type) -> type:

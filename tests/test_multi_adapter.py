@@ -378,3 +378,24 @@ def test_routers_stay_float32_when_the_model_is_cast():
     with torch.no_grad():
         out = model(torch.randint(1, 61, (2, 4)), adapter_names=["mix", "sw"]).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_pickle_round_trip_in_a_fresh_process(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    model = _model(names=("lora4", "mix"))
+    ids = torch.randint(1, 61, (2, 4), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, adapter_names=["mix", None], **kw)
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(model))
+    torch.save({"ids": ids, "ref": ref}, tmp_path / "io.pt")
+    code = ("import pickle, sys, torch; d = torch.load(sys.argv[2]); m = pickle.loads(open(sys.argv[1], 'rb').read());"
+            "import moelora; out = m.generate(d['ids'], adapter_names=['mix', None], max_new_tokens=3, do_sample=False,"
+            " pad_token_id=0); assert torch.equal(out, d['ref']), (out, d['ref']);"
+            "assert type(m).__name__ == 'LlamaForCausalLM'; print('OK')")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl"), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
