@@ -99,3 +99,49 @@ def test_export_peft_loads_in_peft_with_equal_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(make_tiny("llama", hidden=24, inter=36)(ids).logits, model(ids).logits, atol=1e-3)
+
+
+def test_block_diagonal_mixlora_equals_mixlora_with_the_dense_factors(tmp_path):
+    """MixLoraConfig(nblocks=2): expert B block-diagonal on gate/up, A on down, block-diagonal
+    attention LoRA; equals a plain MixLoRA holding the dense factors (eager and fused backends,
+    mixed batches through the virtual experts), and saves/loads."""
+    kw = dict(num_experts=3, top_k=2, r=4, lora_dropout=0.0)
+    bd = make_tiny("llama", hidden=24, inter=36)
+    moelora.inject_adapter(bd, moelora.MixLoraConfig(nblocks=2, **kw))
+    randomize_adapter_(bd, seed=3)
+    bd.eval()
+    mlp = bd.model.layers[0].mlp
+    assert tuple(mlp.experts["up_proj"].lora_B.shape) == (3, 36, 2) and tuple(mlp.experts["down_proj"].lora_A.shape) == (3, 4, 18)
+    dense = make_tiny("llama", hidden=24, inter=36)
+    moelora.inject_adapter(dense, moelora.MixLoraConfig(**kw))
+    with torch.no_grad():
+        for m1, m2 in zip(bd.modules(), dense.modules()):
+            if isinstance(m1, moelora.AdaptedLinear) and "default" in m1.adapters:
+                a, b = m1.adapters["default"].dense_factors()
+                m2.adapters["default"].lora_A.copy_(a)
+                m2.adapters["default"].lora_B.copy_(b)
+            if isinstance(m1, moelora.AdaptedFFN):
+                src, dst = m1.adapters["default"], m2.adapters["default"]
+                dst.router.weight.copy_(src.router.weight)
+                for k, e in src.experts.items():
+                    dst.experts[k].lora_A.copy_(e.A())
+                    dst.experts[k].lora_B.copy_(e.B())
+    ids = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = dense(ids).logits
+        for backend in ("eager", "fused"):
+            for layer in bd.model.layers:
+                layer.mlp.adapters["default"].backend = backend
+            torch.testing.assert_close(bd(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    moelora.add_adapter(bd, "plain", moelora.MixLoraConfig(num_experts=2, top_k=1, r=2, lora_dropout=0.0))
+    randomize_adapter_(bd, seed=6)  # new values for both adapters
+    with torch.no_grad():
+        mixed = bd(ids, adapter_names=["default", "plain", None]).logits
+        for i, n in enumerate(["default", "plain", None]):
+            torch.testing.assert_close(mixed[i:i + 1], bd(ids[i:i + 1], adapter_names=[n]).logits, atol=1e-5, rtol=1e-5)
+    moelora.save_adapter(bd, tmp_path / "bdmix", adapter_name="default")
+    again = moelora.load_adapter(make_tiny("llama", hidden=24, inter=36), tmp_path / "bdmix").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, bd(ids, adapter_names="default").logits, atol=1e-6, rtol=1e-6)
+    with pytest.raises(moelora.AdapterConfigError, match="divisor of r"):
+        moelora.MixLoraConfig(r=4, nblocks=3).validate()

@@ -353,6 +353,7 @@ def _moe_stacks(ffn, names, adapters) -> dict:
     present = [a for a in adapters if a is not None]
     tensors = [t for a in present for t in [a.router.weight] + [p for e in a.experts.values()
                                                                  for p in (e.lora_A, e.lora_B)]]
+    # (block-diagonal experts: the dense stacks are built from their blocks here, once per composition)
     compiling = torch.compiler.is_compiling()
     if not compiling:
         hit = _MOE_STACKS.get(ffn)
@@ -379,14 +380,14 @@ def _moe_stacks(ffn, names, adapters) -> dict:
             ref = next((e for e in experts if e is not None), None)
             if ref is None:
                 continue
-            _, out_f, _ = ref.lora_B.shape
-            in_f = ref.lora_A.shape[-1]
+            _, out_f, _ = ref.B().shape
+            in_f = ref.A().shape[-1]
             A = torch.zeros(S * emax + 1, rmax, in_f, dtype=ref.lora_A.dtype, device=dev)  # +1: the zero expert
             Bm = torch.zeros(S * emax + 1, out_f, rmax, dtype=ref.lora_B.dtype, device=dev)
             for s, e in enumerate(experts):
                 if e is not None:
-                    A[s * emax: s * emax + e.num_experts, : e.r] = e.lora_A
-                    Bm[s * emax: s * emax + e.num_experts, :, : e.r] = (e.lora_B.float() * e.scaling).to(Bm.dtype)
+                    A[s * emax: s * emax + e.num_experts, : e.r] = e.A()
+                    Bm[s * emax: s * emax + e.num_experts, :, : e.r] = (e.B().float() * e.scaling).to(Bm.dtype)
             stacks_a[role], stacks_b[role] = A, Bm
     out = {"router": router, "E": E, "k": k, "K": int(max(a.top_k for a in present)), "emax": emax,
            "A": stacks_a, "B": stacks_b}

@@ -17,8 +17,24 @@ def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0):
     return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
 
 
+def _block_diag_stack(w: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """(E, d_out, d_in/N) block parameters -> the dense block-diagonal (E, d_out, d_in)."""
+    E, d_out, cols = w.shape
+    rows = d_out // nblocks
+    dense = w.new_zeros(E, d_out, cols * nblocks)
+    for i in range(nblocks):
+        dense[:, i * rows:(i + 1) * rows, i * cols:(i + 1) * cols] = w[:, i * rows:(i + 1) * rows]
+    return dense
+
+
 class LoraExperts(nn.Module):
-    """E LoRA deltas of one projection, stacked: lora_A (E, R, in), lora_B (E, out, R)."""
+    """E LoRA deltas of one projection, stacked: lora_A (E, R, in), lora_B (E, out, R).
+
+    ``nblocks`` > 1 with ``block="B"`` (column-parallel projections) or ``block="A"`` (row-parallel)
+    makes that factor block-diagonal (block-diagonal MixLoRA, ``MixLoraConfig(nblocks=)``): only the
+    blocks are parameters (lora_B (E, out, R/N) or lora_A (E, R, in/N), PEFT's layout per expert);
+    ``A()`` / ``B()`` give the dense stacks every path computes with (the parameters themselves
+    when nothing is block-diagonal)."""
 
     def __init__(
         self,
@@ -29,25 +45,40 @@ class LoraExperts(nn.Module):
         dropout: float,
         init: str,
         adapter_dtype: str,
+        nblocks: int = 1,
+        block: str | None = None,
     ) -> None:
         super().__init__()
         w = base_layer.weight
         dtype = resolve_dtype(adapter_dtype, w)
         out_f, in_f = w.shape
         self.num_experts, self.r, self.scaling = num_experts, r, scaling
-        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_f, dtype=dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.empty(num_experts, out_f, r, dtype=dtype, device=w.device))
+        self.nblocks, self.block = nblocks, (block if nblocks > 1 else None)
+        side = {"A": in_f, "B": out_f}.get(self.block, 0)
+        if self.block is not None and (side % nblocks or r % nblocks):
+            raise ValueError(f"a projection of shape {tuple(w.shape)} with rank {r} cannot hold block-diagonal "
+                             f"LoRA experts of nblocks={nblocks} (features and rank must divide by nblocks)")
+        a_in = in_f // nblocks if self.block == "A" else in_f
+        b_r = r // nblocks if self.block == "B" else r
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, a_in, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, out_f, b_r, dtype=dtype, device=w.device))
         init_lora_(self.lora_A, self.lora_B, init, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def A(self) -> torch.Tensor:
+        return _block_diag_stack(self.lora_A, self.nblocks) if self.block == "A" else self.lora_A
+
+    def B(self) -> torch.Tensor:
+        return _block_diag_stack(self.lora_B, self.nblocks) if self.block == "B" else self.lora_B
+
     def delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """s * B_e A_e dropout(x) for the tokens x (n, in) routed to expert e (eager path)."""
-        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A[e])  # (n, R)
-        return F.linear(h, self.lora_B[e]) * self.scaling  # (n, out)
+        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.A()[e])  # (n, R)
+        return F.linear(h, self.B()[e]) * self.scaling  # (n, out)
 
     def gathered(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Deltas of the selected experts: x (N, in) or (N, K, in) -> (N, K, out), or (N, out)
         summed with ``weight`` (N, K)."""
         x = self.lora_dropout(x).to(self.lora_A.dtype)
         w = None if weight is None else weight.to(self.lora_A.dtype)
-        return _gathered_lora(x, self.lora_A, self.lora_B, idx, weight=w, scaling=self.scaling)
+        return _gathered_lora(x, self.A(), self.B(), idx, weight=w, scaling=self.scaling)

@@ -10,6 +10,7 @@ from ..base import (
     AdapterConfigError,
     _check_modules,
     _RoutedConfig,
+    check_int,
     check_names,
     check_number,
     check_str,
@@ -38,6 +39,9 @@ class MixLoraConfig(_RoutedConfig):
     attention_target_modules: tuple[str, ...] = ATTENTION_MODULES
     expert_target_modules: tuple[str, ...] = FFN_MODULES
     expert_backend: str = "auto"
+    # >1: block-diagonal MixLoRA for tensor parallelism (as moelora.BdLoraConfig): the experts' B
+    # on gate/up and A on down, and the attention LoRA, block-diagonal with nblocks blocks
+    nblocks: int = 1
 
     method: ClassVar[str] = "mixlora"
 
@@ -48,6 +52,9 @@ class MixLoraConfig(_RoutedConfig):
         for key in ("routing_strategy", "aux_loss_pooling", "expert_backend"):
             check_str(key, getattr(self, key))
         check_number("top_p", self.top_p)
+        check_int("nblocks", self.nblocks)
+        if self.nblocks < 1 or self.r % self.nblocks:
+            raise AdapterConfigError(f"nblocks must be a positive divisor of r={self.r}, got {self.nblocks}")
         check_number("capacity_factor", self.capacity_factor)
         _check_modules("attention_target_modules", self.attention_target_modules, ATTENTION_MODULES)
         _check_modules("expert_target_modules", self.expert_target_modules, FFN_MODULES)

@@ -45,11 +45,16 @@ class MixLoraAdapter(nn.Module):
         )
         self.experts = nn.ModuleDict()
         base_mlp = ffn.base_layer
+        down_attr = ffn.proj_names["down"]
+        nblocks = getattr(cfg, "nblocks", 1)
         for attr in expert_projs:  # attribute names of the base MLP that get expert LoRAs
+            # block-diagonal experts: B on the column-parallel gate/up, A on the row-parallel down
             self.experts[attr] = LoraExperts(
                 _frozen(getattr(base_mlp, attr)), cfg.num_experts, cfg.r, cfg.scaling,
                 cfg.lora_dropout, cfg.init_lora_weights, cfg.adapter_dtype,
+                nblocks=nblocks, block="A" if attr == down_attr else "B",
             )
+        self.nblocks = nblocks
 
     def _expert(self, ffn, role: str) -> LoraExperts | None:
         name = ffn.proj_names.get(role)
@@ -120,6 +125,7 @@ class MixLoraAdapter(nn.Module):
         cap = self.__dict__.get("_decode_capable_cache")
         if cap is None:
             cap = (not ffn.fused_gate_up and ffn.act_name is not None and self.strategy == "topk"
+                   and self.nblocks == 1  # the one-launch kernel reads dense expert stacks
                    and self._expert(ffn, "gate") is not None and self._expert(ffn, "up") is not None)
             self.__dict__["_decode_capable_cache"] = cap
         return cap
