@@ -24,6 +24,16 @@ def tensor_stamp(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.dtype, t.device, t._version)
 
 
+def version_stamps(tensors) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, in-place version) pairs: what a cache built from ``tensors`` was built from."""
+    return [(t, t._version) for t in tensors]
+
+
+def stamps_match(stamps, tensors) -> bool:
+    """The same tensor objects as ``stamps``, none written in place since."""
+    return len(stamps) == len(tensors) and all(t is u and t._version == v for (t, v), u in zip(stamps, tensors))
+
+
 def stamp_change(t: torch.Tensor, stamp: tuple | None) -> str | None:
     """None: unchanged since ``stamp``; "moved": new storage (``.to()``, ``.half()``, deepcopy);
     "overwritten": same storage written in place by someone else."""

@@ -21,6 +21,7 @@ from .architectures import (  # noqa: F401 - re-exported
     ARCHITECTURES,
     ArchSpec,
     UnsupportedArchitectureError,
+    actual_names,
     arch_spec,
     decoder_layers,
     get_submodule,
@@ -157,8 +158,7 @@ def _refuse_peft(model: nn.Module) -> None:
 
 def _target_paths(model: nn.Module, cfg, spec, layers) -> list[tuple[str, nn.Module]]:
     """(path, module) of every linear ``cfg`` would wrap (also inside an existing AdaptedFFN)."""
-    names = {n: m for n, m in model.named_modules()}
-    paths = {id(m): n for n, m in names.items()}
+    paths = {id(m): n for n, m in model.named_modules()}
     out = []
     attn_targets = getattr(cfg, "target_modules", None) or getattr(cfg, "attention_target_modules", ())
     mlp_targets = getattr(cfg, "target_modules", None) or getattr(cfg, "expert_target_modules", ())
@@ -170,7 +170,7 @@ def _target_paths(model: nn.Module, cfg, spec, layers) -> list[tuple[str, nn.Mod
             parent = getattr(layer, attr_name)
             if isinstance(parent, AdaptedFFN):
                 parent = parent.base_layer
-            for attr in dict.fromkeys(mapping[m] for m in logical if m in mapping):
+            for attr in actual_names(mapping, logical):
                 mod = getattr(parent, attr, None)
                 out.append((f"{paths.get(id(parent), '?')}.{attr}", mod))
     return out
@@ -483,8 +483,6 @@ def _records(model: nn.Module, adapter_name: str | None) -> dict:
     state = adapter_state(model)
     if state is None or not state.records:
         return {}
-    if adapter_name is None and state.active is None and len(state.records) == 1:
-        return next(iter(state.records.values()))
     if adapter_name is None and state.active not in state.records and len(state.records) == 1:
         return next(iter(state.records.values()))
     return state.records.get(adapter_name if adapter_name is not None else state.active, {})

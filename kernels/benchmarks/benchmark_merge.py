@@ -216,12 +216,8 @@ def main(argv=None) -> None:
     record("triton_skip (same selection)", time_ms(lambda: plan.merge(idx, gate)), moved=0)
 
     # Unfused torch baselines on the same weights. In pristine mode W0 is read from the plan's
-    # buffer (same offsets as W; private, but a second 12.9 GB copy would not fit the budget).
-    def w0_view(p):
-        off = p.data.storage_offset()
-        return plan._w0[off:off + p.numel()].view_as(p)
-
-    w0_views = [p.detach() if args.in_place else w0_view(p) for p in params]
+    # buffer (MergePlan.pristine_weights: views, as a second 12.9 GB copy would not fit the budget).
+    w0_views = [p.detach() for p in params] if args.in_place else plan.pristine_weights()
 
     def torch_unfused():
         idx, gate = next(rotation)

@@ -389,6 +389,10 @@ class MergePlan:
             raise ValueError(f"this plan merges K={self.top_k} experts, got {idx.numel()}")
         self._launch(idx.contiguous(), gate.contiguous(), force)
 
+    def pristine_weights(self) -> list[torch.Tensor]:
+        """W0 of every weight (views of the plan's pristine buffer; W itself for pristine=False)."""
+        return [self._w0[m[0]: m[0] + m[3] * m[4]].view(m[3], m[4]) for m in self._meta_rows]
+
     def restore(self) -> None:
         """Put the original weights back: bit-exact when pristine, minus-selection otherwise."""
         if self.pristine:

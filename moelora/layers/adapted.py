@@ -212,34 +212,41 @@ def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tens
 _STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _cached_per_site(site, names, tensors, build):
+    """``build()`` for this site and batch composition: cached for the last composition (outside
+    the module: no state_dict/deepcopy side effects) and checked at every use against each
+    tensor's identity and in-place version, so training, loading or replacing an adapter rebuilds
+    it. Under torch.compile: built in the graph."""
+    if torch.compiler.is_compiling():
+        return build()
+    hit = _STACKS.get(site)
+    if hit is not None and hit[0] == names and _private.stamps_match(hit[1], tensors):
+        return hit[2]
+    out = build()
+    _STACKS[site] = (names, _private.version_stamps(tensors), out)
+    return out
+
+
 def _stacked_lora(site, names, adapters):
     """(A (S, R, in), B (S, out, R), scale (S,)) of the batch's adapters at this site, zero where
-    an adapter does not target it, ranks zero-padded to the largest (exact zeros). Eager: cached
-    per site for the last batch composition (outside the module: no state_dict/deepcopy side
-    effects) and checked at every use against each tensor's storage and version, so training,
-    loading or replacing an adapter rebuilds it. Under torch.compile: built in the graph."""
-    present = [a for a in adapters if a is not None]
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        hit = _STACKS.get(site)
-        if hit is not None and hit[0] == names and all(
-                t is a_t and t._version == v for (t, v), a_t in zip(hit[1], _tensors(adapters))):
-            return hit[2]
-    r = max(a.r for a in present)
-    ref = present[0].lora_A
-    a_rows, b_rows = [], []
-    for a in adapters:
-        if a is None:
-            a_rows.append(ref.new_zeros(r, site.in_features))
-            b_rows.append(ref.new_zeros(site.out_features, r))
-        else:
-            a_rows.append(F.pad(a.lora_A.detach(), (0, 0, 0, r - a.r)))
-            b_rows.append(F.pad(a.lora_B.detach(), (0, r - a.r)))
-    scal = torch.tensor([0.0 if a is None else a.scaling for a in adapters], dtype=ref.dtype, device=ref.device)
-    out = (torch.stack(a_rows), torch.stack(b_rows), scal)
-    if not compiling:
-        _STACKS[site] = (names, [(t, t._version) for t in _tensors(adapters)], out)
-    return out
+    an adapter does not target it, ranks zero-padded to the largest (exact zeros); cached by
+    ``_cached_per_site``."""
+    def build():
+        present = [a for a in adapters if a is not None]
+        r = max(a.r for a in present)
+        ref = present[0].lora_A
+        a_rows, b_rows = [], []
+        for a in adapters:
+            if a is None:
+                a_rows.append(ref.new_zeros(r, site.in_features))
+                b_rows.append(ref.new_zeros(site.out_features, r))
+            else:
+                a_rows.append(F.pad(a.lora_A.detach(), (0, 0, 0, r - a.r)))
+                b_rows.append(F.pad(a.lora_B.detach(), (0, r - a.r)))
+        scal = torch.tensor([0.0 if a is None else a.scaling for a in adapters], dtype=ref.dtype, device=ref.device)
+        return torch.stack(a_rows), torch.stack(b_rows), scal
+
+    return _cached_per_site(site, names, _tensors(adapters), build)
 
 
 def _tensors(adapters) -> list[torch.Tensor]:
@@ -344,22 +351,16 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask):
     return h_mix, down_delta
 
 
-_MOE_STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 def _moe_stacks(ffn, names, adapters) -> dict:
-    """The batch's MixLoRA adapters of this FFN stacked by virtual expert (cached per site for the
-    last batch composition, checked against every tensor's storage and version at each use)."""
+    """The batch's MixLoRA adapters of this FFN stacked by virtual expert (cached by
+    ``_cached_per_site``; block-diagonal experts are made dense here, once per composition)."""
     present = [a for a in adapters if a is not None]
     tensors = [t for a in present for t in [a.router.weight] + [p for e in a.experts.values()
                                                                  for p in (e.lora_A, e.lora_B)]]
-    # (block-diagonal experts: the dense stacks are built from their blocks here, once per composition)
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        hit = _MOE_STACKS.get(ffn)
-        if hit is not None and hit[0] == names and len(hit[1]) == len(tensors) and all(
-                t is u and t._version == v for (t, v), u in zip(hit[1], tensors)):
-            return hit[2]
+    return _cached_per_site(ffn, names, tensors, lambda: _build_moe_stacks(ffn, adapters, present))
+
+
+def _build_moe_stacks(ffn, adapters, present) -> dict:
     emax = max(a.num_experts for a in present)
     rmax = max(e.r for a in present for e in a.experts.values())
     S = len(adapters)
@@ -389,8 +390,5 @@ def _moe_stacks(ffn, names, adapters) -> dict:
                     A[s * emax: s * emax + e.num_experts, : e.r] = e.A()
                     Bm[s * emax: s * emax + e.num_experts, :, : e.r] = (e.B().float() * e.scaling).to(Bm.dtype)
             stacks_a[role], stacks_b[role] = A, Bm
-    out = {"router": router, "E": E, "k": k, "K": int(max(a.top_k for a in present)), "emax": emax,
-           "A": stacks_a, "B": stacks_b}
-    if not compiling:
-        _MOE_STACKS[ffn] = (names, [(t, t._version) for t in tensors], out)
-    return out
+    return {"router": router, "E": E, "k": k, "K": int(max(a.top_k for a in present)), "emax": emax,
+            "A": stacks_a, "B": stacks_b}

@@ -305,3 +305,17 @@ def test_gpu_cuda_graph_replay():
         gate.copy_(new_gate)
         graph.replay()
         assert_all_close(params, reference(w0, a, b, s, new_idx, new_gate), torch.bfloat16)
+
+
+@cpu_interp
+def test_pristine_weights_are_the_weights_before_any_merge():
+    torch.manual_seed(0)
+    ws = [torch.randn(32, 48), torch.randn(16, 32)]
+    w0 = [w.clone() for w in ws]
+    a = [torch.randn(4, 4, w.shape[1]) for w in ws]
+    b = [torch.randn(4, w.shape[0], 4) for w in ws]
+    plan = MergePlan(ws, a, b, [0.5, 0.5], pristine=True)
+    plan.merge(torch.tensor([0, 2]), torch.tensor([0.6, 0.4]))
+    assert not torch.equal(ws[0], w0[0])
+    for got, want in zip(plan.pristine_weights(), w0):
+        assert torch.equal(got, want)

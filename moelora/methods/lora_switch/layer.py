@@ -156,7 +156,7 @@ class SwitchState:
             return
         if self.merged:
             with torch.no_grad():
-                for w, w0, change in zip(self._weights(), _pristine(self.plan), changes):
+                for w, w0, change in zip(self._weights(), self.plan.pristine_weights(), changes):
                     if change == "moved":
                         w.copy_(w0.to(device=w.device, dtype=w.dtype))
                     elif change is None:
@@ -216,13 +216,6 @@ class TorchMergePlan:
 
     def pristine_weights(self) -> list[torch.Tensor]:
         return self.pristine
-
-
-def _pristine(plan) -> list[torch.Tensor]:
-    """The plan's W0 per weight (a Triton MergePlan keeps them packed in one buffer)."""
-    if hasattr(plan, "pristine_weights"):
-        return plan.pristine_weights()
-    return [plan._w0[m[0]: m[0] + m[3] * m[4]].view(m[3], m[4]) for m in plan._meta_rows]
 
 
 def route_first_layer(module, args, kwargs):
