@@ -37,7 +37,7 @@ import moelora
 from moelora.training import outputs
 from moelora.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable, read_checkpoint
 from moelora.training.interrupt import GracefulInterrupt, last_checkpoint_path
-from moelora.training.module import check_same_adapter
+from moelora.training.module import attach_adapter, check_same_adapter
 from moelora.training.validate import ConfigValueError, check_config_values, check_target_keys
 
 log = logging.getLogger("moelora.train")
@@ -184,7 +184,7 @@ def build_run(cfg: DictConfig) -> Run:
         log.info("loading base model %s", model_name(cfg))
         model, tokenizer = hydra.utils.instantiate(cfg.model)
     with config_errors("adapter"):
-        model = moelora.inject_adapter(model, adapter_cfg)
+        model = attach_adapter(model, adapter_cfg, moelora.inject.DEFAULT_ADAPTER, cfg.get("seed"))
     if ckpt_path:
         # the whole checkpoint is read and checked now: a torn file or another base model's
         # checkpoint is one line here, not a traceback from inside trainer.fit
@@ -308,21 +308,27 @@ def unwritable_dir_message(err: OSError) -> str:
 
 
 def write_run_outputs(cfg, run_dir, model, adapter_cfg, params, metrics, trainer, start, *,
-                      interrupted: bool | None = None, resume: str | None = None) -> dict[str, Any]:
-    """adapter/, results.json and curves.png of a finished or interrupted run (rank 0 only)."""
-    for lg in trainer.loggers:
+                      interrupted: bool | None = None, resume: str | None = None, loggers: list | None = None,
+                      global_step: int | None = None, adapter_name: str | None = None) -> dict[str, Any]:
+    """adapter/, results.json and curves.png of a finished or interrupted run (rank 0 only).
+
+    ``loggers``, ``global_step`` and ``adapter_name`` default to the trainer's and the model's
+    active adapter; concurrent training (``moelora.training.concurrent``) passes its own per job."""
+    for lg in trainer.loggers if loggers is None else loggers:
         lg.save()  # flush metrics.csv before plotting it
     outputs.merge_resumed_metrics(run_dir)
     if cfg.get("save_adapter", True):
-        moelora.save_adapter(model, run_dir / "adapter")
+        moelora.save_adapter(model, run_dir / "adapter", adapter_name=adapter_name)
+    if interrupted is None:
+        interrupted = trainer.interrupted
     results = {
-        "status": "interrupted" if (trainer.interrupted if interrupted is None else interrupted) else "finished",
+        "status": "interrupted" if interrupted else "finished",
         "run_dir": str(run_dir),
         "method": adapter_cfg.method,
         "adapter": adapter_cfg.to_dict(),
         "model": model_name(cfg),
         "seed": cfg.get("seed"),
-        "global_step": trainer.global_step,
+        "global_step": trainer.global_step if global_step is None else global_step,
         "metrics": {k: v for k, v in sorted(metrics.items()) if v is not None},
         "trainable_params": params,
         "wall_time_s": round(time.time() - start, 2),

@@ -37,6 +37,10 @@ class AdapterInfo:
     name: str
     config: Any
     trainable: bool = True
+    # The adapter's own dropout stream (``AdapterState.seed_dropout``); None = torch's global RNG.
+    # With its own stream an adapter draws the same masks alone and in a batch shared with other
+    # adapters (concurrent training: each job's numbers must not depend on the others).
+    dropout_generator: torch.Generator | None = None
 
     @property
     def method(self) -> str:
@@ -51,7 +55,7 @@ class BatchPlan:
     base) and ``row_slots`` (B,) maps each row to its slot. ``token_slots(B, T)`` expands that to
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
-    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed")
+    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None) -> None:
         self.name = name
@@ -59,6 +63,10 @@ class BatchPlan:
         self.mixed = row_names is not None
         self._tok: tuple | None = None
         self.packed = False
+        # Per slot, the sequence length its rows had in their own (right-padded) batch before they
+        # were padded to this batch's length, or None; set by concurrent training so that an
+        # adapter's dropout masks have the shape they have when it runs alone (``AdapterState.dropout``).
+        self.lengths: tuple | None = None
         if self.mixed:
             self.slot_names = tuple(dict.fromkeys(row_names))
             slot = {n: i for i, n in enumerate(self.slot_names)}
@@ -81,6 +89,7 @@ class BatchPlan:
         plan.mixed = True
         plan._tok = None
         plan.packed = True
+        plan.lengths = None
         plan.slot_names = tuple(slot_names)
         plan.row_slots = token_slots.reshape(-1).long()
         return plan
@@ -160,6 +169,50 @@ class AdapterState:
         if len(set(names)) == 1:
             return BatchPlan(names[0])
         return BatchPlan(None, names, device)
+
+    # ---- per-adapter dropout streams ---------------------------------------------------------
+    def seed_dropout(self, name: str, seed: int | None, device=None) -> None:
+        """Give adapter ``name`` its own dropout generator seeded with ``seed`` (None: back to
+        torch's global RNG). ``device``: where its masks are drawn (the adapter's device)."""
+        self._check_known(name)
+        if seed is None:
+            self.adapters[name].dropout_generator = None
+            return
+        gen = torch.Generator(device=device or "cpu")
+        gen.manual_seed(int(seed))
+        self.adapters[name].dropout_generator = gen
+
+    def dropout(self, name: str | None, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Training dropout of adapter ``name``'s input ``x``: tokens first, (tokens, ...) or
+        (B, T, ...), holding exactly this forward's tokens of ``name`` (all of them in a uniform
+        batch, its rows' tokens in order in a mixed one).
+
+        With its own generator, the mask is drawn in the layout of the adapter's own batch: in a
+        mixed batch whose plan knows the rows' own length (``BatchPlan.lengths``), a
+        (rows, own length, ...) mask padded to this batch's length, so the numbers drawn equal
+        those of the adapter's batch run alone (padding positions get no dropout: they are masked)."""
+        info = self.adapters.get(name) if name is not None else None
+        gen = None if info is None else info.dropout_generator
+        if gen is None:
+            return torch.nn.functional.dropout(x, p, training=True)
+        plan = self.plan if self.in_forward else None
+        shape = tuple(x.shape)
+        draw = shape
+        own = None
+        if plan is not None and plan.mixed and not plan.packed and plan.lengths is not None:
+            slot = plan.slot_names.index(name)
+            own = plan.lengths[slot]
+            rows = plan.row_names.count(name)
+            seq = shape[0] // rows
+            if own is not None and own < seq:
+                draw = (rows, own) + shape[1:]
+            else:
+                own = None
+        keep = torch.empty(draw, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen)
+        if own is not None:
+            keep = torch.nn.functional.pad(keep.movedim(1, -1), (0, seq - own), value=1.0).movedim(-1, 1)
+            keep = keep.reshape(shape)
+        return x * keep * (1.0 / (1.0 - p))
 
     def _check_known(self, name: str) -> None:
         if name not in self.adapters:

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dispatch import gathered_kernel_applies
-from .lora_math import init_lora_, resolve_dtype
+from .lora_math import adapter_dropout, init_lora_, resolve_dtype
 
 
 def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0):
@@ -76,9 +76,11 @@ class LoraExperts(nn.Module):
         h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.A()[e])  # (n, R)
         return F.linear(h, self.B()[e]) * self.scaling  # (n, out)
 
-    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor | None = None,
+                 state=None, name: str | None = None) -> torch.Tensor:
         """Deltas of the selected experts: x (N, in) or (N, K, in) -> (N, K, out), or (N, out)
-        summed with ``weight`` (N, K)."""
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
+        summed with ``weight`` (N, K). Dropout from adapter ``name``'s own stream of the model
+        state ``state`` when given (``adapter_dropout``)."""
+        x = adapter_dropout(self.lora_dropout, x, state, name).to(self.lora_A.dtype)
         w = None if weight is None else weight.to(self.lora_A.dtype)
         return _gathered_lora(x, self.A(), self.B(), idx, weight=w, scaling=self.scaling)

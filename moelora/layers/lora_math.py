@@ -23,3 +23,15 @@ def init_lora_(lora_A: torch.Tensor, lora_B: torch.Tensor, init: str, r: int) ->
             else:
                 nn.init.normal_(a, std=1.0 / r)
         lora_B.zero_()
+
+
+def adapter_dropout(dropout: nn.Module, x: torch.Tensor, state, name: str | None) -> torch.Tensor:
+    """``x`` through an adapter's LoRA dropout in training: drawn from the adapter's own stream
+    (``state.dropout``, when the adapter ``name`` of the model state ``state`` has one) so that it
+    does not depend on other adapters in the batch; else the ``nn.Dropout`` module itself."""
+    p = getattr(dropout, "p", 0.0)
+    if not dropout.training or p == 0.0:
+        return x
+    if state is None or name is None:
+        return dropout(x)
+    return state.dropout(name, x, p)

@@ -9,5 +9,15 @@ from .schedules import warmup_lr_schedule
 
 __all__ = [
     "AtomicCheckpointIO", "MoeLoraDataModule", "MoeLoraModule", "ResumableDataLoader",
-    "ResumableSampler", "warmup_lr_schedule",
+    "ResumableSampler", "train_concurrently", "warmup_lr_schedule",
 ]
+
+
+def __getattr__(name: str):
+    # train_concurrently reads composed moelora-train configs through moelora.cli, which imports
+    # this package: imported on first use, so that there is no import cycle.
+    if name == "train_concurrently":
+        from .concurrent import train_concurrently
+
+        return train_concurrently
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,6 +39,62 @@ def check_same_adapter(checkpoint: Mapping[str, Any], model: nn.Module) -> None:
     )
 
 
+def attach_adapter(model: nn.Module, adapter_cfg: Any, adapter_name: str, seed: int | None) -> nn.Module:
+    """Add ``adapter_cfg`` to ``model`` as ``adapter_name`` (injecting when the model has no
+    adapter yet), its initial weights drawn from ``seed`` alone and its dropout from its own
+    stream seeded with ``seed``.
+
+    Why seeded here and not by the run's global seed: the global RNG state after building the base
+    depends on how the base was built and, in concurrent training, on the jobs added before; seeding
+    the adapter itself makes a job start, and draw its dropout masks, the same alone and beside other
+    jobs (``moelora.training.concurrent``). The global RNG is left as it was."""
+    state = moelora.adapter_state(model)
+    with torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        if state is None or not state.adapters:
+            model = moelora.inject_adapter(model, adapter_cfg, adapter_name=adapter_name)
+        else:
+            moelora.add_adapter(model, adapter_name, adapter_cfg)
+    device = next((p.device for n, p in model.named_parameters() if f"adapters.{adapter_name}." in n), None)
+    moelora.adapter_state(model).seed_dropout(adapter_name, seed, device=device)
+    return model
+
+
+def router_log_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, float]:
+    """Per routed layer of ``adapter_name`` (last forward): expert load fractions, load CV and
+    routing entropy, as the ``router/...`` metrics a run logs; empty for plain LoRA."""
+    stats = moelora.router_statistics(model, adapter_name)
+    if not stats:
+        return {}
+    logs: dict[str, float] = {}
+    for s in stats:
+        layer = f"router/layer{s['layer']:02d}"
+        logs[f"{layer}/load_cv"] = float(s["load_cv"])
+        logs[f"{layer}/entropy"] = float(s["entropy"])
+        for e, frac in enumerate(s["load"].tolist()):
+            logs[f"{layer}/load_e{e}"] = frac
+    logs["router/load_cv"] = sum(float(s["load_cv"]) for s in stats) / len(stats)
+    logs["router/entropy"] = sum(float(s["entropy"]) for s in stats) / len(stats)
+    return logs
+
+
+def dropout_rng_states(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state of every adapter's own dropout stream (``attach_adapter``), for checkpoints."""
+    state = moelora.adapter_state(model)
+    if state is None:
+        return {}
+    return {n: i.dropout_generator.get_state() for n, i in state.adapters.items() if i.dropout_generator is not None}
+
+
+def set_dropout_rng_states(model: nn.Module, states: Mapping[str, torch.Tensor]) -> None:
+    state = moelora.adapter_state(model)
+    for name, st in states.items():
+        info = None if state is None else state.adapters.get(name)
+        if info is not None and info.dropout_generator is not None:
+            info.dropout_generator.set_state(st)
+
+
 def _metric_key(task: str) -> str:
     """nn.ModuleDict keys cannot contain dots."""
     return task.replace(".", "_")
@@ -105,7 +161,7 @@ class MoeLoraModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Dropout and router jitter draw from torch's RNG: restoring it makes the resumed run
         # draw the same masks as the uninterrupted one.
-        rng = {"torch": torch.get_rng_state()}
+        rng = {"torch": torch.get_rng_state(), "dropout": dropout_rng_states(self.model)}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["moelora_rng"] = rng
@@ -117,6 +173,7 @@ class MoeLoraModule(pl.LightningModule):
         rng = checkpoint.get("moelora_rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
+        set_dropout_rng_states(self.model, rng.get("dropout", {}))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
@@ -159,19 +216,9 @@ class MoeLoraModule(pl.LightningModule):
 
     def _log_router_statistics(self) -> None:
         """Per routed layer: expert load fractions, load CV, routing entropy (last forward)."""
-        stats = moelora.router_statistics(self.model)
-        if not stats:
-            return  # plain LoRA: nothing is routed
-        logs: dict[str, float] = {}
-        for s in stats:
-            layer = f"router/layer{s['layer']:02d}"
-            logs[f"{layer}/load_cv"] = float(s["load_cv"])
-            logs[f"{layer}/entropy"] = float(s["entropy"])
-            for e, frac in enumerate(s["load"].tolist()):
-                logs[f"{layer}/load_e{e}"] = frac
-        logs["router/load_cv"] = sum(float(s["load_cv"]) for s in stats) / len(stats)
-        logs["router/entropy"] = sum(float(s["entropy"]) for s in stats) / len(stats)
-        self.log_dict(logs, on_step=True, on_epoch=False)
+        logs = router_log_dict(self.model)
+        if logs:  # (plain LoRA: nothing is routed)
+            self.log_dict(logs, on_step=True, on_epoch=False)
 
     # ---- evaluation: teacher-forced loss (dataloader 0) + greedy exact match (dataloader 1) -
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ... import _private
 from ...layers import decode_graphs
 from ...layers.dispatch import decode_kernels_apply
-from ...layers.lora_math import init_lora_, resolve_dtype
+from ...layers.lora_math import adapter_dropout, init_lora_, resolve_dtype
 
 
 class LoraAdapter(nn.Module):
@@ -45,9 +45,10 @@ class LoraAdapter(nn.Module):
         """s * B @ A in fp32, shape (out, in)."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference math: s * B A dropout(x), for x (..., in) -> (..., out)."""
-        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., R)
+    def delta(self, x: torch.Tensor, state=None, name: str | None = None) -> torch.Tensor:
+        """The reference math: s * B A dropout(x), for x (..., in) -> (..., out); dropout from
+        adapter ``name``'s own stream of the model state ``state`` when given (``adapter_dropout``)."""
+        h = F.linear(adapter_dropout(self.lora_dropout, x, state, name).to(self.lora_A.dtype), self.lora_A)  # (..., R)
         return F.linear(h, self.lora_B) * self.scaling
 
     def _decode(self, site, x2: torch.Tensor) -> torch.Tensor:
@@ -77,10 +78,11 @@ class LoraAdapter(nn.Module):
         y = F.linear(x, base.weight, base.bias)
         if self.merged:
             return y
+        state = site._state
         if lora_A.dtype != y.dtype:
-            return y + self.delta(x).to(y.dtype)
+            return y + self.delta(x, state, state.plan.name).to(y.dtype)
         if self.training:
-            x = self.lora_dropout(x)
+            x = adapter_dropout(self.lora_dropout, x, state, state.plan.name)
         # Same math in 2 launches instead of 4: h = A x; y += s * B h, in place (out-of-place
         # addmm would first copy y: one more launch per linear, and eager decode is launch-bound).
         h = F.linear(x, lora_A)  # (..., R)
@@ -89,7 +91,8 @@ class LoraAdapter(nn.Module):
 
     def delta_rows(self, site, x_rows: torch.Tensor, slot: int) -> torch.Tensor:
         """The delta for the tokens of a mixed batch that use this adapter (eager path)."""
-        return self.delta(x_rows)
+        state = site._state
+        return self.delta(x_rows, state, state.plan.slot_names[slot])
 
     # ---- merging (moelora.merge_lora) --------------------------------------------------------
     @torch.no_grad()

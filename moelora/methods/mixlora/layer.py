@@ -60,10 +60,17 @@ class MixLoraAdapter(nn.Module):
         name = ffn.proj_names.get(role)
         return self.experts[name] if name in self.experts else None
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
+    def _use_fused(self, ffn, x: torch.Tensor) -> bool:
         if self.backend == "auto":
-            return x.is_cuda
+            # The eager loop draws dropout per expert, the fused math once per token (and slot):
+            # an adapter with its own dropout stream trains in the fused layout, the one a mixed
+            # batch uses, so that it draws the same masks alone and beside other adapters.
+            return x.is_cuda or (self.training and self._own_dropout_stream(ffn))
         return self.backend == "fused"
+
+    def _own_dropout_stream(self, ffn) -> bool:
+        info = ffn._state.adapters.get(self.adapter_name)
+        return info is not None and info.dropout_generator is not None
 
     # ---- forward -------------------------------------------------------------------------
     def forward_site(self, ffn, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -72,7 +79,7 @@ class MixLoraAdapter(nn.Module):
         x = hidden_states.reshape(B * T, D)  # (N, D)
         state = ffn._state
         mask = state.token_mask_for(B, T)
-        fused = self._use_fused(x)
+        fused = self._use_fused(ffn, x)
         if fused and self._decode_kernel_applies(ffn, x):
             if decode_graphs.applies(x, state):
                 # Eager decode step: the whole FFN replayed as one CUDA graph (decode_graphs).
@@ -162,7 +169,8 @@ class MixLoraAdapter(nn.Module):
         for role in ffn._in_roles():
             base = base_pre[role].unsqueeze(1)  # (n, 1, F), frozen, once for all experts
             lora = self._expert(ffn, role)
-            pre[role] = base + lora.gathered(x, idx).to(base.dtype) if lora is not None else base
+            pre[role] = (base + lora.gathered(x, idx, state=ffn._state, name=self.adapter_name).to(base.dtype)
+                         if lora is not None else base)
         h = ffn._activate(pre)  # (n, K, F) or (n, 1, F) when no expert touches gate/up
         if h.shape[1] != idx.shape[1]:
             h = h.expand(-1, idx.shape[1], -1)
@@ -172,7 +180,8 @@ class MixLoraAdapter(nn.Module):
             rest = (1.0 - w.sum(-1).detach()).clamp_min(0.0)
             h_mix = h_mix + ffn._activate(base_pre) * rest.to(h.dtype)[:, None]
         lora = self._expert(ffn, "down")
-        down_delta = lora.gathered(h, idx, weight=w) if lora is not None else None
+        down_delta = (lora.gathered(h, idx, weight=w, state=ffn._state, name=self.adapter_name)
+                      if lora is not None else None)
         return h_mix, down_delta
 
     def forward_fused(self, ffn, x: torch.Tensor, routing: Routing) -> torch.Tensor:
