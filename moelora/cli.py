@@ -534,4 +534,8 @@ def _print_sweep_summary(sweep_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    train_main()
+    # `python -m moelora.cli`: run the entry point of the imported module, not of this __main__ copy,
+    # so that the sweep state the concurrent launcher records (moelora.cli._SWEEP_FAILURES) is the one read
+    from moelora.cli import train_main as _train_main
+
+    _train_main()

@@ -71,3 +71,113 @@ def test_a_job_beside_others_equals_the_job_alone(tmp_path: Path) -> None:
     with pytest.raises(AssertionError):
         _assert_same_tensors(_adapter(tmp_path / "other" / "lora_r4"), solo["lora_r4"], "another seed")
     assert other[0]["status"] == "finished"
+
+
+def test_failed_jobs_are_stopped_and_the_others_go_on(tmp_path: Path) -> None:
+    """A job whose loss turns non-finite and one whose data file is missing fail with their error;
+    the job beside them trains exactly as it does alone (their failure leaks nothing into it)."""
+    ok = ["adapter=lora", "adapter.lora_dropout=0.1", "trainer.max_steps=6"]
+    cfgs = [
+        compose_train_config([*FAST, *QUIET, *ok], output_dir=tmp_path / "mix" / "ok"),
+        compose_train_config([*FAST, *QUIET, *ok, "module.optimizer.lr=1e30", "trainer.gradient_clip_val=null"],
+                             output_dir=tmp_path / "mix" / "diverges"),
+        compose_train_config([*FAST, *QUIET, *ok, "data.source=/nonexistent/train.jsonl"],
+                             output_dir=tmp_path / "mix" / "no_data"),
+    ]
+    res = train_concurrently(cfgs, progress=False)
+    assert [r["status"] for r in res] == ["finished", "failed", "failed"]
+    assert "train/loss is nan" in res[1]["error"] and "/nonexistent/train.jsonl" in res[2]["error"]
+    on_disk = json.loads((tmp_path / "mix" / "no_data" / "results.json").read_text())
+    assert on_disk["status"] == "failed" and "/nonexistent/train.jsonl" in on_disk["error"]
+    alone = train_concurrently([compose_train_config([*FAST, *QUIET, *ok], output_dir=tmp_path / "alone")],
+                               progress=False)
+    assert alone[0]["status"] == "finished"
+    _assert_same_tensors(_adapter(tmp_path / "mix" / "ok"), _adapter(tmp_path / "alone"), "beside failing jobs")
+
+
+def test_resume_continues_every_unfinished_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after 3 optimizer steps (checkpoints every 2), the resumed run ends where the
+    uninterrupted one ends, for every job; a queued job (max_concurrent_jobs=2) starts on resume."""
+    from moelora.training import concurrent
+
+    jobs = list(JOBS)
+    extra = ["trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=2"]
+    full = train_concurrently([_cfg(tmp_path, j, "full", *extra) for j in jobs], max_concurrent_jobs=2, progress=False)
+    assert [r["status"] for r in full] == ["finished"] * 3
+
+    calls = {"n": 0}
+    step = concurrent._GroupLoop._optimizer_step
+
+    def killed_after_three(self, job):
+        if calls["n"] == 3 * 2:  # both running jobs did 3 steps
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        step(self, job)
+
+    monkeypatch.setattr(concurrent._GroupLoop, "_optimizer_step", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_concurrently([_cfg(tmp_path, j, "cut", *extra) for j in jobs], max_concurrent_jobs=2, progress=False)
+    monkeypatch.setattr(concurrent._GroupLoop, "_optimizer_step", step)
+    assert not (tmp_path / "cut" / jobs[2] / "adapter").exists()  # queued behind the two running jobs
+    resumed = train_concurrently([_cfg(tmp_path, j, "cut", *extra) for j in jobs], max_concurrent_jobs=2,
+                                 resume=True, progress=False)
+    assert [r["status"] for r in resumed] == ["finished"] * 3
+    for j in jobs:
+        _assert_same_tensors(_adapter(tmp_path / "cut" / j), _adapter(tmp_path / "full" / j), f"{j} resumed")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_with_the_concurrent_launcher(tmp_path: Path) -> None:
+    """``moelora-train -m ... hydra/launcher=concurrent``: one process, one base for the group,
+    every job's run directory as a solo run's, the sweep summary; a job whose data file is missing
+    is listed as failed with its error and the sweep exits 2 after the others finished."""
+    import os
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "MOELORA_LOG_DIR": str(tmp_path / "logs"), "HF_HUB_OFFLINE": "1",
+           # the repo first: an editable install made before the launcher existed does not map hydra_plugins
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MOELORA_DEBUG", None)
+    args = ["-m", "adapter=lora,mixlora", "data.source=synthetic,/nonexistent/train.jsonl", *FAST,
+            "trainer.max_steps=3", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+            "hydra/launcher=concurrent", "hydra.launcher.max_concurrent_jobs=1", "hydra.launcher.progress=false",
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run([sys.executable, "-m", "moelora.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    log = (sweep / "concurrent.log").read_text()
+    assert log.count("loading base model") == 1 and "shared by 4 jobs" in log
+    rows = {r["job"]: r for r in __import__("csv").DictReader((sweep / "summary.csv").open())}
+    by_status = {j: r["status"] for j, r in rows.items()}
+    assert sorted(by_status.values()) == ["failed", "failed", "finished", "finished"], by_status
+    for job, row in rows.items():
+        run = sweep / job
+        assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+        if row["status"] == "failed":
+            assert "/nonexistent/train.jsonl" in row["error"] and "data.source=/nonexistent" in row["overrides"]
+            continue
+        results = json.loads((run / "results.json").read_text())
+        assert results["global_step"] == 3 and results["method"] in ("lora", "mixlora")
+        assert "test/acc" in results["metrics"] and "val/loss" in results["metrics"]
+        header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {"step", "train/loss", "train/lr", "val/loss"} <= set(header)
+        assert (run / "curves.png").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+        assert moelora.load_adapter(__import__("moelora.training.tiny", fromlist=["x"]).tiny_llama(
+            hidden_size=32, intermediate_size=64)[0], run / "adapter") is not None
+    assert "Sweep summary" in proc.stdout
+    assert proc.stderr.count("moelora-train: error: job") == 2 and "2 sweep job(s) failed" in proc.stderr
+
+
+def test_the_launcher_is_packaged() -> None:
+    """Hydra finds launchers in its ``hydra_plugins`` namespace package: ours must be in the
+    package list (editable and wheel installs) and the namespace must stay without __init__.py."""
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "hydra_plugins.moelora_concurrent" in packages
+    assert not (REPO / "hydra_plugins" / "__init__.py").exists()
+    assert (REPO / "hydra_plugins" / "moelora_concurrent" / "__init__.py").is_file()
