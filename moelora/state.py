@@ -57,7 +57,8 @@ class BatchPlan:
 
     __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths")
 
-    def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None) -> None:
+    def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
+                 row_slots: torch.Tensor | None = None) -> None:
         self.name = name
         self.row_names = row_names
         self.mixed = row_names is not None
@@ -70,7 +71,8 @@ class BatchPlan:
         if self.mixed:
             self.slot_names = tuple(dict.fromkeys(row_names))
             slot = {n: i for i, n in enumerate(self.slot_names)}
-            self.row_slots = torch.tensor([slot[n] for n in row_names], dtype=torch.long, device=device)
+            self.row_slots = (row_slots if row_slots is not None
+                              else torch.tensor([slot[n] for n in row_names], dtype=torch.long, device=device))
         else:
             self.slot_names = (name,)
             self.row_slots = None
@@ -140,6 +142,7 @@ class AdapterState:
     switch: dict[str, Any] = field(default_factory=dict)  # LoRA-Switch per-adapter SwitchState
     _mask_cache: tuple | None = field(default=None, repr=False)
     _static_slots: dict = field(default_factory=dict, repr=False)  # (B, T, device) -> [buffer, plan it holds]
+    _row_slots: dict = field(default_factory=dict, repr=False)  # (row slot pattern, device) -> (B,) tensor
 
     # ---- the batch plan -------------------------------------------------------------------
     def resolve_names(self, names, batch: int | None, device=None) -> BatchPlan:
@@ -168,7 +171,22 @@ class AdapterState:
                                  "give one name (or None for the base model) per sequence")
         if len(set(names)) == 1:
             return BatchPlan(names[0])
-        return BatchPlan(None, names, device)
+        return BatchPlan(None, names, device, self._row_slot_tensor(names, device))
+
+    def _row_slot_tensor(self, row_names: tuple, device) -> torch.Tensor:
+        """The (B,) slot of each row of a mixed batch: one tensor per row pattern and device, made
+        once. Why: under torch.compile (``generate`` with a static cache) a tensor built from a Python
+        list becomes a CPU constant copied to the GPU inside the graph, and Inductor then runs the
+        graph without CUDA graphs; a cached tensor enters it as an input instead (the uncompiled
+        prefill of the same ``generate`` call makes it)."""
+        first = {n: i for i, n in enumerate(dict.fromkeys(row_names))}
+        key = (tuple(first[n] for n in row_names), str(device))
+        t = self._row_slots.get(key)
+        if t is None:
+            if len(self._row_slots) >= 64:  # bounded: serving sees many batch compositions
+                self._row_slots.pop(next(iter(self._row_slots)))
+            t = self._row_slots[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return t
 
     # ---- per-adapter dropout streams ---------------------------------------------------------
     def seed_dropout(self, name: str, seed: int | None, device=None) -> None:

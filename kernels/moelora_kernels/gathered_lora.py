@@ -147,8 +147,9 @@ def _check_inputs(
     tensors = [x, lora_A, lora_B, idx] + ([weight] if weight is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device, got {[str(t.device) for t in tensors]}")
-    # A range check costs a host sync on CUDA, so it only runs where it is free.
-    if idx.device.type == "cpu" and idx.numel() > 0:
+    # A range check costs a host sync on CUDA, so it only runs where it is free (and not while
+    # torch.compile traces: a data-dependent .item() would break the graph there).
+    if idx.device.type == "cpu" and idx.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= E:
             raise ValueError(f"idx values must lie in [0, {E}), got min {lo}, max {hi}")

@@ -243,7 +243,9 @@ def _stacked_lora(site, names, adapters):
             else:
                 a_rows.append(F.pad(a.lora_A.detach(), (0, 0, 0, r - a.r)))
                 b_rows.append(F.pad(a.lora_B.detach(), (0, r - a.r)))
-        scal = torch.tensor([0.0 if a is None else a.scaling for a in adapters], dtype=ref.dtype, device=ref.device)
+        # new_full, not torch.tensor(list): under torch.compile the latter is a CPU constant, which
+        # keeps Inductor from CUDA-graphing the decode step (see AdapterState._row_slot_tensor).
+        scal = torch.stack([ref.new_full((), 0.0 if a is None else a.scaling) for a in adapters])
         return torch.stack(a_rows), torch.stack(b_rows), scal
 
     return _cached_per_site(site, names, _tensors(adapters), build)
