@@ -1,7 +1,8 @@
 """Tensor-parallel adapted linears on DTensor with the gloo backend, 2 and 4 CPU processes (issue 18):
 the sharded forward, every gradient and one optimizer step equal the dense reference, and the
-collectives per layer: block-diagonal LoRA needs none beyond the base layer's, S-LoRA-style
-sharding of plain LoRA one more."""
+collectives per layer: block-diagonal LoRA needs none beyond the base layer's; S-LoRA-style
+sharding of plain LoRA one more on a column-parallel linear (the all-gather of x·A), none on a
+row-parallel one (its partial sum joins the base's all-reduce); replicated LoRA none."""
 import os
 import socket
 
@@ -12,7 +13,7 @@ import torch.multiprocessing as mp
 
 IN, OUT, R, SCALE = 16, 24, 8, 0.5
 EXPECTED = {  # collectives per forward: (colwise, rowwise)
-    "base": (0, 1), "bdlora": (0, 1), "slora": (1, 2), "replicated": (0, 2),
+    "base": (0, 1), "bdlora": (0, 1), "slora": (1, 1), "replicated": (0, 1),
 }
 
 
@@ -61,14 +62,8 @@ def _worker(rank, n, port, queue):
                 (y * gy_loc).sum().backward()
                 (y_ref * gy).sum().backward()
                 ok_y = torch.allclose(y, y_want.detach(), atol=1e-5, rtol=1e-5)
+                # replicated factors too: DTensor sums their per-rank gradient shares in the backward
                 ga, gb = mod.lora_A.grad.full_tensor(), mod.lora_B.grad.full_tensor()
-                if style == "colwise" and form == "replicated":  # partial per rank: the data-parallel sum
-                    ga, gb = ga.clone(), gb.clone()
-                    dist.all_reduce(ga)
-                    dist.all_reduce(gb)
-                    ok_g = torch.allclose(ga, a_ref.grad, atol=1e-4, rtol=1e-5) and torch.allclose(gb, b_ref.grad, atol=1e-4, rtol=1e-5)
-                    results[(style, form)] = (ok_y, ok_g, True, count)
-                    continue
                 ok_g = torch.allclose(ga, a_ref.grad, atol=1e-4, rtol=1e-5) and torch.allclose(gb, b_ref.grad, atol=1e-4, rtol=1e-5)
                 opt = torch.optim.SGD([mod.lora_A, mod.lora_B], lr=0.1)
                 opt.step()
@@ -108,4 +103,5 @@ def test_sharded_adapters_equal_dense_and_count_collectives(n):
             assert count == want, f"{style} {form}: {count} collectives per forward, expected {want}"
         for style in ("colwise", "rowwise"):
             base = results[(style, "base")][3]
-            assert results[(style, "bdlora")][3] == base < results[(style, "slora")][3]
+            assert results[(style, "bdlora")][3] == base
+        assert results[("colwise", "slora")][3] > results[("colwise", "base")][3]
