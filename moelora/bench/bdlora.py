@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="decode part: paired repeats per case")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="decode part: method loops, reversed every other round")
+    p.add_argument("--no-decode-graphs", dest="decode_graphs", action="store_false",
+                   help="decode part: plain LoRA without its eager-decode CUDA graphs (the block-diagonal forms have none)")
     p.add_argument("--time-budget-s", type=float, default=None, help="decode cases not started by then are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for bdlora.json and the CSVs")
@@ -318,7 +320,8 @@ def main(argv=None) -> dict:
     if "decode" in args.parts:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        result["decode"], extra = run_decode(args, shape_name, device, dtype, t_start)
+        with moelora.decode_graphs(args.decode_graphs):
+            result["decode"], extra = run_decode(args, shape_name, device, dtype, t_start)
         result["environment"].update(extra)
         write()
         print(format_table(result["decode"], DECODE_COLUMNS), flush=True)
