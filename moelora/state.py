@@ -55,7 +55,7 @@ class BatchPlan:
     base) and ``row_slots`` (B,) maps each row to its slot. ``token_slots(B, T)`` expands that to
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
-    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths")
+    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
                  row_slots: torch.Tensor | None = None) -> None:
@@ -63,6 +63,7 @@ class BatchPlan:
         self.row_names = row_names
         self.mixed = row_names is not None
         self._tok: tuple | None = None
+        self._seg: tuple | None = None
         self.packed = False
         # Per slot, the sequence length its rows had in their own (right-padded) batch before they
         # were padded to this batch's length, or None; set by concurrent training so that an
@@ -90,6 +91,7 @@ class BatchPlan:
         plan.row_names = None
         plan.mixed = True
         plan._tok = None
+        plan._seg = None
         plan.packed = True
         plan.lengths = None
         plan.slot_names = tuple(slot_names)
@@ -108,6 +110,31 @@ class BatchPlan:
         tok = self.row_slots.repeat_interleave(seq)
         self._tok = ((batch, seq), tok)
         return tok
+
+    def segments(self, batch: int, seq: int) -> tuple[torch.Tensor, list[int]]:
+        """``(idx, counts)``: idx (S, n_max) holds each slot's token indices (into the flattened
+        batch*seq tokens) in order, padded with ``batch*seq`` (a zero row the caller appends);
+        counts[s] = slot s's tokens. What the gathered training forms index each adapter's own
+        tokens with (no token of another adapter ever enters its GEMMs). Built once per forward and
+        shape, on the host from the row names (no device sync)."""
+        c = self._seg
+        if c is not None and c[0] == (batch, seq):
+            return c[1]
+        if self.row_names is not None and len(self.row_names) == batch:
+            pos = torch.arange(seq)
+            per = [(torch.tensor([r for r, n in enumerate(self.row_names) if n == name])[:, None] * seq
+                    + pos[None]).reshape(-1) for name in self.slot_names]
+        else:  # a packed plan: the slots are per token (one host read of them)
+            tok = self.token_slots(batch, seq).cpu()
+            per = [torch.nonzero(tok == s, as_tuple=True)[0] for s in range(len(self.slot_names))]
+        counts = [int(p.numel()) for p in per]
+        n_max = max(counts)
+        idx = torch.full((len(per), n_max), batch * seq, dtype=torch.long)
+        for s, p in enumerate(per):
+            idx[s, : counts[s]] = p
+        out = (idx.to(self.row_slots.device), counts)
+        self._seg = ((batch, seq), out)
+        return out
 
     def rows_of(self, slot: int, batch: int, seq: int) -> torch.Tensor:
         """Token indices (into the flattened batch*seq tokens) that use ``slot_names[slot]``."""

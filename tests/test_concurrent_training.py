@@ -181,3 +181,109 @@ def test_the_launcher_is_packaged() -> None:
     assert "hydra_plugins.moelora_concurrent" in packages
     assert not (REPO / "hydra_plugins" / "__init__.py").exists()
     assert (REPO / "hydra_plugins" / "moelora_concurrent" / "__init__.py").is_file()
+
+
+# ---- the gathered mixed-batch training forms against the eager loop ------------------------------
+MIXED_ADAPTERS = {
+    "lora_r4": moelora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1),
+    "lora_r8": moelora.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.2, target_modules=("q_proj", "v_proj", "up_proj")),
+    "mix_e4k2": moelora.MixLoraConfig(num_experts=4, top_k=2, r=4, lora_alpha=8, lora_dropout=0.1),
+    "mix_e2k1": moelora.MixLoraConfig(num_experts=2, top_k=1, r=6, lora_alpha=12, lora_dropout=0.3),
+}
+
+
+def _mixed_batch_grads(arch: str, eager: bool, seed: int) -> tuple[torch.Tensor, dict, dict]:
+    """Logits, aux losses and every adapter gradient of one training forward/backward of a mixed
+    batch (every adapter twice, one base row, right padding), with seeded dropout streams."""
+    from conftest import make_tiny, randomize_adapter_
+
+    from moelora.layers.dispatch import eager_mixed_batches
+    from moelora.state import BatchPlan
+
+    model = make_tiny(arch)
+    for i, (name, cfg) in enumerate(MIXED_ADAPTERS.items()):
+        if i == 0:
+            moelora.inject_adapter(model, cfg, adapter_name=name)
+        else:
+            moelora.add_adapter(model, name, cfg)
+        moelora.adapter_state(model).seed_dropout(name, 100 + i)
+    randomize_adapter_(model, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    names = (*MIXED_ADAPTERS, None, *MIXED_ADAPTERS)
+    B, T = len(names), 11
+    ids = torch.randint(0, 61, (B, T), generator=g)
+    lengths = torch.randint(3, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    plan = BatchPlan(None, names)
+    plan.lengths = tuple(int(lengths.max()) - (s % 2) for s in range(len(plan.slot_names)))  # own lengths < T too
+    model.train()
+    with eager_mixed_batches(eager):
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=plan)
+    weights = torch.randn(out.logits.shape, generator=g)
+    ((out.logits * weights * mask[..., None]).sum() + sum(out.aux_losses.values())).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".adapters." in n for n in grads)
+    return out.logits.detach() * mask[..., None], {k: v.detach() for k, v in out.aux_losses.items()}, grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])  # phi3: fused qkv and gate_up projections
+def test_gathered_mixed_training_equals_the_eager_loop(arch: str) -> None:
+    """fp32, fresh random inputs: the one-GEMM-pair LoRA form and the virtual-expert MixLoRA form
+    give the eager loop's logits, aux losses and gradients (dropout on, per-adapter streams)."""
+    for seed in (0, 1):
+        ref_logits, ref_aux, ref_grads = _mixed_batch_grads(arch, eager=True, seed=seed)
+        logits, aux, grads = _mixed_batch_grads(arch, eager=False, seed=seed)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        assert aux.keys() == ref_aux.keys() == {"mix_e4k2", "mix_e2k1"}
+        for k in aux:
+            torch.testing.assert_close(aux[k], ref_aux[k], rtol=1e-5, atol=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        assert any("mix_e2k1" in n and "router" in n for n in grads)  # the aux loss reaches the routers
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_gathered_forms_are_what_mixed_training_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training forward of a mixed batch takes the gathered forms, and the eager switch the
+    loop: the comparison above compares two different code paths."""
+    from moelora.layers import adapted
+
+    calls = {"_lora_slots_train": 0, "_virtual_experts": 0}
+
+    def counted(fn):
+        orig = getattr(adapted, fn)
+
+        def wrapper(*args, **kwargs):
+            calls[fn] += 1
+            return orig(*args, **kwargs)
+        monkeypatch.setattr(adapted, fn, wrapper)
+
+    for fn in calls:
+        counted(fn)
+    _mixed_batch_grads("llama", eager=False, seed=0)
+    assert calls["_lora_slots_train"] > 0 and calls["_virtual_experts"] == 2  # two decoder layers
+    calls.update({k: 0 for k in calls})
+    _mixed_batch_grads("llama", eager=True, seed=0)
+    assert calls == {"_lora_slots_train": 0, "_virtual_experts": 0}
+
+
+def test_benchmark_smoke_mode_writes_its_tables(tmp_path: Path) -> None:
+    """``python -m moelora.bench.concurrent_training --device cpu --model tiny``: every mode's row
+    (jobs/hour, non-padding tokens/s, peak memory) with versions and command, as JSON and CSV."""
+    import csv
+
+    from moelora.bench import concurrent_training as bench
+
+    result = bench.main(["--device", "cpu", "--model", "tiny", "--jobs", "1,2", "--steps", "2", "--warmup", "0",
+                         "--rows", "2", "--seq", "12", "--out", str(tmp_path)])
+    rows = result["results"]
+    assert [(r["n_jobs"], r["mode"]) for r in rows] == [(1, "concurrent"), (1, "sequential"),
+                                                         (2, "concurrent"), (2, "sequential")]
+    for r in rows:
+        assert r["jobs_per_hour"] > 0 and r["tokens_per_s"] > 0 and r["label_tokens"] > 0
+        assert r["peak_mem_gib"] is None  # CPU: no device memory counter
+    # the same jobs see the same tokens in both modes
+    assert rows[2]["label_tokens"] == rows[3]["label_tokens"] and "speedup_vs_sequential" in rows[2]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["versions"]["command"] and on_disk["versions"]["torch"] and on_disk["device"] == "cpu"
+    assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == len(rows)

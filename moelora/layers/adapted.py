@@ -11,11 +11,17 @@ Execution, decided here for every forward from the state's ``BatchPlan``:
 - a mixed batch: the frozen module once for all tokens, plus each adapter's delta on its tokens.
   At inference, when every adapter of the site is plain LoRA, all deltas go through ONE gathered
   shrink/expand (adapter slot = expert slot of ``moelora_kernels.gathered_lora``; ranks are
-  zero-padded to the largest, which adds exact zeros); otherwise (training, LoRA-Switch rows)
-  the eager loop over the batch's adapters, the reference the fast path is tested against.
+  zero-padded to the largest, which adds exact zeros). In training (concurrent training's mixed
+  batches) gathered forms too: the tokens gathered by adapter through one batched GEMM pair
+  (``_lora_slots_train``), and all top-k MixLoRA adapters of an FFN as one virtual-expert mixture
+  over differentiable stacks.
+  Otherwise (LoRA-Switch or block-diagonal LoRA rows, top-p/switch routing, router jitter in
+  training, or ``dispatch.eager_mixed_batches()``) the eager loop over the batch's adapters, the
+  reference the gathered forms are tested against.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -24,6 +30,8 @@ import torch.nn.functional as F
 
 from .. import _private
 from . import decode_graphs
+from .dispatch import gathered_mixed_training
+from .lora_math import adapter_dropout
 
 # ACT_NAMES: activation modules of transformers.activations that the fused MixLoRA decode kernel implements.
 ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
@@ -185,11 +193,14 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
         else:
             y = _lora_slots(site, x2, stacks, plan.token_slots(B, T))
         return y.view(*x.shape[:-1], y.shape[-1])
+    if present and gathered_mixed_training() and all(a.kind == "lora" and not a.merged for a in present):
+        y = _lora_slots_train(site, x2, adapters, plan, B, T)  # training: differentiable, gathered
+        return y.view(*x.shape[:-1], y.shape[-1])
     y = F.linear(x, base.weight, base.bias)
     if not present:
         return y
     y2 = y.view(-1, y.shape[-1])
-    for slot, a in enumerate(adapters):  # the eager reference (and the training path)
+    for slot, a in enumerate(adapters):  # the eager reference (and LoRA-Switch / block-diagonal rows)
         if a is None:
             continue
         rows = plan.rows_of(slot, B, T)
@@ -207,6 +218,38 @@ def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tens
     w = scal[tok].view(-1, 1)  # each token's adapter scale; 0 for tokens without an adapter here
     delta = _gathered_lora(x2.to(a_stack.dtype), a_stack, b_stack, tok.view(-1, 1), weight=w, scaling=1.0)
     return y + delta.to(y.dtype)
+
+
+def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) -> torch.Tensor:
+    """The training form of ``_lora_slots``: the tokens gathered by adapter into (S, n, in)
+    (``BatchPlan.segments``: each adapter's own tokens, padded with a zero row), ONE batched shrink
+    GEMM against the adapters' stacked A's and ONE batched expand GEMM against their B's (ranks
+    zero-padded to the largest: exact zeros), the deltas added back to their tokens. Exact,
+    differentiable, no loop over adapters in the math, and no token of one adapter enters another
+    adapter's GEMMs, so a job whose activations overflow cannot reach another job's gradients
+    through products with zeros. Only the dropout draws go adapter by adapter: each draws from its
+    own stream (``AdapterState.dropout``), so its masks do not depend on the others."""
+    idx, counts = plan.segments(B, T)
+    state = site._state
+    slots = [s for s, a in enumerate(adapters) if a is not None]
+    present = [adapters[s] for s in slots]
+    xd = x2
+    if site.training:
+        for s in slots:
+            a = adapters[s]
+            if getattr(a.lora_dropout, "p", 0.0) > 0 and counts[s]:
+                rows = idx[s, : counts[s]]
+                xd = xd.index_copy(0, rows, adapter_dropout(a.lora_dropout, x2[rows], state, plan.slot_names[s]))
+    sel = idx if len(slots) == len(adapters) else idx[slots]  # (P, n): the adapters present at this site
+    r = max(a.r for a in present)
+    lora_A = torch.stack([F.pad(a.lora_A, (0, 0, 0, r - a.r)) for a in present])  # (P, R, in)
+    lora_B = torch.stack([F.pad(a.lora_B, (0, r - a.r)) * a.scaling for a in present])  # (P, out, R)
+    x_pad = torch.cat([xd, xd.new_zeros(1, xd.shape[-1])])  # row B*T: the padding of the segments
+    h = torch.bmm(x_pad[sel].to(lora_A.dtype), lora_A.transpose(1, 2))  # (P, n, R)
+    d = torch.bmm(h, lora_B.transpose(1, 2))  # (P, n, out)
+    delta = d.new_zeros(x2.shape[0] + 1, d.shape[-1]).index_add_(0, sel.reshape(-1), d.reshape(-1, d.shape[-1]))
+    y = F.linear(x2, site.base_layer.weight, site.base_layer.bias)
+    return y + delta[: x2.shape[0]].to(y.dtype)
 
 
 _STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -261,8 +304,10 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
 
     At inference with top-k routers, all MixLoRA adapters of the batch run as ONE mixture over
     virtual experts (slot × E_max + expert; see ``_virtual_experts``): no loop over adapters.
-    Otherwise (training, top-p / switch routing) the loop over the batch's adapters below, the
-    reference the virtual-expert path is tested against."""
+    Training with top-k routers too (the stacks then built differentiably, each forward).
+    Otherwise (top-p / switch routing, router jitter in training, or inside
+    ``dispatch.eager_mixed_batches``) the loop over the batch's adapters below, the reference the
+    virtual-expert path is tested against."""
     adapters = [_private.module_dict_get(ffn.adapters, n) for n in plan.slot_names]
     if all(a is None for a in adapters):
         return ffn.base_layer(hidden)
@@ -273,8 +318,13 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     state = ffn._state
     mask = state.token_mask_for(B, T)
     present = [a for a in adapters if a is not None]
-    if not torch.is_grad_enabled() and not ffn.training and all(a.strategy == "topk" for a in present):
-        h_mix, down_delta = _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask)
+    inference = not torch.is_grad_enabled() and not ffn.training
+    # Training takes the virtual experts too (differentiable stacks), except with router jitter,
+    # whose noise the loop draws per adapter.
+    virtual = all(a.strategy == "topk" for a in present) and (inference or (
+        gathered_mixed_training() and not (ffn.training and any(a.router.jitter_noise > 0 for a in present))))
+    if virtual:
+        h_mix, down_delta = _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train=not inference)
     else:
         h_mix = ffn._activate(base_pre)  # the plain FFN hidden for tokens without a MixLoRA adapter here
         down_delta = None
@@ -299,7 +349,7 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     return y.view(shape)
 
 
-def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask):
+def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool = False):
     """Every MixLoRA adapter of the batch as one mixture: their routers stacked into one
     (S·E_max, D) matrix, each token's softmax/top-k restricted to its own adapter's columns
     (the others masked to -inf: the softmax over its own experts, exactly), and the expert
@@ -308,7 +358,10 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask):
     from .experts import _gathered_lora
     from .router import Routing
 
-    st = _moe_stacks(ffn, plan.slot_names, adapters)
+    # training: stacks of the live parameters (gradients flow into every adapter's router and
+    # experts through the slices they are copied into); inference: the cached detached stacks
+    st = (_build_moe_stacks(ffn, adapters, [a for a in adapters if a is not None], differentiable=True)
+          if train else _moe_stacks(ffn, plan.slot_names, adapters))
     tok = plan.token_slots(B, T)
     n_cols = st["router"].shape[0]
     logits = F.linear(x.float(), st["router"])  # (N, S*Emax)
@@ -338,7 +391,8 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask):
     for role in ffn._in_roles():
         b = base_pre[role].unsqueeze(1)  # (N, 1, F)
         if role in st["A"]:
-            d = _gathered_lora(x.to(st["A"][role].dtype), st["A"][role], st["B"][role], vid, scaling=1.0)
+            xr = _expert_dropout(ffn, x, adapters, plan, B, T, role)
+            d = _gathered_lora(xr.to(st["A"][role].dtype), st["A"][role], st["B"][role], vid, scaling=1.0)
             pre[role] = b + d.to(b.dtype)
         else:
             pre[role] = b
@@ -348,9 +402,34 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask):
     h_mix = (h * w.to(h.dtype).unsqueeze(-1)).sum(1)
     down_delta = None
     if "down" in st["A"]:
-        down_delta = _gathered_lora(h.to(st["A"]["down"].dtype), st["A"]["down"], st["B"]["down"], vid,
+        hd = _expert_dropout(ffn, h, adapters, plan, B, T, "down")
+        down_delta = _gathered_lora(hd.to(st["A"]["down"].dtype), st["A"]["down"], st["B"]["down"], vid,
                                     weight=w.to(st["A"]["down"].dtype), scaling=1.0)
     return h_mix, down_delta
+
+
+def _expert_dropout(ffn, t: torch.Tensor, adapters, plan, B: int, T: int, role: str) -> torch.Tensor:
+    """``t`` (N, D) or (N, K, F), the input of the ``role`` experts, with each MixLoRA adapter's
+    dropout on its own rows, drawn from its own stream in the shape its fused path draws alone
+    (``mix_hidden``: (n, D), or (n, k, F) with its own top-k); the identity outside training."""
+    if not ffn.training:
+        return t
+    state = ffn._state
+    idx, counts = plan.segments(B, T)
+    out = t
+    for s, a in enumerate(adapters):
+        e = None if a is None else a._expert(ffn, role)
+        if e is None or getattr(e.lora_dropout, "p", 0.0) == 0 or not counts[s]:
+            continue
+        rows = idx[s, : counts[s]]
+        part = t[rows]
+        if part.dim() == 3 and part.shape[1] > a.top_k:  # slots past its top-k have weight 0
+            own = adapter_dropout(e.lora_dropout, part[:, : a.top_k], state, a.adapter_name)
+            dropped = torch.cat([own, part[:, a.top_k:]], dim=1)
+        else:
+            dropped = adapter_dropout(e.lora_dropout, part, state, a.adapter_name)
+        out = out.index_copy(0, rows, dropped)
+    return out
 
 
 def _moe_stacks(ffn, names, adapters) -> dict:
@@ -362,7 +441,7 @@ def _moe_stacks(ffn, names, adapters) -> dict:
     return _cached_per_site(ffn, names, tensors, lambda: _build_moe_stacks(ffn, adapters, present))
 
 
-def _build_moe_stacks(ffn, adapters, present) -> dict:
+def _build_moe_stacks(ffn, adapters, present, differentiable: bool = False) -> dict:
     emax = max(a.num_experts for a in present)
     rmax = max(e.r for a in present for e in a.experts.values())
     S = len(adapters)
@@ -372,7 +451,7 @@ def _build_moe_stacks(ffn, adapters, present) -> dict:
     k = torch.zeros(S, dtype=torch.long, device=dev)
     stacks_a, stacks_b = {}, {}
     roles = [r for r in ("gate", "up", "gate_up", "down") if r in ffn.proj_names]
-    with torch.no_grad():
+    with contextlib.nullcontext() if differentiable else torch.no_grad():
         for s, a in enumerate(adapters):
             if a is None:
                 continue

@@ -8,6 +8,9 @@ compiled decoding.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -26,3 +29,25 @@ def gathered_kernel_applies(x: torch.Tensor) -> bool:
     """The gathered shrink/expand Triton kernel (training and prefill too), vs its torch reference;
     under torch.compile the reference is traced and fused by Inductor instead."""
     return triton_kernels_for(x) and not torch.compiler.is_compiling()
+
+
+# Mixed-batch training: the gathered forms (one GEMM pair over all LoRA adapters of a linear, one
+# virtual-expert mixture over all MixLoRA adapters of an FFN) unless a test asks for the eager
+# loop over adapters, their reference (``eager_mixed_batches``).
+_MIXED = {"eager": False}
+
+
+@contextlib.contextmanager
+def eager_mixed_batches(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, mixed batches that train run the eager loop over the batch's adapters
+    (the reference the gathered forms are tested against)."""
+    old = _MIXED["eager"]
+    _MIXED["eager"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _MIXED["eager"] = old
+
+
+def gathered_mixed_training() -> bool:
+    return not _MIXED["eager"]

@@ -15,8 +15,9 @@ Why a loop by hand and not Lightning: one ``pl.Trainer`` steps one set of optimi
 here every job steps when its own accumulation is complete and stops at its own ``max_steps``.
 The loop reproduces what the solo Lightning run does per optimizer step (loss / accumulation,
 ``clip_grad_norm_``, optimizer step, scheduler step), so a job trained here equals the same job
-trained by ``moelora-train`` (tested to 1e-4). Evaluation reuses the job's ``MoeLoraModule``
-through ``pl.Trainer.validate/test`` with the job's adapter active.
+trained by ``moelora-train`` (tested to 1e-4). The packed step itself (concatenation, per-job
+losses) is ``moelora.training.packing``, which the GPU benchmark times. Evaluation reuses the job's
+``MoeLoraModule`` through ``pl.Trainer.validate/test`` with the job's adapter active.
 
 Not shared with a solo run: the checkpoint format (``checkpoints/last.ckpt`` holds the adapter,
 optimizer, scheduler, data position and dropout stream of the job; ``resume=True`` continues every
@@ -37,17 +38,15 @@ from typing import Any
 
 import hydra
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import moelora
 from moelora import cli
-from moelora.data import IGNORE_INDEX
-from moelora.state import BatchPlan
 from moelora.training import outputs
 from moelora.training.checkpoint import BASE_KEY, AtomicCheckpointIO, CheckpointError, base_signature, read_checkpoint
 from moelora.training.module import attach_adapter, router_log_dict
+from moelora.training.packing import pack_micro_batches, per_job_losses
 
 log = logging.getLogger("moelora.train.concurrent")
 
@@ -242,10 +241,12 @@ class _GroupLoop:
                     except Exception as err:  # noqa: BLE001
                         _fail(job, _one_line(err), self.model, config_error=isinstance(err, cli.ConfigError))
                         continue
+                    self.bar.update(job.step)  # steps done before a resume
                     if job.step >= job.max_steps:
                         self._finish(job)  # resumed after its last step
                     else:
                         self.running.append(job)
+                    self.bar.set_postfix(running=len(self.running), queued=len(self.queue), refresh=False)
                 if not self.running:
                     continue
                 self._micro_step()
@@ -374,54 +375,46 @@ class _GroupLoop:
         return chosen
 
     def _micro_step(self) -> None:
-        jobs = self._choose()
-        batches = [self._next_batch(j) for j in jobs]
-        length = max(b["input_ids"].shape[1] for b in batches)
-        pad_id = jobs[0].datamodule._pad_id()
-        ids, mask, labels, names, own = [], [], [], [], []
-        for job, b in zip(jobs, batches):
-            extra = length - b["input_ids"].shape[1]  # right padding (the training collator's side)
-            ids.append(F.pad(b["input_ids"], (0, extra), value=pad_id))
-            mask.append(F.pad(b["attention_mask"], (0, extra), value=0))
-            labels.append(F.pad(b["labels"], (0, extra), value=IGNORE_INDEX))
-            names += [job.name] * b["input_ids"].shape[0]
-            own.append(b["input_ids"].shape[1])
-        ids, mask, labels = (torch.cat(t).to(self.device) for t in (ids, mask, labels))
-        if len(jobs) == 1:
-            plan: Any = jobs[0].name  # one job: the uniform path, exactly its solo forward
-        else:
-            plan = BatchPlan(None, tuple(names), self.device)
-            plan.lengths = tuple(own)  # each job's dropout masks in the shape of its own batch
-        self.model.train()
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.model(input_ids=ids, attention_mask=mask, adapter_names=plan)
-        # per-token CE (HF's causal LM loss, token by token), then each job's mean over its own tokens
-        logits = out.logits.float()
-        target = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-        tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
-        aux_losses = getattr(out, "aux_losses", None) or {}
-        total, row, stats = None, 0, []
-        for job, b in zip(jobs, batches):
-            n = b["input_ids"].shape[0]
-            counted = (target[row: row + n] != IGNORE_INDEX).sum()
-            ce = tok_loss[row: row + n].sum() / counted.clamp_min(1)
-            row += n
-            aux = aux_losses.get(job.name)
-            loss = ce if aux is None else ce + aux.to(ce.dtype)
-            value = float(loss.detach())
-            if not math.isfinite(value):
+        jobs = chosen = self._choose()
+        batches = {j.name: self._next_batch(j) for j in jobs}
+        streams = {j.name: _dropout_state(self.model, j.name) for j in jobs}
+        while jobs:
+            packed = pack_micro_batches([batches[j.name] for j in jobs], [j.name for j in jobs],
+                                        jobs[0].datamodule._pad_id(), self.device)
+            self.model.train()
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                out = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                 adapter_names=packed.adapter_names)
+            aux_losses = getattr(out, "aux_losses", None) or {}
+            losses = []
+            for job, ce in zip(jobs, per_job_losses(out.logits, packed)):
+                aux = aux_losses.get(job.name)
+                losses.append((ce if aux is None else ce + aux.to(ce.dtype), aux))
+            bad = [(j, float(loss.detach())) for j, (loss, _) in zip(jobs, losses) if not torch.isfinite(loss.detach())]
+            if not bad:
+                break
+            # A job whose loss is not finite leaves, and the step runs again without it: its rows
+            # must not be in the graph the others backpropagate through (non-finite activations
+            # times the zero weights of a mixed batch's gathered math would reach their gradients).
+            # The others' dropout streams are rewound, so they draw what they drew alone.
+            del out, losses
+            for job, value in bad:
                 self._stop_failed(job, f"train/loss is {value} at step {job.step} (micro-batch {job.micro}): "
                                        "the job was stopped; lower module.optimizer.lr or check its data")
-                continue
-            job.losses.append((value, None if aux is None else float(aux.detach())))
-            stats.append(job)
+            jobs = [j for j in jobs if j.status == "running"]
+            for job in jobs:
+                _set_dropout_state(self.model, job.name, streams[job.name])
+        for job in chosen:
+            job.pending = None
+        if not jobs:
+            return
+        total = None
+        for job, (loss, aux) in zip(jobs, losses):
+            job.losses.append((float(loss.detach()), None if aux is None else float(aux.detach())))
             part = loss / job.accum  # as Lightning: the accumulated gradient is the mean of the micro-batches'
             total = part if total is None else total + part
-        if total is not None:
-            total.backward()
-        for job in jobs:
-            job.pending = None
+        total.backward()
+        stats = jobs
         for job in stats:
             first_of_step = job.micro % job.accum == 0
             job.micro += 1
@@ -439,8 +432,13 @@ class _GroupLoop:
 
     def _optimizer_step(self, job: Job) -> None:
         lr = job.optimizer.param_groups[0]["lr"]
-        if job.clip:
-            torch.nn.utils.clip_grad_norm_(job.trainable, float(job.clip))
+        # the job's own gradient norm (Lightning's gradient_clip_val; inf = measure only, the
+        # gradients are multiplied by exactly 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(job.trainable, float(job.clip) if job.clip else float("inf"))
+        if not torch.isfinite(norm):
+            self._stop_failed(job, f"the gradient norm is {float(norm)} at step {job.step}: the job was stopped; "
+                                   "lower module.optimizer.lr or check its data")
+            return
         job.optimizer.step()
         job.optimizer.zero_grad(set_to_none=True)
         if job.scheduler is not None:
@@ -546,6 +544,12 @@ def _quiet_lightning():
 def _dropout_state(model, name: str) -> torch.Tensor | None:
     gen = moelora.adapter_state(model).adapters[name].dropout_generator
     return None if gen is None else gen.get_state()
+
+
+def _set_dropout_state(model, name: str, saved: torch.Tensor | None) -> None:
+    gen = moelora.adapter_state(model).adapters[name].dropout_generator
+    if gen is not None and saved is not None:
+        gen.set_state(saved)
 
 
 def _adapter_param_counts(model, name: str) -> dict[str, Any]:

