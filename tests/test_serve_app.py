@@ -98,6 +98,28 @@ def test_models_and_health(server):
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
 
 
+def test_sampling_fields_and_metrics(server):
+    """temperature/top_p/seed on both endpoints: a seed repeats its text; temperature 0 is greedy;
+    out-of-range values are 400 naming the field; /metrics counts the adapter swaps."""
+    c, offline = server["client"], server["offline"]
+    kw = dict(max_tokens=NEW, temperature=1.0, top_p=0.95, seed=5)
+    a = c.completions.create(model="mix", prompt=PROMPTS[2], **kw).choices[0].text
+    assert c.completions.create(model="mix", prompt=PROMPTS[2], **kw).choices[0].text == a
+    assert a != offline(PROMPTS[2], "mix")
+    msgs = [{"role": "user", "content": "hi"}]
+    ch = [c.chat.completions.create(model="lora", messages=msgs, **kw).choices[0].message.content for _ in range(2)]
+    assert ch[0] == ch[1]
+    greedy = c.completions.create(model="lora", prompt=PROMPTS[0], max_tokens=NEW, temperature=0, seed=9)
+    assert greedy.choices[0].text == offline(PROMPTS[0], "lora")
+    for field, bad in (("temperature", 3.0), ("top_p", 0.0), ("seed", -1)):
+        st, body = _post(server["base"] + "/v1/completions", {"model": "lora", "prompt": "x", field: bad})
+        assert st == 400 and field in body["error"]["message"], (field, body)
+    with urllib.request.urlopen(server["base"] + "/metrics", timeout=10) as r:
+        met = json.loads(r.read())
+    assert met["swaps"] >= 2 and met["h2d_bytes"] > 0 and set(met["resident"]) <= {"lora", "mix"}
+    assert met["attn_implementation"] and met["pinned"] == {}
+
+
 def test_completions_equal_offline(server):
     c, offline = server["client"], server["offline"]
     for name in ("tiny-base", "lora", "mix"):

@@ -97,6 +97,8 @@ def test_queue_full():
     m = _model()
     eng = Engine(m, max_new_tokens=4, eos_token_id=-1, max_pending=2)
     try:
+        eng.generate([1, 2, 3], "lora")  # resident now: the submits below need no change of the model
+        eng.generate([1, 2, 3], "mix")
         with eng._model_lock:  # hold the generation loop so requests stay in flight
             eng.submit([1, 2, 3], "lora")
             eng.submit([1, 2, 3], "mix")

@@ -14,6 +14,15 @@ What we rely on (``transformers.generation.continuous_batching``):
 - ``ContinuousBatchingIOs.requests_in_batch`` (list of ``FutureRequestState`` with
   ``.state.request_id`` and ``.query_length``, in packing order) and ``.num_q_tokens`` (the packed,
   possibly padded, number of query tokens): the batch layout, set by ``prepare_batch_tensors``.
+- ``FutureRequestState.has_new_token``: which requests of the batch get a logits row (in packing
+  order: the rows of the scores), and ``ModelRunner._sample(scores, output_ids)``: the sampler of
+  one step (argmax, or one multinomial over the whole batch). We replace it on our manager's
+  runner with a per-row one (``_RowSampler``): greedy rows argmax as before, sampled rows draw
+  from the request's own generator, which CB cannot do (its ``do_sample`` is one flag for the
+  manager and its draws depend on the batch; it has per-request temperature/top-k/top-p
+  processors, but no per-request seed).
+- ``ContinuousBatchingManager.batch_processor`` (set when the loop has made its KV cache): the
+  engine waits for it before it frees the memory it set aside for the adapter slots.
 - ``OutputRouter.result_handlers`` / ``_lock``: per-request delivery. Its handlers are called
   through ``loop.call_soon_threadsafe``; we register an object whose ``call_soon_threadsafe``
   calls at once (in the generation thread), so no asyncio loop is needed.
@@ -58,11 +67,41 @@ class _Immediate:
 _IMMEDIATE = _Immediate()
 
 
-def make_manager(model, generation_config, continuous_batching_config, plan_for, step_lock=None):
+class _RowSampler:
+    """Stands in for ``ModelRunner._sample`` on our runner: ``rows`` (set before each step) holds,
+    per logits row, None (greedy: the original sampler's argmax) or the request's
+    ``SamplingParams`` (temperature, top_p and its own ``torch.Generator``)."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+        self.rows: list = []
+
+    def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
+        if not any(r is not None for r in self.rows):
+            return self.original(scores, output_ids)
+        logits = scores[0]  # (N, V) float32
+        next_tokens = torch.argmax(logits, dim=-1)  # (N,)
+        for i, sp in enumerate(self.rows[: logits.shape[0]]):
+            if sp is None:
+                continue
+            row = logits[i] / sp.temperature
+            if sp.top_p < 1.0:  # the smallest set of most likely tokens whose probability reaches top_p
+                sorted_logits, order = torch.sort(row, descending=True)
+                cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+                drop = cum - torch.softmax(sorted_logits, dim=-1) >= sp.top_p  # keeps the first token always
+                row = row.clone()
+                row[order[drop]] = float("-inf")
+            probs = torch.softmax(row, dim=-1)
+            next_tokens[i] = torch.multinomial(probs, 1, generator=sp.generator)[0]
+        output_ids[0, : next_tokens.shape[0]].copy_(next_tokens)
+
+
+def make_manager(model, generation_config, continuous_batching_config, plan_for, step_lock=None, sampling_for=None):
     """A ``ContinuousBatchingManager`` whose every step runs with
     ``adapter_names=plan_for(layout, num_q_tokens)`` (``layout`` = [(request id, query tokens), ...]
     in packing order; ``num_q_tokens`` the packed count, padding included; a None plan passes no
-    ``adapter_names``), holding ``step_lock`` (a lock, or None) for the step."""
+    ``adapter_names``), holding ``step_lock`` (a lock, or None) for the step; ``sampling_for(request
+    id)`` -> None (greedy) or that request's ``SamplingParams`` (``_RowSampler``)."""
     import contextlib
     api = _cb()
 
@@ -72,13 +111,19 @@ def make_manager(model, generation_config, continuous_batching_config, plan_for,
             if bp is None:
                 raise RuntimeError("Tried to perform a generation step before the batch processor was initialized.")
             io = bp.inputs_and_outputs
+            runner = bp.model_runner
+            if sampling_for is not None and not isinstance(runner.__dict__.get("_sample"), _RowSampler):
+                runner._sample = _RowSampler(runner._sample)  # an instance attribute: this runner only
             with step_lock if step_lock is not None else contextlib.nullcontext(), torch.no_grad():
                 layout = [(fs.state.request_id, fs.query_length) for fs in io.requests_in_batch]
                 plan = plan_for(layout, io.num_q_tokens)
-                batch_data = io.get_model_kwargs(use_padding=bp.model_runner.pad_inputs)
+                if sampling_for is not None:
+                    runner._sample.rows = [sampling_for(fs.state.request_id) for fs in io.requests_in_batch
+                                           if fs.has_new_token]
+                batch_data = io.get_model_kwargs(use_padding=runner.pad_inputs)
                 if plan is not None:
                     batch_data["adapter_names"] = plan
-                bp.model_runner.compute_batch(self.model, batch_data)
+                runner.compute_batch(self.model, batch_data)
                 io.retrieve_device_outputs()
 
     return AdapterCBManager(model=model, generation_config=generation_config,
@@ -96,6 +141,11 @@ def drop_handler(manager, request_id: str) -> None:
     router = manager.output_router
     with router._lock:
         router.result_handlers.pop(request_id, None)
+
+
+def cache_ready(manager) -> bool:
+    """Whether the generation loop has made its batch processor (and so its paged KV cache)."""
+    return getattr(manager, "batch_processor", None) is not None
 
 
 def stop_manager(manager, timeout: float | None = 30.0) -> None:
@@ -128,6 +178,15 @@ def check_internals() -> list[str]:
     for n in ("self.requests_in_batch", "self.num_q_tokens", "query_length", "state.request_id"):
         if n not in src:
             missing.append(f"ContinuousBatchingIOs.prepare_batch_tensors no longer sets/reads {n}")
+    from transformers.generation.continuous_batching import model_runner, requests
+
+    if "has_new_token" not in inspect.getsource(requests.FutureRequestState):
+        missing.append("FutureRequestState.has_new_token")
+    sample_src = inspect.getsource(model_runner.ModelRunner)
+    if "def _sample(self, scores" not in sample_src or "self._sample(scores, output_ids)" not in sample_src:
+        missing.append("ModelRunner._sample(scores, output_ids) (replaced per row by _RowSampler)")
+    if "self.batch_processor = " not in inspect.getsource(api.ContinuousBatchingManager):
+        missing.append("ContinuousBatchingManager.batch_processor")
     src = inspect.getsource(api.ContinuousBatchProcessor._generation_step)
     for n in ("get_model_kwargs", "compute_batch", "retrieve_device_outputs"):
         if n not in src:

@@ -8,7 +8,11 @@ endpoints ``/v1/load_lora_adapter`` ({"lora_name", "lora_path"}) and ``/v1/unloa
 ({"lora_name"}). The request's ``model`` field picks the adapter: the base model's name, or an
 adapter's name (as vLLM and LoRAX do).
 
-Decoding is greedy (``temperature``, ``top_p`` are accepted and ignored; ``n`` must be 1).
+Decoding: greedy by default (``temperature`` absent or 0; unlike OpenAI's default of 1, so that a
+response without sampling fields is reproducible); ``temperature`` in (0, 2] samples, with
+``top_p`` in (0, 1] and ``seed`` (the same seed gives the same text, whatever else the server
+runs); ``n`` must be 1. ``/metrics``: the engine's counters (adapter swaps, host->device bytes,
+the resident set, queue lengths, the attention backend) as JSON.
 Errors are OpenAI-style ``{"error": {"message", "type", "code", ...}}``: unknown model -> 404
 (``available`` lists the served names), malformed JSON or bad fields -> 400, prompt + max_tokens
 over the context -> 400, more than ``max_pending`` requests in flight -> 429. A client that
@@ -39,8 +43,9 @@ def _models():
         stream: bool = False
         stop: Union[str, list[str], None] = None
         n: int = Field(default=1, ge=1, le=1)
-        temperature: float | None = Field(default=None, ge=0)
-        top_p: float | None = None
+        temperature: float | None = Field(default=None, ge=0, le=2)
+        top_p: float | None = Field(default=None, gt=0, le=1)
+        seed: int | None = Field(default=None, ge=0)
         user: str | None = None
 
     class CompletionRequest(_Base):
@@ -172,9 +177,11 @@ def create_app(engine: Engine, tokenizer, *, close_engine: bool = True):
         # no chat template (the tiny demo model): plain "role: content" lines
         return _encode("".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:")
 
-    def _submit(prompt_ids, adapter, n):
+    def _submit(prompt_ids, adapter, n, req):
         try:
-            return engine.submit(prompt_ids, adapter, n, loop=asyncio.get_running_loop()), None
+            return engine.submit(prompt_ids, adapter, n, loop=asyncio.get_running_loop(),
+                                 temperature=req.temperature or 0.0,
+                                 top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed), None
         except QueueFullError as e:
             return None, _error(429, str(e), "RateLimitError", "queue_full")
         except PromptTooLongError as e:
@@ -245,7 +252,14 @@ def create_app(engine: Engine, tokenizer, *, close_engine: bool = True):
     async def health():
         if not engine.healthy():
             return JSONResponse({"status": "error", "error": str(engine.fatal_error())}, status_code=503)
-        return {"status": "ok", "pending": engine.pending(), "adapters": len(engine.adapter_names())}
+        m = engine.metrics()
+        return {"status": "ok", "pending": m["pending"], "queued": m["queued"], "adapters": len(engine.adapter_names()),
+                "resident": m["resident"], "swaps": m["swaps"], "h2d_bytes": m["h2d_bytes"],
+                "attn_implementation": m["attn_implementation"]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return engine.metrics()
 
     @app.get("/v1/models")
     async def models():
@@ -272,7 +286,7 @@ def create_app(engine: Engine, tokenizer, *, close_engine: bool = True):
         if not prompt_ids:
             return _error(400, "the prompt is empty", "BadRequestError", "invalid_request")
         max_new = _max_new(req, len(prompt_ids), 16)  # OpenAI's default for completions
-        rid, err = _submit(prompt_ids, adapter, max_new)
+        rid, err = _submit(prompt_ids, adapter, max_new, req)
         if err:
             return err
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -302,7 +316,7 @@ def create_app(engine: Engine, tokenizer, *, close_engine: bool = True):
             return err
         prompt_ids = _chat_prompt(req.messages)
         max_new = _max_new(req, len(prompt_ids), None)
-        rid, err = _submit(prompt_ids, adapter, max_new)
+        rid, err = _submit(prompt_ids, adapter, max_new, req)
         if err:
             return err
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

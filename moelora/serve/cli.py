@@ -62,10 +62,15 @@ def build_server(cfg: DictConfig):
     engine = Engine(model, cfg.get("adapters"), max_pending=int(cfg.max_pending),
                     max_new_tokens=int(cfg.max_new_tokens), context_len=cfg.get("context_len"),
                     eos_token_id=tokenizer.eos_token_id, base_name=_model_name(cfg),
-                    num_blocks=cfg.get("num_blocks"), max_batch_tokens=cfg.get("max_batch_tokens"))
+                    num_blocks=cfg.get("num_blocks"), max_batch_tokens=cfg.get("max_batch_tokens"),
+                    max_resident_adapters=cfg.get("max_resident_adapters"),
+                    adapter_memory_gb=cfg.get("adapter_memory_gb"),
+                    max_adapters_per_step=cfg.get("max_adapters_per_step"), max_bypass=int(cfg.get("max_bypass", 8)),
+                    attn_implementation=cfg.get("attn_implementation"))
     for name, err in engine.load_errors.items():
         log.error("adapter %s is not served: %s", name, err)
-    log.info("serving %s with adapters %s on %s", engine.base_name, engine.adapter_names(), device)
+    log.info("serving %s with adapters %s on %s (attention: %s)", engine.base_name, engine.adapter_names(), device,
+             engine.attn_implementation)
     return create_app(engine, tokenizer), engine
 
 

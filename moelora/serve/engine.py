@@ -1,25 +1,40 @@
 """``moelora.serve.Engine``: many adapters over one base, on transformers' continuous batching.
 
-    engine = Engine(model, adapters_dir="adapters/")   # every subfolder: an adapter under its name
-    rid = engine.submit(prompt_ids, adapter="math", max_new_tokens=64)
+    engine = Engine(model, adapters_dir="adapters/", max_resident_adapters=8)
+    rid = engine.submit(prompt_ids, adapter="math", max_new_tokens=64, temperature=0.7, seed=1)
     for token in engine.stream(rid): ...               # the new token ids, as they are generated
     engine.cancel(rid); engine.load_adapter("code", path); engine.unload_adapter("code")
-    engine.list_adapters()                            # [{'name', 'method', ...}, ...]
+    engine.list_adapters(); engine.metrics()          # swaps, host->device bytes, resident set, ...
     engine.close()
 
 The engine is ``transformers``' ``ContinuousBatchingManager`` (paged KV cache, scheduler,
 chunked prefill): it packs the tokens of every scheduled request into one flattened sequence.
-Requests carry no metadata there, so the engine keeps a side table (request id -> adapter name)
-and, for every packed batch, gives the forward a per-token ``BatchPlan``
+Requests carry no metadata there, so the engine keeps a side table (request id -> the device
+slot of its adapter) and, for every packed batch, gives the forward a per-token ``BatchPlan``
 (``BatchPlan.per_token``: each token's adapter slot), which every adapted module reads like any
 mixed batch. Everything that touches transformers' private CB code is in ``_cb_private.py``.
 
+Adapters (S-LoRA's split, ``registry.py``): every adapter is known to an ``AdapterRegistry``
+(subfolders of ``adapters_dir``, ``load_adapter``, in-memory ``add_adapter_tensors``, and the
+model's own adapters, which the engine takes into the registry at start: they leave the model and
+``close()`` puts them back); its tensors are read into a host cache on first use and copied into
+at most ``max_resident_adapters`` device slots (and ``adapter_memory_gb``), LRU.
+
+Admission (our queue in front of CB, FIFO): a request enters CB only once its adapter is
+resident and pinned, and only while the distinct adapters of the requests inside CB stay within
+``max_adapters_per_step`` (so no packed step can hold more); a request that cannot enter waits
+(its adapter is prefetched into a free or unpinned slot when one can be had). Later requests may
+overtake a waiting one only if they need no new adapter, and at most ``max_bypass`` times; then
+admission stops until it gets in, so a cold adapter behind many hot requests is never starved.
+Pins are released when a request finishes or is cancelled.
+
 Settings that keep each response equal to ``model.generate`` with its adapter alone: no KV block
 sharing between requests (the KV of one prompt differs per adapter), no CUDA graphs or compile of
-the CB step (moelora's hooks run per forward), greedy decoding. LoRA-Switch rows always run
-unmerged here. While the engine is open it owns the model (its generation thread runs the
-forwards): do not call the model from elsewhere until ``close()``. Not done: the GPU slot pool / host cache / paging of adapters (all adapters live in
-the model), an adapter-aware scheduler, sampling parameters per request.
+the CB step (moelora's hooks run per forward). Decoding is greedy unless a request asks for
+``temperature`` > 0 (with ``top_p``, ``seed``): then the request's own generator samples its rows
+(``_cb_private``), so a seed gives the same text whatever else shares the batch. LoRA-Switch rows
+always run unmerged here. While the engine is open it owns the model (its generation thread runs
+the forwards): do not call the model from elsewhere until ``close()``.
 """
 from __future__ import annotations
 
@@ -28,6 +43,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +52,7 @@ import torch
 
 from ..state import BatchPlan
 from . import _cb_private
+from .registry import AdapterRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -71,40 +88,97 @@ class AdapterLoadError(RuntimeError):
 
 
 @dataclass
+class SamplingParams:
+    """Per-request decoding: ``temperature`` 0 = greedy (argmax, exactly ``generate``'s);
+    > 0 samples from softmax(logits / temperature) restricted to the smallest set of tokens whose
+    probability reaches ``top_p``, with the request's own generator seeded by ``seed`` (None: a
+    random seed), so equal seeds give equal tokens whatever else shares the packed batch."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    generator: object = None  # torch.Generator on the model's device, made at admission
+
+    def validate(self) -> "SamplingParams":
+        import math
+
+        t, p = float(self.temperature), float(self.top_p)
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(p) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.temperature, self.top_p = t, p
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
 class _Request:
     rid: str
     adapter: str | None
     prompt_len: int
+    prompt: list = field(default_factory=list)
+    max_new_tokens: int = 0
+    eos_token_id: object = None
+    sampling: SamplingParams | None = None
     out: queue.Queue = field(default_factory=queue.Queue)
     loop: object = None  # an asyncio loop: outputs go to ``aout`` through it (``astream``)
     aout: object = None
     sent: int = 0
+    admitted: bool = False  # handed to CB (its adapter pinned)
     finished: bool = False
+    bypassed: int = 0  # later requests admitted while this one waited (fairness)
     tokens: list = field(default_factory=list)
 
 
 class Engine:
     """See the module docstring. ``model``: a Hugging Face causal LM, with or without moelora
     adapters (its adapters are served too); ``adapters_dir``: a folder whose subfolders are
-    adapter folders (``moelora.save_adapter``), loaded at start under their folder names.
+    adapter folders (``moelora.save_adapter``), served under their folder names (config and base
+    model checked at start, tensors read on first use).
 
     ``max_pending``: requests in flight (queued or running) before ``submit`` raises
     ``QueueFullError``; ``context_len``: the longest prompt + generation (default: the model's
     ``max_position_embeddings``); ``eos_token_id``: default stop token(s) (default: the model's);
     ``num_blocks`` / ``max_batch_tokens``: the paged KV cache's size and the most tokens per packed
     batch (default: on CPU, enough for ``max_pending`` full contexts and 2048; on GPU, CB's own
-    sizing from free memory); ``cb_overrides``: more ``ContinuousBatchingConfig`` fields."""
+    sizing from free memory, which runs after ``adapter_memory_gb`` is set aside, see below);
+    ``cb_overrides``: more ``ContinuousBatchingConfig`` fields.
+
+    ``max_resident_adapters`` / ``adapter_memory_gb``: the device slot pool (None: no limit);
+    ``max_adapters_per_step``: most distinct adapters (the base not counted) among the requests
+    inside CB; ``max_bypass``: FIFO fairness (module docstring); ``attn_implementation``: the
+    attention backend set on the model before CB starts (None: the model's; CB accepts ``sdpa``
+    (paged SDPA), ``paged|eager`` and flash implementations; flex attention is not a CB backend in
+    transformers 5.17–5.24); ``metrics()['attn_implementation']`` says which one runs.
+
+    GPU memory: CB sizes its KV cache from the memory free when its loop starts; with
+    ``adapter_memory_gb`` the engine holds that many bytes (an allocation from torch's caching
+    allocator) until the cache is made and frees them after, so the cache leaves room for the slot
+    pool (S-LoRA's unified paging shares one pool; here the split is fixed at start)."""
 
     def __init__(self, model, adapters_dir: str | os.PathLike | None = None, *, max_pending: int = 64,
                  max_new_tokens: int = 256, context_len: int | None = None, eos_token_id=None,
                  base_name: str = "base", num_blocks: int | None = None, max_batch_tokens: int | None = None,
-                 cb_overrides: dict | None = None) -> None:
+                 cb_overrides: dict | None = None, max_resident_adapters: int | None = None,
+                 adapter_memory_gb: float | None = None, max_adapters_per_step: int | None = None,
+                 max_bypass: int = 8, attn_implementation: str | None = None) -> None:
         from transformers import GenerationConfig
 
         self.model = model.eval()
         self.base_name = base_name
         self.max_pending = max_pending
         self.default_max_new_tokens = max_new_tokens
+        if max_adapters_per_step is not None and int(max_adapters_per_step) < 1:
+            raise ValueError(f"max_adapters_per_step must be >= 1 (or null), got {max_adapters_per_step}")
+        self.max_adapters_per_step = None if max_adapters_per_step is None else int(max_adapters_per_step)
+        if int(max_bypass) < 0:
+            raise ValueError(f"max_bypass must be >= 0, got {max_bypass}")
+        self.max_bypass = int(max_bypass)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.context_len = int(context_len or getattr(cfg, "max_position_embeddings", 2048))
         if eos_token_id is None:
@@ -115,20 +189,32 @@ class Engine:
         self.eos_token_id = -1 if eos_token_id is None else eos_token_id
         self.load_errors: dict[str, str] = {}
         self._requests: dict[str, _Request] = {}
-        self._adapter_of: dict[str, str | None] = {}  # the side table: request id -> adapter name
+        self._adapter_of: dict[str, str | None] = {}  # the side table: request id -> device slot name
+        self._queue: deque[_Request] = deque()  # waiting for admission, FIFO
+        self._inside: dict[str | None, int] = {}  # adapter -> requests admitted to CB and not finished
         self._lock = threading.Lock()  # the request tables
-        self._model_lock = threading.Lock()  # one forward, or one adapter load/unload, at a time
+        self._admit_lock = threading.RLock()  # the admission queue and the registry
+        self._model_lock = threading.Lock()  # one forward, or one change of the model's adapters, at a time
         self._counter = 0
+        self._admitting = False  # _admit is running (re-entered from _finish): run it again after
+        self._again = False
         self.steps = 0  # packed batches run
         self.mixed_steps = 0  # of which used more than one adapter (base included)
+        self.max_adapters_seen = 0  # most distinct adapters (base not counted) in one packed step
+        self.registry = AdapterRegistry(
+            model, max_resident=max_resident_adapters, model_lock=self._model_lock,
+            memory_bytes=None if adapter_memory_gb is None else int(float(adapter_memory_gb) * 2**30))
+        self._absorbed = self._absorb_model_adapters()
         if adapters_dir is not None:
             for sub in sorted(Path(adapters_dir).iterdir()):
                 if sub.is_dir() and (sub / "adapter_config.json").exists():
-                    try:
-                        self.load_adapter(sub.name, sub)
+                    try:  # config and base model checked now, tensors read on first use
+                        self.load_adapter(sub.name, sub, lazy=True)
                     except AdapterLoadError as e:
                         self.load_errors[sub.name] = str(e)
                         log.error("adapter %s not served: %s", sub.name, e)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
         gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id)
         overrides = dict(cb_overrides or {})
         if model.device.type == "cpu":  # CB sizes its cache from 60% of free memory: minutes of zeroing on a host
@@ -140,68 +226,98 @@ class Engine:
         if max_batch_tokens is not None:
             overrides.setdefault("max_batch_tokens", int(max_batch_tokens))
         self._manager = _cb_private.make_manager(model, gen, _cb_private.cb_config(**overrides),
-                                                 self._plan_for, self._model_lock)
+                                                 self._plan_for, self._model_lock, self._sampling_for)
+        self.attn_implementation = getattr(model.config, "_attn_implementation", None)
+        hold = None
+        if model.device.type == "cuda" and self.registry.memory_bytes and "num_blocks" not in overrides:
+            # set the slot pool's bytes aside while CB measures free memory for its KV cache
+            hold = torch.empty(self.registry.memory_bytes, dtype=torch.uint8, device=model.device)
         self._manager.start()
+        if hold is not None:
+            wait_until(lambda: _cb_private.cache_ready(self._manager) or not self._manager.is_running(), 600)
+            del hold  # back to torch's cache: the adapter slots are allocated from it
 
     # ---- adapters ---------------------------------------------------------------------------
+    def _absorb_model_adapters(self) -> list:
+        """The model's own adapters go into the registry (host copies) and leave the model, so
+        the slot pool bounds what is resident; ``close()`` adds them back."""
+        import moelora
+
+        st = self._state()
+        if st is None:
+            return []
+        saved = []
+        for name in list(st.adapters):
+            info = st.adapters[name]
+            tensors = moelora.adapter_state_dict(self.model, name)
+            host = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+            saved.append((name, info.config, host, info.trainable, st.active == name))
+            self.registry.register_tensors(name, info.config, host)
+        moelora.remove_adapter(self.model)
+        return saved
+
     def _state(self):
         return self.model.__dict__.get("moelora_state")
 
     def adapter_names(self) -> list[str]:
-        st = self._state()
-        return [] if st is None else list(st.adapters)
+        return list(self.registry.adapters)
 
     def list_adapters(self) -> list[dict]:
-        """One dict per served adapter: name, method, config (moelora.list_adapters' fields)."""
-        import moelora
-
-        return [{"name": a["name"], "method": a["method"], "config": a["config"]} for a in moelora.list_adapters(self.model)]
+        """One dict per served adapter: name, method, config, resident (in a device slot now)."""
+        resident = set(self.registry.resident())
+        return [{"name": a.name, "method": a.method, "config": a.cfg.to_dict(), "resident": a.name in resident}
+                for a in self.registry.adapters.values()]
 
     def resolve(self, name: str | None) -> str | None:
         """The adapter a request's ``model`` field picks: None or the base name -> the base model."""
         if name is None or name == self.base_name:
             return None
-        if name not in self.adapter_names():
+        if name not in self.registry.adapters:
             raise UnknownAdapterError(name, [self.base_name] + self.adapter_names())
         return name
 
-    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Load the adapter folder ``path`` as ``name`` (frozen). A wrong base model or bad files
-        raise ``AdapterLoadError`` and change nothing; requests in flight keep running."""
-        import moelora
-
+    def load_adapter(self, name: str, path: str | os.PathLike, lazy: bool = False) -> None:
+        """Serve the adapter folder ``path`` as ``name``: config, base model and tensors are read
+        and checked now (into the host cache; ``lazy``: the tensors on first use); it is made
+        resident on its first request. A wrong base model or bad files raise ``AdapterLoadError``
+        and change nothing."""
         if name == self.base_name:
             raise AdapterLoadError(f"{name!r} is the base model's name")
-        if name in self.adapter_names():
-            raise AdapterLoadError(f"adapter {name!r} is already loaded (unload it first)")
-        with self._model_lock:
+        with self._admit_lock:
             try:
-                moelora.load_adapter(self.model, path, adapter_name=name, trainable=False)
-            except Exception as e:  # noqa: BLE001 - every load failure is the same answer to a client
+                self.registry.register_path(name, path, eager=not lazy)
+            except RegistryError as e:
                 raise AdapterLoadError(f"cannot load adapter {name!r} from {path}: {e}") from e
-            self.model.eval()
         self.load_errors.pop(name, None)
 
-    def unload_adapter(self, name: str) -> None:
-        """Remove adapter ``name``; refused (``EngineError``) while requests for it are in flight."""
-        import moelora
+    def add_adapter_tensors(self, name: str, cfg, tensors: dict) -> None:
+        """Serve an adapter given in memory (``moelora.adapter_state_dict`` keys -> host tensors;
+        tensors may share storage with other adapters': benchmarks of 1000 adapters do)."""
+        with self._admit_lock:
+            try:
+                self.registry.register_tensors(name, cfg, tensors)
+            except RegistryError as e:
+                raise AdapterLoadError(str(e)) from e
 
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name``; refused (``EngineError``) while requests for it are in flight."""
         self.resolve(name)
         if name is None or name == self.base_name:
             raise EngineError("the base model cannot be unloaded")
-        with self._lock:
-            busy = sum(1 for r in self._requests.values() if r.adapter == name and not r.finished)
+        with self._admit_lock:
+            with self._lock:
+                busy = sum(1 for r in self._requests.values() if r.adapter == name and not r.finished)
             if busy:
                 raise EngineError(f"adapter {name!r} has {busy} request(s) in flight")
-            with self._model_lock:
-                moelora.delete_adapter(self.model, name)
+            self.registry.unregister(name)
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, prompt_ids, adapter: str | None = None, max_new_tokens: int | None = None,
-               eos_token_id=None, loop=None) -> str:
-        """Queue a greedy generation of ``prompt_ids`` (a list of token ids) with ``adapter``
-        (None or the base name: the base model); returns the request id for ``stream``
-        (or, given the running asyncio ``loop``, for ``astream``)."""
+               eos_token_id=None, loop=None, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None) -> str:
+        """Queue a generation of ``prompt_ids`` (a list of token ids) with ``adapter`` (None or
+        the base name: the base model); greedy unless ``temperature`` > 0 (``SamplingParams``).
+        Returns the request id for ``stream`` (or, given the running asyncio ``loop``, ``astream``)."""
         name = self.resolve(adapter)
         ids = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else prompt_ids)]
         if not ids:
@@ -214,27 +330,95 @@ class Engine:
         if len(ids) + n > self.context_len:
             raise PromptTooLongError(f"the prompt ({len(ids)} tokens) + max_new_tokens ({n}) exceed the "
                                      f"context of {self.context_len} tokens")
+        sampling = SamplingParams(temperature, top_p, seed).validate()
         if not self.healthy():
             raise EngineError(f"the engine stopped: {self.fatal_error()}")
-        with self._lock:
-            pending = sum(1 for r in self._requests.values() if not r.finished)
-            if pending >= self.max_pending:
-                raise QueueFullError(f"{pending} requests in flight (max_pending={self.max_pending})")
-            rid = f"moelora-{self._counter}"
-            self._counter += 1
-            req = self._requests[rid] = _Request(rid, name, len(ids))
-            if loop is not None:
-                import asyncio
+        with self._admit_lock:
+            with self._lock:
+                pending = sum(1 for r in self._requests.values() if not r.finished)
+                if pending >= self.max_pending:
+                    raise QueueFullError(f"{pending} requests in flight (max_pending={self.max_pending})")
+                rid = f"moelora-{self._counter}"
+                self._counter += 1
+                req = self._requests[rid] = _Request(
+                    rid, name, len(ids), prompt=ids, max_new_tokens=n, sampling=sampling,
+                    eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id)
+                if loop is not None:
+                    import asyncio
 
-                req.loop, req.aout = loop, asyncio.Queue()
-            self._adapter_of[rid] = name
-        _cb_private.register_handler(self._manager, rid, lambda out, req=req: self._deliver(req, out))
-        got = self._manager.add_request(ids, request_id=rid, max_new_tokens=n, streaming=True,
-                                        eos_token_id=self.eos_token_id if eos_token_id is None else eos_token_id)
-        if got is None:
-            self._finish(req)
-            raise EngineError("the continuous batching manager refused the request")
+                    req.loop, req.aout = loop, asyncio.Queue()
+            self._queue.append(req)
+            self._admit()
         return rid
+
+    # ---- admission (module docstring: FIFO, per-step adapter cap, bounded bypass) ----------------
+    def _admit(self) -> None:
+        with self._admit_lock:
+            if self._admitting:  # re-entered (a request failed while entering): the outer call loops again
+                self._again = True
+                return
+            self._admitting = True
+            try:
+                self._again = True
+                while self._again:
+                    self._again = False
+                    self._admit_pass()
+            finally:
+                self._admitting = False
+
+    def _admit_pass(self) -> None:
+        waiting: _Request | None = None  # the oldest request that could not enter
+        prefetched = 0
+        for req in list(self._queue):
+            if req.admitted or req.finished:
+                continue
+            new_adapter = req.adapter is not None and self._inside.get(req.adapter, 0) == 0
+            if waiting is not None and (new_adapter or waiting.bypassed >= self.max_bypass):
+                if waiting.bypassed >= self.max_bypass:
+                    break  # the waiting one goes first: nothing overtakes it any more
+                continue
+            distinct = sum(1 for a, k in self._inside.items() if a is not None and k > 0)
+            ok = not (new_adapter and self.max_adapters_per_step is not None
+                      and distinct >= self.max_adapters_per_step)
+            slot = None
+            if ok and req.adapter is not None:
+                try:
+                    slot = self.registry.acquire(req.adapter)
+                except RegistryError as e:
+                    self._fail(req, str(e))
+                    continue
+                ok = slot is not None
+            if not ok:
+                if waiting is None:
+                    waiting = req
+                if req.adapter is not None and not prefetched:  # warm the oldest waiting one's slot now
+                    prefetched = 1
+                    try:
+                        self.registry.prefetch(req.adapter)
+                    except RegistryError:
+                        pass
+                continue
+            if waiting is not None:
+                waiting.bypassed += 1
+            self._queue.remove(req)
+            self._enter(req, slot)
+
+    def _enter(self, req: _Request, slot: str | None) -> None:
+        req.admitted = True
+        self._inside[req.adapter] = self._inside.get(req.adapter, 0) + 1
+        if not req.sampling.greedy:
+            seed = req.sampling.seed if req.sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
+            req.sampling.generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        self._adapter_of[req.rid] = slot
+        _cb_private.register_handler(self._manager, req.rid, lambda out, req=req: self._deliver(req, out))
+        got = self._manager.add_request(req.prompt, request_id=req.rid, max_new_tokens=req.max_new_tokens,
+                                        streaming=True, eos_token_id=req.eos_token_id)
+        if got is None:
+            self._fail(req, "the continuous batching manager refused the request")
+
+    def _fail(self, req: _Request, message: str) -> None:
+        self._finish(req)
+        self._put(req, _Failed(message))
 
     def _put(self, req: _Request, item) -> None:
         if req.loop is not None:
@@ -248,13 +432,23 @@ class Engine:
     def _deliver(self, req: _Request, out) -> None:  # in the generation thread
         self._put(req, out)
         if out.is_finished():
-            self._finish(req, keep=True)
+            self._finish(req)
 
-    def _finish(self, req: _Request, keep: bool = False) -> None:
-        with self._lock:
-            req.finished = True
-            self._adapter_of.pop(req.rid, None)
-        _cb_private.drop_handler(self._manager, req.rid)
+    def _finish(self, req: _Request) -> None:
+        with self._admit_lock:
+            with self._lock:
+                if req.finished:
+                    return
+                req.finished = True
+                self._adapter_of.pop(req.rid, None)
+            if req.admitted:
+                self._inside[req.adapter] -= 1
+                if req.adapter is not None:
+                    self.registry.release(req.adapter)
+                _cb_private.drop_handler(self._manager, req.rid)
+            elif req in self._queue:
+                self._queue.remove(req)
+            self._admit()  # a pin or a place under the per-step cap may have come free
 
     def stream(self, rid: str, timeout: float | None = 300.0) -> Iterator[int]:
         """The new token ids of request ``rid`` as they come; ends when it finishes or is
@@ -317,11 +511,12 @@ class Engine:
         return list(self.stream(self.submit(prompt_ids, adapter, max_new_tokens, **kw)))
 
     def cancel(self, rid: str) -> None:
-        """Stop request ``rid`` (frees its KV blocks); its stream ends."""
+        """Stop request ``rid`` (frees its KV blocks and its adapter pin); its stream ends."""
         req = self._requests.get(rid)
         if req is None or req.finished:
             return
-        self._manager.cancel_request(rid)
+        if req.admitted:
+            self._manager.cancel_request(rid)
         self._finish(req)
         self._put(req, _DONE)
 
@@ -329,15 +524,31 @@ class Engine:
         with self._lock:
             return sum(1 for r in self._requests.values() if not r.finished)
 
-    # ---- the per-token plan (called by the generation thread for every packed batch) ----------
+    def queued(self) -> int:
+        """Requests waiting for admission (their adapter's slot or a place under the per-step cap)."""
+        return len(self._queue)
+
+    def metrics(self) -> dict:
+        """Counters for ``/metrics`` and the benchmark: the registry's (swaps, h2d_bytes, resident
+        set, ...), steps, mixed steps, the most distinct adapters in one step, queue lengths."""
+        with self._admit_lock:
+            reg = self.registry.stats()
+            inside = {("base" if a is None else a): k for a, k in self._inside.items() if k}
+        return {**reg, "steps": self.steps, "mixed_steps": self.mixed_steps,
+                "max_adapters_seen_per_step": self.max_adapters_seen,
+                "max_adapters_per_step": self.max_adapters_per_step, "pending": self.pending(),
+                "queued": self.queued(), "running": inside, "attn_implementation": self.attn_implementation}
+
+    # ---- called by the generation thread for every packed batch ------------------------------------
     def _plan_for(self, layout, num_q_tokens: int):
-        if self._state() is None:
-            return None  # no moelora adapters on the model: the plain base
+        st = self._state()
+        if st is None:
+            return None  # no adapter resident: the plain base
         names: list = []
         slots: list[int] = []
         for rid, q in layout:
             n = self._adapter_of.get(rid)  # a cancelled request still in this batch: the base
-            if n is not None and n not in self._state().adapters:
+            if n is not None and n not in st.adapters:
                 n = None
             if n not in names:
                 names.append(n)
@@ -347,12 +558,16 @@ class Engine:
                 names.append(None)
             slots.extend([names.index(None)] * (num_q_tokens - len(slots)))
         self.steps += 1
-        st = self._state()
+        self.max_adapters_seen = max(self.max_adapters_seen, sum(n is not None for n in names))
         if len(names) == 1 and (names[0] is None or st.adapters[names[0]].method != "lora_switch"):
             return BatchPlan(names[0])  # uniform: the adapter's own fast path
         if len(names) > 1:
             self.mixed_steps += 1
         return BatchPlan.per_token(names, torch.tensor(slots, dtype=torch.long, device=self.model.device))
+
+    def _sampling_for(self, rid: str):
+        req = self._requests.get(rid)
+        return None if req is None or req.sampling is None or req.sampling.greedy else req.sampling
 
     # ---- lifetime ---------------------------------------------------------------------------
     def healthy(self) -> bool:
@@ -362,18 +577,43 @@ class Engine:
         return getattr(getattr(self._manager, "background_thread_status", None), "fatal_error", None)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the engine (requests still in flight end) and put the model's attention back."""
+        """Stop the engine (requests still in flight end), drop the adapter slots, put the
+        model's own adapters and its attention back."""
+        import moelora
+
         with self._lock:
             reqs = [r for r in self._requests.values() if not r.finished]
         for r in reqs:
             self.cancel(r.rid)
         _cb_private.stop_manager(self._manager, timeout)
+        if self._manager.is_running():
+            return  # the loop did not stop: leave the model as it is rather than change it under a forward
+        with self._admit_lock:
+            self.registry.clear()
+            for name, cfg, host, trainable, active in self._absorbed:
+                moelora.add_adapter(self.model, name, cfg, trainable=trainable)
+                moelora.load_adapter_state_dict(self.model, host, name)
+                if active:
+                    moelora.set_adapter(self.model, name)
+            self._absorbed = []
+            self.model.eval()
 
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Failed:
+    """Put in a request's queue when it fails before CB runs it (e.g. its adapter cannot be made resident)."""
+
+    def __init__(self, message: str) -> None:
+        self.error = message
+        self.generated_tokens = []
+
+    def is_finished(self) -> bool:
+        return True
 
 
 def wait_until(pred, timeout: float = 10.0, every: float = 0.01) -> bool:

@@ -1,0 +1,361 @@
+"""The adapter registry of ``moelora.serve``: a host cache of adapters and a bounded pool of device slots.
+
+S-LoRA's split (arXiv 2311.03285 §4): every adapter lives in host memory (its state dict, pinned
+when the model is on CUDA, so copies to the device are DMA); only the ones that requests use are
+copied into the model, into at most ``max_resident`` device *slots* (and at most
+``memory_bytes`` of adapter tensors). A slot is one moelora adapter of the model, named
+``_slot<k>``; which served adapter it holds changes over time. Residency is LRU; a slot with
+in-flight requests (``pins`` > 0) is never evicted.
+
+    reg = AdapterRegistry(model, max_resident=8)
+    reg.register_path("math", "adapters/math")           # config + base checked now, tensors lazily
+    reg.register_tensors("syn0", cfg, {key: tensor})    # in memory (benchmarks)
+    slot = reg.acquire("math")     # resident + pinned: the model adapter name to plan with, or None
+    reg.release("math")            # when its request finished / was cancelled
+    reg.prefetch("math")           # resident without a pin, if a slot can be had now
+    reg.stats()                    # swaps, h2d_bytes, resident, ...
+
+Device side only through moelora's public multi-adapter API: ``add_adapter`` (a new slot, the
+adapter's config), ``load_adapter_state_dict`` (host tensors copied into the slot's parameters;
+strict keys and shapes), ``delete_adapter`` (a slot dropped). An evicted slot whose config equals
+the incoming adapter's is reused: the swap is then only the copy of its tensors (no module
+creation), which is why slots are not named after adapters. The model's adapter state stays
+owned by ``moelora.state.AdapterState``; this class only decides which adapter sits in which slot.
+
+Not thread-safe by itself: the engine calls it under its admission lock, and passes
+``model_lock`` (held for every change of the model, so no forward runs meanwhile).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SLOT_PREFIX = "_slot"
+
+
+class RegistryError(RuntimeError):
+    """An adapter cannot be registered or made resident (its message says why)."""
+
+
+@dataclass
+class HostAdapter:
+    name: str
+    cfg: object
+    path: Path | None = None
+    tensors: dict | None = None  # the host cache: None until first needed (lazy)
+    nbytes: int = 0  # of ``tensors`` in the model's dtype (known once loaded)
+    meta: dict = field(default_factory=dict)  # adapter_config.json of a folder (its checksum)
+
+    @property
+    def method(self) -> str:
+        return self.cfg.to_dict()["method"]
+
+
+@dataclass
+class Slot:
+    model_name: str  # the moelora adapter name of this slot in the model
+    key: str  # config key: adapters with equal keys reuse the slot by copying tensors only
+    nbytes: int
+    adapter: str | None = None  # the served adapter it holds
+    pins: int = 0
+    last_used: int = 0
+
+
+@dataclass
+class RegistryStats:
+    loads: int = 0  # host cache fills (disk -> host)
+    swaps: int = 0  # adapters made resident (host -> device)
+    reuses: int = 0  # of which into a reused slot (copy only)
+    evictions: int = 0
+    hits: int = 0  # acquire/prefetch found the adapter resident
+    h2d_bytes: int = 0  # adapter bytes copied host -> device slots
+    disk_bytes: int = 0
+    max_resident: int = 0  # most slots resident at once
+    max_resident_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def config_key(cfg) -> str:
+    """What decides a slot's modules and math: the config without the fields that only record provenance."""
+    d = dict(cfg.to_dict())
+    for k in ("base_model_name_or_path", "base_model_type"):
+        d.pop(k, None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _check_base_signature(meta: dict, model, path: Path) -> None:
+    """The adapter file's ``base_model`` fields (model_type, hidden size, layers, ...) must match
+    the served model's config: an adapter of another base is refused at registration, not at
+    its first request."""
+    want = meta.get("base_model") or {}
+    have = model.config
+    wrong = {k: (v, getattr(have, k, None)) for k, v in want.items()
+             if v is not None and getattr(have, k, None) is not None and getattr(have, k) != v}
+    if wrong:
+        desc = ", ".join(f"{k} {a!r} (served model: {b!r})" for k, (a, b) in sorted(wrong.items()))
+        raise RegistryError(f"adapter at {str(path)!r} is for another base model: {desc}")
+
+
+class AdapterRegistry:
+    """See the module docstring. ``max_resident``: most slots (None: no count limit);
+    ``memory_bytes``: most bytes of resident adapter tensors (None: no byte limit);
+    ``pin_memory``: keep the host cache in pinned memory (default: when the model is on CUDA)."""
+
+    def __init__(self, model, *, max_resident: int | None = None, memory_bytes: int | None = None,
+                 pin_memory: bool | None = None, model_lock=None) -> None:
+        if max_resident is not None and int(max_resident) < 1:
+            raise ValueError(f"max_resident_adapters must be >= 1 (or null for no limit), got {max_resident}")
+        if memory_bytes is not None and memory_bytes <= 0:
+            raise ValueError(f"adapter_memory_gb must be > 0 (or null for no limit), got {memory_bytes / 2**30}")
+        self.model = model
+        self.max_resident = None if max_resident is None else int(max_resident)
+        self.memory_bytes = None if memory_bytes is None else int(memory_bytes)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.pin_memory = (self.device.type == "cuda") if pin_memory is None else bool(pin_memory)
+        self.model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
+        self.adapters: dict[str, HostAdapter] = {}
+        self.slots: list[Slot] = []
+        self.stats_ = RegistryStats()
+        self._clock = 0
+        self._slot_counter = 0
+
+    # ---- host side ------------------------------------------------------------------------------
+    def register_path(self, name: str, path: str | os.PathLike, eager: bool = False) -> HostAdapter:
+        """An adapter folder (``moelora.save_adapter``) served as ``name``: its config and base
+        model are checked now; its tensors are read on first use (``eager``: now)."""
+        from moelora import read_adapter_config
+
+        self._check_new(name)
+        path = Path(path)
+        try:
+            cfg, meta = read_adapter_config(path)
+        except (ValueError, OSError) as e:
+            raise RegistryError(str(e)) from e
+        _check_base_signature(meta, self.model, path)
+        entry = HostAdapter(name, cfg, path=path, meta=meta)
+        if eager:
+            self._fill(entry)
+        self.adapters[name] = entry
+        return entry
+
+    def register_tensors(self, name: str, cfg, tensors: dict) -> HostAdapter:
+        """An adapter given in memory (file keys -> tensors, as ``moelora.adapter_state_dict``
+        returns). Tensors are kept as given when they already are host tensors of the model's
+        dtype (callers may share storage between adapters); otherwise copied."""
+        self._check_new(name)
+        entry = HostAdapter(name, cfg, tensors=self._to_host(tensors))
+        entry.nbytes = _nbytes(entry.tensors)
+        self.adapters[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (its slot, if resident, is dropped). Refused while pinned."""
+        slot = self._slot_of(name)
+        if slot is not None:
+            if slot.pins:
+                raise RegistryError(f"adapter {name!r} has {slot.pins} request(s) in flight")
+            self._drop(slot)
+        self.adapters.pop(name, None)
+
+    def _check_new(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "." in name or name.startswith(SLOT_PREFIX):
+            raise RegistryError(f"adapter names must be non-empty, without '.', not starting with "
+                                f"{SLOT_PREFIX!r}; got {name!r}")
+        if name in self.adapters:
+            raise RegistryError(f"adapter {name!r} is already loaded (unload it first)")
+
+    def _to_host(self, tensors: dict) -> dict:
+        out = {}
+        for k, v in tensors.items():
+            t = v.detach()
+            if t.device.type != "cpu" or (t.is_floating_point() and t.dtype != self.dtype):
+                t = t.to("cpu", self.dtype if t.is_floating_point() else t.dtype, copy=True)
+            if self.pin_memory and not t.is_pinned():
+                t = t.pin_memory()  # DMA copies to the device, no staging through pageable memory
+            out[k] = t
+        return out
+
+    def _fill(self, entry: HostAdapter) -> None:
+        """Disk -> host cache, with the file's checksum checked (as ``moelora.load_adapter`` does)."""
+        if entry.tensors is not None:
+            return
+        from safetensors.torch import load_file
+
+        from moelora.io import WEIGHTS_NAME
+
+        weights = entry.path / WEIGHTS_NAME
+        try:
+            want = entry.meta.get("weights_sha256")
+            if want is not None and _sha256(weights) != want:
+                raise RegistryError(f"{str(weights)!r} does not match the checksum in adapter_config.json: "
+                                    "the file is corrupted or truncated")
+            raw = load_file(str(weights))
+        except RegistryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise RegistryError(f"{str(weights)!r} cannot be read ({type(e).__name__}: {e})") from e
+        if not all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in raw.values()):
+            raise RegistryError(f"{str(weights)!r} holds non-floating-point tensors")
+        entry.tensors = self._to_host(raw)
+        entry.nbytes = _nbytes(entry.tensors)
+        self.stats_.loads += 1
+        self.stats_.disk_bytes += entry.nbytes
+
+    # ---- device side ------------------------------------------------------------------------------
+    def _slot_of(self, name: str) -> Slot | None:
+        for s in self.slots:
+            if s.adapter == name:
+                return s
+        return None
+
+    def resident(self) -> list[str]:
+        return [s.adapter for s in self.slots if s.adapter is not None]
+
+    def resident_bytes(self) -> int:
+        return sum(s.nbytes for s in self.slots)
+
+    def pins(self, name: str) -> int:
+        s = self._slot_of(name)
+        return 0 if s is None else s.pins
+
+    def acquire(self, name: str) -> str | None:
+        """Make ``name`` resident and pin it: the slot's model adapter name, or None when every
+        slot that could take it is pinned (the caller waits and retries)."""
+        slot = self._make_resident(name)
+        if slot is None:
+            return None
+        slot.pins += 1
+        return slot.model_name
+
+    def release(self, name: str) -> None:
+        s = self._slot_of(name)
+        if s is not None and s.pins > 0:
+            s.pins -= 1
+
+    def prefetch(self, name: str) -> bool:
+        """Make ``name`` resident without pinning it (a request for it is queued), if that needs
+        no pinned slot. Never evicts an adapter that itself has requests queued: the caller
+        passes only heads of its queue, so it evicts the least recently used of the rest."""
+        return self._make_resident(name) is not None
+
+    def _touch(self, slot: Slot) -> None:
+        self._clock += 1
+        slot.last_used = self._clock
+
+    def _make_resident(self, name: str) -> Slot | None:
+        entry = self.adapters.get(name)
+        if entry is None:
+            raise RegistryError(f"unknown adapter {name!r}")
+        slot = self._slot_of(name)
+        if slot is not None:
+            self.stats_.hits += 1
+            self._touch(slot)
+            return slot
+        self._fill(entry)
+        key = config_key(entry.cfg)
+        free = sorted((s for s in self.slots if s.pins == 0), key=lambda s: (s.adapter is not None, s.last_used))
+        # 1) an unpinned slot of the same config (LRU first): a copy, no new modules
+        reuse = next((s for s in free if s.key == key), None)
+        if reuse is not None:
+            self._install(entry, reuse)
+            return reuse
+        # 2) a new slot, evicting least recently used unpinned slots until the count and bytes fit
+        victims, n, b = [], len(self.slots), self.resident_bytes()
+        for s in free:
+            if self._fits(n + 1, b + entry.nbytes):
+                break
+            victims.append(s)
+            n, b = n - 1, b - s.nbytes
+        if not self._fits(n + 1, b + entry.nbytes):
+            if self.memory_bytes is not None and entry.nbytes > self.memory_bytes:
+                raise RegistryError(f"adapter {name!r} needs {entry.nbytes} bytes; adapter_memory_gb allows "
+                                    f"{self.memory_bytes}")
+            return None
+        for s in victims:
+            self._drop(s)
+        slot = self._new_slot(entry, key)
+        self._install(entry, slot)
+        return slot
+
+    def _fits(self, n: int, nbytes: int) -> bool:
+        return ((self.max_resident is None or n <= self.max_resident)
+                and (self.memory_bytes is None or nbytes <= self.memory_bytes))
+
+    def _new_slot(self, entry: HostAdapter, key: str) -> Slot:
+        import moelora
+
+        name = f"{SLOT_PREFIX}{self._slot_counter}"
+        self._slot_counter += 1
+        with self.model_lock:
+            moelora.add_adapter(self.model, name, entry.cfg, trainable=False)
+            self.model.eval()
+        slot = Slot(name, key, entry.nbytes)
+        self.slots.append(slot)
+        self.stats_.max_resident = max(self.stats_.max_resident, len(self.slots))
+        self.stats_.max_resident_bytes = max(self.stats_.max_resident_bytes, self.resident_bytes())
+        return slot
+
+    def _install(self, entry: HostAdapter, slot: Slot) -> None:
+        import moelora
+
+        reused = slot.adapter is not None or slot.last_used > 0
+        if slot.adapter is not None:
+            self.stats_.evictions += 1
+        slot.adapter = None  # a failed copy leaves an empty slot, never a half-copied adapter served
+        with self.model_lock:
+            try:
+                moelora.load_adapter_state_dict(self.model, entry.tensors, slot.model_name)
+            except (KeyError, ValueError, TypeError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                self._drop(slot, locked=True)
+                raise RegistryError(f"adapter {entry.name!r} does not fit this model: {msg}") from e
+        slot.adapter = entry.name
+        slot.nbytes = entry.nbytes
+        self.stats_.swaps += 1
+        self.stats_.reuses += int(reused)
+        self.stats_.h2d_bytes += entry.nbytes
+        self._touch(slot)
+
+    def _drop(self, slot: Slot, locked: bool = False) -> None:
+        import moelora
+
+        if slot.adapter is not None:
+            self.stats_.evictions += 1
+        with (contextlib.nullcontext() if locked else self.model_lock):
+            moelora.delete_adapter(self.model, slot.model_name)
+        self.slots.remove(slot)
+
+    def clear(self) -> None:
+        """Drop every slot (the model is left without the registry's adapters)."""
+        for s in list(self.slots):
+            self._drop(s)
+
+    def stats(self) -> dict:
+        s = self.stats_
+        return {"adapters": len(self.adapters), "cached_on_host": sum(a.tensors is not None for a in self.adapters.values()),
+                "resident": self.resident(), "resident_slots": len(self.slots), "resident_bytes": self.resident_bytes(),
+                "max_resident_adapters": self.max_resident, "adapter_memory_bytes": self.memory_bytes,
+                "pinned": {x.adapter: x.pins for x in self.slots if x.pins and x.adapter is not None},
+                "loads": s.loads, "swaps": s.swaps, "slot_reuses": s.reuses, "evictions": s.evictions, "hits": s.hits,
+                "h2d_bytes": s.h2d_bytes, "disk_bytes": s.disk_bytes, "peak_resident_slots": s.max_resident,
+                "peak_resident_bytes": s.max_resident_bytes, "host_pinned_memory": self.pin_memory}
+
+
+def _nbytes(tensors: dict) -> int:
+    # shared storages count once per adapter: what a copy into a slot moves
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,207 @@
+"""moelora.serve's adapter registry and admission: a host cache, a bounded pool of device slots
+(LRU, pinned while in use), the per-step adapter cap with FIFO fairness, and seeded sampling.
+Every greedy response still equals offline ``model.generate`` with that adapter alone (fp32 CPU)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import moelora
+from moelora.serve import Engine
+from moelora.serve.engine import wait_until
+
+from conftest import make_tiny, randomize_adapter_
+
+NEW = 8
+NAMES = ["a", "b", "c", "d"]
+
+
+def _model():
+    """Four adapters of three configs: a and d share one (their slots can be reused by a copy)."""
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="a")
+    moelora.add_adapter(m, "b", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    moelora.add_adapter(m, "c", moelora.LoraConfig(r=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    moelora.add_adapter(m, "d", moelora.LoraConfig(r=4))
+    randomize_adapter_(m, seed=11)
+    return m.eval()
+
+
+def _offline(m, prompt, name, new=NEW):
+    out = m.generate(torch.tensor([prompt]), adapter_names=[name], max_new_tokens=new, do_sample=False,
+                     eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    m = _model()
+    root = tmp_path_factory.mktemp("adapters")
+    for n in NAMES:
+        moelora.save_adapter(m, root / n, adapter_name=n)
+    refs = {(i, n): _offline(m, p, n) for i, p in enumerate(PROMPTS) for n in NAMES}
+    return root, refs
+
+
+def _run_all(eng, jobs):
+    """Submit every (prompt index, adapter) at once, from threads; the outputs in order."""
+    results, threads = {}, []
+
+    def client(k, i, n):
+        results[k] = eng.generate(PROMPTS[i], n)
+
+    for k, (i, n) in enumerate(jobs):
+        threads.append(threading.Thread(target=client, args=(k, i, n)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return [results.get(k) for k in range(len(jobs))]
+
+
+def test_two_slots_four_adapters_token_exact(saved):
+    root, refs = saved
+    eng = Engine(make_tiny(), adapters_dir=root, max_new_tokens=NEW, eos_token_id=-1, max_resident_adapters=2)
+    peak = []
+    stop = threading.Event()
+
+    def watch():  # the resident set, sampled while requests run
+        while not stop.is_set():
+            peak.append(len(eng.registry.slots))
+            time.sleep(0.002)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        assert sorted(eng.adapter_names()) == NAMES
+        assert eng.metrics()["cached_on_host"] == 0  # lazy: nothing read before a request needs it
+        jobs = [(i, n) for i in range(len(PROMPTS)) for n in NAMES]
+        outs = _run_all(eng, jobs)
+        assert outs == [refs[j] for j in jobs]
+        met = eng.metrics()
+        assert met["peak_resident_slots"] <= 2 and max(peak) <= 2 and met["resident_slots"] <= 2
+        assert met["swaps"] >= 4 and met["loads"] == 4  # every adapter came in; each file read once
+        sizes = {n: eng.registry.adapters[n].nbytes for n in NAMES}
+        assert met["h2d_bytes"] >= sum(sizes.values())
+        assert met["pinned"] == {}  # every pin released
+        # one at a time through the same two slots (a/d share a config: a slot reused by copying)
+        for n in ["a", "d", "a", "c", "b", "d"]:
+            assert eng.generate(PROMPTS[0], n) == refs[(0, n)], n
+        assert eng.metrics()["slot_reuses"] > 0
+    finally:
+        stop.set()
+        w.join()
+        eng.close()
+
+
+def test_pinned_adapter_is_not_evicted_and_the_next_waits():
+    m = _model()
+    long_ref = _offline(m, PROMPTS[0], "a", new=40)
+    ref_b = _offline(m, PROMPTS[1], "b")
+    eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_resident_adapters=1)
+    try:
+        assert eng.metrics()["resident_slots"] == 0  # the model's own adapters went to the host cache
+        with eng._admit_lock:  # both queued before either can run
+            ra = eng.submit(PROMPTS[0], "a", max_new_tokens=40)
+            rb = eng.submit(PROMPTS[1], "b")
+            assert eng.registry.resident() == ["a"] and eng.registry.pins("a") == 1
+            assert eng.queued() == 1  # b waits: the only slot is pinned by a
+        assert list(eng.stream(ra)) == long_ref
+        assert list(eng.stream(rb)) == ref_b
+        assert eng.registry.resident() == ["b"] and eng.metrics()["pinned"] == {}
+        # cancel releases the pin too
+        rc = eng.submit(PROMPTS[0], "c", max_new_tokens=40)
+        eng.cancel(rc)
+        assert eng.registry.pins("c") == 0
+        assert eng.generate(PROMPTS[1], "b") == ref_b
+    finally:
+        eng.close()
+    # close() put the model's adapters back
+    assert sorted(a["name"] for a in moelora.list_adapters(m)) == NAMES
+    assert _offline(m, PROMPTS[1], "b") == ref_b
+
+
+def test_byte_budget_bounds_the_pool(saved):
+    root, refs = saved
+    probe = Engine(make_tiny(), adapters_dir=root, max_new_tokens=NEW, eos_token_id=-1)
+    for n in NAMES:
+        probe.registry._fill(probe.registry.adapters[n])
+    sizes = {n: probe.registry.adapters[n].nbytes for n in NAMES}
+    probe.close()
+    budget = max(sizes.values()) * 1.5  # room for one adapter at a time, whichever it is
+    eng = Engine(make_tiny(), adapters_dir=root, max_new_tokens=NEW, eos_token_id=-1,
+                 adapter_memory_gb=budget / 2**30)
+    try:
+        jobs = [(i % len(PROMPTS), n) for i, n in enumerate(NAMES * 2)]
+        assert _run_all(eng, jobs) == [refs[j] for j in jobs]
+        met = eng.metrics()
+        assert met["peak_resident_bytes"] <= budget and met["resident_bytes"] <= budget
+        assert sum(sizes.values()) > budget and met["evictions"] >= 1 and met["swaps"] >= len(NAMES)
+    finally:
+        eng.close()
+
+
+def test_adapter_cap_per_step_and_no_starvation():
+    """max_adapters_per_step=1: no packed step mixes two adapters; a request to a cold adapter
+    queued behind hot ones is overtaken at most max_bypass times, so it finishes before the hot
+    requests submitted after it."""
+    m = _model()
+    ref_a, ref_b = _offline(m, PROMPTS[0], "a"), _offline(m, PROMPTS[1], "b")
+    eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_adapters_per_step=1, max_bypass=2, max_pending=32)
+    done: dict[str, float] = {}
+    outs: dict[str, list] = {}
+
+    def consume(rid):
+        outs[rid] = list(eng.stream(rid))
+        done[rid] = time.monotonic()
+
+    try:
+        eng.generate(PROMPTS[1], "b")  # both resident: the submits below need no change of the model,
+        eng.generate(PROMPTS[0], "a")  # so holding the loop's lock cannot block them
+        with eng._model_lock:  # hold the loop: everything is queued before the first step
+            before = [eng.submit(PROMPTS[0], "a") for _ in range(3)]
+            cold = eng.submit(PROMPTS[1], "b")
+            after = [eng.submit(PROMPTS[0], "a") for _ in range(8)]
+            assert eng.queued() == 1 + 8 - 2  # b waits; two later a's overtook it, the rest wait behind it
+        threads = [threading.Thread(target=consume, args=(r,)) for r in before + [cold] + after]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert outs[cold] == ref_b and all(outs[r] == ref_a for r in before + after)
+        assert done[cold] < max(done[r] for r in after)
+        assert sum(done[r] > done[cold] for r in after) >= 6  # all but the two that overtook it
+        assert eng.metrics()["max_adapters_seen_per_step"] == 1
+    finally:
+        eng.close()
+
+
+def test_sampling_seeded_and_greedy():
+    m = _model()
+    ref = _offline(m, PROMPTS[0], "a", new=12)
+    eng = Engine(m, max_new_tokens=12, eos_token_id=-1)
+    try:
+        assert eng.generate(PROMPTS[0], "a", temperature=0.0) == ref  # temperature 0: greedy, token-exact
+        s1 = eng.generate(PROMPTS[0], "a", temperature=1.0, seed=7)
+        # the same seed again, now packed with other requests (greedy and sampled, other adapters)
+        rids = [eng.submit(PROMPTS[1], "b", temperature=0.8, top_p=0.9, seed=3),
+                eng.submit(PROMPTS[0], "a", temperature=1.0, seed=7),
+                eng.submit(PROMPTS[2], None),
+                eng.submit(PROMPTS[0], "a", temperature=1.0, seed=8)]
+        outs = [list(eng.stream(r)) for r in rids]
+        assert outs[1] == s1
+        assert s1 != ref and outs[3] != s1  # it really sampled, and the seed matters
+        assert eng.generate(PROMPTS[1], "b", temperature=0.8, top_p=0.9, seed=3) == outs[0]
+        assert len(set(eng.generate(PROMPTS[0], "a", temperature=5.0, top_p=1e-6, seed=s)[0] for s in range(3))) == 1
+        for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(seed=-2),
+                    dict(temperature=float("nan"))):
+            with pytest.raises(ValueError):
+                eng.submit(PROMPTS[0], "a", **bad)
+    finally:
+        eng.close()
