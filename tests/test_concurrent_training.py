@@ -287,3 +287,17 @@ def test_benchmark_smoke_mode_writes_its_tables(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["versions"]["command"] and on_disk["versions"]["torch"] and on_disk["device"] == "cpu"
     assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == len(rows)
+
+
+def test_token_budget_and_queue_keep_every_job_as_it_is_alone(tmp_path: Path) -> None:
+    """``tokens_per_step`` smaller than any micro-batch: one job per forward, round robin (a job
+    alone over the budget still runs); ``max_concurrent_jobs=2`` queues the third job. Every job
+    still ends where it ends alone."""
+    jobs = list(JOBS)
+    extra = ["trainer.max_steps=4"]
+    res = train_concurrently([_cfg(tmp_path, j, "budget", *extra) for j in jobs], max_concurrent_jobs=2,
+                             tokens_per_step=1, progress=False)
+    assert [r["status"] for r in res] == ["finished"] * 3 and all(r["global_step"] == 4 for r in res)
+    for j in jobs:
+        train_concurrently([_cfg(tmp_path, j, "alone", *extra)], progress=False)
+        _assert_same_tensors(_adapter(tmp_path / "budget" / j), _adapter(tmp_path / "alone" / j), j)
