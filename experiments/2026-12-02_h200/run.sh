@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# This session's H200 calls, from the repo root on the GPU machine (a snapshot of the commit under
+# test): bash experiments/2026-12-02_h200/run.sh PART [PART...]; each PART writes into $OUT/PART,
+# with its wall time in $OUT/PART/wall_s.txt; everything is packed into $OUT/results.tar.gz (the
+# device returns at most 8 files). Needs the wheels in .whl (peft, hydra-core, omegaconf, antlr4,
+# pytest; see experiments/2026-12-01_multi_adapter_h200/README.md).
+set -uo pipefail
+OUT=${OUT:-results}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="$PWD:$PWD/kernels:/tmp/site"
+T=${T:-150}  # seconds per part unless the part sets its own
+for part in "$@"; do
+  D="$OUT/$part"; mkdir -p "$D"; S=$(date +%s)
+  case "$part" in
+    gpu_tests)
+      timeout ${T_TESTS:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_decode_graphs.py \
+        tests/test_multi_adapter.py tests/test_compiled_mixed_batches.py > "$D/pytest.txt" 2>&1; tail -4 "$D/pytest.txt" ;;
+    mixed_static)  # issue 14: compiled mixed batch of 8 LoRA adapters; perf hints say whether CUDA graphs ran
+      TORCH_LOGS=perf_hints timeout ${T_MIXED:-180} python3 -m moelora.bench.multi_adapter --modes static --no-peft \
+        --repeats 3 --rounds 1 --out "$D" > "$D/log.txt" 2>&1
+      grep -i "skipping cudagraphs" "$D/log.txt" | sort | uniq -c | head -5; tail -6 "$D/log.txt" ;;
+    bdlora)  # issue 18: TP=1 cost of block-diagonal LoRA, per layer and per decoded token
+      timeout ${T_BD:-150} python3 -m moelora.bench.bdlora --time-budget-s 90 --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
+    concurrent_smollm2)  # issue 17: N jobs over one base vs sequential (SmolLM2-135M shape, random weights)
+      timeout ${T_CONC:-150} python3 -m moelora.bench.concurrent_training --model smollm2_135m_shape --jobs 1,4,8,16 \
+        --steps 5 --time-limit 120 --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
+    concurrent_7b)
+      timeout ${T_CONC:-200} python3 -m moelora.bench.concurrent_training --model llama2_7b_shape --jobs 1,8 \
+        --steps 5 --time-limit 170 --processes --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
+    serve)
+      timeout ${T_SERVE:-360} python3 -m moelora.bench.serve ${SERVE_ARGS:-} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
+    *) echo "unknown part $part"; continue ;;
+  esac
+  echo "$part: $(( $(date +%s) - S )) s" | tee "$D/wall_s.txt"
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+tar -czf "$OUT/results.tar.gz" -C "$OUT" --exclude results.tar.gz . 2>/dev/null
