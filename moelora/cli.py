@@ -458,6 +458,7 @@ def train_main() -> None:
     from hydra.errors import HydraException
 
     debug = bool(os.environ.get("MOELORA_DEBUG"))
+    _register_concurrent_launcher()
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exit(1)
     global _TASK_STARTED, _INTERRUPTED_SWEEP
@@ -498,6 +499,17 @@ def train_main() -> None:
         print(f"{PREFIX} {n} sweep job(s) failed: " + "; ".join(f"{Path(d).name}: {e}" for d, e, _ in _SWEEP_FAILURES),
               file=sys.stderr)
         sys.exit(2 if all(c for _, _, c in _SWEEP_FAILURES) else 1)
+
+
+def _register_concurrent_launcher() -> None:
+    """``hydra/launcher=concurrent`` (hydra_plugins/moelora_concurrent) also where Hydra's plugin
+    scan cannot list it: setuptools' editable installs map the ``hydra_plugins`` namespace through
+    an import hook that ``pkgutil`` (Hydra's scan) cannot list, though the module imports."""
+    with contextlib.suppress(ImportError):
+        from hydra.core.plugins import Plugins
+        from hydra_plugins.moelora_concurrent.launcher import ConcurrentLauncher
+
+        Plugins.instance().register(ConcurrentLauncher)
 
 
 # OSErrors that mean "this directory cannot be created or written" (Hydra makes the run dir first)

@@ -181,6 +181,14 @@ def test_the_launcher_is_packaged() -> None:
     assert "hydra_plugins.moelora_concurrent" in packages
     assert not (REPO / "hydra_plugins" / "__init__.py").exists()
     assert (REPO / "hydra_plugins" / "moelora_concurrent" / "__init__.py").is_file()
+    # moelora-train registers it itself too (editable installs hide the namespace from Hydra's scan)
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    from moelora.cli import _register_concurrent_launcher
+
+    _register_concurrent_launcher()
+    assert "ConcurrentLauncher" in [c.__name__ for c in Plugins.instance().discover(Launcher)]
 
 
 # ---- the gathered mixed-batch training forms against the eager loop ------------------------------
