@@ -332,6 +332,11 @@ class AdapterRegistry:
             moelora.delete_adapter(self.model, slot.model_name)
         self.slots.remove(slot)
 
+    def reset_peaks(self) -> None:
+        """Start the peak counters again from the current pool (one benchmark run each)."""
+        self.stats_.max_resident = len(self.slots)
+        self.stats_.max_resident_bytes = self.resident_bytes()
+
     def clear(self) -> None:
         """Drop every slot (the model is left without the registry's adapters)."""
         for s in list(self.slots):

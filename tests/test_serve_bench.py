@@ -1,0 +1,56 @@
+"""python -m moelora.bench.serve in its CPU smoke mode: every system runs S-LoRA's workload on the
+tiny model and writes its files; the engine rows generate exactly the trace's output tokens, stay
+within the slot pool, and count their swaps; a spent time budget skips runs instead of running them."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from moelora.bench import serve as bench
+
+
+def test_smoke_run_writes_results(tmp_path):
+    pytest.importorskip("peft")
+    res = bench.main(["--device", "cpu", "--model", "tiny", "--smoke", "--out", str(tmp_path)])
+    a = bench.parse_args(["--smoke"])
+    rows = {(r["system"], r["num_adapters"]): r for r in res["rows"]}
+    assert set(rows) == {("base", 0)} | {(s, n) for s in ("moelora", "peft_swap", "peft_batched") for n in a.num_adapters}
+    for (system, n), r in rows.items():
+        trace = bench.make_workload(max(n, a.num_adapters[0]), a.alpha[0], a.rates[0], a.num_requests, a.prompt_len,
+                                    a.output_len, a.arrival, a.cv, 61, a.seed + 7)
+        assert r["status"] == "ok" and r["completed"] == a.num_requests, r
+        assert r["output_tokens"] == sum(q.out_len for q in trace), (system, n)  # exact lengths, no EOS
+        assert r["output_tok_s"] > 0
+    for n in a.num_adapters:
+        m = rows[("moelora", n)]
+        used = len({q.adapter for q in bench.make_workload(n, a.alpha[0], a.rates[0], a.num_requests, a.prompt_len,
+                                                            a.output_len, a.arrival, a.cv, 61, a.seed + 7)})
+        assert m["swaps"] >= min(used, a.max_resident) and m["peak_resident_slots"] <= a.max_resident
+        assert m["ttft_p50_ms"] > 0 and m["itl_p50_ms"] > 0
+    assert rows[("peft_swap", max(a.num_adapters))]["swaps"] >= 1
+    assert rows[("base", 0)]["swaps"] == 0
+    saved = json.loads((tmp_path / "serve_bench.json").read_text())
+    assert saved["environment"]["attn_implementation"] and saved["environment"]["transformers"]
+    assert "moelora.bench.serve" in saved["environment"]["command"]
+    with open(tmp_path / "serve_bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(res["rows"])
+
+
+def test_time_budget_skips_runs(tmp_path):
+    res = bench.main(["--device", "cpu", "--model", "tiny", "--smoke", "--systems", "base,moelora",
+                      "--time-budget", "0", "--out", str(tmp_path)])
+    assert res["rows"] and all(r["status"] == "skipped" for r in res["rows"])
+
+
+def test_workload_shape():
+    reqs = bench.make_workload(100, 1.0, 4.0, 400, (8, 16), (3, 5), "gamma", 2.0, 50, 0)
+    assert all(8 <= len(r.prompt) <= 16 and 3 <= r.out_len <= 5 and 0 <= r.adapter < 100 for r in reqs)
+    assert [r.arrival for r in reqs] == sorted(r.arrival for r in reqs)
+    counts = [sum(r.adapter == i for r in reqs) for i in range(3)]
+    assert counts[0] > counts[1] > counts[2]  # Zipf: the most popular adapters first
+    assert 400 / reqs[-1].arrival == pytest.approx(4.0, rel=0.35)  # the mean rate
+    classes = bench.adapter_classes([8, 16], 8, 0.25, 4, 2, mixlora_rank=4)
+    assert [c["r"] for c in classes] == [8, 16, 8, 4, 8, 16, 8, 4]  # every 4th MixLoRA, at its own rank
+    assert sum(c["method"] == "mixlora" for c in classes) == 2 and all(c["r"] == 4 for c in classes if c["method"] == "mixlora")
