@@ -65,6 +65,7 @@ class Settings:
     max_processes: int = 16
     time_limit: float = 3000.0  # seconds; configurations that would start later are skipped
     seed: int = 0
+    cpu_threads: int = 0  # torch threads on CPU (0 = torch's default; 1 for tiny models on shared cores)
 
 
 # ---- the model and the jobs ---------------------------------------------------------------------
@@ -255,7 +256,8 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16")
     p.add_argument("--jobs", default=",".join(map(str, d.jobs)), help="N values, e.g. 1,2,4,8,16")
-    for k in ("steps", "warmup", "rows", "seq", "lora_r", "mix_experts", "mix_top_k", "mix_r", "max_processes", "seed"):
+    for k in ("steps", "warmup", "rows", "seq", "lora_r", "mix_experts", "mix_top_k", "mix_r", "max_processes", "seed",
+              "cpu_threads"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=getattr(d, k))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--time-limit", type=float, default=d.time_limit)
@@ -268,7 +270,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     s = Settings(model=a.model, device=a.device, dtype=a.dtype, jobs=tuple(int(x) for x in a.jobs.split(",") if x),
                  steps=a.steps, warmup=a.warmup, rows=a.rows, seq=a.seq, lora_r=a.lora_r, mix_experts=a.mix_experts,
                  mix_top_k=a.mix_top_k, mix_r=a.mix_r, lr=a.lr, processes=a.processes, max_processes=a.max_processes,
-                 time_limit=a.time_limit, seed=a.seed)
+                 time_limit=a.time_limit, seed=a.seed, cpu_threads=a.cpu_threads)
     if s.steps < 1 or s.rows < 1 or s.seq < 4 or not s.jobs or min(s.jobs) < 1:
         p.error("need --steps >= 1, --rows >= 1, --seq >= 4 and job counts >= 1")
     return s, a
@@ -278,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     s, a = _parse(argv)
     device = _device(s.device)
     dtype = _dtype(s, device)
+    if device.type == "cpu" and s.cpu_threads > 0:
+        torch.set_num_threads(s.cpu_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_base(s, device, dtype)

@@ -233,19 +233,17 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     state = site._state
     slots = [s for s, a in enumerate(adapters) if a is not None]
     present = [adapters[s] for s in slots]
-    xd = x2
-    if site.training:
-        for s in slots:
-            a = adapters[s]
-            if getattr(a.lora_dropout, "p", 0.0) > 0 and counts[s]:
-                rows = idx[s, : counts[s]]
-                xd = xd.index_copy(0, rows, adapter_dropout(a.lora_dropout, x2[rows], state, plan.slot_names[s]))
     sel = idx if len(slots) == len(adapters) else idx[slots]  # (P, n): the adapters present at this site
     r = max(a.r for a in present)
     lora_A = torch.stack([F.pad(a.lora_A, (0, 0, 0, r - a.r)) for a in present])  # (P, R, in)
     lora_B = torch.stack([F.pad(a.lora_B, (0, r - a.r)) * a.scaling for a in present])  # (P, out, R)
-    x_pad = torch.cat([xd, xd.new_zeros(1, xd.shape[-1])])  # row B*T: the padding of the segments
-    h = torch.bmm(x_pad[sel].to(lora_A.dtype), lora_A.transpose(1, 2))  # (P, n, R)
+    x_pad = torch.cat([x2, x2.new_zeros(1, x2.shape[-1])])  # row B*T: the padding of the segments
+    xs = x_pad[sel].to(lora_A.dtype)  # (P, n, in): each adapter's own tokens
+    if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
+        n = xs.shape[1]
+        xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[s]], state, plan.slot_names[s]),
+                                (0, 0, 0, n - counts[s])) for p, (s, a) in enumerate(zip(slots, present))])
+    h = torch.bmm(xs, lora_A.transpose(1, 2))  # (P, n, R)
     d = torch.bmm(h, lora_B.transpose(1, 2))  # (P, n, out)
     delta = d.new_zeros(x2.shape[0] + 1, d.shape[-1]).index_add_(0, sel.reshape(-1), d.reshape(-1, d.shape[-1]))
     y = F.linear(x2, site.base_layer.weight, site.base_layer.bias)
@@ -416,7 +414,7 @@ def _expert_dropout(ffn, t: torch.Tensor, adapters, plan, B: int, T: int, role: 
         return t
     state = ffn._state
     idx, counts = plan.segments(B, T)
-    out = t
+    rows_all, dropped_all = [], []
     for s, a in enumerate(adapters):
         e = None if a is None else a._expert(ffn, role)
         if e is None or getattr(e.lora_dropout, "p", 0.0) == 0 or not counts[s]:
@@ -428,8 +426,11 @@ def _expert_dropout(ffn, t: torch.Tensor, adapters, plan, B: int, T: int, role: 
             dropped = torch.cat([own, part[:, a.top_k:]], dim=1)
         else:
             dropped = adapter_dropout(e.lora_dropout, part, state, a.adapter_name)
-        out = out.index_copy(0, rows, dropped)
-    return out
+        rows_all.append(rows)
+        dropped_all.append(dropped)
+    if not rows_all:
+        return t
+    return t.index_copy(0, torch.cat(rows_all), torch.cat(dropped_all))  # one copy, not one per adapter
 
 
 def _moe_stacks(ffn, names, adapters) -> dict:
