@@ -27,9 +27,12 @@ def test_smoke_run_writes_results(tmp_path):
         m = rows[("moelora", n)]
         used = len({q.adapter for q in bench.make_workload(n, a.alpha[0], a.rates[0], a.num_requests, a.prompt_len,
                                                             a.output_len, a.arrival, a.cv, 61, a.seed + 7)})
-        assert m["swaps"] >= min(used, a.max_resident) and m["peak_resident_slots"] <= a.max_resident
+        # at most max_resident of them were resident when the run began (warm-up): the rest came in by swaps
+        assert m["swaps"] >= used - a.max_resident and m["peak_resident_slots"] <= a.max_resident
         assert m["ttft_p50_ms"] > 0 and m["itl_p50_ms"] > 0
-    assert rows[("peft_swap", max(a.num_adapters))]["swaps"] >= 1
+    big = max(a.num_adapters)
+    assert used > a.max_resident and rows[("moelora", big)]["swaps"] >= 1  # the pool really swapped
+    assert rows[("peft_swap", big)]["swaps"] >= 1
     assert rows[("base", 0)]["swaps"] == 0
     saved = json.loads((tmp_path / "serve_bench.json").read_text())
     assert saved["environment"]["attn_implementation"] and saved["environment"]["transformers"]
