@@ -22,6 +22,7 @@ Execution, decided here for every forward from the state's ``BatchPlan``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import _private
 from . import decode_graphs
-from .dispatch import gathered_mixed_training
+from .dispatch import gathered_kernel_applies, gathered_mixed_training
 from .lora_math import adapter_dropout
 
 # ACT_NAMES: activation modules of transformers.activations that the fused MixLoRA decode kernel implements.
@@ -385,12 +386,19 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
             # slots past this adapter's own top-k (K is the batch's largest) are not "routed" (f_e)
             routing = Routing(w, (vid - base).clamp(0, a.num_experts - 1), probs[:, base: base + a.num_experts], keep)
             state.record(a.adapter_name, ffn.layer_idx, routing, own, a.num_experts)
+    if train and not gathered_kernel_applies(x):
+        # training without the gathered kernel: each adapter's tokens against its own experts only
+        # (the torch reference would compute every adapter's experts for every token)
+        seg = (plan.segments(B, T), [s for s, a in enumerate(adapters) if a is not None], st["emax"])
+        expert_lora = functools.partial(_segmented_expert_lora, seg=seg)
+    else:
+        expert_lora = functools.partial(_gathered_lora, scaling=1.0)
     pre = {}
     for role in ffn._in_roles():
         b = base_pre[role].unsqueeze(1)  # (N, 1, F)
         if role in st["A"]:
             xr = _expert_dropout(ffn, x, adapters, plan, B, T, role)
-            d = _gathered_lora(xr.to(st["A"][role].dtype), st["A"][role], st["B"][role], vid, scaling=1.0)
+            d = expert_lora(xr.to(st["A"][role].dtype), st["A"][role], st["B"][role], vid)
             pre[role] = b + d.to(b.dtype)
         else:
             pre[role] = b
@@ -401,9 +409,41 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     down_delta = None
     if "down" in st["A"]:
         hd = _expert_dropout(ffn, h, adapters, plan, B, T, "down")
-        down_delta = _gathered_lora(hd.to(st["A"]["down"].dtype), st["A"]["down"], st["B"]["down"], vid,
-                                    weight=w.to(st["A"]["down"].dtype), scaling=1.0)
+        down_delta = expert_lora(hd.to(st["A"]["down"].dtype), st["A"]["down"], st["B"]["down"], vid,
+                                 weight=w.to(st["A"]["down"].dtype))
     return h_mix, down_delta
+
+
+def _segmented_expert_lora(t: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, vid: torch.Tensor,
+                           weight: torch.Tensor | None = None, *, seg) -> torch.Tensor:
+    """``gathered_lora_reference``'s math with each MixLoRA adapter's tokens (``BatchPlan.segments``)
+    against its own E_max experts only, batched over the adapters: t (N, in) or (N, K, in), stacks
+    (S·E_max+1, R, in) / (S·E_max+1, out, R), vid (N, K) -> (N, K, out), or (N, out) summed with
+    ``weight`` (N, K). Linear in the number of adapters (the reference is quadratic: every token
+    against every adapter's experts) and no token reaches another adapter's experts. Tokens of
+    other slots (base, plain LoRA) get zeros, as their zero expert gives."""
+    (idx, counts), slots, emax = seg
+    sel = idx[slots]  # (P, n)
+    P, n = sel.shape
+    N, K = vid.shape
+    S = (lora_A.shape[0] - 1) // emax
+    cdt = torch.promote_types(t.dtype, torch.float32)
+    A = lora_A[: S * emax].view(S, emax, *lora_A.shape[1:])[slots].to(cdt)  # (P, E, R, in)
+    Bm = lora_B[: S * emax].view(S, emax, *lora_B.shape[1:])[slots].to(cdt)  # (P, E, out, R)
+    tp = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])[sel].to(cdt)  # (P, n, in) or (P, n, K, in)
+    base = torch.tensor(slots, device=vid.device)[:, None, None] * emax
+    local = torch.cat([vid, vid.new_full((1, K), -1)])[sel] - base  # (P, n, K): <0 or >=E: no expert
+    coef = (local.unsqueeze(-1) == torch.arange(emax, device=vid.device)).to(cdt)  # (P, n, K, E)
+    if weight is not None:
+        coef = coef * torch.cat([weight, weight.new_zeros(1, K)])[sel].to(cdt).unsqueeze(-1)
+    if tp.dim() == 3:
+        h = torch.einsum("pni,peri->pner", tp, A).unsqueeze(2)  # (P, n, 1, E, R)
+    else:
+        h = torch.einsum("pnki,peri->pnker", tp, A)  # (P, n, K, E, R)
+    g = h * coef.unsqueeze(-1)  # the rank block of each slot's chosen expert only
+    y = torch.einsum("pnker,peor->pno" if weight is not None else "pnker,peor->pnko", g, Bm)
+    out = y.new_zeros(N + 1, *y.shape[2:]).index_add_(0, sel.reshape(-1), y.reshape(P * n, *y.shape[2:]))
+    return out[:N].to(t.dtype)
 
 
 def _expert_dropout(ffn, t: torch.Tensor, adapters, plan, B: int, T: int, role: str) -> torch.Tensor:
