@@ -107,11 +107,14 @@ def test_pinned_adapter_is_not_evicted_and_the_next_waits():
     eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_resident_adapters=1)
     try:
         assert eng.metrics()["resident_slots"] == 0  # the model's own adapters went to the host cache
-        with eng._admit_lock:  # both queued before either can run
-            ra = eng.submit(PROMPTS[0], "a", max_new_tokens=40)
+        ra = eng.submit(PROMPTS[0], "a", max_new_tokens=40)
+        assert wait_until(lambda: eng.registry.pins("a") == 1)
+        with eng._model_lock:  # the loop holds still: a cannot finish meanwhile
             rb = eng.submit(PROMPTS[1], "b")
-            assert eng.registry.resident() == ["a"] and eng.registry.pins("a") == 1
-            assert eng.queued() == 1  # b waits: the only slot is pinned by a
+            assert eng.queued() == 1 and eng.registry.resident() == ["a"]  # b waits: the only slot is pinned
+            with eng._admit_lock:
+                assert eng.registry.acquire("b") is None  # a pinned slot is never evicted
+            assert eng.registry.resident() == ["a"]
         assert list(eng.stream(ra)) == long_ref
         assert list(eng.stream(rb)) == ref_b
         assert eng.registry.resident() == ["b"] and eng.metrics()["pinned"] == {}

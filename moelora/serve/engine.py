@@ -194,7 +194,9 @@ class Engine:
         self._inside: dict[str | None, int] = {}  # adapter -> requests admitted to CB and not finished
         self._lock = threading.Lock()  # the request tables
         self._admit_lock = threading.RLock()  # the admission queue and the registry
-        self._model_lock = threading.Lock()  # one forward, or one change of the model's adapters, at a time
+        # one forward, or one change of the model's adapters, at a time; taken before _admit_lock
+        # when both are needed (reentrant: the admission thread holds it around the registry's own use)
+        self._model_lock = threading.RLock()
         self._counter = 0
         self._admitting = False  # _admit is running (re-entered from _finish): run it again after
         self._again = False
@@ -233,6 +235,10 @@ class Engine:
             # set the slot pool's bytes aside while CB measures free memory for its KV cache
             hold = torch.empty(self.registry.memory_bytes, dtype=torch.uint8, device=model.device)
         self._manager.start()
+        self._closing = False
+        self._wake = threading.Event()
+        self._admitter = threading.Thread(target=self._admission_loop, name="moelora-admission", daemon=True)
+        self._admitter.start()
         if hold is not None:
             wait_until(lambda: _cb_private.cache_ready(self._manager) or not self._manager.is_running(), 600)
             del hold  # back to torch's cache: the adapter slots are allocated from it
@@ -304,7 +310,7 @@ class Engine:
         self.resolve(name)
         if name is None or name == self.base_name:
             raise EngineError("the base model cannot be unloaded")
-        with self._admit_lock:
+        with self._model_lock, self._admit_lock:  # the lock order of the admission thread
             with self._lock:
                 busy = sum(1 for r in self._requests.values() if r.adapter == name and not r.finished)
             if busy:
@@ -348,11 +354,15 @@ class Engine:
 
                     req.loop, req.aout = loop, asyncio.Queue()
             self._queue.append(req)
-            self._admit()
+            self._admit(install=False)  # at once when no change of the model is needed (no lock waits here)
+        self._wake.set()  # the admission thread makes adapters resident (the caller never waits on a step)
         return rid
 
     # ---- admission (module docstring: FIFO, per-step adapter cap, bounded bypass) ----------------
-    def _admit(self) -> None:
+    def _admit(self, install: bool = True) -> None:
+        """One admission round over the queue; ``install=False``: only requests whose adapter is
+        resident already (what ``submit`` does inline; a swap waits for the model lock, i.e. for the
+        step in flight, so it is left to the admission thread)."""
         with self._admit_lock:
             if self._admitting:  # re-entered (a request failed while entering): the outer call loops again
                 self._again = True
@@ -362,11 +372,26 @@ class Engine:
                 self._again = True
                 while self._again:
                     self._again = False
-                    self._admit_pass()
+                    self._admit_pass(install)
             finally:
                 self._admitting = False
 
-    def _admit_pass(self) -> None:
+    def _admission_loop(self) -> None:
+        """Admits what it can without the model lock, then swaps adapters in between two steps
+        (holding the model lock first, so ``submit`` never waits for a step in flight)."""
+        while not self._closing:
+            self._wake.wait(0.1)
+            self._wake.clear()
+            try:
+                if self._queue and not self._closing:
+                    self._admit(install=False)
+                if self._queue and not self._closing:
+                    with self._model_lock:
+                        self._admit(install=True)
+            except Exception:  # noqa: BLE001 - keep admitting; a request that failed got its error
+                log.exception("admission failed")
+
+    def _admit_pass(self, install: bool) -> None:
         waiting: _Request | None = None  # the oldest request that could not enter
         prefetched = 0
         for req in list(self._queue):
@@ -383,7 +408,7 @@ class Engine:
             slot = None
             if ok and req.adapter is not None:
                 try:
-                    slot = self.registry.acquire(req.adapter)
+                    slot = self.registry.acquire(req.adapter, install=install)
                 except RegistryError as e:
                     self._fail(req, str(e))
                     continue
@@ -391,7 +416,7 @@ class Engine:
             if not ok:
                 if waiting is None:
                     waiting = req
-                if req.adapter is not None and not prefetched:  # warm the oldest waiting one's slot now
+                if install and req.adapter is not None and not prefetched:  # warm the oldest waiting one's slot now
                     prefetched = 1
                     try:
                         self.registry.prefetch(req.adapter)
@@ -448,7 +473,7 @@ class Engine:
                 _cb_private.drop_handler(self._manager, req.rid)
             elif req in self._queue:
                 self._queue.remove(req)
-            self._admit()  # a pin or a place under the per-step cap may have come free
+        self._wake.set()  # a pin or a place under the per-step cap may have come free
 
     def stream(self, rid: str, timeout: float | None = 300.0) -> Iterator[int]:
         """The new token ids of request ``rid`` as they come; ends when it finishes or is
@@ -585,10 +610,13 @@ class Engine:
             reqs = [r for r in self._requests.values() if not r.finished]
         for r in reqs:
             self.cancel(r.rid)
+        self._closing = True
+        self._wake.set()
+        self._admitter.join(timeout)
         _cb_private.stop_manager(self._manager, timeout)
         if self._manager.is_running():
             return  # the loop did not stop: leave the model as it is rather than change it under a forward
-        with self._admit_lock:
+        with self._model_lock, self._admit_lock:
             self.registry.clear()
             for name, cfg, host, trainable, active in self._absorbed:
                 moelora.add_adapter(self.model, name, cfg, trainable=trainable)

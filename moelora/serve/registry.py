@@ -225,10 +225,14 @@ class AdapterRegistry:
         s = self._slot_of(name)
         return 0 if s is None else s.pins
 
-    def acquire(self, name: str) -> str | None:
+    def acquire(self, name: str, install: bool = True) -> str | None:
         """Make ``name`` resident and pin it: the slot's model adapter name, or None when every
-        slot that could take it is pinned (the caller waits and retries)."""
-        slot = self._make_resident(name)
+        slot that could take it is pinned (the caller waits and retries); ``install=False``: only
+        if it is resident already (no change of the model)."""
+        slot = self._make_resident(name) if install else self._slot_of(name)
+        if slot is not None and not install:
+            self.stats_.hits += 1
+            self._touch(slot)
         if slot is None:
             return None
         slot.pins += 1
