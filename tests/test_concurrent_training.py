@@ -83,9 +83,11 @@ def test_failed_jobs_are_stopped_and_the_others_go_on(tmp_path: Path) -> None:
                              output_dir=tmp_path / "mix" / "diverges"),
         compose_train_config([*FAST, *QUIET, *ok, "data.source=/nonexistent/train.jsonl"],
                              output_dir=tmp_path / "mix" / "no_data"),
+        compose_train_config([*FAST, *QUIET, *ok, "resume=true"], output_dir=tmp_path / "mix" / "resume_flag"),
     ]
     res = train_concurrently(cfgs, progress=False)
-    assert [r["status"] for r in res] == ["finished", "failed", "failed"]
+    assert [r["status"] for r in res] == ["finished", "failed", "failed", "failed"]
+    assert "hydra.launcher.resume=true" in res[3]["error"]
     assert "train/loss is nan" in res[1]["error"] and "/nonexistent/train.jsonl" in res[2]["error"]
     on_disk = json.loads((tmp_path / "mix" / "no_data" / "results.json").read_text())
     assert on_disk["status"] == "failed" and "/nonexistent/train.jsonl" in on_disk["error"]

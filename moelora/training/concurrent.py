@@ -264,6 +264,12 @@ class _GroupLoop:
             raise cli.ConfigError(cli.unwritable_dir_message(err)) from None
         _save_task_config(job)
         cli.check_values(cfg)
+        if cfg.get("ckpt_path") or cfg.get("resume"):
+            raise cli.ConfigError("ckpt_path/resume are not read by concurrent training: resume a concurrent sweep "
+                                  "with hydra.launcher.resume=true (train_concurrently(..., resume=True))")
+        if not cfg.get("train", True):
+            raise cli.ConfigError("train=false: concurrent training trains; evaluate an adapter with moelora-train "
+                                  "train=false ckpt_path=<checkpoint> (or moelora-eval)")
         t = cfg.trainer
         if t.get("fast_dev_run"):
             raise cli.ConfigError("trainer.fast_dev_run is not supported by concurrent training: set trainer.max_steps")
@@ -280,6 +286,12 @@ class _GroupLoop:
         job.ckpt_every = int(ckpt.every_n_train_steps) if ckpt and ckpt.get("every_n_train_steps") else None
         job.stats_every = int(cfg.module.get("router_stats_every_n_steps") or 0)
         job.adapter_cfg = cli.build_adapter_config(cfg)
+        if job.adapter_cfg.method not in ("lora", "mixlora") or getattr(job.adapter_cfg, "jitter_noise", 0.0) > 0:
+            # only LoRA and MixLoRA layers draw dropout from the job's own stream; router jitter and
+            # the other methods' dropout use torch's global RNG, which every job of the group shares
+            log.warning("job %s (%s%s) draws random numbers from torch's global RNG: it trains, but its "
+                        "numbers depend on the other jobs beside it", job.run_dir, job.adapter_cfg.method,
+                        ", jitter_noise > 0" if getattr(job.adapter_cfg, "jitter_noise", 0.0) > 0 else "")
         with cli.config_errors("data"):
             job.datamodule = hydra.utils.instantiate(cfg.data)
             job.datamodule.prepare_examples()
