@@ -93,7 +93,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(a.seed)
-    model, _ = build_shape_model(a.shape, str(dtype).removeprefix("torch."), device.type, a.seed)
+    layers = {"num_hidden_layers": a.layers} if a.layers else {}
+    model, _ = build_shape_model(a.shape, str(dtype).removeprefix("torch."), device.type, a.seed, **layers)
     names = [f"a{i}" for i in range(a.adapters)]
     for i, n in enumerate(names):
         cfg = moelora.LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0, target_modules=LINEARS)
@@ -111,7 +112,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if a.peft:
         import peft
 
-        base2, _ = build_shape_model(a.shape, str(dtype).removeprefix("torch."), device.type, a.seed)
+        base2, _ = build_shape_model(a.shape, str(dtype).removeprefix("torch."), device.type, a.seed, **layers)
         lcfg = dict(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0, target_modules=list(LINEARS))
         peft_model = peft.get_peft_model(base2, peft.LoraConfig(**lcfg), adapter_name=names[0])
         for n in names[1:]:
@@ -184,6 +185,8 @@ def _table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m moelora.bench.multi_adapter", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama2_7b_shape", help="a moelora.bench.models.MODEL_SHAPES name")
+    p.add_argument("--layers", type=int, default=None,
+                   help="fewer decoder layers than the shape has (compiling the static mode takes minutes at 32)")
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
