@@ -16,11 +16,11 @@ for part in "$@"; do
   D="$OUT/$part"; mkdir -p "$D"; S=$(date +%s)
   case "$part" in
     gpu_tests)
-      timeout ${T_TESTS:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_decode_graphs.py \
-        tests/test_multi_adapter.py tests/test_compiled_mixed_batches.py > "$D/pytest.txt" 2>&1; tail -4 "$D/pytest.txt" ;;
+      timeout ${T_TESTS:-120} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_decode_graphs.py \
+        tests/test_multi_adapter.py tests/test_compiled_mixed_batches.py} > "$D/pytest.txt" 2>&1; tail -4 "$D/pytest.txt" ;;
     mixed_static)  # issue 14: compiled mixed batch of 8 LoRA adapters; perf hints say whether CUDA graphs ran
       TORCH_LOGS=perf_hints timeout ${T_MIXED:-180} python3 -m moelora.bench.multi_adapter --modes static --no-peft \
-        --repeats 3 --rounds 1 --out "$D" > "$D/log.txt" 2>&1
+        --repeats 3 --rounds 1 ${MIXED_ARGS:-} --out "$D" > "$D/log.txt" 2>&1
       grep -i "skipping cudagraphs" "$D/log.txt" | sort | uniq -c | head -5; tail -6 "$D/log.txt" ;;
     bdlora)  # issue 18: TP=1 cost of block-diagonal LoRA, per layer and per decoded token
       timeout ${T_BD:-150} python3 -m moelora.bench.bdlora --time-budget-s 90 --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
