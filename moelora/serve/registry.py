@@ -172,11 +172,15 @@ class AdapterRegistry:
             raise RegistryError(f"adapter {name!r} is already loaded (unload it first)")
 
     def _to_host(self, tensors: dict) -> dict:
+        """Host copies in the dtype the slot holds: the model's, except routers (moelora keeps
+        them float32 in 16-bit models, docs/design.md §2 names them ``router*``), so a swap
+        copies no more bytes than the slot has and converts nothing."""
         out = {}
         for k, v in tensors.items():
             t = v.detach()
-            if t.device.type != "cpu" or (t.is_floating_point() and t.dtype != self.dtype):
-                t = t.to("cpu", self.dtype if t.is_floating_point() else t.dtype, copy=True)
+            want = t.dtype if any(part.startswith("router") for part in k.split(".")) else self.dtype
+            if t.device.type != "cpu" or (t.is_floating_point() and t.dtype != want):
+                t = t.to("cpu", want if t.is_floating_point() else t.dtype, copy=True)
             if self.pin_memory and not t.is_pinned():
                 t = t.pin_memory()  # DMA copies to the device, no staging through pageable memory
             out[k] = t
