@@ -342,3 +342,22 @@ def test_mixed_adapter_decode_takes_the_graph_path_on_cpu(monkeypatch):
             one = model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), max_new_tokens=5,
                                  min_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(one[0], got[0][i])
+
+
+def test_block_diagonal_lora_decode_takes_the_graph_path_on_cpu(monkeypatch):
+    """BdLoRA's decode step (frozen GEMM + blockwise delta) is graphed like plain LoRA's: every
+    adapted linear captures at the second decode step and the tokens and logits equal the
+    ungraphed generation (the stand-in capture calls the function)."""
+    monkeypatch.setattr(decode_graphs, "applies", lambda x, ctx: moelora.switches.SETTINGS.decode_graphs and x.is_contiguous()
+                        and ctx is not None and ctx.cached_decode_step())
+    monkeypatch.setattr(decode_graphs, "_cuda_capture", _fake_capture)
+    model = make_tiny("llama", hidden=32, inter=40, layers=2, heads=4, kv_heads=2)
+    moelora.inject_adapter(model, moelora.BdLoraConfig(r=4, nblocks=2, lora_dropout=0.0))
+    randomize_adapter_(model, scale=0.2)
+    ids = torch.randint(4, 61, (2, 5), generator=torch.Generator().manual_seed(0))
+    with moelora.decode_graphs(False):
+        ref = _generate(model, ids, n=5)
+    got = _generate(model, ids, n=5)
+    assert decode_graphs.captured_graphs(model) == 14  # 7 linears x 2 layers
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)

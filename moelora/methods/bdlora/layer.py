@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...layers import decode_graphs
+from ...layers.dispatch import DECODE_MAX_TOKENS
 from ...layers.lora_math import init_lora_, resolve_dtype
 
 
@@ -74,6 +76,18 @@ class BdLoraAdapter(nn.Module):
         return F.linear(blocked_linear(x, self.lora_A, self.nblocks), self.lora_B) * self.scaling
 
     def forward_site(self, site, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if (not torch.is_grad_enabled() and not self.training and x2.shape[0] <= DECODE_MAX_TOKENS
+                and decode_graphs.applies(x2, site._state)):
+            # Eager decode step: the frozen GEMM and the blockwise delta (4+ small launches, more
+            # host time than GPU time at batch 1) replayed as one CUDA graph, as plain LoRA does.
+            base = site.base_layer
+            y = decode_graphs.graphed(self, lambda t: self._frozen_plus_delta(site, t), (x2,),
+                                      (base.weight, base.bias, self.lora_A, self.lora_B, self.scaling))
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return self._frozen_plus_delta(site, x)
+
+    def _frozen_plus_delta(self, site, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, site.base_layer.weight, site.base_layer.bias)
         return y + self.blocked_delta(x).to(y.dtype)
 
