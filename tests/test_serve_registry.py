@@ -227,3 +227,21 @@ def test_in_memory_adapters_share_host_storage():
         assert eng.metrics()["swaps"] == 3 and eng.metrics()["slot_reuses"] == 2  # one slot, copied into twice
     finally:
         eng.close()
+
+
+def test_queued_request_prefetches_its_adapter():
+    """b waits behind the per-step cap while a runs; its adapter is made resident meanwhile
+    (prefetch: in a free slot, not pinned), so it starts without a swap once a is done."""
+    m = _model()
+    ref_a, ref_b = _offline(m, PROMPTS[0], "a", new=60), _offline(m, PROMPTS[1], "b")
+    eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_resident_adapters=2, max_adapters_per_step=1)
+    try:
+        ra = eng.submit(PROMPTS[0], "a", max_new_tokens=60)
+        rb = eng.submit(PROMPTS[1], "b")
+        assert wait_until(lambda: "b" in eng.registry.resident(), 30)
+        prefetched_while_a_ran = eng.registry.pins("a") == 1 and eng.queued() == 1 and eng.registry.pins("b") == 0
+        swaps = eng.metrics()["swaps"]
+        assert list(eng.stream(ra)) == ref_a and list(eng.stream(rb)) == ref_b
+        assert prefetched_while_a_ran and eng.metrics()["swaps"] == swaps  # b needed no swap when it entered
+    finally:
+        eng.close()
