@@ -133,6 +133,15 @@ def test_block_diagonal_mixlora_equals_mixlora_with_the_dense_factors(tmp_path):
             for layer in bd.model.layers:
                 layer.mlp.adapters["default"].backend = backend
             torch.testing.assert_close(bd(ids).logits, ref, atol=1e-5, rtol=1e-5)
+        from moelora_kernels import backend as kernel_backend
+
+        if kernel_backend.interpreted() or torch.cuda.is_available():
+            # the one-launch decode kernel (few tokens, no grad) on the dense form of the blocks
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            with moelora.kernel_backend("triton"):
+                got = bd.to(dev)(ids.to(dev)).logits.cpu()
+            bd.to("cpu")
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     moelora.add_adapter(bd, "plain", moelora.MixLoraConfig(num_experts=2, top_k=1, r=2, lora_dropout=0.0))
     randomize_adapter_(bd, seed=6)  # new values for both adapters
     with torch.no_grad():

@@ -132,7 +132,6 @@ class MixLoraAdapter(nn.Module):
         cap = self.__dict__.get("_decode_capable_cache")
         if cap is None:
             cap = (not ffn.fused_gate_up and ffn.act_name is not None and self.strategy == "topk"
-                   and self.nblocks == 1  # the one-launch kernel reads dense expert stacks
                    and self._expert(ffn, "gate") is not None and self._expert(ffn, "up") is not None)
             self.__dict__["_decode_capable_cache"] = cap
         return cap
@@ -156,8 +155,10 @@ class MixLoraAdapter(nn.Module):
         eg, eu, ed = self._expert(ffn, "gate"), self._expert(ffn, "up"), self._expert(ffn, "down")
         gate, up, down = ffn._proj("gate"), ffn._proj("up"), ffn._proj("down")
         y, idx, w, probs = ops.mixlora_ffn_decode(
-            x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, eg.lora_A, eg.lora_B, eu.lora_A,
-            eu.lora_B, None if ed is None else ed.lora_A, None if ed is None else ed.lora_B, self.router.weight,
+            # A()/B(): the dense stacks the kernel reads (the parameters themselves unless block-diagonal,
+            # whose dense form is built here: inside the decode graph when one is captured)
+            x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, eg.A(), eg.B(), eu.A(),
+            eu.B(), None if ed is None else ed.A(), None if ed is None else ed.B(), self.router.weight,
             self.top_k, eg.scaling, eg.scaling if ed is None else ed.scaling, ffn.act_name)
         return y, Routing(w, idx, probs, None)
 
