@@ -202,7 +202,7 @@ MIXED_ADAPTERS = {
 }
 
 
-def _mixed_batch_grads(arch: str, eager: bool, seed: int) -> tuple[torch.Tensor, dict, dict]:
+def _mixed_batch_grads(arch: str, eager: bool, seed: int, seq: int = 11) -> tuple[torch.Tensor, dict, dict]:
     """Logits, aux losses and every adapter gradient of one training forward/backward of a mixed
     batch (every adapter twice, one base row, right padding), with seeded dropout streams."""
     from conftest import make_tiny, randomize_adapter_
@@ -220,9 +220,9 @@ def _mixed_batch_grads(arch: str, eager: bool, seed: int) -> tuple[torch.Tensor,
     randomize_adapter_(model, seed=seed)
     g = torch.Generator().manual_seed(seed)
     names = (*MIXED_ADAPTERS, None, *MIXED_ADAPTERS)
-    B, T = len(names), 11
+    B, T = len(names), seq
     ids = torch.randint(0, 61, (B, T), generator=g)
-    lengths = torch.randint(3, T + 1, (B,), generator=g)
+    lengths = torch.randint(min(3, T), T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
     plan = BatchPlan(None, names)
     plan.lengths = tuple(int(lengths.max()) - (s % 2) for s in range(len(plan.slot_names)))  # own lengths < T too
@@ -311,3 +311,22 @@ def test_token_budget_and_queue_keep_every_job_as_it_is_alone(tmp_path: Path) ->
     for j in jobs:
         train_concurrently([_cfg(tmp_path, j, "alone", *extra)], progress=False)
         _assert_same_tensors(_adapter(tmp_path / "budget" / j), _adapter(tmp_path / "alone" / j), j)
+
+
+@pytest.mark.slow
+def test_gathered_mixed_training_through_the_triton_kernel() -> None:
+    """The GPU form of mixed MixLoRA training (the gathered Triton kernel and its backward; on CPU
+    through Triton's interpreter, which the root conftest turns on) gives the eager loop's logits,
+    aux losses and gradients."""
+    from moelora_kernels import backend
+
+    if not (torch.cuda.is_available() or backend.interpreted()):
+        pytest.skip("needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
+    ref = _mixed_batch_grads("llama", eager=True, seed=0, seq=4)  # short: the interpreter is slow
+    with moelora.kernel_backend("triton"):
+        got = _mixed_batch_grads("llama", eager=False, seed=0, seq=4)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for k in ref[1]:
+        torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-5, atol=1e-6)
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-3, atol=1e-4, msg=n)
