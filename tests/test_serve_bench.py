@@ -36,7 +36,7 @@ def test_smoke_run_writes_results(tmp_path):
     assert rows[("base", 0)]["swaps"] == 0
     saved = json.loads((tmp_path / "serve_bench.json").read_text())
     assert saved["environment"]["attn_implementation"] and saved["environment"]["transformers"]
-    assert "moelora.bench.serve" in saved["environment"]["command"]
+    assert "moelora.bench.serve" in saved["environment"]["command"] and saved["complete"] is True
     with open(tmp_path / "serve_bench.csv") as f:
         assert len(list(csv.DictReader(f))) == len(res["rows"])
 

@@ -28,7 +28,7 @@ copies that adapter's full bytes into a device slot (counted in ``h2d_bytes``).
 
 Bounding the run: ``--run-timeout`` stops a run (requests still unfinished are cancelled and
 counted as such), ``--time-budget`` skips the runs left once the total is spent (rows say
-``skipped``). Writes ``serve_bench.json`` (settings, environment, every row, latency samples),
+``skipped``). Writes (after every run, ``"complete": true`` once all are done) ``serve_bench.json`` (settings, environment, every row, latency samples),
 ``serve_bench.csv``, and ``throughput_vs_adapters.png`` / ``latency_cdf.png`` when matplotlib
 is installed, into ``--out``. Imports torch, transformers, numpy (and peft for the PEFT rows).
 """
@@ -410,9 +410,22 @@ def main(argv=None) -> dict[str, Any]:
         samples[f"{row['system']}|{row['num_adapters']}|{row['alpha']}|{row['rate']}"] = {
             "ttft_ms": row.pop("_ttft", []), "itl_ms": row.pop("_itl", [])}
         rows.append(row)
+        save()  # after every run: a run killed from outside still leaves the rows so far
         print(" ".join(f"{k}={row.get(k)}" for k in ("system", "num_adapters", "alpha", "rate", "status",
                                                       "completed", "output_tok_s", "ttft_p50_ms", "itl_p50_ms",
                                                       "swaps")), flush=True)
+
+    def result(final: bool = False) -> dict:
+        return {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},
+                "environment": {**env, "command": _command(argv)}, "build_s": build_s,
+                "total_s": round(time.perf_counter() - t_start, 1), "complete": final, "rows": rows,
+                "latency_samples": samples}
+
+    def save(final: bool = False) -> dict:
+        res = result(final)
+        write_json(out / "serve_bench.json", res)
+        write_csv(out / "serve_bench.csv", rows, COLUMNS)
+        return res
 
     def skipped(**key) -> None:
         add({"status": "skipped", "note": "time budget spent"}, **key)
@@ -493,13 +506,9 @@ def main(argv=None) -> dict[str, Any]:
         model = pm.unload()  # the plain base again for the next PEFT system
         del pm, host
         gc.collect()
-    result = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},
-              "environment": {**env, "command": _command(argv)}, "build_s": build_s,
-              "total_s": round(time.perf_counter() - t_start, 1), "rows": rows, "latency_samples": samples}
-    write_json(out / "serve_bench.json", result)
-    write_csv(out / "serve_bench.csv", rows, COLUMNS)
-    result["plots"] = [str(p) for p in write_plots(rows, samples, out)]
-    return result
+    res = save(final=True)
+    res["plots"] = [str(p) for p in write_plots(rows, samples, out)]
+    return res
 
 
 def _command(argv) -> str:
