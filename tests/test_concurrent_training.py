@@ -304,12 +304,12 @@ def test_token_budget_and_queue_keep_every_job_as_it_is_alone(tmp_path: Path) ->
     alone over the budget still runs); ``max_concurrent_jobs=2`` queues the third job. Every job
     still ends where it ends alone."""
     jobs = list(JOBS)
-    extra = ["trainer.max_steps=4"]
-    res = train_concurrently([_cfg(tmp_path, j, "budget", *extra) for j in jobs], max_concurrent_jobs=2,
-                             tokens_per_step=1, progress=False)
-    assert [r["status"] for r in res] == ["finished"] * 3 and all(r["global_step"] == 4 for r in res)
+    steps = {"lora_r4": 4, "mixlora_r8": 2, "lora_r8": 4}  # the second finishes first; the queued third takes its place
+    res = train_concurrently([_cfg(tmp_path, j, "budget", f"trainer.max_steps={steps[j]}") for j in jobs],
+                             max_concurrent_jobs=2, tokens_per_step=1, progress=False)
+    assert [r["status"] for r in res] == ["finished"] * 3 and [r["global_step"] for r in res] == list(steps.values())
     for j in jobs:
-        train_concurrently([_cfg(tmp_path, j, "alone", *extra)], progress=False)
+        train_concurrently([_cfg(tmp_path, j, "alone", f"trainer.max_steps={steps[j]}")], progress=False)
         _assert_same_tensors(_adapter(tmp_path / "budget" / j), _adapter(tmp_path / "alone" / j), j)
 
 
