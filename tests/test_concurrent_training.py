@@ -330,3 +330,18 @@ def test_gathered_mixed_training_through_the_triton_kernel() -> None:
         torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-5, atol=1e-6)
     for n in ref[2]:
         torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_jobs_on_different_bases_run_group_by_group(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Jobs whose model configs differ cannot share a base: one group each, said in the log."""
+    import logging
+
+    sizes = {"a": "model.hidden_size=32", "b": "model.hidden_size=48", "c": "model.hidden_size=32"}
+    cfgs = [compose_train_config([*FAST, *QUIET, "trainer.max_steps=2", "adapter=lora", size],
+                                 output_dir=tmp_path / name) for name, size in sizes.items()]
+    with caplog.at_level(logging.INFO, logger="moelora.train.concurrent"):
+        res = train_concurrently(cfgs, progress=False)
+    assert [r["status"] for r in res] == ["finished"] * 3
+    assert "3 jobs need 2 different base models" in caplog.text
+    assert "group 0: jobs [0, 2]" in caplog.text and "group 1: jobs [1]" in caplog.text
+    assert caplog.text.count("loading base model") == 2

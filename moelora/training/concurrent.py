@@ -197,7 +197,7 @@ def _run_group(jobs: list[Job], max_jobs: int | None, token_budget: int | None, 
     if precision not in PRECISIONS:
         for job in todo:
             _fail(job, f"trainer.precision={precision!r} is not supported by concurrent training; "
-                       f"use one of {sorted(map(str, PRECISIONS))}")
+                       f"use one of {sorted(map(str, PRECISIONS))}", config_error=True)
         return
     try:
         with cli.config_errors("model"):
@@ -206,11 +206,13 @@ def _run_group(jobs: list[Job], max_jobs: int | None, token_budget: int | None, 
         model.to(_device(first.cfg))
     except Exception as err:  # noqa: BLE001 - the group's jobs fail, the other groups go on
         for job in todo:
-            _fail(job, str(err))
+            _fail(job, str(err), config_error=isinstance(err, cli.ConfigError))
         return
     cli.set_cpu_threads(first.cfg.get("cpu_threads"), sum(p.numel() for p in model.parameters()))
-    loop = _GroupLoop(model, tokenizer, todo, max_jobs, token_budget, resume, PRECISIONS[precision], progress)
-    loop.run()
+    _GroupLoop(model, tokenizer, todo, max_jobs, token_budget, resume, PRECISIONS[precision], progress).run()
+    del model  # the next group's base takes its place
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _GroupLoop:
