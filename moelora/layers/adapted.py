@@ -236,19 +236,35 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     present = [adapters[s] for s in slots]
     sel = idx if len(slots) == len(adapters) else idx[slots]  # (P, n): the adapters present at this site
     r = max(a.r for a in present)
-    lora_A = torch.stack([F.pad(a.lora_A, (0, 0, 0, r - a.r)) for a in present])  # (P, R, in)
-    lora_B = torch.stack([F.pad(a.lora_B, (0, r - a.r)) * a.scaling for a in present])  # (P, out, R)
+    # one stack launch each when the ranks agree (the common case); a pad per smaller rank otherwise
+    lora_A = torch.stack([a.lora_A if a.r == r else F.pad(a.lora_A, (0, 0, 0, r - a.r)) for a in present])  # (P, R, in)
+    lora_B = torch.stack([a.lora_B if a.r == r else F.pad(a.lora_B, (0, r - a.r)) for a in present])  # (P, out, R)
     x_pad = torch.cat([x2, x2.new_zeros(1, x2.shape[-1])])  # row B*T: the padding of the segments
     xs = x_pad[sel].to(lora_A.dtype)  # (P, n, in): each adapter's own tokens
     if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
         n = xs.shape[1]
         xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[s]], state, plan.slot_names[s]),
                                 (0, 0, 0, n - counts[s])) for p, (s, a) in enumerate(zip(slots, present))])
-    h = torch.bmm(xs, lora_A.transpose(1, 2))  # (P, n, R)
+    h = torch.bmm(xs, lora_A.transpose(1, 2)) * _slot_scales(site, present, h_dtype=lora_A.dtype)  # (P, n, R)
     d = torch.bmm(h, lora_B.transpose(1, 2))  # (P, n, out)
     delta = d.new_zeros(x2.shape[0] + 1, d.shape[-1]).index_add_(0, sel.reshape(-1), d.reshape(-1, d.shape[-1]))
     y = F.linear(x2, site.base_layer.weight, site.base_layer.bias)
     return y + delta[: x2.shape[0]].to(y.dtype)
+
+
+_SCALES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _slot_scales(site, present, h_dtype: torch.dtype) -> torch.Tensor:
+    """(P, 1, 1) LoRA scale of each adapter present, kept per site for the last composition (a
+    constant: built per forward it would be a host-to-device copy per linear)."""
+    key = (tuple(a.scaling for a in present), h_dtype, present[0].lora_A.device)
+    hit = _SCALES.get(site)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    out = torch.tensor([a.scaling for a in present], dtype=h_dtype, device=key[2]).view(-1, 1, 1)
+    _SCALES[site] = (key, out)
+    return out
 
 
 _STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
