@@ -38,6 +38,7 @@ from moelora.training import outputs
 from moelora.training.checkpoint import AtomicCheckpointIO, CheckpointError, check_resumable, read_checkpoint
 from moelora.training.interrupt import GracefulInterrupt, last_checkpoint_path
 from moelora.training.module import attach_adapter, check_same_adapter
+from moelora.training.throughput import TrainThroughput
 from moelora.training.validate import ConfigValueError, check_config_values, check_target_keys
 
 log = logging.getLogger("moelora.train")
@@ -218,6 +219,7 @@ def build_run(cfg: DictConfig) -> Run:
         outputs.set_aside_metrics_for_resume(run_dir, int(step))
     callbacks = instantiate_group(cfg.get("callbacks"), "callback")
     callbacks.append(GracefulInterrupt())  # Ctrl-C: stop after the step, with a checkpoint
+    callbacks.append(TrainThroughput())  # tokens/s and peak memory of the training steps, for results.json
     loggers = instantiate_group(cfg.get("logger"), "logger")
     with config_errors("trainer"):
         trainer: pl.Trainer = hydra.utils.instantiate(
@@ -334,6 +336,9 @@ def write_run_outputs(cfg, run_dir, model, adapter_cfg, params, metrics, trainer
         "wall_time_s": round(time.time() - start, 2),
         "versions": outputs.library_versions(),
     }
+    meter = next((cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, TrainThroughput)), None)
+    if meter is not None and meter.summary() is not None:
+        results["throughput"] = meter.summary()
     if resume:
         results["resume_command"] = resume
     if HydraConfig.initialized():

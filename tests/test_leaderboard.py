@@ -54,6 +54,7 @@ def test_leaderboard_pools_seeds_pairs_against_lora_and_joins_speed(runs, bench,
         accs = per_run[r["method"].split(" ")[0]]
         assert r["acc/mean"] == pytest.approx(sum(accs) / len(accs))
         assert r["decode_x_base_eager"] is not None and r["decode_x_base_eager"] > 0
+        assert r["train_tokens_per_s"] and r["train_tokens_per_s"] > 0  # recorded by moelora-train
     mix = next(r for r in rows if r["method"].startswith("mixlora"))
     assert mix["vs_lora_pairs"] == 2 * 5  # 2 seeds x 5 tasks, matched by seed and task
     assert res["skipped"] and "bad data" in res["skipped"][0]["why"]
