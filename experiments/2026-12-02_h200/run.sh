@@ -23,10 +23,10 @@ for part in "$@"; do
         --repeats 3 --rounds 1 ${MIXED_ARGS:-} --out "$D" > "$D/log.txt" 2>&1
       grep -i "skipping cudagraphs" "$D/log.txt" | sort | uniq -c | head -5; tail -6 "$D/log.txt" ;;
     bdlora)  # issue 18: TP=1 cost of block-diagonal LoRA, per layer and per decoded token
-      timeout ${T_BD:-150} python3 -m moelora.bench.bdlora --time-budget-s 90 --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
+      timeout ${T_BD:-150} python3 -m moelora.bench.bdlora ${BD_ARGS:---time-budget-s 90} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
     concurrent_smollm2)  # issue 17: N jobs over one base vs sequential (SmolLM2-135M shape, random weights)
-      timeout ${T_CONC:-150} python3 -m moelora.bench.concurrent_training --model smollm2_135m_shape --jobs 1,4,8,16 \
-        --steps 5 --time-limit 120 --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
+      timeout ${T_CONC:-150} python3 -m moelora.bench.concurrent_training --model smollm2_135m_shape \
+        ${CONC_ARGS:---jobs 1,4,8,16 --steps 5 --time-limit 120} --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
     concurrent_7b)
       timeout ${T_CONC:-200} python3 -m moelora.bench.concurrent_training --model llama2_7b_shape --jobs 1,8 \
         --steps 5 --time-limit 170 --processes --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
