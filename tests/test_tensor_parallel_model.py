@@ -31,6 +31,9 @@ def _model(form: str, n: int, adapter_seed: int = 1):
     model = build_tiny_model("llama", num_heads=4, num_kv_heads=n, seed=0)
     if form == "bdlora":
         moelora.inject_adapter(model, moelora.BdLoraConfig(r=R, lora_alpha=2 * R, nblocks=n, lora_dropout=0.0))
+    elif form == "bdlora_some":  # some linears adapted, the others plain (torch's Colwise/RowwiseParallel)
+        moelora.inject_adapter(model, moelora.BdLoraConfig(r=R, lora_alpha=2 * R, nblocks=n, lora_dropout=0.0,
+                                                           target_modules=("q_proj", "v_proj", "down_proj")))
     elif form in ("slora", "replicated"):
         moelora.inject_adapter(model, moelora.LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.0))
     if form != "base":
@@ -59,10 +62,10 @@ def _worker(rank, n, port, queue):
         g = torch.Generator().manual_seed(3)
         ids = torch.randint(3, 90, (2, 9), generator=g)
         out = {}
-        for form in ("base", "bdlora", "slora", "replicated"):
+        for form in ("base", "bdlora", "bdlora_some", "slora", "replicated"):
             res = out[form] = {}
             ref, tp = _model(form, n), _model(form, n)
-            parallelize(tp, mesh, None if form == "base" else form)
+            parallelize(tp, mesh, {"base": None, "bdlora_some": "bdlora"}.get(form, form))
             with torch.no_grad(), CommDebugMode() as comm:
                 logits = tp(ids).logits
             res["collectives"] = comm.get_total_counts()
@@ -135,6 +138,7 @@ def test_parallelized_model_equals_single_process(n):
         # the base's row-parallel all-reduces, nothing else; S-LoRA: + one all-gather of x·A per column linear
         assert out["base"]["collectives"] == rows
         assert out["bdlora"]["collectives"] == rows
+        assert out["bdlora_some"]["collectives"] == rows
         assert out["slora"]["collectives"] == rows + cols
         assert out["replicated"]["collectives"] == rows  # n× the adapter FLOPs instead
         assert out["bdlora"]["off_block_zero"] and out["bdlora"]["local_block"]
