@@ -361,3 +361,31 @@ def test_block_diagonal_lora_decode_takes_the_graph_path_on_cpu(monkeypatch):
     assert decode_graphs.captured_graphs(model) == 14  # 7 linears x 2 layers
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernels_and_graphs_never_take_dtensors(monkeypatch):
+    """A tensor-parallel model (moelora.parallel) feeds DTensors: neither the Triton decode kernels
+    (local memory) nor the decode graphs apply, whatever the backend says."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from moelora.layers.dispatch import decode_kernels_apply
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29400 + os.getpid() % 500))
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        x = distribute_tensor(torch.randn(2, 8), init_device_mesh("cpu", (1,)), [Replicate()])
+        module = torch.nn.Linear(8, 8).eval()
+        monkeypatch.setattr("moelora.layers.dispatch.triton_kernels_for", lambda t: True)
+        with torch.no_grad():
+            assert decode_kernels_apply(torch.randn(2, 8), module)  # the control: a plain tensor
+            assert not decode_kernels_apply(x, module)
+    finally:
+        if created:
+            dist.destroy_process_group()

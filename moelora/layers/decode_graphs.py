@@ -45,7 +45,9 @@ MAX_SHAPES = 8  # graphs per module (distinct input shapes); further shapes run 
 def applies(x: torch.Tensor, context: Any) -> bool:
     """The runtime part of the rule in the module docstring, for a module's input ``x`` and the
     model's ``AdapterState`` (None: no decode steps known). Cheap: runs once per module call."""
+    # not for DTensors (tensor parallelism): a graph would freeze one rank's collectives' buffers
     return (SETTINGS.decode_graphs and context is not None and context.cached_decode_step() and x.is_cuda and x.is_contiguous()
+            and type(x).__name__ != "DTensor"
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 

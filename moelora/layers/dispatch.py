@@ -20,9 +20,14 @@ DECODE_MAX_TOKENS = 64  # at or below (decode, small prefill), inference uses th
 
 
 def decode_kernels_apply(x: torch.Tensor, module: nn.Module) -> bool:
-    """x: the (tokens, features) input of the layer."""
+    """x: the (tokens, features) input of the layer. Never for DTensors (a tensor-parallel model,
+    ``moelora.parallel``): the kernels read local memory, DTensor ops place the collectives."""
     return (not torch.is_grad_enabled() and not module.training and x.shape[0] <= DECODE_MAX_TOKENS
-            and triton_kernels_for(x))
+            and not is_dtensor(x) and triton_kernels_for(x))
+
+
+def is_dtensor(x: torch.Tensor) -> bool:
+    return type(x).__name__ == "DTensor" and type(x).__module__.startswith("torch.distributed")
 
 
 def gathered_kernel_applies(x: torch.Tensor) -> bool:
