@@ -1,0 +1,55 @@
+"""moelora.serve.memory: the KV cache plan leaves the adapter pool, one step's activations, the
+adapter stacks of a mixed step and a margin free (pure arithmetic, no device)."""
+from __future__ import annotations
+
+import pytest
+
+from moelora.serve.memory import (GiB, MemoryPlanError, ModelDims, adapter_stack_bytes, kv_bytes_per_token,
+                                  plan_kv_cache, step_activation_bytes)
+
+# the llama2_7b_shape of the H200 run: 32 layers, hidden 4096, FFN 11008, 32 heads (no GQA), vocab 32000, bf16
+L7B = ModelDims(num_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_kv_heads=32,
+                head_dim=128, vocab_size=32000, dtype_bytes=2)
+
+
+def test_kv_bytes_per_token():
+    assert kv_bytes_per_token(L7B) == 2 * 32 * 4096 * 2 == 512 * 1024  # K and V, every layer, bf16
+
+
+def test_plan_leaves_pool_step_stacks_and_margin_free():
+    total, free = int(139.8 * GiB), int(126.0 * GiB)  # H200 with the 7B model resident
+    pool, stacks = int(12.8 * GiB), adapter_stack_bytes(int(0.4 * GiB), 4)
+    plan = plan_kv_cache(free_bytes=free, total_bytes=total, dims=L7B, adapter_bytes=pool, max_batch_tokens=2048,
+                         block_size=256, stack_bytes=stacks)
+    assert plan.num_blocks > 0 and plan.max_batch_tokens == 2048
+    assert plan.kv_bytes == plan.num_blocks * 256 * kv_bytes_per_token(L7B)
+    assert plan.step_bytes == step_activation_bytes(L7B, 2048) > 1 * GiB  # MixLoRA's k x FFN hidden and logits
+    assert plan.margin_bytes == int(0.03 * total)
+    used = plan.kv_bytes + plan.cb_bytes + pool + plan.step_bytes + stacks + plan.margin_bytes
+    assert used <= free  # everything the engine allocates after the cache fits
+    assert free - used < 256 * (kv_bytes_per_token(L7B) + 4 * 4096 * 2 + 8 + 2048 * 2)  # less than one block left
+    # every byte given to the pool comes out of the cache (to the block)
+    bigger = plan_kv_cache(free_bytes=free, total_bytes=total, dims=L7B, adapter_bytes=pool + 4 * GiB,
+                           max_batch_tokens=2048, stack_bytes=stacks)
+    per_block = 256 * (kv_bytes_per_token(L7B) + 4 * 4096 * 2 + 8 + 2048 * 2)
+    assert 4 * GiB <= (plan.num_blocks - bigger.num_blocks) * per_block < 4 * GiB + per_block
+    # a larger step or more adapters per step: fewer blocks, never more
+    assert plan_kv_cache(free_bytes=free, total_bytes=total, dims=L7B, adapter_bytes=pool, max_batch_tokens=8192,
+                         stack_bytes=stacks).num_blocks < plan.num_blocks
+    assert plan_kv_cache(free_bytes=free, total_bytes=total, dims=L7B, adapter_bytes=pool, max_batch_tokens=2048,
+                         stack_bytes=adapter_stack_bytes(int(0.4 * GiB), 16)).num_blocks < plan.num_blocks
+
+
+def test_plan_options_and_errors():
+    kw = dict(total_bytes=80 * GiB, dims=L7B, max_batch_tokens=1024, block_size=256)
+    flash = plan_kv_cache(free_bytes=60 * GiB, adapter_bytes=4 * GiB, attention_mask=False, **kw)
+    sdpa = plan_kv_cache(free_bytes=60 * GiB, adapter_bytes=4 * GiB, attention_mask=True, **kw)
+    assert flash.num_blocks > sdpa.num_blocks  # the dense mask of paged sdpa costs a row entry per cache token
+    capped = plan_kv_cache(free_bytes=60 * GiB, adapter_bytes=4 * GiB, kv_memory_fraction=0.25, **kw)
+    assert capped.num_blocks * 256 * (kv_bytes_per_token(L7B) + 4 * 4096 * 2 + 8 + 1024 * 2) <= 0.25 * 60 * GiB
+    fixed = plan_kv_cache(free_bytes=60 * GiB, adapter_bytes=4 * GiB, step_bytes=10 * GiB, **kw)
+    assert fixed.step_bytes == 10 * GiB and fixed.num_blocks < sdpa.num_blocks
+    with pytest.raises(MemoryPlanError, match="no room for a KV cache.*adapter pool 30.00"):
+        plan_kv_cache(free_bytes=32 * GiB, adapter_bytes=30 * GiB, **kw)
+    with pytest.raises(ValueError, match="kv_memory_fraction"):
+        plan_kv_cache(free_bytes=60 * GiB, adapter_bytes=0, kv_memory_fraction=1.5, **kw)
