@@ -55,7 +55,7 @@ class BatchPlan:
     base) and ``row_slots`` (B,) maps each row to its slot. ``token_slots(B, T)`` expands that to
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
-    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg")
+    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg", "_maps")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
                  row_slots: torch.Tensor | None = None) -> None:
@@ -64,6 +64,7 @@ class BatchPlan:
         self.mixed = row_names is not None
         self._tok: tuple | None = None
         self._seg: tuple | None = None
+        self._maps: dict = {}
         self.packed = False
         # Per slot, the sequence length its rows had in their own (right-padded) batch before they
         # were padded to this batch's length, or None; set by concurrent training so that an
@@ -92,6 +93,7 @@ class BatchPlan:
         plan.mixed = True
         plan._tok = None
         plan._seg = None
+        plan._maps = {}
         plan.packed = True
         plan.lengths = None
         plan.slot_names = tuple(slot_names)
@@ -133,7 +135,63 @@ class BatchPlan:
         for s, p in enumerate(per):
             idx[s, : counts[s]] = p
         out = (idx.to(self.row_slots.device), counts)
-        self._seg = ((batch, seq), out)
+        self._seg = ((batch, seq), out, idx)
+        return out
+
+    def segment_maps(self, batch: int, seq: int, slots: tuple[int, ...]) -> dict:
+        """Index maps of the tokens of ``slots`` (the adapters present at a site), built once per
+        forward, shape and slot set on the host from ``segments`` and moved in ONE host-to-device
+        copy (each copy from pageable memory waits for the GPU queue):
+
+        - ``sel`` (P, n): each slot's token indices (into the batch*seq tokens), padded with
+          batch*seq; ``inv`` (batch*seq,): the position of each token in ``sel.reshape(-1)``, P*n
+          for tokens of no slot here. A gathered form adds its per-slot results back with
+          ``cat([out.reshape(P*n, ...), zero row])[inv]``: a gather saves only its index for
+          backward, where ``index_add_`` would keep the whole (P, n, ...) source alive;
+        - the sub-batch of these slots' tokens, slot after slot: ``rows`` (M,) its tokens,
+          ``counts``/``offsets`` (host ints: slot p is rows offsets[p]:offsets[p]+counts[p]),
+          ``tok`` (M,) the local slot 0..P-1 of each, ``local_sel`` (P, n) / ``local_inv`` (M,) as
+          sel/inv within the sub-batch, ``order`` (batch*seq,): where each token sits in
+          ``cat([sub-batch, the other tokens])``, to put the sub-batch's results back in place;
+          ``other``: those other tokens, in order."""
+        key = (batch, seq, tuple(slots))
+        hit = self._maps.get(key)
+        if hit is not None:
+            return hit
+        self.segments(batch, seq)
+        host = self._seg[2]
+        counts_all = self._seg[1][1]
+        N, P = batch * seq, len(slots)
+        counts = [counts_all[s] for s in slots]
+        n = max(max(counts), 1)
+        sel = host[list(slots), :n]
+        flat = sel.reshape(-1)
+        real = flat < N
+        inv = torch.full((N + 1,), P * n, dtype=torch.long)
+        inv[flat[real]] = torch.arange(P * n)[real]
+        rows = torch.cat([host[s, : c] for s, c in zip(slots, counts)])
+        M = int(rows.numel())
+        offsets = [sum(counts[:p]) for p in range(P)]
+        j = torch.arange(n)
+        local_sel = torch.where(j[None] < torch.tensor(counts)[:, None], torch.tensor(offsets)[:, None] + j[None],
+                                torch.full((P, n), M))
+        local_inv = torch.cat([p * n + torch.arange(c) for p, c in enumerate(counts)])
+        tok = torch.cat([torch.full((c,), p) for p, c in enumerate(counts)])
+        other = torch.ones(N, dtype=torch.bool)
+        other[rows] = False
+        rest = torch.nonzero(other, as_tuple=True)[0]
+        perm = torch.cat([rows, rest])
+        order = torch.empty(N, dtype=torch.long)
+        order[perm] = torch.arange(N)
+        parts = {"sel": sel, "inv": inv[:N], "rows": rows, "tok": tok, "local_sel": local_sel,
+                 "local_inv": local_inv, "order": order, "other": rest}
+        dev = torch.cat([t.reshape(-1) for t in parts.values()]).to(self.row_slots.device)  # one copy
+        out, at = {}, 0
+        for k, t in parts.items():
+            out[k] = dev[at: at + t.numel()].view(t.shape)
+            at += t.numel()
+        out.update(counts=counts, offsets=offsets, n_sub=M, n_other=N - M)
+        self._maps[key] = out
         return out
 
     def rows_of(self, slot: int, batch: int, seq: int) -> torch.Tensor:

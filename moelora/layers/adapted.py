@@ -222,19 +222,24 @@ def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tens
 
 
 def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) -> torch.Tensor:
-    """The training form of ``_lora_slots``: the tokens gathered by adapter into (S, n, in)
-    (``BatchPlan.segments``: each adapter's own tokens, padded with a zero row), ONE batched shrink
-    GEMM against the adapters' stacked A's and ONE batched expand GEMM against their B's (ranks
-    zero-padded to the largest: exact zeros), the deltas added back to their tokens. Exact,
-    differentiable, no loop over adapters in the math, and no token of one adapter enters another
-    adapter's GEMMs, so a job whose activations overflow cannot reach another job's gradients
-    through products with zeros. Only the dropout draws go adapter by adapter: each draws from its
-    own stream (``AdapterState.dropout``), so its masks do not depend on the others."""
-    idx, counts = plan.segments(B, T)
+    """The training form of ``_lora_slots``: the tokens gathered by adapter into (P, n, in)
+    (``BatchPlan.segment_maps``: each adapter's own tokens, padded with a zero row), ONE batched
+    shrink GEMM against the adapters' stacked A's and ONE batched expand GEMM against their B's
+    (ranks zero-padded to the largest: exact zeros), the deltas gathered back to their tokens.
+    Exact, differentiable, no loop over adapters in the math, and no token of one adapter enters
+    another adapter's GEMMs, so a job whose activations overflow cannot reach another job's
+    gradients through products with zeros. Only the dropout draws go adapter by adapter: each
+    draws from its own stream (``AdapterState.dropout``), so its masks do not depend on the others.
+
+    Saved for backward: what a solo LoRA linear saves per token (its input, in the adapter dtype,
+    and h), plus index tensors: the deltas go back through a gather (``inv``), not ``index_add_``,
+    which would keep the (P, n, out) deltas alive until backward (measured: ~35% of the saved
+    activations of a mixed LoRA/MixLoRA step)."""
     state = site._state
-    slots = [s for s, a in enumerate(adapters) if a is not None]
+    slots = tuple(s for s, a in enumerate(adapters) if a is not None)
     present = [adapters[s] for s in slots]
-    sel = idx if len(slots) == len(adapters) else idx[slots]  # (P, n): the adapters present at this site
+    mp = plan.segment_maps(B, T, slots)
+    sel, counts = mp["sel"], mp["counts"]  # (P, n): the adapters present at this site
     r = max(a.r for a in present)
     # one stack launch each when the ranks agree (the common case); a pad per smaller rank otherwise
     lora_A = torch.stack([a.lora_A if a.r == r else F.pad(a.lora_A, (0, 0, 0, r - a.r)) for a in present])  # (P, R, in)
@@ -243,13 +248,13 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     xs = x_pad[sel].to(lora_A.dtype)  # (P, n, in): each adapter's own tokens
     if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
         n = xs.shape[1]
-        xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[s]], state, plan.slot_names[s]),
-                                (0, 0, 0, n - counts[s])) for p, (s, a) in enumerate(zip(slots, present))])
+        xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[p]], state, plan.slot_names[s]),
+                                (0, 0, 0, n - counts[p])) for p, (s, a) in enumerate(zip(slots, present))])
     h = torch.bmm(xs, lora_A.transpose(1, 2)) * _slot_scales(site, present, h_dtype=lora_A.dtype)  # (P, n, R)
     d = torch.bmm(h, lora_B.transpose(1, 2))  # (P, n, out)
-    delta = d.new_zeros(x2.shape[0] + 1, d.shape[-1]).index_add_(0, sel.reshape(-1), d.reshape(-1, d.shape[-1]))
+    delta = torch.cat([d.reshape(-1, d.shape[-1]), d.new_zeros(1, d.shape[-1])])[mp["inv"]]  # (N, out)
     y = F.linear(x2, site.base_layer.weight, site.base_layer.bias)
-    return y + delta[: x2.shape[0]].to(y.dtype)
+    return y + delta.to(y.dtype)
 
 
 _SCALES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -368,16 +373,49 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     """Every MixLoRA adapter of the batch as one mixture: their routers stacked into one
     (S·E_max, D) matrix, each token's softmax/top-k restricted to its own adapter's columns
     (the others masked to -inf: the softmax over its own experts, exactly), and the expert
-    stacks indexed by virtual id slot·E_max + e; tokens of the base or of plain-LoRA adapters get
-    one slot on a zero expert with weight 1 (the plain FFN hidden). Scales are folded into B."""
+    stacks indexed by virtual id slot·E_max + e. Scales are folded into B.
+
+    Inference: over all tokens of the batch; tokens of the base or of plain-LoRA adapters get one
+    slot on a zero expert with weight 1 (the plain FFN hidden), and the stacks are cached.
+    Training: over the sub-batch of the MixLoRA adapters' own tokens only (``segment_maps``), with
+    stacks of the live parameters of the adapters present; the other tokens get the plain FFN
+    hidden, and everything goes back in place by one gather. Why: over all tokens, every token of a
+    plain-LoRA job would carry K expert slots of (K, F) intermediates (kept for backward, the
+    down experts' input in the adapter dtype) and every stack S·E_max+1 experts, so the saved
+    activations grew faster than the jobs (measured: 1.6x the jobs' own at 2-8 jobs)."""
+    if not train:
+        tok = plan.token_slots(B, T)
+        st = _moe_stacks(ffn, plan.slot_names, adapters)
+        return _mixture(ffn, x, base_pre, adapters, tok, mask, st, None)
+    slots = tuple(s for s, a in enumerate(adapters) if a is not None)
+    present = [adapters[s] for s in slots]
+    mp = plan.segment_maps(B, T, slots)
+    rows = mp["rows"]
+    sub_pre = {role: v[rows] for role, v in base_pre.items()}
+    sub_mask = None if mask is None else mask[rows]
+    st = _train_moe_stacks(ffn, present)
+    h_m, dd_m = _mixture(ffn, x[rows], sub_pre, present, mp["tok"], sub_mask, st, mp)
+    if mp["n_other"]:
+        other = mp["other"]
+        h_other = ffn._activate({role: v[other] for role, v in base_pre.items()})
+        h_mix = torch.cat([h_m, h_other.to(h_m.dtype)])[mp["order"]]
+    else:
+        h_mix = h_m[mp["order"]]
+    down_delta = None
+    if dd_m is not None:
+        dd = dd_m if not mp["n_other"] else torch.cat([dd_m, dd_m.new_zeros(mp["n_other"], dd_m.shape[-1])])
+        down_delta = dd[mp["order"]]
+    return h_mix, down_delta
+
+
+def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout):
+    """The virtual-expert mixture of ``_virtual_experts`` over the tokens x (N, D) whose slot in
+    ``adapters`` is ``tok`` (N,). ``layout``: None (inference, all tokens of the batch), or the
+    training sub-batch's ``segment_maps`` (every token belongs to an adapter, adapter p's tokens
+    are rows offsets[p]:offsets[p]+counts[p])."""
     from .experts import _gathered_lora
     from .router import Routing
 
-    # training: stacks of the live parameters (gradients flow into every adapter's router and
-    # experts through the slices they are copied into); inference: the cached detached stacks
-    st = (_build_moe_stacks(ffn, adapters, [a for a in adapters if a is not None], differentiable=True)
-          if train else _moe_stacks(ffn, plan.slot_names, adapters))
-    tok = plan.token_slots(B, T)
     n_cols = st["router"].shape[0]
     logits = F.linear(x.float(), st["router"])  # (N, S*Emax)
     e_tok, k_tok = st["E"][tok], st["k"][tok]  # (N,): 0 for tokens without a MixLoRA adapter here
@@ -396,24 +434,30 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     vid = torch.where(has[:, None] & keep, vid, torch.full_like(vid, n_cols))  # n_cols: the zero expert
     state = ffn._state
     for s, a in enumerate(adapters):
-        if a is not None:
-            base = s * st["emax"]
+        if a is None:
+            continue
+        base = s * st["emax"]
+        if layout is None:
             own = tok == s if mask is None else (tok == s) & mask
             # slots past this adapter's own top-k (K is the batch's largest) are not "routed" (f_e)
             routing = Routing(w, (vid - base).clamp(0, a.num_experts - 1), probs[:, base: base + a.num_experts], keep)
-            state.record(a.adapter_name, ffn.layer_idx, routing, own, a.num_experts)
-    if train and not gathered_kernel_applies(x):
+        else:  # the adapter's own rows, views (what the eager loop records)
+            o, c = layout["offsets"][s], layout["counts"][s]
+            own = None if mask is None else mask[o: o + c]
+            routing = Routing(w[o: o + c], (vid[o: o + c] - base).clamp(0, a.num_experts - 1),
+                              probs[o: o + c, base: base + a.num_experts], keep[o: o + c])
+        state.record(a.adapter_name, ffn.layer_idx, routing, own, a.num_experts)
+    if layout is not None and not gathered_kernel_applies(x):
         # training without the gathered kernel: each adapter's tokens against its own experts only
         # (the torch reference would compute every adapter's experts for every token)
-        seg = (plan.segments(B, T), [s for s, a in enumerate(adapters) if a is not None], st["emax"])
-        expert_lora = functools.partial(_segmented_expert_lora, seg=seg)
+        expert_lora = functools.partial(_segmented_expert_lora, seg=(layout, st["emax"]))
     else:
         expert_lora = functools.partial(_gathered_lora, scaling=1.0)
     pre = {}
     for role in ffn._in_roles():
         b = base_pre[role].unsqueeze(1)  # (N, 1, F)
         if role in st["A"]:
-            xr = _expert_dropout(ffn, x, adapters, plan, B, T, role)
+            xr = _expert_dropout(ffn, x, adapters, layout, role)
             d = expert_lora(xr.to(st["A"][role].dtype), st["A"][role], st["B"][role], vid)
             pre[role] = b + d.to(b.dtype)
         else:
@@ -424,7 +468,7 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     h_mix = (h * w.to(h.dtype).unsqueeze(-1)).sum(1)
     down_delta = None
     if "down" in st["A"]:
-        hd = _expert_dropout(ffn, h, adapters, plan, B, T, "down")
+        hd = _expert_dropout(ffn, h, adapters, layout, "down")
         down_delta = expert_lora(hd.to(st["A"]["down"].dtype), st["A"]["down"], st["B"]["down"], vid,
                                  weight=w.to(st["A"]["down"].dtype))
     return h_mix, down_delta
@@ -432,22 +476,22 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
 
 def _segmented_expert_lora(t: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, vid: torch.Tensor,
                            weight: torch.Tensor | None = None, *, seg) -> torch.Tensor:
-    """``gathered_lora_reference``'s math with each MixLoRA adapter's tokens (``BatchPlan.segments``)
-    against its own E_max experts only, batched over the adapters: t (N, in) or (N, K, in), stacks
-    (S·E_max+1, R, in) / (S·E_max+1, out, R), vid (N, K) -> (N, K, out), or (N, out) summed with
-    ``weight`` (N, K). Linear in the number of adapters (the reference is quadratic: every token
-    against every adapter's experts) and no token reaches another adapter's experts. Tokens of
-    other slots (base, plain LoRA) get zeros, as their zero expert gives."""
-    (idx, counts), slots, emax = seg
-    sel = idx[slots]  # (P, n)
+    """``gathered_lora_reference``'s math with each MixLoRA adapter's tokens (the training
+    sub-batch's ``local_sel``) against its own E_max experts only, batched over the adapters:
+    t (N, in) or (N, K, in), stacks (P·E_max+1, R, in) / (P·E_max+1, out, R), vid (N, K) ->
+    (N, K, out), or (N, out) summed with ``weight`` (N, K). Linear in the number of adapters (the
+    reference is quadratic: every token against every adapter's experts) and no token reaches
+    another adapter's experts. The results go back to their tokens by a gather (``local_inv``),
+    which saves only its index (``index_add_`` kept the (P, n, K, out) result for backward)."""
+    layout, emax = seg
+    sel, inv = layout["local_sel"], layout["local_inv"]  # (P, n), (N,)
     P, n = sel.shape
     N, K = vid.shape
-    S = (lora_A.shape[0] - 1) // emax
     cdt = torch.promote_types(t.dtype, torch.float32)
-    A = lora_A[: S * emax].view(S, emax, *lora_A.shape[1:])[slots].to(cdt)  # (P, E, R, in)
-    Bm = lora_B[: S * emax].view(S, emax, *lora_B.shape[1:])[slots].to(cdt)  # (P, E, out, R)
+    A = lora_A[: P * emax].view(P, emax, *lora_A.shape[1:]).to(cdt)  # (P, E, R, in)
+    Bm = lora_B[: P * emax].view(P, emax, *lora_B.shape[1:]).to(cdt)  # (P, E, out, R)
     tp = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])[sel].to(cdt)  # (P, n, in) or (P, n, K, in)
-    base = torch.tensor(slots, device=vid.device)[:, None, None] * emax
+    base = _slot_bases(P, emax, vid.device)
     local = torch.cat([vid, vid.new_full((1, K), -1)])[sel] - base  # (P, n, K): <0 or >=E: no expert
     coef = (local.unsqueeze(-1) == torch.arange(emax, device=vid.device)).to(cdt)  # (P, n, K, E)
     if weight is not None:
@@ -458,35 +502,102 @@ def _segmented_expert_lora(t: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
         h = torch.einsum("pnki,peri->pnker", tp, A)  # (P, n, K, E, R)
     g = h * coef.unsqueeze(-1)  # the rank block of each slot's chosen expert only
     y = torch.einsum("pnker,peor->pno" if weight is not None else "pnker,peor->pnko", g, Bm)
-    out = y.new_zeros(N + 1, *y.shape[2:]).index_add_(0, sel.reshape(-1), y.reshape(P * n, *y.shape[2:]))
-    return out[:N].to(t.dtype)
+    return y.reshape(P * n, *y.shape[2:])[inv].to(t.dtype)
 
 
-def _expert_dropout(ffn, t: torch.Tensor, adapters, plan, B: int, T: int, role: str) -> torch.Tensor:
-    """``t`` (N, D) or (N, K, F), the input of the ``role`` experts, with each MixLoRA adapter's
-    dropout on its own rows, drawn from its own stream in the shape its fused path draws alone
-    (``mix_hidden``: (n, D), or (n, k, F) with its own top-k); the identity outside training."""
-    if not ffn.training:
+_BASES: dict = {}
+
+
+def _slot_bases(P: int, emax: int, device) -> torch.Tensor:
+    """(P, 1, 1) first virtual expert of each adapter: a constant, made once per shape and device
+    (``torch.tensor`` per call is a host-to-device copy, a wait for the GPU queue, per role and layer)."""
+    key = (P, emax, str(device))
+    t = _BASES.get(key)
+    if t is None:
+        t = _BASES[key] = (torch.arange(P, device=device) * emax).view(P, 1, 1)
+    return t
+
+
+def _expert_dropout(ffn, t: torch.Tensor, adapters, layout, role: str) -> torch.Tensor:
+    """``t`` (N, D) or (N, K, F), the input of the ``role`` experts over the training sub-batch
+    (``layout``: adapter p's rows are offsets[p]:offsets[p]+counts[p]), with each MixLoRA
+    adapter's dropout on its own rows, drawn from its own stream in the shape its fused path
+    draws alone (``mix_hidden``: (n, D), or (n, k, F) with its own top-k); the identity outside
+    training. The rows of the adapters are contiguous and cover the sub-batch, so the result is one
+    ``cat`` of slices (no index op whose backward keeps a copy)."""
+    if not ffn.training or layout is None:
         return t
     state = ffn._state
-    idx, counts = plan.segments(B, T)
-    rows_all, dropped_all = [], []
-    for s, a in enumerate(adapters):
-        e = None if a is None else a._expert(ffn, role)
-        if e is None or getattr(e.lora_dropout, "p", 0.0) == 0 or not counts[s]:
-            continue
-        rows = idx[s, : counts[s]]
-        part = t[rows]
-        if part.dim() == 3 and part.shape[1] > a.top_k:  # slots past its top-k have weight 0
-            own = adapter_dropout(e.lora_dropout, part[:, : a.top_k], state, a.adapter_name)
-            dropped = torch.cat([own, part[:, a.top_k:]], dim=1)
-        else:
-            dropped = adapter_dropout(e.lora_dropout, part, state, a.adapter_name)
-        rows_all.append(rows)
-        dropped_all.append(dropped)
-    if not rows_all:
+    parts, dropped_any = [], False
+    for p, a in enumerate(adapters):
+        o, c = layout["offsets"][p], layout["counts"][p]
+        part = t[o: o + c]
+        e = a._expert(ffn, role)
+        if e is not None and getattr(e.lora_dropout, "p", 0.0) > 0 and c:
+            dropped_any = True
+            if part.dim() == 3 and part.shape[1] > a.top_k:  # slots past its top-k have weight 0
+                own = adapter_dropout(e.lora_dropout, part[:, : a.top_k], state, a.adapter_name)
+                part = torch.cat([own, part[:, a.top_k:]], dim=1)
+            else:
+                part = adapter_dropout(e.lora_dropout, part, state, a.adapter_name)
+        parts.append(part)
+    if not dropped_any:
         return t
-    return t.index_copy(0, torch.cat(rows_all), torch.cat(dropped_all))  # one copy, not one per adapter
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+_CONSTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _train_moe_stacks(ffn, present) -> dict:
+    """The stacks of ``_build_moe_stacks`` for the adapters ``present`` (every slot an adapter),
+    differentiable and built with one ``cat`` per tensor: a zeros buffer filled slice by slice
+    costs one launch per adapter and role (and one CopySlices node each in backward). The
+    constants (experts and top-k per adapter, the scale of each virtual expert) are cached per
+    site for the last composition."""
+    emax = max(a.num_experts for a in present)
+    rmax = max(e.r for a in present for e in a.experts.values())
+    dev = ffn._proj("down").weight.device
+    roles = [r for r in ("gate", "up", "gate_up", "down") if r in ffn.proj_names]
+    key = (tuple((a.num_experts, a.top_k, tuple(None if a._expert(ffn, r) is None else a._expert(ffn, r).scaling
+                                                for r in roles)) for a in present), emax, str(dev))
+    hit = _CONSTS.get(ffn)
+    if hit is None or hit[0] != key:
+        E = torch.tensor([a.num_experts for a in present], dtype=torch.long, device=dev)
+        k = torch.tensor([a.top_k for a in present], dtype=torch.long, device=dev)
+        scales = {}
+        for role in roles:
+            experts = [a._expert(ffn, role) for a in present]
+            if any(e is None for e in experts):
+                continue
+            sc = [e.scaling for e in experts for _ in range(emax)] + [0.0]
+            scales[role] = torch.tensor(sc, dtype=torch.float32, device=dev).view(-1, 1, 1)
+        hit = (key, E, k, scales)
+        _CONSTS[ffn] = hit
+    _, E, k, scales = hit
+
+    def pad_e(t: torch.Tensor, n: int) -> torch.Tensor:  # (n, ...) -> (emax, ...), zero experts added
+        return t if n == emax else torch.cat([t, t.new_zeros(emax - n, *t.shape[1:])])
+
+    router = torch.cat([pad_e(a.router.weight.float(), a.num_experts) for a in present])
+    stacks_a, stacks_b = {}, {}
+    for role in roles:
+        experts = [a._expert(ffn, role) for a in present]
+        if role not in scales:
+            if any(e is not None for e in experts):  # some adapters have experts here, some not
+                return _build_moe_stacks(ffn, present, present, differentiable=True)
+            continue
+        ref = experts[0]
+        dt_a, dt_b = ref.lora_A.dtype, ref.lora_B.dtype
+        a_parts = [pad_e(F.pad(e.A(), (0, 0, 0, rmax - e.r)) if e.r != rmax else e.A(), e.num_experts).to(dt_a)
+                   for e in experts]
+        b_parts = [pad_e(F.pad(e.B(), (0, rmax - e.r)) if e.r != rmax else e.B(), e.num_experts).float()
+                   for e in experts]
+        A = torch.cat(a_parts + [a_parts[0].new_zeros(1, *a_parts[0].shape[1:])])  # +1: the zero expert
+        Bm = torch.cat(b_parts + [b_parts[0].new_zeros(1, *b_parts[0].shape[1:])])
+        stacks_a[role], stacks_b[role] = A, (Bm * scales[role]).to(dt_b)
+    return {"router": router, "E": E, "k": k, "K": int(max(a.top_k for a in present)), "emax": emax,
+            "A": stacks_a, "B": stacks_b}
 
 
 def _moe_stacks(ffn, names, adapters) -> dict:
