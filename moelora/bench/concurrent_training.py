@@ -66,6 +66,7 @@ class Settings:
     time_limit: float = 3000.0  # seconds; configurations that would start later are skipped
     seed: int = 0
     cpu_threads: int = 0  # torch threads on CPU (0 = torch's default; 1 for tiny models on shared cores)
+    pad_multiple: int = 64  # packed length rounded up to a multiple (0: the longest row); --pad-multiple
 
 
 # ---- the model and the jobs ---------------------------------------------------------------------
@@ -157,7 +158,8 @@ def train_steps(model, s: Settings, jobs: list[int], steps: int, batches: dict[i
     try:
         for step in range(steps):
             micro = [batches[j][(offset + step) % len(batches[j])] for j in jobs]
-            packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device)
+            packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device,
+                                        pad_to_multiple_of=s.pad_multiple or None)
             with torch.autocast(device.type, dtype=_dtype(s, device), enabled=autocast):
                 out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                             adapter_names=packed.adapter_names)
@@ -176,6 +178,62 @@ def train_steps(model, s: Settings, jobs: list[int], steps: int, batches: dict[i
     return tokens
 
 
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that run (forward and backward): on a GPU each is about one kernel
+    launch and 5-20 us of host time, so their number is the step's host overhead in eager mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_profile(model, s: Settings, jobs: list[int], batches: dict[int, list[dict]], pad_id: int) -> dict:
+    """One packed training forward/backward of ``jobs`` (their first micro-batch), measured:
+    ``saved_bytes``: the bytes autograd keeps for backward (``saved_tensors_hooks``; each storage
+    counted once, the model's parameters and frozen weights excluded: what grows with the jobs),
+    ``aten_ops`` (forward + backward) and the step's seconds (CPU). For CPU analysis of the GPU
+    step: memory of saved activations and launch counts do not depend on the device."""
+    names, _ = _attach(model, s, jobs)
+    device = next(model.parameters()).device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return t
+        ptr = st.data_ptr()
+        if ptr not in params and ptr:
+            seen[ptr] = st.nbytes()
+        return t
+
+    model.train()
+    try:
+        micro = [batches[j][0] for j in jobs]
+        packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device, pad_to_multiple_of=s.pad_multiple or None)
+        counter = _CountOps()
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
+            out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                        adapter_names=packed.adapter_names)
+            losses = per_job_losses(out.logits, packed)
+            aux = getattr(out, "aux_losses", None) or {}
+            total = sum(l + aux[names[j]].to(l.dtype) if names[j] in aux else l for j, l in zip(jobs, losses))
+            fwd_ops = counter.n
+            total.backward()
+        elapsed = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+    finally:
+        _detach(model, names)
+    return {"saved_bytes": sum(seen.values()), "aten_ops": counter.n, "aten_ops_forward": fwd_ops,
+            "seconds": round(elapsed, 4), "tokens": int(packed.input_ids.numel())}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -190,6 +248,27 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
+def _packed_length(s: Settings, group: list[int], batches, index: int) -> int:
+    length = max(batches[j][index % len(batches[j])]["input_ids"].shape[1] for j in group)
+    m = s.pad_multiple or 1
+    return -(-length // m) * m
+
+
+def warm_up(model, s: Settings, group: list[int], batches, pad_id: int) -> None:
+    """``s.warmup`` untimed steps, then one untimed step of every packed length that the timed
+    steps will see (with ``--pad-multiple`` a few classes): on a GPU a new shape can mean new
+    Triton specialisations, cuBLAS heuristics and allocator blocks, which the timed steps must not
+    pay (the first-time costs of the mode measured first otherwise)."""
+    if s.warmup:
+        train_steps(model, s, group, s.warmup, batches, pad_id)
+    seen = {_packed_length(s, group, batches, i) for i in range(s.warmup)}
+    for i in range(s.warmup, s.warmup + s.steps):
+        length = _packed_length(s, group, batches, i)
+        if length not in seen:
+            seen.add(length)
+            train_steps(model, s, group, 1, batches, pad_id, offset=i)
+
+
 def measure(model, s: Settings, n: int, mode: str, batches, pad_id: int, device: torch.device) -> dict:
     """One mode for N jobs (see the module docstring)."""
     jobs = list(range(n))
@@ -197,8 +276,7 @@ def measure(model, s: Settings, n: int, mode: str, batches, pad_id: int, device:
     elapsed, tokens = 0.0, 0
     _peak_reset(device)
     for group in groups:
-        if s.warmup:
-            train_steps(model, s, group, s.warmup, batches, pad_id)
+        warm_up(model, s, group, batches, pad_id)
         _sync(device)
         t0 = time.perf_counter()
         tokens += train_steps(model, s, group, s.steps, batches, pad_id, offset=s.warmup)
@@ -262,7 +340,10 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--time-limit", type=float, default=d.time_limit)
     p.add_argument("--processes", action="store_true", help="also N processes sharing the device")
-    p.add_argument("--modes", default="concurrent,sequential", help="which in-process modes to run")
+    p.add_argument("--modes", default="concurrent,sequential", help="which in-process modes to run (their order "
+                   "alternates from one N to the next)")
+    p.add_argument("--pad-multiple", type=int, default=d.pad_multiple,
+                   help="packed length rounded up to a multiple of this (0: the longest row), so shapes repeat")
     p.add_argument("--out", default=None, help="output folder (default experiments/<date>_concurrent_training/<model>)")
     p.add_argument("--_one-job", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_report", default=None, help=argparse.SUPPRESS)
@@ -270,7 +351,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     s = Settings(model=a.model, device=a.device, dtype=a.dtype, jobs=tuple(int(x) for x in a.jobs.split(",") if x),
                  steps=a.steps, warmup=a.warmup, rows=a.rows, seq=a.seq, lora_r=a.lora_r, mix_experts=a.mix_experts,
                  mix_top_k=a.mix_top_k, mix_r=a.mix_r, lr=a.lr, processes=a.processes, max_processes=a.max_processes,
-                 time_limit=a.time_limit, seed=a.seed, cpu_threads=a.cpu_threads)
+                 time_limit=a.time_limit, seed=a.seed, cpu_threads=a.cpu_threads, pad_multiple=a.pad_multiple)
     if s.steps < 1 or s.rows < 1 or s.seq < 4 or not s.jobs or min(s.jobs) < 1:
         p.error("need --steps >= 1, --rows >= 1, --seq >= 4 and job counts >= 1")
     return s, a
@@ -293,8 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a._one_job is not None:  # one process of the `processes` mode
         batches = {a._one_job: job_batches(s, a._one_job, vocab, per_job)}
         _peak_reset(device)
-        if s.warmup:
-            train_steps(model, s, [a._one_job], s.warmup, batches, pad_id)
+        warm_up(model, s, [a._one_job], batches, pad_id)
         _sync(device)
         t0 = time.perf_counter()
         tokens = train_steps(model, s, [a._one_job], s.steps, batches, pad_id, offset=s.warmup)
@@ -307,8 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
     batches = {j: job_batches(s, j, vocab, per_job) for j in range(max(s.jobs))}
     modes = [m for m in a.modes.split(",") if m]
     start, rows, skipped = time.perf_counter(), [], []
-    for n in s.jobs:
-        for mode in modes + (["processes"] if s.processes and n <= s.max_processes else []):
+    # The process's first-time costs (CUDA context, cuBLAS handles, the LoRA and MixLoRA kernels of
+    # the uniform and the mixed paths) before any measurement, and the in-process modes in
+    # alternating order from one N to the next, so that neither mode is always measured first.
+    warm_up(model, s, [0, 1] if max(s.jobs) > 1 else [0], batches, pad_id)
+    for i, n in enumerate(s.jobs):
+        order = modes if i % 2 == 0 else modes[::-1]
+        for mode in order + (["processes"] if s.processes and n <= s.max_processes else []):
             if time.perf_counter() - start > s.time_limit:
                 skipped.append({"n_jobs": n, "mode": mode})
                 continue

@@ -51,6 +51,7 @@ from moelora.training.packing import pack_micro_batches, per_job_losses
 log = logging.getLogger("moelora.train.concurrent")
 
 CKPT_KEY = "moelora_concurrent"  # marks a concurrent job's checkpoint (and holds its loop state)
+PAD_MULTIPLE = 64  # packed length of a step of several jobs: a multiple of this (see _micro_step)
 PRECISIONS = {"32-true": None, "32": None, 32: None, "bf16-mixed": torch.bfloat16}
 
 
@@ -393,8 +394,13 @@ class _GroupLoop:
         batches = {j.name: self._next_batch(j) for j in jobs}
         streams = {j.name: _dropout_state(self.model, j.name) for j in jobs}
         while jobs:
+            # Several jobs: the packed length rounded up to a multiple of PAD_MULTIPLE, so that shapes
+            # repeat (GPU: no new Triton specialisations, cuBLAS heuristics or allocator blocks per
+            # length; each job's numbers are unchanged: padding is masked, dropout drawn in its own
+            # length). One job: its exact solo forward (its dropout masks have the batch's shape).
             packed = pack_micro_batches([batches[j.name] for j in jobs], [j.name for j in jobs],
-                                        jobs[0].datamodule._pad_id(), self.device)
+                                        jobs[0].datamodule._pad_id(), self.device,
+                                        pad_to_multiple_of=PAD_MULTIPLE if len(jobs) > 1 else None)
             self.model.train()
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 out = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
@@ -404,7 +410,15 @@ class _GroupLoop:
             for job, ce in zip(jobs, per_job_losses(out.logits, packed)):
                 aux = aux_losses.get(job.name)
                 losses.append((ce if aux is None else ce + aux.to(ce.dtype), aux))
-            bad = [(j, float(loss.detach())) for j, (loss, _) in zip(jobs, losses) if not torch.isfinite(loss.detach())]
+            # every job's loss (and aux) to the host in ONE copy: a float()/isfinite test per job is
+            # a wait for the GPU queue each, 2N per step
+            values = torch.stack([v.detach().float() for loss, aux in losses
+                                  for v in ((loss,) if aux is None else (loss, aux))]).tolist()
+            at, host = 0, []
+            for _, aux in losses:
+                host.append((values[at], None if aux is None else values[at + 1]))
+                at += 1 if aux is None else 2
+            bad = [(j, h[0]) for j, h in zip(jobs, host) if not math.isfinite(h[0])]
             if not bad:
                 break
             # A job whose loss is not finite leaves, and the step runs again without it: its rows
@@ -423,8 +437,8 @@ class _GroupLoop:
         if not jobs:
             return
         total = None
-        for job, (loss, aux) in zip(jobs, losses):
-            job.losses.append((float(loss.detach()), None if aux is None else float(aux.detach())))
+        for job, (loss, aux), h in zip(jobs, losses, host):
+            job.losses.append(h)
             part = loss / job.accum  # as Lightning: the accumulated gradient is the mean of the micro-batches'
             total = part if total is None else total + part
         total.backward()

@@ -27,22 +27,38 @@ class PackedBatch:
     labels: torch.Tensor
     adapter_names: Any
     rows: list[tuple[int, int]]
+    host_label_tokens: list[int] | None = None  # counted on the host before the copy to the device
 
     def label_tokens(self) -> list[int]:
-        """Each job's tokens that count in its loss (host ints: for throughput accounting)."""
+        """Each job's tokens that count in its loss (host ints: for throughput accounting). Counted
+        from the host labels at packing time: ``.tolist()`` of device labels would wait for the
+        GPU queue every step."""
+        if self.host_label_tokens is not None:
+            return list(self.host_label_tokens)
         counted = (self.labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
         return [int(sum(counted[r0: r0 + n])) for r0, n in self.rows]
 
 
 def pack_micro_batches(batches: Sequence[dict], names: Sequence[str], pad_id: int,
-                       device: torch.device | str | None = None) -> PackedBatch:
+                       device: torch.device | str | None = None,
+                       pad_to_multiple_of: int | None = None) -> PackedBatch:
     """Concatenate the right-padded micro-batches of the jobs ``names`` into one batch.
 
     Padding is masked in attention (0) and labels (-100). With several jobs the plan records each
     job's own length (``BatchPlan.lengths``), so each job draws its dropout masks in the shape of
     its own batch and its numbers do not depend on the other jobs (``AdapterState.dropout``). With
-    one job the plan is its name: the uniform path, exactly its solo forward."""
+    one job the plan is its name: the uniform path, exactly its solo forward.
+
+    ``pad_to_multiple_of``: the common length rounded up to a multiple (e.g. 64), so that the
+    packed shapes repeat from step to step: on a GPU every new token count can mean new Triton
+    specialisations (the gathered-LoRA kernels specialise on divisibility by 16), new cuBLAS
+    heuristics and new allocator blocks. The extra positions are padding like any other (masked in
+    attention and labels) and each job's dropout is drawn in its own length, so the numbers of a
+    job do not change; with one job (its dropout drawn in the batch's shape) pass None to keep its
+    solo forward exact."""
     length = max(b["input_ids"].shape[1] for b in batches)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     ids, mask, labels, row_names, own, rows = [], [], [], [], [], []
     start = 0
     for name, b in zip(names, batches):
@@ -55,7 +71,10 @@ def pack_micro_batches(batches: Sequence[dict], names: Sequence[str], pad_id: in
         own.append(b["input_ids"].shape[1])
         rows.append((start, n))
         start += n
-    ids, mask, labels = (torch.cat(t).to(device) for t in (ids, mask, labels))
+    host_labels = torch.cat(labels)
+    counted = (host_labels[:, 1:] != IGNORE_INDEX).sum(1).tolist() if host_labels.device.type == "cpu" else None
+    label_tokens = None if counted is None else [int(sum(counted[r0: r0 + n])) for r0, n in rows]
+    ids, mask, labels = torch.cat(ids).to(device), torch.cat(mask).to(device), host_labels.to(device)
     if len(set(names)) != len(names):
         raise ValueError(f"every job of a packed batch needs its own adapter name, got {list(names)}")
     if len(names) == 1:
@@ -63,7 +82,7 @@ def pack_micro_batches(batches: Sequence[dict], names: Sequence[str], pad_id: in
     else:
         plan = BatchPlan(None, tuple(row_names), ids.device)
         plan.lengths = tuple(own)
-    return PackedBatch(ids, mask, labels, plan, rows)
+    return PackedBatch(ids, mask, labels, plan, rows, label_tokens)
 
 
 def per_job_losses(logits: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
