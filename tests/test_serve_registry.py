@@ -146,6 +146,14 @@ def test_byte_budget_bounds_the_pool(saved):
         met = eng.metrics()
         assert met["peak_resident_bytes"] <= budget and met["resident_bytes"] <= budget
         assert sum(sizes.values()) > budget and met["evictions"] >= 1 and met["swaps"] >= len(NAMES)
+        # the pool counts what its slots hold on the device (measured per config), not only host bytes
+        assert eng.registry._key_bytes and all(s.nbytes == eng.registry._key_bytes[s.key] for s in eng.registry.slots)
+        assert all(b >= min(sizes.values()) for b in eng.registry._key_bytes.values())
+        # an adapter larger than the engine's memory plan allows for is refused with the knob to change
+        eng.registry.max_adapter_bytes = min(sizes.values()) - 1
+        eng.registry.clear()
+        with pytest.raises(Exception, match="max_adapter_gb"):
+            eng.generate(PROMPTS[0], "a")
     finally:
         eng.close()
 

@@ -29,11 +29,18 @@ What we rely on (``transformers.generation.continuous_batching``):
 
 Requests carry no metadata in CB, so the adapter of each request is kept in a side table
 (request id -> adapter name) owned by ``AdapterCBManager``. CUDA graphs and torch.compile of the
-CB step are turned off (``cb_config``): moelora's hooks build the plan and forward hooks do not
-run during a graph replay; async batching is off (its double-buffered IOs are not read here).
+CB step are turned off (``cb_config``) unless the engine serves the base only (``Engine(cuda_graphs=True)``
+/ ``compile_level``): moelora's hooks build the plan in Python, which a graph replay does not rerun;
+async batching is off (its double-buffered IOs are not read here).
+- ``ContinuousBatchProcessor.handle_batch_error`` and ``inputs_and_outputs.requests_in_batch`` /
+  ``num_request_in_batch``: a step that raises fails its own requests only (``AdapterCBManager``).
+- ``ContinuousBatchingManager._create_batch_processor`` and ``PagedAttentionCache.free_blocks`` with
+  its allocators' ``block_table``: ``guard_free_blocks``.
 """
 from __future__ import annotations
 
+
+import logging
 
 import torch
 
@@ -58,13 +65,53 @@ def cb_config(max_queue_size: int = 0, **overrides):
 
 
 class _Immediate:
-    """Stands in for the asyncio loop of ``OutputRouter.result_handlers``: calls at once."""
+    """Stands in for the asyncio loop of ``OutputRouter.result_handlers``: calls at once, then
+    ``after()`` (the engine's flush: one hand-off per event loop per step, not one per request)."""
+
+    def __init__(self, after=None) -> None:
+        self.after = after
 
     def call_soon_threadsafe(self, fn, *args):
-        fn(*args)
+        try:
+            fn(*args)
+        finally:
+            if self.after is not None:
+                self.after()
 
 
 _IMMEDIATE = _Immediate()
+
+
+def _allocators(cache) -> list:
+    """The paged cache's per-group allocators (each with a ``block_table``: request id -> blocks):
+    ``cache_allocators`` (a dict) in 5.24, ``group_cache_managers`` (a list) in 5.17."""
+    allocs = getattr(cache, "cache_allocators", None)
+    if isinstance(allocs, dict):
+        return list(allocs.values())
+    return list(getattr(cache, "group_cache_managers", None) or [])
+
+
+def guard_free_blocks(cache) -> None:
+    """``cache.free_blocks(request_id)`` only for a request that holds blocks. CB calls it for every
+    cancelled request (``Scheduler.clear_cancelled_requests``), also one still waiting (no blocks
+    yet) or one that CB finished (blocks freed) before our cancel reached it; in 5.17 each such call
+    logs "CacheAllocator 0 attempted to free blocks for non-existent request_id" (5.24: a silent
+    no-op). An instance attribute: this cache only."""
+    if getattr(cache.free_blocks, "_moelora_guard", False):
+        return
+    original = cache.free_blocks
+
+    def free_blocks(request_id, *args, **kwargs):
+        if not any(request_id in a.block_table for a in _allocators(cache)):
+            return None
+        return original(request_id, *args, **kwargs)
+
+    free_blocks._moelora_guard = True
+    cache.free_blocks = free_blocks
+
+
+class StepError(RuntimeError):
+    """One packed step failed (e.g. CUDA out of memory): its requests fail with this, the engine goes on."""
 
 
 class _RowSampler:
@@ -96,21 +143,39 @@ class _RowSampler:
         output_ids[0, : next_tokens.shape[0]].copy_(next_tokens)
 
 
-def make_manager(model, generation_config, continuous_batching_config, plan_for, step_lock=None, sampling_for=None):
+def make_manager(model, generation_config, continuous_batching_config, plan_for, step_lock=None, sampling_for=None,
+                 flush=None):
     """A ``ContinuousBatchingManager`` whose every step runs with
     ``adapter_names=plan_for(layout, num_q_tokens)`` (``layout`` = [(request id, query tokens), ...]
     in packing order; ``num_q_tokens`` the packed count, padding included; a None plan passes no
     ``adapter_names``), holding ``step_lock`` (a lock, or None) for the step; ``sampling_for(request
-    id)`` -> None (greedy) or that request's ``SamplingParams`` (``_RowSampler``)."""
+    id)`` -> None (greedy) or that request's ``SamplingParams`` (``_RowSampler``); ``flush()``: called
+    after every delivery of outputs (``_Immediate``).
+
+    A step that raises (CUDA out of memory, a bad adapter, ...) fails the requests of that step
+    only (``ContinuousBatchProcessor.handle_batch_error``: each gets the error, its blocks are freed)
+    and the loop goes on; CB itself would end its loop and fail every request, so one step's OOM
+    would stop the engine for good (what the first H200 run did)."""
     import contextlib
     api = _cb()
 
     class AdapterCBManager(api.ContinuousBatchingManager):
+        def _create_batch_processor(self):
+            bp = super()._create_batch_processor()
+            guard_free_blocks(bp.cache)
+            return bp
+
         def _generation_step(self) -> None:
             bp = self.batch_processor
             if bp is None:
                 raise RuntimeError("Tried to perform a generation step before the batch processor was initialized.")
             io = bp.inputs_and_outputs
+            try:
+                self._adapter_step(bp, io)
+            except Exception as e:  # noqa: BLE001 - the step's requests get the error, the loop goes on
+                self._fail_step(bp, io, e)
+
+        def _adapter_step(self, bp, io) -> None:
             runner = bp.model_runner
             if sampling_for is not None and not isinstance(runner.__dict__.get("_sample"), _RowSampler):
                 runner._sample = _RowSampler(runner._sample)  # an instance attribute: this runner only
@@ -126,15 +191,35 @@ def make_manager(model, generation_config, continuous_batching_config, plan_for,
                 runner.compute_batch(self.model, batch_data)
                 io.retrieve_device_outputs()
 
-    return AdapterCBManager(model=model, generation_config=generation_config,
-                            continuous_batching_config=continuous_batching_config)
+        def _fail_step(self, bp, io, error: Exception) -> None:
+            n = len(io.requests_in_batch)
+            oom = isinstance(error, torch.OutOfMemoryError)
+            err = StepError(f"the packed step of {n} request(s) failed ({type(error).__name__}: {error})"
+                            + ("; the engine goes on (lower max_batch_tokens or adapter_memory_gb, or set "
+                               "num_blocks, if this repeats)" if oom else "; the engine goes on"))
+            if oom:
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001
+                    pass
+            logging.getLogger("moelora.serve").error("%s", err)
+            bp.handle_batch_error(err)  # each request of the step: FAILED with err, delivered, blocks freed
+            io.requests_in_batch = []  # update_batch (next in the loop body) has nothing left to update
+            io.num_request_in_batch = 0
+            if oom:
+                torch.cuda.empty_cache()
+
+    manager = AdapterCBManager(model=model, generation_config=generation_config,
+                               continuous_batching_config=continuous_batching_config)
+    manager._moelora_immediate = _Immediate(flush)
+    return manager
 
 
 def register_handler(manager, request_id: str, callback) -> None:
     """Deliver every output of ``request_id`` to ``callback`` (called in the generation thread)."""
     router = manager.output_router
     with router._lock:
-        router.result_handlers[request_id] = (callback, _IMMEDIATE)
+        router.result_handlers[request_id] = (callback, getattr(manager, "_moelora_immediate", _IMMEDIATE))
 
 
 def drop_handler(manager, request_id: str) -> None:
@@ -152,6 +237,12 @@ def stop_manager(manager, timeout: float | None = 30.0) -> None:
     """Stop the generation thread (its original attention implementation goes back on the model)."""
     if manager.is_running():
         manager.stop(block=True, timeout=timeout)
+
+
+def requests_scheduler():
+    from transformers.generation.continuous_batching import scheduler
+
+    return scheduler
 
 
 def check_internals() -> list[str]:
@@ -191,6 +282,20 @@ def check_internals() -> list[str]:
     for n in ("get_model_kwargs", "compute_batch", "retrieve_device_outputs"):
         if n not in src:
             missing.append(f"ContinuousBatchProcessor._generation_step no longer calls {n} (update AdapterCBManager)")
+    bp_src = inspect.getsource(api.ContinuousBatchProcessor)
+    for n in ("def handle_batch_error", "prepare_batch_update()[0]", "finish_request"):
+        if n not in bp_src:
+            missing.append(f"ContinuousBatchProcessor.handle_batch_error ({n}): a failed step's requests (AdapterCBManager)")
+    if "def _create_batch_processor" not in inspect.getsource(api.ContinuousBatchingManager):
+        missing.append("ContinuousBatchingManager._create_batch_processor (the free-blocks guard)")
+    from transformers.generation.continuous_batching import cache as cache_mod
+
+    cache_src = inspect.getsource(cache_mod.PagedAttentionCache)
+    if "def free_blocks" not in cache_src or not ("self.cache_allocators" in cache_src
+                                                  or "self.group_cache_managers" in cache_src):
+        missing.append("PagedAttentionCache.free_blocks / its allocators (guard_free_blocks)")
+    if "self.cache.free_blocks(" not in inspect.getsource(requests_scheduler()):
+        missing.append("Scheduler frees cancelled requests through cache.free_blocks (guard_free_blocks)")
     router = api.OutputRouter()
     for n in ("result_handlers", "_lock"):
         if not hasattr(router, n):

@@ -57,6 +57,7 @@ from .registry import AdapterRegistry, RegistryError
 log = logging.getLogger(__name__)
 
 _DONE = object()  # sentinel in a request's queue: cancelled or engine closed
+DEFAULT_MAX_BATCH_TOKENS = 2048  # tokens per packed step (CB's own default is 8192): bounds one step's activations
 
 
 class EngineError(RuntimeError):
@@ -145,32 +146,51 @@ class Engine:
     ``QueueFullError``; ``context_len``: the longest prompt + generation (default: the model's
     ``max_position_embeddings``); ``eos_token_id``: default stop token(s) (default: the model's);
     ``num_blocks`` / ``max_batch_tokens``: the paged KV cache's size and the most tokens per packed
-    batch (default: on CPU, enough for ``max_pending`` full contexts and 2048; on GPU, CB's own
-    sizing from free memory, which runs after ``adapter_memory_gb`` is set aside, see below);
-    ``cb_overrides``: more ``ContinuousBatchingConfig`` fields.
+    step (default 2048, ``DEFAULT_MAX_BATCH_TOKENS``; ``num_blocks`` default: on CPU, enough for
+    ``max_pending`` full contexts; on CUDA, the engine's memory plan, below); ``cb_overrides``: more
+    ``ContinuousBatchingConfig`` fields.
 
-    ``max_resident_adapters`` / ``adapter_memory_gb``: the device slot pool (None: no limit);
-    ``max_adapters_per_step``: most distinct adapters (the base not counted) among the requests
-    inside CB; ``max_bypass``: FIFO fairness (module docstring); ``attn_implementation``: the
-    attention backend set on the model before CB starts (None: the model's; CB accepts ``sdpa``
-    (paged SDPA), ``paged|eager`` and flash implementations; flex attention is not a CB backend in
-    transformers 5.17–5.24); ``metrics()['attn_implementation']`` says which one runs.
+    ``max_resident_adapters`` / ``adapter_memory_gb``: the device slot pool (None: no limit; on CUDA
+    an unset ``adapter_memory_gb`` becomes 10% of the device); ``max_adapters_per_step``: most
+    distinct adapters (the base not counted) among the requests inside CB (on CUDA, unset: the
+    slot count, at most 16); ``max_bypass``: FIFO fairness (module docstring);
+    ``attn_implementation``: the attention backend set on the model before CB starts (None: the
+    model's; CB accepts ``sdpa`` (paged SDPA), ``paged|eager`` and flash implementations; flex
+    attention is not a CB backend in transformers 5.17–5.24); ``metrics()['attn_implementation']``
+    says which one runs.
 
-    GPU memory: CB sizes its KV cache from the memory free when its loop starts; with
-    ``adapter_memory_gb`` the engine holds that many bytes (an allocation from torch's caching
-    allocator) until the cache is made and frees them after, so the cache leaves room for the slot
-    pool (S-LoRA's unified paging shares one pool; here the split is fixed at start)."""
+    GPU memory (``memory.py``): on CUDA without ``num_blocks`` the engine sizes the KV cache itself
+    from the free memory minus the slot pool, one step's activations (``step_memory_gb``, default a
+    bound from ``max_batch_tokens`` and the model's dims), a mixed step's adapter stacks
+    (``max_adapters_per_step`` adapters of at most ``max_adapter_gb``; larger adapters are then
+    refused) and a margin, and passes CB that ``num_blocks``; ``kv_memory_fraction`` caps the cache
+    at that share of the free memory; ``memory_plan`` is the result (S-LoRA's unified paging shares
+    one pool; here the split is fixed at start). A step that fails (e.g. CUDA out of memory) fails
+    its own requests only; the engine goes on.
+
+    ``cuda_graphs`` / ``compile_level``: CB's CUDA graphs / torch.compile of the step
+    (``use_cuda_graph``, ``default_compile_level``), off by default and allowed only for an engine
+    that serves the base alone: the per-token adapter plan is Python run by moelora's hooks at every
+    forward, which a graph replay or compiled step does not rerun."""
 
     def __init__(self, model, adapters_dir: str | os.PathLike | None = None, *, max_pending: int = 64,
                  max_new_tokens: int = 256, context_len: int | None = None, eos_token_id=None,
                  base_name: str = "base", num_blocks: int | None = None, max_batch_tokens: int | None = None,
                  cb_overrides: dict | None = None, max_resident_adapters: int | None = None,
                  adapter_memory_gb: float | None = None, max_adapters_per_step: int | None = None,
-                 max_bypass: int = 8, attn_implementation: str | None = None) -> None:
+                 max_bypass: int = 8, attn_implementation: str | None = None, max_adapter_gb: float | None = None,
+                 step_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
+                 cuda_graphs: bool = False, compile_level: int = 0) -> None:
         from transformers import GenerationConfig
 
         self.model = model.eval()
         self.base_name = base_name
+        self.base_only = bool(cuda_graphs) or int(compile_level) > 0
+        st0 = model.__dict__.get("moelora_state")
+        if self.base_only and (adapters_dir is not None or (st0 is not None and st0.adapters)):
+            raise ValueError("cuda_graphs / compile_level serve the base model only (the per-step adapter plan is "
+                             "Python that a graph replay or a compiled step would not rerun); drop adapters_dir "
+                             "and the model's adapters, or leave cuda_graphs off")
         self.max_pending = max_pending
         self.default_max_new_tokens = max_new_tokens
         if max_adapters_per_step is not None and int(max_adapters_per_step) < 1:
@@ -198,6 +218,8 @@ class Engine:
         # when both are needed (reentrant: the admission thread holds it around the registry's own use)
         self._model_lock = threading.RLock()
         self._counter = 0
+        self._outbox: list = []  # (asyncio queue, item) delivered in the generation thread, not yet handed over
+        self._out_lock = threading.Lock()
         self._admitting = False  # _admit is running (re-entered from _finish): run it again after
         self._again = False
         self.steps = 0  # packed batches run
@@ -219,29 +241,72 @@ class Engine:
             model.set_attn_implementation(attn_implementation)
         gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id)
         overrides = dict(cb_overrides or {})
+        page = overrides.get("block_size", 256)
+        max_batch_tokens = int(max_batch_tokens or overrides.pop("max_batch_tokens", None) or DEFAULT_MAX_BATCH_TOKENS)
+        self.memory_plan = None
         if model.device.type == "cpu":  # CB sizes its cache from 60% of free memory: minutes of zeroing on a host
-            page = overrides.get("page_size", 256)
             num_blocks = num_blocks or max(16, -(-max_pending * self.context_len // page))
-            max_batch_tokens = max_batch_tokens or 2048
+        elif num_blocks is None and "num_blocks" not in overrides:
+            # the engine sizes the KV cache itself: CB's own sizing leaves no room for the adapter pool,
+            # one step's activations and a mixed step's adapter stacks (moelora/serve/memory.py)
+            self.memory_plan = self._plan_memory(max_batch_tokens, page, max_adapter_gb, step_memory_gb,
+                                                 kv_memory_fraction)
+            num_blocks = self.memory_plan.num_blocks
+            log.info("memory plan (GiB): %s", self.memory_plan.as_dict())
         if num_blocks is not None:
             overrides.setdefault("num_blocks", int(num_blocks))
-        if max_batch_tokens is not None:
-            overrides.setdefault("max_batch_tokens", int(max_batch_tokens))
+        overrides.setdefault("max_batch_tokens", max_batch_tokens)
+        if self.base_only:
+            overrides.update(use_cuda_graph=bool(cuda_graphs), default_compile_level=int(compile_level))
         self._manager = _cb_private.make_manager(model, gen, _cb_private.cb_config(**overrides),
-                                                 self._plan_for, self._model_lock, self._sampling_for)
+                                                 self._plan_for, self._model_lock, self._sampling_for,
+                                                 flush=self._flush)
         self.attn_implementation = getattr(model.config, "_attn_implementation", None)
-        hold = None
-        if model.device.type == "cuda" and self.registry.memory_bytes and "num_blocks" not in overrides:
-            # set the slot pool's bytes aside while CB measures free memory for its KV cache
-            hold = torch.empty(self.registry.memory_bytes, dtype=torch.uint8, device=model.device)
         self._manager.start()
         self._closing = False
         self._wake = threading.Event()
         self._admitter = threading.Thread(target=self._admission_loop, name="moelora-admission", daemon=True)
         self._admitter.start()
-        if hold is not None:
-            wait_until(lambda: _cb_private.cache_ready(self._manager) or not self._manager.is_running(), 600)
-            del hold  # back to torch's cache: the adapter slots are allocated from it
+        # the cache exists (and CB's free-block guard is in place) before the first request
+        wait_until(lambda: _cb_private.cache_ready(self._manager) or not self._manager.is_running(), 600)
+
+    def _plan_memory(self, max_batch_tokens: int, block_size: int, max_adapter_gb, step_memory_gb, kv_memory_fraction):
+        """The KV cache size on CUDA (``memory.plan_kv_cache``): free memory now, minus the slot pool
+        (``adapter_memory_gb``; unset: 10% of the device), one step's activations (``step_memory_gb``
+        or the bound of ``memory.step_activation_bytes``), the stacks of a mixed step
+        (``max_adapters_per_step`` adapters of at most ``max_adapter_gb``: its default is the largest
+        adapter known now, else the pool divided by its slots), and a margin. The registry then refuses
+        adapters larger than ``max_adapter_gb``, so the plan holds for every adapter it serves."""
+        from . import memory
+
+        dev = self.model.device
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        reg = self.registry
+        if reg.memory_bytes is None:
+            reg.memory_bytes = int(0.10 * total)
+            log.info("adapter_memory_gb unset: the slot pool gets %.2f GiB (10%% of the device)", reg.memory_bytes / 2**30)
+        if max_adapter_gb is not None:
+            biggest = int(float(max_adapter_gb) * 2**30)
+        else:
+            known = [reg.known_bytes(a) for a in reg.adapters.values()]
+            known = [b for b in known if b]
+            biggest = max(known) if known else reg.memory_bytes // (reg.max_resident or 1)
+        reg.max_adapter_bytes = min(biggest, reg.memory_bytes)
+        if self.max_adapters_per_step is None:
+            self.max_adapters_per_step = min(reg.max_resident or 16, 16)
+            log.info("max_adapters_per_step unset: %d (it bounds a mixed step's adapter stacks)",
+                     self.max_adapters_per_step)
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        dims = memory.ModelDims.from_config(cfg, next(self.model.parameters()).element_size())
+        top_k = max([getattr(a.cfg, "top_k", 2) or 2 for a in reg.adapters.values()] + [2])
+        impl = str(getattr(self.model.config, "_attn_implementation", "") or "")
+        return memory.plan_kv_cache(
+            free_bytes=free, total_bytes=total, dims=dims, adapter_bytes=reg.memory_bytes,
+            max_batch_tokens=max_batch_tokens, block_size=block_size,
+            step_bytes=None if step_memory_gb is None else int(float(step_memory_gb) * 2**30),
+            stack_bytes=memory.adapter_stack_bytes(reg.max_adapter_bytes, self.max_adapters_per_step),
+            attention_mask="flash" not in impl, top_k=top_k, kv_memory_fraction=kv_memory_fraction)
 
     # ---- adapters ---------------------------------------------------------------------------
     def _absorb_model_adapters(self) -> list:
@@ -289,6 +354,7 @@ class Engine:
         and change nothing."""
         if name == self.base_name:
             raise AdapterLoadError(f"{name!r} is the base model's name")
+        self._check_adapters_allowed(name)
         with self._admit_lock:
             try:
                 self.registry.register_path(name, path, eager=not lazy)
@@ -299,11 +365,17 @@ class Engine:
     def add_adapter_tensors(self, name: str, cfg, tensors: dict) -> None:
         """Serve an adapter given in memory (``moelora.adapter_state_dict`` keys -> host tensors;
         tensors may share storage with other adapters': benchmarks of 1000 adapters do)."""
+        self._check_adapters_allowed(name)
         with self._admit_lock:
             try:
                 self.registry.register_tensors(name, cfg, tensors)
             except RegistryError as e:
                 raise AdapterLoadError(str(e)) from e
+
+    def _check_adapters_allowed(self, name: str) -> None:
+        if getattr(self, "base_only", False):
+            raise AdapterLoadError(f"cannot serve adapter {name!r}: this engine runs the CB step with CUDA graphs / "
+                                   "compile, so it serves the base model only")
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter ``name``; refused (``EngineError``) while requests for it are in flight."""
@@ -412,6 +484,11 @@ class Engine:
                 except RegistryError as e:
                     self._fail(req, str(e))
                     continue
+                except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory making the slot: fail it, never retry forever
+                    if isinstance(e, torch.OutOfMemoryError):
+                        torch.cuda.empty_cache()
+                    self._fail(req, f"adapter {req.adapter!r} could not be made resident ({type(e).__name__}: {e})")
+                    continue
                 ok = slot is not None
             if not ok:
                 if waiting is None:
@@ -445,17 +522,33 @@ class Engine:
         self._finish(req)
         self._put(req, _Failed(message))
 
-    def _put(self, req: _Request, item) -> None:
+    def _put(self, req: _Request, item, flush: bool = True) -> None:
         if req.loop is not None:
-            try:
-                req.loop.call_soon_threadsafe(req.aout.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening
-                pass
+            with self._out_lock:
+                self._outbox.append((req.loop, req.aout, item))
+            if flush:
+                self._flush()
         else:
             req.out.put(item)
 
-    def _deliver(self, req: _Request, out) -> None:  # in the generation thread
-        self._put(req, out)
+    def _flush(self) -> None:
+        """Hand the outputs delivered so far to their asyncio loops: ONE ``call_soon_threadsafe`` per
+        loop (CB delivers a step's outputs together, then calls this), not one per request and token:
+        each hand-off wakes the loop's thread, which then contends for the GIL with the generation
+        thread (every torch op there releases and retakes it)."""
+        with self._out_lock:
+            items, self._outbox = self._outbox, []
+        by_loop: dict = {}
+        for loop, aout, item in items:
+            by_loop.setdefault(loop, []).append((aout, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, batch)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+    def _deliver(self, req: _Request, out) -> None:  # in the generation thread; CB flushes after the step's outputs
+        self._put(req, out, flush=False)
         if out.is_finished():
             self._finish(req)
 
@@ -566,6 +659,7 @@ class Engine:
 
     # ---- called by the generation thread for every packed batch ------------------------------------
     def _plan_for(self, layout, num_q_tokens: int):
+        self.steps += 1
         st = self._state()
         if st is None:
             return None  # no adapter resident: the plain base
@@ -582,7 +676,6 @@ class Engine:
             if None not in names:
                 names.append(None)
             slots.extend([names.index(None)] * (num_q_tokens - len(slots)))
-        self.steps += 1
         self.max_adapters_seen = max(self.max_adapters_seen, sum(n is not None for n in names))
         if len(names) == 1 and (names[0] is None or st.adapters[names[0]].method != "lora_switch"):
             return BatchPlan(names[0])  # uniform: the adapter's own fast path
@@ -631,6 +724,11 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _hand_over(batch) -> None:  # in the asyncio loop
+    for aout, item in batch:
+        aout.put_nowait(item)
 
 
 class _Failed:

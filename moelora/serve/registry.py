@@ -122,6 +122,9 @@ class AdapterRegistry:
         self.model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
         self.adapters: dict[str, HostAdapter] = {}
         self.slots: list[Slot] = []
+        # the largest adapter the engine's memory plan allows for (None: no limit); larger ones are refused
+        self.max_adapter_bytes: int | None = None
+        self._key_bytes: dict[str, int] = {}  # config key -> device bytes of a slot of that config (measured)
         self.stats_ = RegistryStats()
         self._clock = 0
         self._slot_counter = 0
@@ -219,6 +222,35 @@ class AdapterRegistry:
                 return s
         return None
 
+    def known_bytes(self, entry: HostAdapter) -> int:
+        """Bytes of ``entry`` in a slot as far as known without reading it: its host tensors, else
+        its weights file's size (an upper bound: files of a 16-bit model's adapter may be float32)."""
+        if entry.nbytes:
+            return entry.nbytes
+        if entry.path is not None:
+            from moelora.io import WEIGHTS_NAME
+
+            try:
+                return (entry.path / WEIGHTS_NAME).stat().st_size
+            except OSError:
+                return 0
+        return 0
+
+    def _slot_bytes(self, key: str, entry: HostAdapter) -> int:
+        """What a slot of config ``key`` takes on the device: measured on the first slot of that
+        config (``_measure``), predicted from the host tensors before."""
+        return max(self._key_bytes.get(key, 0), entry.nbytes)
+
+    def _measure(self, slot: Slot) -> int:
+        """The device bytes of a slot's parameters, each rounded up to the caching allocator's 512-byte blocks."""
+        import moelora
+
+        total = 0
+        for t in moelora.adapter_state_dict(self.model, slot.model_name).values():
+            total += -(-t.numel() * t.element_size() // 512) * 512
+        self._key_bytes[slot.key] = total
+        return total
+
     def resident(self) -> list[str]:
         return [s.adapter for s in self.slots if s.adapter is not None]
 
@@ -267,6 +299,10 @@ class AdapterRegistry:
             self._touch(slot)
             return slot
         self._fill(entry)
+        if self.max_adapter_bytes is not None and entry.nbytes > self.max_adapter_bytes:
+            raise RegistryError(f"adapter {name!r} has {entry.nbytes} bytes; the engine's memory plan allows adapters "
+                                f"of at most {self.max_adapter_bytes} (max_adapter_gb="
+                                f"{self.max_adapter_bytes / 2**30:.3f}); restart with a larger max_adapter_gb")
         key = config_key(entry.cfg)
         free = sorted((s for s in self.slots if s.pins == 0), key=lambda s: (s.adapter is not None, s.last_used))
         # 1) an unpinned slot of the same config (LRU first): a copy, no new modules
@@ -275,20 +311,30 @@ class AdapterRegistry:
             self._install(entry, reuse)
             return reuse
         # 2) a new slot, evicting least recently used unpinned slots until the count and bytes fit
+        need = self._slot_bytes(key, entry)
         victims, n, b = [], len(self.slots), self.resident_bytes()
         for s in free:
-            if self._fits(n + 1, b + entry.nbytes):
+            if self._fits(n + 1, b + need):
                 break
             victims.append(s)
             n, b = n - 1, b - s.nbytes
-        if not self._fits(n + 1, b + entry.nbytes):
-            if self.memory_bytes is not None and entry.nbytes > self.memory_bytes:
-                raise RegistryError(f"adapter {name!r} needs {entry.nbytes} bytes; adapter_memory_gb allows "
+        if not self._fits(n + 1, b + need):
+            if self.memory_bytes is not None and need > self.memory_bytes:
+                raise RegistryError(f"adapter {name!r} needs {need} bytes; adapter_memory_gb allows "
                                     f"{self.memory_bytes}")
             return None
         for s in victims:
             self._drop(s)
         slot = self._new_slot(entry, key)
+        if key not in self._key_bytes or self._key_bytes[key] != slot.nbytes:
+            slot.nbytes = self._measure(slot)
+        if not self._fits(len(self.slots), self.resident_bytes()):
+            # the slot came out larger than predicted: never over budget, it waits like a pinned pool
+            self._drop(slot)
+            if self.memory_bytes is not None and slot.nbytes > self.memory_bytes:
+                raise RegistryError(f"adapter {name!r} needs {slot.nbytes} bytes on the device; adapter_memory_gb "
+                                    f"allows {self.memory_bytes}")
+            return None
         self._install(entry, slot)
         return slot
 
@@ -304,10 +350,8 @@ class AdapterRegistry:
         with self.model_lock:
             moelora.add_adapter(self.model, name, entry.cfg, trainable=False)
             self.model.eval()
-        slot = Slot(name, key, entry.nbytes)
+        slot = Slot(name, key, self._slot_bytes(key, entry))
         self.slots.append(slot)
-        self.stats_.max_resident = max(self.stats_.max_resident, len(self.slots))
-        self.stats_.max_resident_bytes = max(self.stats_.max_resident_bytes, self.resident_bytes())
         return slot
 
     def _install(self, entry: HostAdapter, slot: Slot) -> None:
@@ -325,7 +369,9 @@ class AdapterRegistry:
                 self._drop(slot, locked=True)
                 raise RegistryError(f"adapter {entry.name!r} does not fit this model: {msg}") from e
         slot.adapter = entry.name
-        slot.nbytes = entry.nbytes
+        slot.nbytes = self._slot_bytes(slot.key, entry)  # the device bytes of its config (all slots of a key agree)
+        self.stats_.max_resident = max(self.stats_.max_resident, len(self.slots))
+        self.stats_.max_resident_bytes = max(self.stats_.max_resident_bytes, self.resident_bytes())
         self.stats_.swaps += 1
         self.stats_.reuses += int(reused)
         self.stats_.h2d_bytes += entry.nbytes
