@@ -357,11 +357,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-resident", type=int, default=32, help="device adapter slots")
     ap.add_argument("--adapter-memory-gb", type=float, default=None, help="slot pool bytes (CUDA: set aside from the KV cache)")
     ap.add_argument("--max-adapters-per-step", type=int, default=None)
-    ap.add_argument("--max-batch-tokens", type=int, default=None)
-    ap.add_argument("--num-blocks", type=int, default=None)
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per packed step (engine default 2048)")
+    ap.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: the engine's memory plan)")
     ap.add_argument("--kv-memory-fraction", type=float, default=None,
-                    help="CB's max_memory_percent (share of free GPU memory for the KV cache)")
+                    help="at most this share of the free GPU memory for the KV cache (the plan may give less)")
+    ap.add_argument("--step-memory-gb", type=float, default=None,
+                    help="headroom for one step's activations (default: the engine's bound from max_batch_tokens)")
     ap.add_argument("--attn-implementation", default=None, help="sdpa (paged SDPA), paged|eager, flash_attention_2, ...")
+    ap.add_argument("--base-cuda-graphs", action="store_true",
+                    help="also run the base rows through a base-only engine with CB's CUDA graphs (system base_graphs)")
+    ap.add_argument("--no-expandable-segments", action="store_true",
+                    help="leave PYTORCH_CUDA_ALLOC_CONF alone (default: expandable_segments:True unless set)")
     ap.add_argument("--systems", default="base,moelora,peft_swap,peft_batched")
     ap.add_argument("--peft-batch", type=int, default=16, help="PEFT systems: most requests per batch")
     ap.add_argument("--run-timeout", type=float, default=60.0, help="seconds per run before it is cut")
@@ -381,6 +387,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, Any]:
     a = parse_args(argv)
     t_start = time.perf_counter()
+    if not a.no_expandable_segments:  # before the first CUDA allocation: less fragmentation between slots and steps
+        import os
+
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     out = Path(a.out)
@@ -393,9 +403,10 @@ def main(argv=None) -> dict[str, Any]:
     n_max = max(a.num_adapters)
     classes = adapter_classes(a.ranks, n_max, a.mixlora_share, a.experts, a.top_k, a.mixlora_rank)
     banks = weight_banks(model, classes, a.weight_sets, pin, a.seed)
+    biggest = max(sum(t.numel() * t.element_size() for t in b[0].values()) for b in banks.values())
+    max_adapter_gb = round(1.01 * biggest / 2**30 + 1e-3, 3)  # the engine's memory plan sizes a mixed step's stacks by it
     if a.adapter_memory_gb is None and device.type == "cuda":
-        # CB takes its KV cache from the free memory when it starts: set the slot pool aside first
-        biggest = max(sum(t.numel() * t.element_size() for t in b[0].values()) for b in banks.values())
+        # the engine's KV cache plan leaves this pool free
         a.adapter_memory_gb = round(1.05 * a.max_resident * biggest / 2**30, 3)
     systems = [s for s in a.systems.split(",") if s]
     rows: list[dict] = []
@@ -436,13 +447,16 @@ def main(argv=None) -> dict[str, Any]:
     if "base" in systems or "moelora" in systems:
         from moelora.serve import Engine
 
-        overrides = {} if a.kv_memory_fraction is None else {"max_memory_percent": a.kv_memory_fraction}
         engine = Engine(model, max_pending=a.num_requests + 8, max_new_tokens=a.output_len[1],
                         context_len=a.prompt_len[1] + a.output_len[1] + 1, num_blocks=a.num_blocks,
-                        max_batch_tokens=a.max_batch_tokens, cb_overrides=overrides,
+                        max_batch_tokens=a.max_batch_tokens, kv_memory_fraction=a.kv_memory_fraction,
+                        step_memory_gb=a.step_memory_gb, max_adapter_gb=max_adapter_gb,
                         max_resident_adapters=a.max_resident, adapter_memory_gb=a.adapter_memory_gb,
                         max_adapters_per_step=a.max_adapters_per_step, attn_implementation=a.attn_implementation)
         env["attn_implementation"] = engine.attn_implementation
+        env["memory_plan"] = None if engine.memory_plan is None else engine.memory_plan.as_dict()
+        env["max_adapters_per_step"] = engine.max_adapters_per_step
+        env["pytorch_cuda_alloc_conf"] = __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF")
         import json
 
         for i, d in enumerate(classes):
@@ -476,6 +490,8 @@ def main(argv=None) -> dict[str, Any]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if a.base_cuda_graphs and "base" in systems:
+        run_base_graphs(a, model, traces, device, add, skipped, out_of_time)
     for system in ("peft_swap", "peft_batched"):
         if system not in systems:
             continue
@@ -509,6 +525,33 @@ def main(argv=None) -> dict[str, Any]:
     res = save(final=True)
     res["plots"] = [str(p) for p in write_plots(rows, samples, out)]
     return res
+
+
+def run_base_graphs(a, model, traces, device, add, skipped, out_of_time) -> None:
+    """The base rows again through an engine that serves the base only, with CB's CUDA graphs of
+    the step on (system ``base_graphs``): what the step costs without eager launches."""
+    from moelora.serve import Engine
+
+    engine = Engine(model, max_pending=a.num_requests + 8, max_new_tokens=a.output_len[1],
+                    context_len=a.prompt_len[1] + a.output_len[1] + 1, num_blocks=a.num_blocks,
+                    max_batch_tokens=a.max_batch_tokens, kv_memory_fraction=a.kv_memory_fraction,
+                    step_memory_gb=a.step_memory_gb, max_resident_adapters=1, adapter_memory_gb=0.001,
+                    attn_implementation=a.attn_implementation, cuda_graphs=True)
+    try:
+        warm = make_workload(1, 1.0, 1e6, 8, a.prompt_len, (2, 4), "poisson", 1.0, model.config.vocab_size, a.seed)
+        run_engine(engine, warm, None, a.run_timeout, device)
+        for rate in a.rates:
+            k = dict(system="base_graphs", num_adapters=0, alpha=None, rate=rate)
+            if out_of_time():
+                skipped(**k)
+                continue
+            add(run_engine(engine, traces[(a.num_adapters[0], a.alpha[0], rate)], None, a.run_timeout, device), **k)
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _command(argv) -> str:
