@@ -56,6 +56,8 @@ def build_server(cfg: DictConfig):
     from .app import create_app
     from .engine import Engine
 
+    if cfg.get("expandable_segments", True):  # before the first CUDA allocation
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device, dtype = _device_dtype(cfg)
     model, tokenizer = hydra.utils.instantiate(cfg.model)
     model = model.to(device=device, dtype=dtype).eval()
@@ -66,7 +68,9 @@ def build_server(cfg: DictConfig):
                     max_resident_adapters=cfg.get("max_resident_adapters"),
                     adapter_memory_gb=cfg.get("adapter_memory_gb"),
                     max_adapters_per_step=cfg.get("max_adapters_per_step"), max_bypass=int(cfg.get("max_bypass", 8)),
-                    attn_implementation=cfg.get("attn_implementation"))
+                    attn_implementation=cfg.get("attn_implementation"), max_adapter_gb=cfg.get("max_adapter_gb"),
+                    step_memory_gb=cfg.get("step_memory_gb"), kv_memory_fraction=cfg.get("kv_memory_fraction"),
+                    cuda_graphs=bool(cfg.get("cuda_graphs", False)), compile_level=int(cfg.get("compile_level", 0)))
     for name, err in engine.load_errors.items():
         log.error("adapter %s is not served: %s", name, err)
     log.info("serving %s with adapters %s on %s (attention: %s)", engine.base_name, engine.adapter_names(), device,
