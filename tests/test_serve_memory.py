@@ -53,3 +53,30 @@ def test_plan_options_and_errors():
         plan_kv_cache(free_bytes=32 * GiB, adapter_bytes=30 * GiB, **kw)
     with pytest.raises(ValueError, match="kv_memory_fraction"):
         plan_kv_cache(free_bytes=60 * GiB, adapter_bytes=0, kv_memory_fraction=1.5, **kw)
+
+
+def test_engine_plan_uses_the_pool_the_step_cap_and_the_largest_adapter(monkeypatch):
+    """``Engine._plan_memory`` (what runs on CUDA at start), with the device's memory faked: the
+    pool defaults to 10% of the device, the step cap to the slot count, the stacks are sized by
+    the largest adapter known, and the registry then refuses larger ones."""
+    import torch
+    from conftest import make_tiny
+
+    import moelora
+    from moelora.serve import Engine
+
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="small")
+    moelora.add_adapter(m, "big", moelora.MixLoraConfig(num_experts=4, top_k=2, r=8))
+    eng = Engine(m, max_new_tokens=4, eos_token_id=-1, max_resident_adapters=3)
+    try:
+        sizes = {n: eng.registry.adapters[n].nbytes for n in ("small", "big")}
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (6 * GiB, 8 * GiB))
+        eng.registry.memory_bytes = None
+        plan = eng._plan_memory(256, 16, None, None, None)
+        assert eng.registry.memory_bytes == int(0.8 * GiB) == plan.adapter_bytes
+        assert eng.max_adapters_per_step == 3 and eng.registry.max_adapter_bytes == max(sizes.values())
+        assert plan.stack_bytes == adapter_stack_bytes(max(sizes.values()), 3) and plan.num_blocks > 0
+    finally:
+        eng.close()

@@ -291,7 +291,7 @@ class Engine:
         else:
             known = [reg.known_bytes(a) for a in reg.adapters.values()]
             known = [b for b in known if b]
-            biggest = max(known) if known else reg.memory_bytes // (reg.max_resident or 1)
+            biggest = max(known) if known else reg.memory_bytes // (reg.max_resident or 16)
         reg.max_adapter_bytes = min(biggest, reg.memory_bytes)
         if self.max_adapters_per_step is None:
             self.max_adapters_per_step = min(reg.max_resident or 16, 16)
