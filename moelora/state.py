@@ -294,12 +294,23 @@ class AdapterState:
         mixed batch whose plan knows the rows' own length (``BatchPlan.lengths``), a
         (rows, own length, ...) mask padded to this batch's length, so the numbers drawn equal
         those of the adapter's batch run alone (padding positions get no dropout: they are masked)."""
+        keep = self.dropout_keep(name, tuple(x.shape), x.dtype, x.device, p)
+        if keep is None:
+            return torch.nn.functional.dropout(x, p, training=True)
+        return x * keep * (1.0 / (1.0 - p))
+
+    def dropout_keep(self, name: str | None, shape: tuple, dtype, device, p: float) -> torch.Tensor | None:
+        """The 0/1 keep mask (``shape``, ``dtype``) that ``dropout`` multiplies an input of that
+        shape with, drawn from adapter ``name``'s own stream; None when it has none (torch's
+        global RNG). The mixed-batch training forms draw every adapter's mask with it and apply
+        them all in one multiply (``x * (keep * 1/(1-p))`` rounds as ``x * keep * 1/(1-p)``:
+        keep is exactly 0 or 1)."""
         info = self.adapters.get(name) if name is not None else None
         gen = None if info is None else info.dropout_generator
         if gen is None:
-            return torch.nn.functional.dropout(x, p, training=True)
+            return None
         plan = self.plan if self.in_forward else None
-        shape = tuple(x.shape)
+        shape = tuple(shape)
         draw = shape
         own = None
         if plan is not None and plan.mixed and not plan.packed and plan.lengths is not None:
@@ -311,11 +322,11 @@ class AdapterState:
                 draw = (rows, own) + shape[1:]
             else:
                 own = None
-        keep = torch.empty(draw, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p, generator=gen)
+        keep = torch.empty(draw, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
         if own is not None:
             keep = torch.nn.functional.pad(keep.movedim(1, -1), (0, seq - own), value=1.0).movedim(-1, 1)
             keep = keep.reshape(shape)
-        return x * keep * (1.0 / (1.0 - p))
+        return keep
 
     def _check_known(self, name: str) -> None:
         if name not in self.adapters:

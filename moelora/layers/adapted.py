@@ -248,8 +248,14 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     xs = x_pad[sel].to(lora_A.dtype)  # (P, n, in): each adapter's own tokens
     if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
         n = xs.shape[1]
-        xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[p]], state, plan.slot_names[s]),
-                                (0, 0, 0, n - counts[p])) for p, (s, a) in enumerate(zip(slots, present))])
+        mult = _dropout_multipliers(state, [(a.lora_dropout, plan.slot_names[s], (counts[p], xs.shape[-1]))
+                                            for p, (s, a) in enumerate(zip(slots, present))], xs)
+        if mult is not None:  # every adapter's own mask, applied in ONE multiply (one node in backward)
+            mult = [m if counts[p] == n else F.pad(m, (0, 0, 0, n - counts[p])) for p, m in enumerate(mult)]
+            xs = (xs * (mult[0].unsqueeze(0) if len(mult) == 1 else torch.stack(mult))).to(xs.dtype)
+        else:  # an adapter without its own stream: each through its nn.Dropout (the global RNG)
+            xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[p]], state, plan.slot_names[s]),
+                                    (0, 0, 0, n - counts[p])) for p, (s, a) in enumerate(zip(slots, present))])
     h = torch.bmm(xs, lora_A.transpose(1, 2)) * _slot_scales(site, present, h_dtype=lora_A.dtype)  # (P, n, R)
     d = torch.bmm(h, lora_B.transpose(1, 2))  # (P, n, out)
     delta = torch.cat([d.reshape(-1, d.shape[-1]), d.new_zeros(1, d.shape[-1])])[mp["inv"]]  # (N, out)
@@ -518,32 +524,60 @@ def _slot_bases(P: int, emax: int, device) -> torch.Tensor:
     return t
 
 
+def _dropout_multipliers(state, items, like: torch.Tensor) -> list | None:
+    """Per adapter (its dropout module, name, the shape of its part of ``like``): the float32
+    multiplier ``keep * 1/(1-p)`` drawn from its own stream as ``AdapterState.dropout`` draws it
+    (ones where its dropout is off), or None when some adapter that drops has no own stream
+    (its nn.Dropout then draws from torch's global RNG, one by one). ``like``'s dtype and device;
+    the product ``x * multiplier`` rounds as ``x * keep * 1/(1-p)`` (keep is exactly 0 or 1)."""
+    out = []
+    for drop, name, shape in items:
+        p = getattr(drop, "p", 0.0)
+        if not drop.training or p == 0.0 or not shape[0]:
+            out.append(like.new_ones(shape, dtype=torch.float32))
+            continue
+        keep = state.dropout_keep(name, shape, like.dtype, like.device, p)
+        if keep is None:
+            return None
+        out.append(keep.float() * (1.0 / (1.0 - p)))
+    return out
+
+
 def _expert_dropout(ffn, t: torch.Tensor, adapters, layout, role: str) -> torch.Tensor:
     """``t`` (N, D) or (N, K, F), the input of the ``role`` experts over the training sub-batch
     (``layout``: adapter p's rows are offsets[p]:offsets[p]+counts[p]), with each MixLoRA
     adapter's dropout on its own rows, drawn from its own stream in the shape its fused path
     draws alone (``mix_hidden``: (n, D), or (n, k, F) with its own top-k); the identity outside
-    training. The rows of the adapters are contiguous and cover the sub-batch, so the result is one
-    ``cat`` of slices (no index op whose backward keeps a copy)."""
+    training. The adapters' rows are contiguous and cover the sub-batch: their masks are
+    concatenated and applied in ONE multiply (one node in backward, not a few per adapter)."""
     if not ffn.training or layout is None:
         return t
     state = ffn._state
-    parts, dropped_any = [], False
-    for p, a in enumerate(adapters):
-        o, c = layout["offsets"][p], layout["counts"][p]
-        part = t[o: o + c]
-        e = a._expert(ffn, role)
-        if e is not None and getattr(e.lora_dropout, "p", 0.0) > 0 and c:
-            dropped_any = True
-            if part.dim() == 3 and part.shape[1] > a.top_k:  # slots past its top-k have weight 0
-                own = adapter_dropout(e.lora_dropout, part[:, : a.top_k], state, a.adapter_name)
-                part = torch.cat([own, part[:, a.top_k:]], dim=1)
-            else:
-                part = adapter_dropout(e.lora_dropout, part, state, a.adapter_name)
-        parts.append(part)
-    if not dropped_any:
+    experts = [a._expert(ffn, role) for a in adapters]
+    if not any(e is not None and getattr(e.lora_dropout, "p", 0.0) > 0 for e in experts):
         return t
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    items, slots_past = [], []
+    for p, (a, e) in enumerate(zip(adapters, experts)):
+        c = layout["counts"][p]
+        k = a.top_k if t.dim() == 3 and t.shape[1] > a.top_k else None  # slots past its top-k have weight 0
+        shape = (c, *t.shape[1:]) if k is None else (c, k, *t.shape[2:])
+        drop = e.lora_dropout if e is not None else torch.nn.Identity()
+        items.append((drop, a.adapter_name, shape))
+        slots_past.append(k)
+    mult = _dropout_multipliers(state, items, t)
+    if mult is None:  # an adapter without its own stream: the loop, each through its nn.Dropout
+        parts = []
+        for p, ((drop, name, _), k) in enumerate(zip(items, slots_past)):
+            o, c = layout["offsets"][p], layout["counts"][p]
+            part = t[o: o + c]
+            if k is None:
+                parts.append(adapter_dropout(drop, part, state, name))
+            else:
+                parts.append(torch.cat([adapter_dropout(drop, part[:, :k], state, name), part[:, k:]], dim=1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    mult = [m if k is None else torch.cat([m, m.new_ones(m.shape[0], t.shape[1] - k, *m.shape[2:])], dim=1)
+            for m, k in zip(mult, slots_past)]
+    return (t * (mult[0] if len(mult) == 1 else torch.cat(mult))).to(t.dtype)
 
 
 _CONSTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
