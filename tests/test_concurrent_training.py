@@ -202,7 +202,8 @@ MIXED_ADAPTERS = {
 }
 
 
-def _mixed_batch_grads(arch: str, eager: bool, seed: int, seq: int = 11) -> tuple[torch.Tensor, dict, dict]:
+def _mixed_batch_grads(arch: str, eager: bool, seed: int, seq: int = 11,
+                       adapters: dict = MIXED_ADAPTERS) -> tuple[torch.Tensor, dict, dict]:
     """Logits, aux losses and every adapter gradient of one training forward/backward of a mixed
     batch (every adapter twice, one base row, right padding), with seeded dropout streams."""
     from conftest import make_tiny, randomize_adapter_
@@ -211,7 +212,7 @@ def _mixed_batch_grads(arch: str, eager: bool, seed: int, seq: int = 11) -> tupl
     from moelora.state import BatchPlan
 
     model = make_tiny(arch)
-    for i, (name, cfg) in enumerate(MIXED_ADAPTERS.items()):
+    for i, (name, cfg) in enumerate(adapters.items()):
         if i == 0:
             moelora.inject_adapter(model, cfg, adapter_name=name)
         else:
@@ -219,7 +220,7 @@ def _mixed_batch_grads(arch: str, eager: bool, seed: int, seq: int = 11) -> tupl
         moelora.adapter_state(model).seed_dropout(name, 100 + i)
     randomize_adapter_(model, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    names = (*MIXED_ADAPTERS, None, *MIXED_ADAPTERS)
+    names = (*adapters, None, *adapters)
     B, T = len(names), seq
     ids = torch.randint(0, 61, (B, T), generator=g)
     lengths = torch.randint(min(3, T), T + 1, (B,), generator=g)
@@ -323,9 +324,24 @@ def test_gathered_mixed_training_through_the_triton_kernel() -> None:
 
     if not (torch.cuda.is_available() or backend.interpreted()):
         pytest.skip("needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
-    ref = _mixed_batch_grads("llama", eager=True, seed=0, seq=4)  # short: the interpreter is slow
-    with moelora.kernel_backend("triton"):
-        got = _mixed_batch_grads("llama", eager=False, seed=0, seq=4)
+    from moelora.layers import adapted
+
+    # one MixLoRA adapter in the batch: the kernel (two or more take the batched segmented form)
+    one_mix = {k: v for k, v in MIXED_ADAPTERS.items() if k != "mix_e2k1"}
+    ref = _mixed_batch_grads("llama", eager=True, seed=0, seq=4, adapters=one_mix)  # short: the interpreter is slow
+    calls = {"seg": 0}
+    orig = adapted._segmented_expert_lora
+
+    def counted(*a, **k):
+        calls["seg"] += 1
+        return orig(*a, **k)
+    adapted._segmented_expert_lora = counted
+    try:
+        with moelora.kernel_backend("triton"):
+            got = _mixed_batch_grads("llama", eager=False, seed=0, seq=4, adapters=one_mix)
+    finally:
+        adapted._segmented_expert_lora = orig
+    assert calls["seg"] == 0  # the experts went through the Triton kernel
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     for k in ref[1]:
         torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-5, atol=1e-6)
@@ -402,3 +418,27 @@ def test_padding_to_a_multiple_changes_no_job_numbers() -> None:
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_two_mixlora_jobs_take_the_segmented_form_even_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Triton backend on (the GPU's dispatch; the interpreter on CPU), a mixed training
+    batch of two MixLoRA adapters runs their experts through the batched segmented form (linear in
+    the adapters; the kernel's one-hot backward over a P·E_max-expert stack is quadratic), which
+    equals the eager loop (test above) and calls no gathered kernel."""
+    from moelora.layers import adapted, experts
+
+    calls = {"seg": 0, "kernel": 0}
+    orig_seg, orig_kernel = adapted._segmented_expert_lora, experts._gathered_lora
+
+    def seg(*a, **k):
+        calls["seg"] += 1
+        return orig_seg(*a, **k)
+
+    def kernel(*a, **k):
+        calls["kernel"] += 1
+        return orig_kernel(*a, **k)
+    monkeypatch.setattr(adapted, "_segmented_expert_lora", seg)
+    monkeypatch.setattr(experts, "_gathered_lora", kernel)
+    with moelora.kernel_backend("triton"):
+        _mixed_batch_grads("llama", eager=False, seed=0, seq=4)
+    assert calls["seg"] > 0 and calls["kernel"] == 0

@@ -453,9 +453,15 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout):
             routing = Routing(w[o: o + c], (vid[o: o + c] - base).clamp(0, a.num_experts - 1),
                               probs[o: o + c, base: base + a.num_experts], keep[o: o + c])
         state.record(a.adapter_name, ffn.layer_idx, routing, own, a.num_experts)
-    if layout is not None and not gathered_kernel_applies(x):
-        # training without the gathered kernel: each adapter's tokens against its own experts only
-        # (the torch reference would compute every adapter's experts for every token)
+    if layout is not None and (len(adapters) > 1 or not gathered_kernel_applies(x)):
+        # Training: each adapter's tokens against its own experts only, batched over the adapters
+        # (linear in their number). Without the Triton kernel the torch reference would compute
+        # every adapter's experts for every token; with it, a stack of 2+ adapters (P·E_max+1
+        # experts) is too wide for the kernel's tile path (E_pad·R_pad > 256: the per-slot gather
+        # kernels run instead) and its backward multiplies a one-hot (tokens, P·E_max·R_pad)
+        # matrix with the tokens' inputs: FLOPs ∝ tokens × P, quadratic in the jobs (about
+        # 5.6 TFLOP a step at 8 jobs of SmolLM2's shape, 8k tokens, before the sub-batch). One
+        # adapter (a solo job's stack) keeps the kernel.
         expert_lora = functools.partial(_segmented_expert_lora, seg=(layout, st["emax"]))
     else:
         expert_lora = functools.partial(_gathered_lora, scaling=1.0)
