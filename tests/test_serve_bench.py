@@ -30,6 +30,9 @@ def test_smoke_run_writes_results(tmp_path):
         # at most max_resident of them were resident when the run began (warm-up): the rest came in by swaps
         assert m["swaps"] >= used - a.max_resident and m["peak_resident_slots"] <= a.max_resident
         assert m["ttft_p50_ms"] > 0 and m["itl_p50_ms"] > 0
+        st = m["step_times"]  # where the step's time went (what the GPU run's ITL is read against)
+        assert st["steps_timed"] > 0 and st["launch_ms_p50"] > 0 and st["between_ms_p50"] is not None
+        assert st["launch_ms_p50"] + st["sync_ms_p50"] <= 1e3 * m["wall_s"]
     big = max(a.num_adapters)
     assert used > a.max_resident and rows[("moelora", big)]["swaps"] >= 1  # the pool really swapped
     assert rows[("peft_swap", big)]["swaps"] >= 1

@@ -227,6 +227,7 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     before = engine.metrics()
     engine.registry.reset_peaks()
     engine.max_adapters_seen = 0
+    engine._manager.step_times.reset()
     _reset_peak(device)
     res = asyncio.run(_drive(engine, reqs, names, timeout))
     # requests cancelled at the timeout may still be leaving CB
@@ -237,7 +238,7 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     row = _summary(res, len(reqs))
     row.update(swaps=after["swaps"] - before["swaps"], h2d_bytes=after["h2d_bytes"] - before["h2d_bytes"],
                peak_resident_slots=after["peak_resident_slots"], max_adapters_per_step=after["max_adapters_seen_per_step"],
-               peak_gpu_mem_gb=_peak_mem(device))
+               peak_gpu_mem_gb=_peak_mem(device), step_times=after["step_times"])
     return row
 
 
@@ -425,6 +426,8 @@ def main(argv=None) -> dict[str, Any]:
         print(" ".join(f"{k}={row.get(k)}" for k in ("system", "num_adapters", "alpha", "rate", "status",
                                                       "completed", "output_tok_s", "ttft_p50_ms", "itl_p50_ms",
                                                       "swaps")), flush=True)
+        if row.get("step_times"):
+            print("  step_times", row["step_times"], flush=True)
 
     def result(final: bool = False) -> dict:
         return {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},

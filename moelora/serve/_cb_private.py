@@ -41,6 +41,7 @@ from __future__ import annotations
 
 
 import logging
+import time
 
 import torch
 
@@ -179,7 +180,9 @@ def make_manager(model, generation_config, continuous_batching_config, plan_for,
             runner = bp.model_runner
             if sampling_for is not None and not isinstance(runner.__dict__.get("_sample"), _RowSampler):
                 runner._sample = _RowSampler(runner._sample)  # an instance attribute: this runner only
+            t0 = time.perf_counter()
             with step_lock if step_lock is not None else contextlib.nullcontext(), torch.no_grad():
+                t1 = time.perf_counter()
                 layout = [(fs.state.request_id, fs.query_length) for fs in io.requests_in_batch]
                 plan = plan_for(layout, io.num_q_tokens)
                 if sampling_for is not None:
@@ -188,8 +191,12 @@ def make_manager(model, generation_config, continuous_batching_config, plan_for,
                 batch_data = io.get_model_kwargs(use_padding=runner.pad_inputs)
                 if plan is not None:
                     batch_data["adapter_names"] = plan
+                t2 = time.perf_counter()
                 runner.compute_batch(self.model, batch_data)
+                t3 = time.perf_counter()
                 io.retrieve_device_outputs()
+                t4 = time.perf_counter()
+            self.step_times.add(t0, t1, t2, t3, t4, len(layout), io.num_q_tokens)
 
         def _fail_step(self, bp, io, error: Exception) -> None:
             n = len(io.requests_in_batch)
@@ -212,7 +219,44 @@ def make_manager(model, generation_config, continuous_batching_config, plan_for,
     manager = AdapterCBManager(model=model, generation_config=generation_config,
                                continuous_batching_config=continuous_batching_config)
     manager._moelora_immediate = _Immediate(flush)
+    manager.step_times = StepTimes()
     return manager
+
+
+class StepTimes:
+    """Where a packed step's wall time goes (the last ``keep`` steps), in ms: ``lock`` (waiting
+    for the model lock: an adapter swap), ``prep`` (our plan + CB's model kwargs), ``launch`` (the
+    forward, sampling included, returning: on CUDA the host's launch time, the step being
+    asynchronous), ``sync`` (waiting for the device after that), ``between`` (from the end of one
+    step to the start of the next: CB's update of the batch, delivery of the outputs, scheduling
+    and the batch tensors of the next). ``summary()``: medians and the step count."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        import collections
+
+        self.rows = collections.deque(maxlen=keep)
+        self._last_end = None
+
+    def add(self, t0, t1, t2, t3, t4, requests, tokens) -> None:
+        between = None if self._last_end is None else t0 - self._last_end
+        self._last_end = t4
+        self.rows.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, between, requests, tokens))
+
+    def reset(self) -> None:
+        self.rows.clear()
+        self._last_end = None
+
+    def summary(self) -> dict:
+        import statistics
+
+        rows = list(self.rows)
+        out = {"steps_timed": len(rows)}
+        for i, k in enumerate(("lock", "prep", "launch", "sync", "between")):
+            xs = [r[i] for r in rows if r[i] is not None and (k != "between" or r[i] < 1.0)]  # idle gaps left out
+            out[f"{k}_ms_p50"] = round(1e3 * statistics.median(xs), 3) if xs else None
+        out["requests_per_step_p50"] = statistics.median([r[5] for r in rows]) if rows else None
+        out["tokens_per_step_p50"] = statistics.median([r[6] for r in rows]) if rows else None
+        return out
 
 
 def register_handler(manager, request_id: str, callback) -> None:

@@ -655,7 +655,8 @@ class Engine:
         return {**reg, "steps": self.steps, "mixed_steps": self.mixed_steps,
                 "max_adapters_seen_per_step": self.max_adapters_seen,
                 "max_adapters_per_step": self.max_adapters_per_step, "pending": self.pending(),
-                "queued": self.queued(), "running": inside, "attn_implementation": self.attn_implementation}
+                "queued": self.queued(), "running": inside, "attn_implementation": self.attn_implementation,
+                "step_times": self._manager.step_times.summary()}
 
     # ---- called by the generation thread for every packed batch ------------------------------------
     def _plan_for(self, layout, num_q_tokens: int):
