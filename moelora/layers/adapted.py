@@ -251,8 +251,9 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
         mult = _dropout_multipliers(state, [(a.lora_dropout, plan.slot_names[s], (counts[p], xs.shape[-1]))
                                             for p, (s, a) in enumerate(zip(slots, present))], xs)
         if mult is not None:  # every adapter's own mask, applied in ONE multiply (one node in backward)
-            mult = [m if counts[p] == n else F.pad(m, (0, 0, 0, n - counts[p])) for p, m in enumerate(mult)]
-            xs = (xs * (mult[0].unsqueeze(0) if len(mult) == 1 else torch.stack(mult))).to(xs.dtype)
+            keeps, scales = mult
+            keeps = [m if counts[p] == n else F.pad(m, (0, 0, 0, n - counts[p])) for p, m in enumerate(keeps)]
+            xs = (xs * (torch.stack(keeps) * _scale_vector(scales, xs.device).view(-1, 1, 1))).to(xs.dtype)
         else:  # an adapter without its own stream: each through its nn.Dropout (the global RNG)
             xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[p]], state, plan.slot_names[s]),
                                     (0, 0, 0, n - counts[p])) for p, (s, a) in enumerate(zip(slots, present))])
@@ -530,23 +531,42 @@ def _slot_bases(P: int, emax: int, device) -> torch.Tensor:
     return t
 
 
-def _dropout_multipliers(state, items, like: torch.Tensor) -> list | None:
-    """Per adapter (its dropout module, name, the shape of its part of ``like``): the float32
-    multiplier ``keep * 1/(1-p)`` drawn from its own stream as ``AdapterState.dropout`` draws it
-    (ones where its dropout is off), or None when some adapter that drops has no own stream
-    (its nn.Dropout then draws from torch's global RNG, one by one). ``like``'s dtype and device;
-    the product ``x * multiplier`` rounds as ``x * keep * 1/(1-p)`` (keep is exactly 0 or 1)."""
-    out = []
+def _dropout_multipliers(state, items, like: torch.Tensor) -> tuple[list, torch.Tensor] | None:
+    """Per adapter (its dropout module, name, the shape of its part of ``like``): its 0/1 keep
+    mask drawn from its own stream as ``AdapterState.dropout`` draws it (ones where its dropout is
+    off), and the (P,) float32 scales 1/(1-p) (1 where off), or None when some adapter that drops
+    has no own stream (its nn.Dropout then draws from torch's global RNG, one by one). Masks in
+    ``like``'s dtype and device. The caller multiplies by ``stacked masks * scales``: exactly
+    {0, float32(1/(1-p))}, so ``x * that`` rounds as ``x * keep * 1/(1-p)`` in ``dropout``; the
+    scales as one cached vector, not one multiply per adapter."""
+    keeps, scales = [], []
     for drop, name, shape in items:
         p = getattr(drop, "p", 0.0)
         if not drop.training or p == 0.0 or not shape[0]:
-            out.append(like.new_ones(shape, dtype=torch.float32))
+            keeps.append(like.new_ones(shape))
+            scales.append(1.0)
             continue
         keep = state.dropout_keep(name, shape, like.dtype, like.device, p)
         if keep is None:
             return None
-        out.append(keep.float() * (1.0 / (1.0 - p)))
-    return out
+        keeps.append(keep)
+        scales.append(1.0 / (1.0 - p))
+    return keeps, tuple(scales)
+
+
+_SCALE_VECTORS: dict = {}
+
+
+def _scale_vector(values: tuple, device) -> torch.Tensor:
+    """A constant float32 vector, made once per values and device (``torch.tensor`` per call is a
+    host-to-device copy per linear, each a wait for the GPU queue); bounded."""
+    key = (values, str(device))
+    t = _SCALE_VECTORS.get(key)
+    if t is None:
+        if len(_SCALE_VECTORS) >= 256:
+            _SCALE_VECTORS.pop(next(iter(_SCALE_VECTORS)))
+        t = _SCALE_VECTORS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return t
 
 
 def _expert_dropout(ffn, t: torch.Tensor, adapters, layout, role: str) -> torch.Tensor:
@@ -581,9 +601,32 @@ def _expert_dropout(ffn, t: torch.Tensor, adapters, layout, role: str) -> torch.
             else:
                 parts.append(torch.cat([adapter_dropout(drop, part[:, :k], state, name), part[:, k:]], dim=1))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-    mult = [m if k is None else torch.cat([m, m.new_ones(m.shape[0], t.shape[1] - k, *m.shape[2:])], dim=1)
-            for m, k in zip(mult, slots_past)]
-    return (t * (mult[0] if len(mult) == 1 else torch.cat(mult))).to(t.dtype)
+    keeps, scales = mult
+    # slots past an adapter's top-k keep their values (weight 0: its solo path draws no mask there)
+    # and its scale (1/(1-p)) applies to its drawn slots only: the scales go on the masks per row
+    # range, so they are expanded to the rows here (one repeat_interleave of a cached vector)
+    keeps = [m if k is None else torch.cat([m, m.new_full((m.shape[0], t.shape[1] - k, *m.shape[2:]), -1.0)], dim=1)
+             for m, k in zip(keeps, slots_past)]
+    mask = keeps[0] if len(keeps) == 1 else torch.cat(keeps)
+    row_scale = _row_scales(scales, layout["counts"], t)
+    mult_all = mask * row_scale
+    if any(k is not None for k in slots_past):
+        mult_all = torch.where(mask < 0, torch.ones_like(mult_all), mult_all)  # -1: a slot past its top-k
+    return (t * mult_all).to(t.dtype)
+
+
+def _row_scales(scales: tuple, counts: list, t: torch.Tensor) -> torch.Tensor:
+    """(M, 1[, 1]) float32: adapter p's dropout scale on each of its counts[p] rows; built on the
+    host and copied once per composition (cached by value, bounded)."""
+    key = ("rows", scales, tuple(counts), t.dim(), str(t.device))
+    hit = _SCALE_VECTORS.get(key)
+    if hit is None:
+        rows = torch.tensor([v for v, c in zip(scales, counts) for _ in range(c)], dtype=torch.float32)
+        hit = rows.view(-1, *([1] * (t.dim() - 1))).to(t.device)
+        if len(_SCALE_VECTORS) >= 256:
+            _SCALE_VECTORS.pop(next(iter(_SCALE_VECTORS)))
+        _SCALE_VECTORS[key] = hit
+    return hit
 
 
 _CONSTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
