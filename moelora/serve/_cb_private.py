@@ -1,7 +1,8 @@
 """Every touch of transformers' private continuous-batching code by ``moelora.serve``, in one place.
 
-Run and tested with transformers 5.24; transformers 5.17 (the GPU machine's) only checked by
-reading its source: every name below is there, with the same ``_generation_step`` body
+Run and tested with transformers 5.24, and with 5.17 (the GPU machine's; its wheel installed
+beside the environment's huggingface-hub 2.4 with the import-time version check off):
+``tests/test_serve_engine.py``, ``test_serve_registry.py`` and ``test_serve_memory.py`` pass on both
 (``TESTED``). ``tests/test_serve_engine.py::test_cb_private_internals`` fails with a message
 naming what moved.
 
