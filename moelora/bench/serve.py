@@ -367,6 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attn-implementation", default=None, help="sdpa (paged SDPA), paged|eager, flash_attention_2, ...")
     ap.add_argument("--base-cuda-graphs", action="store_true",
                     help="also run the base rows through a base-only engine with CB's CUDA graphs (system base_graphs)")
+    ap.add_argument("--base-compile-level", type=int, default=0,
+                    help="with --base-cuda-graphs: CB's torch.compile level of the base-only step (0-3)")
     ap.add_argument("--no-expandable-segments", action="store_true",
                     help="leave PYTORCH_CUDA_ALLOC_CONF alone (default: expandable_segments:True unless set)")
     ap.add_argument("--systems", default="base,moelora,peft_swap,peft_batched")
@@ -539,7 +541,8 @@ def run_base_graphs(a, model, traces, device, add, skipped, out_of_time) -> None
                     context_len=a.prompt_len[1] + a.output_len[1] + 1, num_blocks=a.num_blocks,
                     max_batch_tokens=a.max_batch_tokens, kv_memory_fraction=a.kv_memory_fraction,
                     step_memory_gb=a.step_memory_gb, max_resident_adapters=1, adapter_memory_gb=0.001,
-                    attn_implementation=a.attn_implementation, cuda_graphs=True)
+                    attn_implementation=a.attn_implementation, cuda_graphs=True,
+                    compile_level=a.base_compile_level)
     try:
         warm = make_workload(1, 1.0, 1e6, 8, a.prompt_len, (2, 4), "poisson", 1.0, model.config.vocab_size, a.seed)
         run_engine(engine, warm, None, a.run_timeout, device)
