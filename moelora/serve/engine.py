@@ -252,6 +252,9 @@ class Engine:
             self.memory_plan = self._plan_memory(max_batch_tokens, page, max_adapter_gb, step_memory_gb,
                                                  kv_memory_fraction)
             num_blocks = self.memory_plan.num_blocks
+            # CB checks its own footprint against max_memory_percent (0.9) of the free memory; the plan
+            # already leaves the pool, the step, the stacks and a margin out, so it checks against all of it
+            overrides.setdefault("max_memory_percent", 1.0)
             log.info("memory plan (GiB): %s", self.memory_plan.as_dict())
         if num_blocks is not None:
             overrides.setdefault("num_blocks", int(num_blocks))
