@@ -110,11 +110,11 @@ def test_resume_continues_every_unfinished_job(tmp_path: Path, monkeypatch: pyte
     calls = {"n": 0}
     step = concurrent._GroupLoop._optimizer_step
 
-    def killed_after_three(self, job):
+    def killed_after_three(self, job, *rest):
         if calls["n"] == 3 * 2:  # both running jobs did 3 steps
             raise KeyboardInterrupt
         calls["n"] += 1
-        step(self, job)
+        step(self, job, *rest)
 
     monkeypatch.setattr(concurrent._GroupLoop, "_optimizer_step", killed_after_three)
     with pytest.raises(KeyboardInterrupt):

@@ -442,6 +442,10 @@ class _GroupLoop:
             part = loss / job.accum  # as Lightning: the accumulated gradient is the mean of the micro-batches'
             total = part if total is None else total + part
         total.backward()
+        # the gradient norms (and clipping) of every job that steps now, then ONE host copy of them
+        # for the finiteness checks: a check per job is a wait for the GPU queue each
+        stepping = [job for job in jobs if (job.micro + 1) % job.accum == 0]
+        norms = dict(zip((j.name for j in stepping), self._clip(stepping)))
         stats = jobs
         for job in stats:
             first_of_step = job.micro % job.accum == 0
@@ -452,19 +456,24 @@ class _GroupLoop:
                     job.metrics.update(logs)
                     self._log(job, logs)
             if job.micro % job.accum == 0:
-                self._optimizer_step(job)
+                self._optimizer_step(job, norms[job.name])
             if job.val_every and job.micro % job.val_every == 0 and job.status == "running":
                 self._validate(job)
             if job.step >= job.max_steps and job.status == "running":
                 self._finish(job)
 
-    def _optimizer_step(self, job: Job) -> None:
+    @staticmethod
+    def _clip(jobs: list[Job]) -> list[float]:
+        """Each job's own gradient norm, its gradients clipped by it (Lightning's gradient_clip_val;
+        inf = measure only, the gradients are multiplied by exactly 1.0), as host floats."""
+        norms = [torch.nn.utils.clip_grad_norm_(j.trainable, float(j.clip) if j.clip else float("inf"))
+                 for j in jobs]
+        return torch.stack([n.float() for n in norms]).tolist() if norms else []
+
+    def _optimizer_step(self, job: Job, norm: float) -> None:
         lr = job.optimizer.param_groups[0]["lr"]
-        # the job's own gradient norm (Lightning's gradient_clip_val; inf = measure only, the
-        # gradients are multiplied by exactly 1.0)
-        norm = torch.nn.utils.clip_grad_norm_(job.trainable, float(job.clip) if job.clip else float("inf"))
-        if not torch.isfinite(norm):
-            self._stop_failed(job, f"the gradient norm is {float(norm)} at step {job.step}: the job was stopped; "
+        if not math.isfinite(norm):
+            self._stop_failed(job, f"the gradient norm is {norm} at step {job.step}: the job was stopped; "
                                    "lower module.optimizer.lr or check its data")
             return
         job.optimizer.step()
