@@ -16,7 +16,13 @@ Modes, per N:
   its own copy of the base (peak memory: the sum of the processes' own peaks).
 
 Per mode: jobs/hour (a job = ``--steps`` optimizer steps), non-padding label tokens/s, step time
-and peak device memory (CUDA: ``max_memory_allocated``). Written to ``--out`` as JSON (settings,
+and peak device memory (CUDA: ``max_memory_allocated``). Packed lengths are rounded up to
+``--pad-multiple`` (64; 0 = the longest row) so that shapes repeat; before any measurement the
+process warms up once, each mode warms up every packed length its timed steps will see, and the
+in-process modes alternate their order from one N to the next, so that first-time costs (Triton
+specialisations, cuBLAS heuristics, allocator growth) fall on no timed step. ``step_profile`` (used
+by the tests and experiments/2026-12-02_concurrent_training) measures one step's saved-activation
+bytes and aten-op count on any device. Written to ``--out`` as JSON (settings,
 versions, command: ``moelora.bench.versions``) and CSV. Imports neither Hydra nor Lightning (the GPU
 environment has neither for sure). ``--time-limit`` stops before a configuration that would start
 after it (the results so far are written), so the run time is bounded by the flags.
