@@ -442,3 +442,37 @@ def test_two_mixlora_jobs_take_the_segmented_form_even_with_the_kernel(monkeypat
     with moelora.kernel_backend("triton"):
         _mixed_batch_grads("llama", eager=False, seed=0, seq=4)
     assert calls["seg"] > 0 and calls["kernel"] == 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_shrink_equals_the_plain_composition_and_saves_less(autocast: bool) -> None:
+    """``_LoraShrink`` (the shrink of mixed LoRA training: saves the 16-bit input and bool masks,
+    recomputes their float32 product in backward) gives exactly the plain composition's output
+    and gradients (bf16 activations, fp32 adapter weights; with and without bf16 autocast), and
+    keeps fewer bytes for backward."""
+    from moelora.layers.adapted import _LoraShrink
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 10, 16, generator=g).to(torch.bfloat16)
+    A0 = torch.randn(3, 4, 16, generator=g)
+    keep = torch.rand(3, 10, 16, generator=g) > 0.3
+    scale = torch.tensor([1 / 0.7, 1.0, 1 / 0.9]).view(-1, 1, 1)
+    gh = torch.randn(3, 10, 4, generator=g)
+
+    def run(fused):
+        x, A = x0.clone().requires_grad_(True), A0.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t,
+                                                      lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if fused:
+                    h = _LoraShrink.apply(x, keep, scale, A)
+                else:
+                    h = torch.bmm(x.to(A.dtype) * (keep.float() * scale), A.transpose(1, 2))
+        h.backward(gh.to(h.dtype))
+        return h.detach(), x.grad, A.grad, sum(saved)
+
+    ref, got = run(False), run(True)
+    for a, b in zip(ref[:3], got[:3]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[3] < ref[3]
