@@ -50,7 +50,8 @@ class AdapterFileError(ValueError):
     """An adapter folder is missing, truncated, corrupted, or does not fit the base model."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file (the adapter format's weights_sha256), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -220,7 +221,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         meta = {
             "adapter": cfg.to_dict(),
             "base_model": _model_signature(model),
-            "weights_sha256": _sha256(tmp / WEIGHTS_NAME),
+            "weights_sha256": file_sha256(tmp / WEIGHTS_NAME),
             "moelora_version": __version__,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -305,7 +306,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, adapter_name: s
         if not weights.is_file():
             raise AdapterFileError(f"{str(weights)!r} is missing")
         want = meta.get("weights_sha256")
-        if want is not None and _sha256(weights) != want:
+        if want is not None and file_sha256(weights) != want:
             raise AdapterFileError(
                 f"{str(weights)!r} does not match the checksum in {CONFIG_NAME}: the file is corrupted or truncated"
             )

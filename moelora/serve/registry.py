@@ -28,7 +28,6 @@ Not thread-safe by itself: the engine calls it under its admission lock, and pas
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -195,12 +194,12 @@ class AdapterRegistry:
             return
         from safetensors.torch import load_file
 
-        from moelora.io import WEIGHTS_NAME
+        from moelora.io import WEIGHTS_NAME, file_sha256
 
         weights = entry.path / WEIGHTS_NAME
         try:
             want = entry.meta.get("weights_sha256")
-            if want is not None and _sha256(weights) != want:
+            if want is not None and file_sha256(weights) != want:
                 raise RegistryError(f"{str(weights)!r} does not match the checksum in adapter_config.json: "
                                     "the file is corrupted or truncated")
             raw = load_file(str(weights))
@@ -412,9 +411,3 @@ def _nbytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
