@@ -479,7 +479,7 @@ def test_an_interrupt_at_any_step_of_a_replace_leaves_a_complete_adapter(tmp_pat
 def test_non_float_adapter_tensors_are_refused_by_name(tmp_path, dtype):
     from safetensors.torch import load_file, save_file
 
-    from moelora.io import _sha256
+    from moelora.io import file_sha256 as _sha256
 
     path = tmp_path / "a"
     moelora.save_adapter(_lora_model(), path)
@@ -669,7 +669,7 @@ def _corruptions():
 
     from safetensors.torch import load_file, save_file
 
-    from moelora.io import _sha256
+    from moelora.io import file_sha256 as _sha256
 
     def meta_of(p):
         return json.loads((p / "adapter_config.json").read_text())
