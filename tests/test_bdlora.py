@@ -154,3 +154,30 @@ def test_block_diagonal_mixlora_equals_mixlora_with_the_dense_factors(tmp_path):
         torch.testing.assert_close(again(ids).logits, bd(ids, adapter_names="default").logits, atol=1e-6, rtol=1e-6)
     with pytest.raises(moelora.AdapterConfigError, match="divisor of r"):
         moelora.MixLoraConfig(r=4, nblocks=3).validate()
+
+
+def test_long_inputs_run_the_dense_form_decode_sizes_and_the_blocks_equal_it():
+    """execute_delta: dense block_diag factors above DECODE_MAX_TOKENS tokens (faster on one device),
+    blockwise at decode sizes; both give the same values and gradients for the blocks."""
+    from moelora.layers.dispatch import DECODE_MAX_TOKENS
+
+    model = _bd(nblocks=2, r=4)
+    ad = model.model.layers[0].mlp.down_proj.adapters["default"]
+    with torch.no_grad():
+        ad.lora_B.normal_(0, 0.1)
+    calls = []
+    orig_delta, orig_blocked = ad.delta, ad.blocked_delta
+    ad.delta = lambda x: calls.append("dense") or orig_delta(x)  # noqa: E731 - a probe on this test's object
+    ad.blocked_delta = lambda x: calls.append("blocked") or orig_blocked(x)  # noqa: E731
+    for n, want in ((DECODE_MAX_TOKENS + 1, "dense"), (3, "blocked")):
+        calls.clear()
+        x = torch.randn(n, ad.lora_A.shape[1] * ad.nblocks, requires_grad=False)
+        got = ad.execute_delta(x)
+        assert calls == [want]
+        torch.testing.assert_close(got, orig_blocked(x) if want == "dense" else orig_delta(x), atol=1e-6, rtol=1e-5)
+    del ad.delta, ad.blocked_delta
+    x = torch.randn(DECODE_MAX_TOKENS + 5, ad.lora_A.shape[1] * ad.nblocks)
+    g_dense = torch.autograd.grad(ad.execute_delta(x).square().sum(), (ad.lora_A, ad.lora_B))
+    g_block = torch.autograd.grad(ad.blocked_delta(x).square().sum(), (ad.lora_A, ad.lora_B))
+    for a, b in zip(g_dense, g_block):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -16,6 +16,9 @@ from moelora.models import build_tiny_model
 from moelora.parallel.model import check_parallelizable, tp_roles
 
 R, LR, NEW_TOKENS = 4, 0.01, 4
+# 2 x 40 = 80 tokens: above layers.dispatch.DECODE_MAX_TOKENS, so the one-device reference runs the
+# dense block-diagonal form and the sharded model its blockwise form (BdLoraAdapter.execute_delta)
+SEQ = 40
 
 
 def _free_port() -> int:
@@ -60,7 +63,7 @@ def _worker(rank, n, port, queue):
 
         mesh = init_device_mesh("cpu", (n,))
         g = torch.Generator().manual_seed(3)
-        ids = torch.randint(3, 90, (2, 9), generator=g)
+        ids = torch.randint(3, 90, (2, SEQ), generator=g)
         out = {}
         for form in ("base", "bdlora", "bdlora_some", "slora", "replicated"):
             res = out[form] = {}
