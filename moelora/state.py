@@ -29,6 +29,15 @@ class LayerRouting:
     token_mask: torch.Tensor | None  # (N,) bool, True = real token
     num_experts: int
 
+    def __deepcopy__(self, memo: dict) -> "LayerRouting":
+        # After a training forward these tensors belong to its autograd graph (non-leaf), which
+        # deepcopy refuses: a copied model gets their values; the graph stays with the original.
+        def value(t):
+            return None if t is None else t.detach().clone()
+
+        return LayerRouting(self.layer, Routing(*(value(t) for t in self.routing)), value(self.token_mask),
+                            self.num_experts)
+
 
 @dataclass
 class AdapterInfo:

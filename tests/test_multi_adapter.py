@@ -175,6 +175,22 @@ def test_deepcopy_is_independent():
     assert moelora.list_adapters(model)[0]["name"] == "sw" and moelora.adapter_state(twin) is None
 
 
+def test_deepcopy_after_a_training_forward():
+    """A training forward leaves routing records that are part of its autograd graph; the model
+    still deep-copies, with the records' values, and the copy trains on its own."""
+    model = _model(names=("mix", "lora4"))
+    model.train()
+    ids, mask = _left_padded(b=2)
+    model(ids, attention_mask=mask, labels=ids, adapter_names=["mix", "lora4"]).loss.backward()
+    twin = copy.deepcopy(model)
+    stats, twin_stats = moelora.router_statistics(model), moelora.router_statistics(twin)
+    assert stats and repr(stats) == repr(twin_stats)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin(ids, attention_mask=mask, labels=ids, adapter_names=["mix", "lora4"]).loss.backward()
+    torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=1.0).step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_moves_and_load_state_dict_after_a_merge_plan_exist():
     """After LoRA-Switch merged decoding built its plan (and after merge_lora), .to() and
     load_state_dict must give the same tokens as the unmerged path on the new weights."""
