@@ -4,23 +4,16 @@ collectives per layer: block-diagonal LoRA needs none beyond the base layer's; S
 sharding of plain LoRA one more on a column-parallel linear (the all-gather of x·A), none on a
 row-parallel one (its partial sum joins the base's all-reduce); replicated LoRA none."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_ranks
 
 IN, OUT, R, SCALE = 16, 24, 8, 0.5
 EXPECTED = {  # collectives per forward: (colwise, rowwise)
     "base": (0, 1), "bdlora": (0, 1), "slora": (1, 1), "replicated": (0, 1),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _factors(form, style, n, g):
@@ -84,16 +77,8 @@ def _worker(rank, n, port, queue):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_sharded_adapters_equal_dense_and_count_collectives(n):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, n, port, queue)) for r in range(n)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got, exitcodes = spawn_ranks(_worker, n, timeout=240)
+    assert exitcodes == [0] * n
     for rank, results in got.items():
         for (style, form), (ok_y, ok_g, ok_step, count) in results.items():
             assert ok_y, f"rank {rank}: {style} {form} output differs from the dense reference"

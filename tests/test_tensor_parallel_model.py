@@ -4,12 +4,11 @@ replicated plain LoRA, and the bare base. Logits, every adapter gradient, one SG
 decoding equal the single-process model; collectives per forward are counted with CommDebugMode
 (block-diagonal: the base's; S-LoRA-style: one more per column-parallel linear)."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import spawn_ranks
 
 import moelora
 from moelora.models import build_tiny_model
@@ -19,12 +18,6 @@ R, LR, NEW_TOKENS = 4, 0.01, 4
 # 2 x 40 = 80 tokens: above layers.dispatch.DECODE_MAX_TOKENS, so the one-device reference runs the
 # dense block-diagonal form and the sharded model its blockwise form (BdLoraAdapter.execute_delta)
 SEQ = 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(form: str, n: int, adapter_seed: int = 1):
@@ -114,18 +107,10 @@ def _worker(rank, n, port, queue):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_parallelized_model_equals_single_process(n):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, n, port, queue)) for r in range(n)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    got, exitcodes = spawn_ranks(_worker, n, timeout=300)
     for rank, out in got.items():
         assert isinstance(out, dict), f"rank {rank} failed: {out}"
-    assert all(p.exitcode == 0 for p in procs)
+    assert exitcodes == [0] * n
     roles = tp_roles(_model("base", n))
     rows = sum(r == "row" for r in roles.values())
     cols = sum(r == "column" for r in roles.values())

@@ -3,24 +3,18 @@ train a fresh block-diagonal LoRA a few steps and save it, generate with the sav
 checked against the unsharded model; a form that does not fit the adapter is one line, exit 2."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
+from gloo_ranks import free_port
 
 import moelora
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args, timeout=180):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "moelora.parallel.run", *args]
+           f"--master_port={free_port()}", "-m", "moelora.parallel.run", *args]
     # a new session, so that a timeout ends the workers with the launcher (killpg below)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
