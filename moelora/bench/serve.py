@@ -588,28 +588,27 @@ def write_plots(rows: list[dict], samples: dict, out: Path) -> list[Path]:
     for (system, al, rate), pts in sorted(series.items(), key=str):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{system} a={al} rate={rate}")
-    ax.set_xscale("log")
-    ax.set_xlabel("adapters (base: plotted at 1)")
-    ax.set_ylabel("output tokens/s")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "throughput_vs_adapters.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_log_x(plt, fig, ax, "adapters (base: plotted at 1)", "output tokens/s",
+                             out / "throughput_vs_adapters.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, s in sorted(samples.items()):
         xs = sorted(s["ttft_ms"])
         if xs:
             ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=key)
+    paths.append(_save_log_x(plt, fig, ax, "TTFT (ms)", "fraction of requests", out / "latency_cdf.png"))
+    return paths
+
+
+def _save_log_x(plt, fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    """The two plots' common finish: log x axis, labels, legend, saved and closed."""
     ax.set_xscale("log")
-    ax.set_xlabel("TTFT (ms)")
-    ax.set_ylabel("fraction of requests")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    paths.append(out / "latency_cdf.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 def cli() -> None:
