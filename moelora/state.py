@@ -331,7 +331,10 @@ class AdapterState:
                 draw = (rows, own) + shape[1:]
             else:
                 own = None
-        keep = torch.empty(draw, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
+        if gen.device == torch.device(device):
+            keep = torch.empty(draw, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
+        else:  # the model moved (.to()) after seed_dropout: a generator cannot move, so draw where it is
+            keep = torch.empty(draw, dtype=dtype, device=gen.device).bernoulli_(1.0 - p, generator=gen).to(device)
         if own is not None:
             keep = torch.nn.functional.pad(keep.movedim(1, -1), (0, seq - own), value=1.0).movedim(-1, 1)
             keep = keep.reshape(shape)

@@ -158,3 +158,18 @@ def test_mixed_adapter_batch_matches_each_row_alone_on_gpu(dtype, tol):
             torch.testing.assert_close(step[0], torch.stack(one.scores)[0, 0].float(), atol=tol, rtol=tol)
             if dtype == torch.float32:
                 assert torch.equal(gen.sequences[i], one.sequences[0]), f"row {i} ({n})"
+
+
+def test_own_dropout_stream_survives_a_move_to_the_gpu():
+    """seed_dropout on the CPU, then model.to("cuda"): training draws its masks from the adapter's
+    own (CPU) stream, the same masks as on the CPU model with the same seed."""
+    def loss_after_seed(device):
+        model = make_tiny("llama")
+        moelora.inject_adapter(model, moelora.LoraConfig(r=4, lora_dropout=0.5))
+        randomize_adapter_(model, seed=1)
+        moelora.adapter_state(model).seed_dropout("default", 7)  # a CPU generator
+        model.to(device).train()
+        ids = torch.randint(1, 61, (2, 6), generator=torch.Generator().manual_seed(0)).to(device)
+        return model(ids, labels=ids).loss.item()
+
+    assert loss_after_seed("cuda") == pytest.approx(loss_after_seed("cpu"), rel=1e-4)
