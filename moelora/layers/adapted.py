@@ -181,8 +181,8 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
     B, T = _batch_shape(plan, x2)
     adapters = [_private.module_dict_get(site.adapters, n) for n in plan.slot_names]
     present = [a for a in adapters if a is not None]
-    if (present and not torch.is_grad_enabled() and not site.training
-            and all(a.kind == "lora" and not a.merged for a in present)):
+    plain_lora = bool(present) and all(a.kind == "lora" and not a.merged for a in present)
+    if plain_lora and not torch.is_grad_enabled() and not site.training:
         stacks = _stacked_lora(site, plan.slot_names, adapters)
         state = site._state
         if decode_graphs.applies(x2, state):
@@ -194,7 +194,7 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
         else:
             y = _lora_slots(site, x2, stacks, plan.token_slots(B, T))
         return y.view(*x.shape[:-1], y.shape[-1])
-    if present and gathered_mixed_training() and all(a.kind == "lora" and not a.merged for a in present):
+    if plain_lora and gathered_mixed_training():
         y = _lora_slots_train(site, x2, adapters, plan, B, T)  # training: differentiable, gathered
         return y.view(*x.shape[:-1], y.shape[-1])
     y = F.linear(x, base.weight, base.bias)
