@@ -58,12 +58,12 @@ def set_aside_metrics_for_resume(run_dir: Path, resume_step: int) -> None:
 def merge_resumed_metrics(run_dir: Path) -> None:
     """Prepend the rows logged before each resume to metrics.csv. Rows past the resume step were
     logged by the killed run after its last checkpoint; the resumed run logs them again."""
-    import pandas as pd
-
     parts = sorted(run_dir.glob("metrics.before_resume_step*.csv"))
     current = run_dir / METRICS_NAME
     if not parts or not current.is_file():
         return
+    import pandas as pd  # only when there is something to merge: a run without a resume needs no pandas
+
     frames = []
     for p in parts:
         df, step = pd.read_csv(p), int(p.stem.rsplit("step", 1)[1])
