@@ -16,7 +16,7 @@ for part in "$@"; do
   D="$OUT/$part"; mkdir -p "$D"; S=$(date +%s)
   case "$part" in
     gpu_tests)
-      timeout ${T_TESTS:-120} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_decode_graphs.py \
+      timeout ${T_TESTS:-120} python3 -m pytest -v -rf -p no:cacheprovider ${TESTS:-tests/test_gpu.py tests/test_decode_graphs.py \
         tests/test_multi_adapter.py tests/test_compiled_mixed_batches.py} > "$D/pytest.txt" 2>&1; tail -4 "$D/pytest.txt" ;;
     mixed_static)  # issue 14: compiled mixed batch of 8 LoRA adapters; perf hints say whether CUDA graphs ran
       TORCH_LOGS=perf_hints timeout ${T_MIXED:-180} python3 -m moelora.bench.multi_adapter --modes static --no-peft \
@@ -28,8 +28,12 @@ for part in "$@"; do
       timeout ${T_CONC:-150} python3 -m moelora.bench.concurrent_training --model smollm2_135m_shape \
         ${CONC_ARGS:---jobs 1,4,8,16 --steps 5 --time-limit 120} --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
     concurrent_7b)
-      timeout ${T_CONC:-200} python3 -m moelora.bench.concurrent_training --model llama2_7b_shape --jobs 1,8 \
-        --steps 5 --time-limit 170 --processes --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
+      timeout ${T_CONC7:-200} python3 -m moelora.bench.concurrent_training --model llama2_7b_shape \
+        ${CONC7_ARGS:---jobs 1,8 --steps 5 --warmup 2 --rows 8 --seq 128 --pad-multiple 64 --processes --time-limit 170} \
+        --out "$D" > "$D/log.txt" 2>&1; tail -14 "$D/log.txt" ;;
+    graph_breaks)  # issue 14: why the 32-layer compiled decode step fell back (call 1 of 2026-12-02 b)
+      TORCH_LOGS=graph_breaks,recompiles timeout ${T_GB:-120} python3 experiments/2026-12-02_h200/graph_breaks.py \
+        ${GB_LAYERS:-4} > "$D/log.txt" 2>&1; grep -E "CASE|break x" "$D/log.txt" | head -30 ;;
     serve)
       timeout ${T_SERVE:-360} python3 -m moelora.bench.serve ${SERVE_ARGS:-} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
     *) echo "unknown part $part"; continue ;;
