@@ -8,6 +8,9 @@ fails with a message naming the attribute when one of these moves.
 - ``nn.Module._modules``: the dict behind ``nn.ModuleDict``; one ``.get`` per adapted module call
   on the decode hot path instead of ``in`` + ``[]`` (two lookups through ``__getattr__``).
 - transformers' ``DynamicCache.get_seq_length()`` and where ``forward`` receives the cache.
+- transformers' ``GenerationMixin._prepare_static_cache(cache_implementation, batch_size,
+  max_cache_len, ...)`` and ``_previous_max_cache_length``: where ``generate(cache_implementation=
+  "static")`` makes its cache (a new one per call in 5.x); ``ReusedStaticCache`` overrides it.
 - ``nn.Module._apply``: the one method ``.to()``/``.half()``/``.cuda()`` route every tensor
   through; ``Float32Params`` overrides it so routers stay fp32 when the model is cast to 16 bits.
 """
@@ -75,3 +78,36 @@ def cached_tokens(kwargs: dict) -> int:
     from transformers import DynamicCache
 
     return int(cache.get_seq_length()) if isinstance(cache, DynamicCache) else 0
+
+
+class ReusedStaticCache:
+    """Mixin of the adapted model class (``moelora/generation.py``): ``generate(cache_implementation=
+    "static")`` reuses ONE ``StaticCache`` (reset) across calls instead of transformers 5.x's new one
+    per call, as transformers 4.x did (``model._cache``).
+
+    Why: the KV tensors are static inputs of the compiled decode step (``mark_static_address``),
+    and CUDA-graph trees record a graph per set of static-input addresses, so a new cache at new
+    addresses re-records the whole decode graph (issue 19; measured on the H200 with transformers
+    5.17: a re-record on some calls for the base and each method, as the caching allocator happened
+    to hand the old blocks back or not). With one cache the addresses never change.
+
+    The cache lives in ``model.moelora_state.generation_cache`` (one at most, replaced when the
+    batch size, dtype, device or kind changes or a longer one is needed; freed by
+    ``remove_adapter``). Not reused when the caller gets the cache back
+    (``return_dict_in_generate``): ``AdapterState.hand_out_cache`` then makes this call's fresh."""
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        from transformers import StaticCache
+
+        state = self.moelora_state
+        key = (cache_implementation, int(batch_size), self.device, self.dtype)
+        held = state.generation_cache
+        if not state.hand_out_cache and held is not None and held[0] == key and held[1] >= max_cache_len:
+            held[2].reset()
+            return held[2]
+        cache = super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+        if not state.hand_out_cache and type(cache) is StaticCache and not getattr(cache, "offloading", False):
+            length = max(int(max_cache_len), int(getattr(self, "_previous_max_cache_length", max_cache_len)))
+            state.generation_cache = (key, length, cache)
+        return cache
+

@@ -10,11 +10,14 @@ instance, so ``copy.deepcopy`` and ``save_pretrained`` see an ordinary model.
 """
 from __future__ import annotations
 
+from ._private import ReusedStaticCache
 from .methods.lora_switch.layer import restore_switch_weights
 
 
-class AdapterGenerationMixin:
-    """Adds ``adapter_names`` to ``generate``; see the module docstring."""
+class AdapterGenerationMixin(ReusedStaticCache):
+    """Adds ``adapter_names`` to ``generate``, and makes ``cache_implementation="static"`` reuse one
+    cache across calls (``_private.ReusedStaticCache``: no CUDA-graph re-record per call); see the
+    module docstring."""
 
     moelora_adapted_class = True
 
@@ -22,12 +25,14 @@ class AdapterGenerationMixin:
         state = self.moelora_state
         if adapter_names is not None:
             state.resolve_names(adapter_names, None)  # unknown names fail before any work
-        previous = state.generation_names
+        previous, handed = state.generation_names, state.hand_out_cache
         state.generation_names = adapter_names
+        config = kwargs.get("generation_config") or self.generation_config
+        state.hand_out_cache = bool(kwargs.get("return_dict_in_generate", config.return_dict_in_generate))
         try:
             return super().generate(*args, **kwargs)
         finally:
-            state.generation_names = previous
+            state.generation_names, state.hand_out_cache = previous, handed
             restore_switch_weights(state)  # base weights bit-identical after generate returns or raises
 
 

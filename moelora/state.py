@@ -232,6 +232,10 @@ class AdapterState:
     in_forward: bool = False
     pending_names: Any = None  # adapter_names of the top-level call, consumed by its decoder forward
     generation_names: Any = None  # adapter_names of the model.generate call in progress
+    # generate(cache_implementation="static")'s one reused StaticCache: (key, length, cache)
+    # (``_private.ReusedStaticCache``); hand_out_cache: this call returns its cache to the caller
+    generation_cache: Any = field(default=None, repr=False)
+    hand_out_cache: bool = False
     records: dict[str | None, dict[int, LayerRouting]] = field(default_factory=dict)
     switch: dict[str, Any] = field(default_factory=dict)  # LoRA-Switch per-adapter SwitchState
     _mask_cache: tuple | None = field(default=None, repr=False)
