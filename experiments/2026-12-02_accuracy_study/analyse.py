@@ -169,7 +169,8 @@ def fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def write_table(rows: list[dict], out: Path, stem: str, title: str, note: str = "") -> str:
+def write_table(rows: list[dict], out: Path, stem: str, title: str, note: str = "", md_rows: list[dict] | None = None) -> str:
+    """``stem``.csv of ``rows`` and ``stem``.md of ``md_rows`` (default: the same rows)."""
     out.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with (out / f"{stem}.csv").open("w", newline="") as f:
@@ -177,6 +178,12 @@ def write_table(rows: list[dict], out: Path, stem: str, title: str, note: str = 
         w.writeheader()
         w.writerows(rows)
     lines = [f"## {title}", ""] + ([note, ""] if note else [])
+    rows = rows if md_rows is None else md_rows
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    if not rows:
+        md = "\n".join(lines + ["(no data)"]) + "\n"
+        (out / f"{stem}.md").write_text(md)
+        return md
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     md = "\n".join(lines) + "\n"
@@ -292,6 +299,22 @@ def routing_rows(runs: list[dict]) -> list[dict]:
     return out
 
 
+def routing_summary(rows: list[dict]) -> list[dict]:
+    by_arm: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_arm[r["arm"]].append(r)
+    out = []
+    for arm, layers in sorted(by_arm.items()):
+        row = {"arm": arm, "layers": len(layers), "runs": max(r["runs"] for r in layers)}
+        for k in ("first_load_cv", "last_load_cv", "first_entropy_norm", "last_entropy_norm"):
+            row[k] = mean_std([r[k] for r in layers if not math.isnan(r[k])])[0]
+        row["last_max_load_max"] = max((r["last_max_load"] for r in layers if not math.isnan(r["last_max_load"])), default=None)
+        row["collapsed_layers"] = sum(1 for r in layers if r["last_max_load"] > 0.5)
+        row["last_step"] = layers[0]["last_step"]
+        out.append(row)
+    return out
+
+
 def convergence_rows(runs: list[dict]) -> list[dict]:
     out = []
     for r in runs:
@@ -343,15 +366,18 @@ def report(work: Path, out: Path) -> None:
                              "`<task>_ci95`: 95% Wilson half-width of the pooled per-task accuracy (n_test x seeds rows); "
                              "`vs_lora`: mean over (seed, task) pairs of (method - LoRA of the same budget), paired "
                              "t-test and exact sign-flip p; `vs_lora_seed_means`: per-seed difference of the task means."))
-    parts.append(write_table(routing_rows(stage2), out, "routing", "Router statistics per layer (training, first / last logged step; mean over seeds)",
-                             "load_cv = std/mean of the experts' token shares (0 = balanced); max_load = largest share "
-                             "(top-k: 1/E balanced, counted per slot); entropy_norm = mean per-token routing entropy / log E "
-                             "(1 = uniform router probabilities, 0 = one-hot)."))
+    routing = routing_rows(stage2)
+    parts.append(write_table(routing, out, "routing", "Router statistics (training, first / last logged step; mean over seeds)",
+                             "Per arm over its routed layers (routing.csv: per layer): load_cv = std/mean of the experts' "
+                             "token shares (0 = balanced); max_load = largest expert share (balanced: 1/E); entropy_norm = "
+                             "mean per-token routing entropy / log E (1 = uniform router probabilities, 0 = one-hot); "
+                             "collapsed_layers = layers whose largest share at the last step is > 0.5.",
+                             md_rows=routing_summary(routing)))
     conv = convergence_rows(stage2 + stage1)
     parts.append(write_table(conv, out, "convergence", "Train loss over the last and previous fifth of the logged steps"))
     (out / "study.md").write_text("\n".join(parts))
     plot_curves(stage2, out / "train_loss.png")
-    print("\n".join(parts))
+    print(parts[3] if len(parts) > 3 else "")  # the study table; the rest is in study.md
 
 
 def main() -> int:

@@ -1,6 +1,5 @@
 """Trainable parameters of every arm of the study on SmolLM2-135M's shape (exact: each config is
-injected into a random one-layer model of SmolLM2's widths; adapter parameters are per layer, so
-x30 layers). Prints a table and checks that each arm is within 10% of its budget's LoRA arm.
+injected into random 1- and 2-layer models of SmolLM2's widths and extrapolated to its 30 layers). Prints a table and checks that each arm is within 10% of its budget's LoRA arm.
 
     python experiments/2026-12-02_accuracy_study/budgets.py [--search]
 
@@ -22,15 +21,17 @@ HERE = Path(__file__).resolve().parent
 LAYERS = 30  # SmolLM2-135M: hidden 576, FFN 1536, 9 heads / 3 KV heads of 64, 30 layers
 
 
-def smollm2_layer():
-    return build_tiny_model("llama", vocab_size=128, hidden_size=576, intermediate_size=1536, num_layers=1,
+def smollm2_layers(n: int):
+    return build_tiny_model("llama", vocab_size=128, hidden_size=576, intermediate_size=1536, num_layers=n,
                             num_heads=9, num_kv_heads=3, head_dim=64)
 
 
 def count(adapter: dict) -> int:
+    """Exact for SmolLM2's 30 layers: c(1) + 29 (c(2) - c(1)) (per-layer parameters, plus the ones
+    a method has once, e.g. LoRA-Switch's single router)."""
     cfg = moelora.config_from_dict(dict(adapter))
-    model = moelora.inject_adapter(smollm2_layer(), cfg)
-    return moelora.trainable_parameters(model)["trainable"] * LAYERS
+    c1, c2 = (moelora.trainable_parameters(moelora.inject_adapter(smollm2_layers(n), cfg))["trainable"] for n in (1, 2))
+    return c1 + (LAYERS - 1) * (c2 - c1)
 
 
 def arms() -> dict[str, dict]:

@@ -31,7 +31,7 @@ OUT=${OUT:-results}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 WORK=${WORK:-/tmp/accuracy_study}; mkdir -p "$WORK"; WORK=$(cd "$WORK" && pwd)
 LOG="$OUT/run.log"; : > "$LOG"
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -42,7 +42,7 @@ if [ "$STAGE" = smoke ]; then
   : "${N_VAL:=4}" "${N_TEST:=6}" "${EVAL_BS:=30}" "${WAVE:=12}" "${TRAINER:=cpu}" "${WARMUP:=1}" "${PAR:=1}" "${THREADS:=2}"
 else
   : "${TOTAL_S:=470}" "${T1:=150}" "${STEPS:=40}" "${BATCH:=32}" "${LRS:=1e-3,3e-3,1e-2}" "${SEEDS:=1,2,3}" "${N_TRAIN:=2000}"
-  : "${N_VAL:=200}" "${N_TEST:=1000}" "${EVAL_BS:=5000}" "${WAVE:=2}" "${TRAINER:=gpu}" "${WARMUP:=4}" "${PAR:=6}" "${THREADS:=2}"
+  : "${N_VAL:=200}" "${N_TEST:=750}" "${EVAL_BS:=1250}" "${WAVE:=2}" "${TRAINER:=gpu}" "${WARMUP:=4}" "${PAR:=6}" "${THREADS:=2}"
 fi
 METHODS=${METHODS:-lora,mixlora,mixloradyn,loraswitch,bdlora,bdmixlora}
 RESERVE=${RESERVE:-25}   # seconds kept at the end for the leaderboard, the analysis and the tarball
@@ -108,7 +108,8 @@ lap model_ready; say "model ready"
 COMMON=(--config-dir "$HERE/conf" experiment=accuracy_study trainer="$TRAINER" hydra/launcher=concurrent
         hydra.launcher.progress=false save_adapter=false trainer.max_steps="$STEPS" data.batch_size="$BATCH"
         data.n_train="$N_TRAIN" data.n_val="$N_VAL" data.n_test="$N_TEST" data.eval_batch_size="$EVAL_BS"
-        module.scheduler.warmup_steps="$WARMUP" cpu_threads="$THREADS")
+        module.scheduler.warmup_steps="$WARMUP" cpu_threads="$THREADS"
+        module.router_stats_every_n_steps=$(( STEPS / 3 > 0 ? STEPS / 3 : 1 )))
 [ "$HAVE_PANDAS" = 1 ] || COMMON+=("~hydra.callbacks.sweep_summary")   # its summary table needs pandas
 # shellcheck disable=SC2206
 [ -n "${EXTRA:-}" ] && COMMON+=($EXTRA)
