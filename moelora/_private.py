@@ -11,10 +11,16 @@ fails with a message naming the attribute when one of these moves.
 - transformers' ``GenerationMixin._prepare_static_cache(cache_implementation, batch_size,
   max_cache_len, ...)`` and ``_previous_max_cache_length``: where ``generate(cache_implementation=
   "static")`` makes its cache (a new one per call in 5.x); ``ReusedStaticCache`` overrides it.
+- torch's logger ``torch._inductor.cudagraph_trees`` and its debug line "Recording function=":
+  ``cudagraph_records`` counts CUDA-graph recordings (benchmarks report re-records with it).
 - ``nn.Module._apply``: the one method ``.to()``/``.half()``/``.cuda()`` route every tensor
   through; ``Float32Params`` overrides it so routers stay fp32 when the model is cast to 16 bits.
 """
 from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -111,3 +117,35 @@ class ReusedStaticCache:
             state.generation_cache = (key, length, cache)
         return cache
 
+
+class _RecordCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Recording function=" in str(record.msg):
+            self.count += 1
+
+
+CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_trees"
+
+
+@contextlib.contextmanager
+def cudagraph_records() -> Iterator[_RecordCounter]:
+    """Count the CUDA graphs torch.compile's cudagraph trees record inside the block (``.count``;
+    the first recording of a compiled function and every re-record, e.g. "static input data
+    pointer changed"). Reads the debug log of ``torch._inductor.cudagraph_trees``, which is
+    otherwise silent, so the block turns that logger's debug level on and restores it on exit."""
+    logger = logging.getLogger(CUDAGRAPH_LOGGER)
+    counter = _RecordCounter()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(counter)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # the debug lines go to the counter, not to the user's handlers
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
+        logger.propagate = propagate

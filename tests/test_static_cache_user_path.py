@@ -123,13 +123,56 @@ def test_a_returned_cache_is_never_reused():
     assert again is not cache and torch.equal(cache.layers[0].keys, keys)
 
 
+# ---- the benchmark measures this path: mode static_new ------------------------------------------
+def test_bench_static_new_mode_calls_generate_as_users_do(tmp_path):
+    from moelora.bench import latency
+    from moelora.bench.latency import run_benchmark
+    from moelora.bench.settings import BenchSettings
+
+    seen = []
+
+    class Fake:
+        def generate(self, **kwargs):
+            seen.append(kwargs)
+
+    ids = torch.ones(1, 3, dtype=torch.long)
+    latency._generate(Fake(), ids, torch.ones_like(ids), 2, "static_new", None)
+    assert seen[0]["cache_implementation"] == "static" and "past_key_values" not in seen[0]
+    s = BenchSettings(model="tiny_shape", methods=("base", "lora", "mixlora"), batch_sizes=(1,), prompt_lens=(6,),
+                      new_tokens=3, modes=("static_new",), repeats=1, warmup=1, r=4, num_experts=4, plots=False,
+                      out_dir=str(tmp_path))
+    rows = run_benchmark(s)["rows"]
+    assert [r["method"] for r in rows] == ["base", "lora", "mixlora"]
+    for r in rows:
+        assert "error" not in r, r["error"]
+        assert r["mode"] == "static_new" and r["decode_ms_per_token"] > 0
+        assert r["cudagraph_records"] == 0 and r["cudagraph_records_per_call"] == 0  # CPU: no CUDA graphs
+
+
+def test_cudagraph_record_counter_counts_recordings_and_restores_the_logger():
+    import logging
+
+    from moelora import _private
+
+    logger = logging.getLogger(_private.CUDAGRAPH_LOGGER)
+    level, propagate = logger.level, logger.propagate
+    with _private.cudagraph_records() as rec:
+        logger.debug("[%s] Recording function=%s, mode=%s, cuda_graph_id=%d, inputs: %s", "0/0", "f", "INFERENCE", 0, "")
+        logger.debug("[%s] Running warmup function=%s", "0/0", "f")
+    assert rec.count == 1
+    assert logger.level == level and logger.propagate == propagate and rec not in logger.handlers
+
+
 def test_the_internals_these_rely_on_are_still_there():
-    """moelora/_private.py: transformers' _prepare_static_cache keywords (if they moved, fix
-    _private.py, the only module that touches them)."""
+    """moelora/_private.py: transformers' _prepare_static_cache keywords and torch's cudagraph-trees
+    recording line (if one moved, fix _private.py, the only module that touches them)."""
     import inspect
 
+    import torch._inductor.cudagraph_trees as trees
     from transformers import GenerationMixin
 
     params = inspect.signature(GenerationMixin._prepare_static_cache).parameters
     assert list(params)[1:4] == ["cache_implementation", "batch_size", "max_cache_len"], list(params)
     assert "_previous_max_cache_length" in inspect.getsource(GenerationMixin._prepare_static_cache)
+    assert trees.log.name == "torch._inductor.cudagraph_trees" or trees.__name__ == "torch._inductor.cudagraph_trees"
+    assert "Recording function=" in inspect.getsource(trees.CUDAGraphTreeManager.record_function)

@@ -19,6 +19,9 @@ same count. Per case (method, mode, batch size B, prompt length P):
   itself and the median what a user of that host gets; both are reported. A repeat whose
   difference is <= 0 (prefill noise above the decode time) is counted in ``nonpositive_repeats``
   with a warning and left out of the paired ratio;
+- ``cudagraph_records`` / ``cudagraph_records_per_call`` (compiled modes): CUDA graphs recorded by
+  cudagraph trees during the timed repeats (after the warm-up, which records the first), total and
+  per generate call: a re-record per call ("static input data pointer changed") shows here;
 - ``hf_generate_ms_per_token`` (base rows): the same (t(N+1) - t(1)) / N timed around a plain
   ``generate`` without the step timer, interleaved with the timed runs; ``harness_ratio`` is the
   harness's decode time over it (what the per-step CUDA events cost).
@@ -39,7 +42,9 @@ forward and a reverse round).
 
 Modes: ``eager`` (dynamic cache), ``static`` (a StaticCache kept per batch size and reset for
 every generate call, as a server keeps its KV cache; transformers auto-compiles the decode
-forward on CUDA with CUDA graphs), ``compile`` (static cache + an explicit ``torch.compile`` of
+forward on CUDA with CUDA graphs), ``static_new`` (plain ``generate(cache_implementation="static")``
+as users call it: the cache is generate's own, a new one per call for the plain base model, the
+reused one of ``moelora/_private.ReusedStaticCache`` for adapted models), ``compile`` (static cache + an explicit ``torch.compile`` of
 the forward, ``compile_mode``). A failing case (compile error, OOM, timeout) is recorded in its
 row and the run goes on; the other cases of that method and mode are then skipped.
 
@@ -60,6 +65,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from moelora import _private
 from moelora.bench import _moelora_internals as internals
 from moelora.bench import _transformers_private as hf_private
 from moelora.bench import models as bench_models
@@ -112,6 +118,8 @@ def _generate(model, ids, mask, n_new: int, mode: str, timer: StepTimer | None) 
         kwargs["logits_processor"] = LogitsProcessorList([timer])
     if mode in ("static", "compile"):
         kwargs["past_key_values"] = _static_cache(model, ids.shape[0])
+    elif mode == "static_new":
+        kwargs["cache_implementation"] = "static"  # the user path: generate makes (or reuses) the cache
     if mode == "compile":
         kwargs["disable_compile"] = True  # we compiled the forward ourselves
     # no_grad, not inference_mode: LoRA-Switch keeps merge buffers across calls, and inference
@@ -126,8 +134,10 @@ def _static_cache(model, batch: int):
     ``cache_implementation="static"`` makes generate allocate a new cache per call; when the new
     KV tensors land at other addresses, CUDA-graph trees re-record the decode graph (the cache is
     a static input; TORCH_LOGS=+cudagraphs: "static input data pointer changed"). Measured on the
-    H100 at the Llama-2-7B shape: ~70-160 ms per call for MixLoRA and LoRA-Switch, none for the
-    base model. A server keeps its KV cache, so the benchmark does too."""
+    H100 at the Llama-2-7B shape: ~70-160 ms per call for MixLoRA and LoRA-Switch; on the H200
+    (4-layer 7B-wide model, transformers 5.17) for the base too. A server keeps its KV cache, so
+    the benchmark does too; adapted models now also reuse one cache on the user path
+    (``_private.ReusedStaticCache``), which mode ``static_new`` measures."""
     from transformers import StaticCache
 
     caches = model.__dict__.setdefault("_bench_static_caches", {})
@@ -163,11 +173,16 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
     is then paired with a base repeat, before it on odd repeats and after it on even ones."""
     n = s.new_tokens
     deadline = time.monotonic() + s.case_timeout_s
+    calls = [0]  # generate calls of the timed repeats (the denominator of cudagraph_records_per_call)
+
+    def timed(n_new: int, stamps: bool = True) -> tuple[float, list[float]]:
+        calls[0] += 1
+        return timed_generate(model, ids, mask, n_new, mode, deadline, stamps)
 
     def one_decode(stamps: bool = True) -> float:
         """(t(N+1 new) - t(1 new)) / N from one prefill-only run and one long run."""
-        t1 = timed_generate(model, ids, mask, 1, mode, deadline, stamps)[0]
-        return (timed_generate(model, ids, mask, n + 1, mode, deadline, stamps)[0] - t1) / n
+        t1 = timed(1, stamps)[0]
+        return (timed(n + 1, stamps)[0] - t1) / n
 
     def base_decode() -> float:
         with base_of():
@@ -181,17 +196,19 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
     if ids.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ids.device)
     t1s, tns, steps, plain_decode, started, paired = [], [], [], [], [], []
-    for i in range(s.repeats):
-        started.append(round(time.time(), 3))  # wall clock: lines the repeats up with nvidia-smi dmon / host logs
-        before = base_decode() if base_of is not None and i % 2 else None
-        t1s.append(timed_generate(model, ids, mask, 1, mode, deadline)[0])
-        tn, st = timed_generate(model, ids, mask, n + 1, mode, deadline)
-        tns.append(tn)
-        steps += st
-        if base_of is not None:
-            paired.append(before if before is not None else base_decode())
-        if plain:
-            plain_decode.append(one_decode(stamps=False))
+    calls[0] = 0
+    with _private.cudagraph_records() as records:
+        for i in range(s.repeats):
+            started.append(round(time.time(), 3))  # wall clock: lines the repeats up with nvidia-smi dmon / host logs
+            before = base_decode() if base_of is not None and i % 2 else None
+            t1s.append(timed(1)[0])
+            tn, st = timed(n + 1)
+            tns.append(tn)
+            steps += st
+            if base_of is not None:
+                paired.append(before if before is not None else base_decode())
+            if plain:
+                plain_decode.append(one_decode(stamps=False))
     repeats = [(tn - t1) / n for tn, t1 in zip(tns, t1s)]
     decode = statistics.median(repeats)
     B = ids.shape[0]
@@ -201,6 +218,8 @@ def measure_case(model, ids: torch.Tensor, mask: torch.Tensor, mode: str, s: Ben
         log.warning("%d repeat(s) measured a decode time <= 0 (prefill noise above the decode time): "
                     "raise new_tokens or repeats, or quiet the machine", noisy)
         extra["nonpositive_repeats"] = noisy
+    if mode != "eager":
+        extra.update(cudagraph_records=records.count, cudagraph_records_per_call=records.count / max(calls[0], 1))
     if plain_decode:
         hf = statistics.median(plain_decode)
         extra.update(hf_generate_ms_per_token=hf, harness_ratio=decode / hf if hf > 0 else None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_METHODS = ("base", "lora", "mixlora", "lora_switch_merge", "lora_switch_unmerged", "reference_mixlora")
-MODES = ("eager", "static", "compile")
+MODES = ("eager", "static", "static_new", "compile")
 FAMILIES = ("lora", "mixlora", "lora_switch")  # the keys of ``adapters``
 SCHEMA_NAME = "bench_schema"
 
@@ -50,8 +50,10 @@ class BenchSettings:
     batch_sizes: tuple[int, ...] = _f((1,), "batch sizes, e.g. 1,8,32")
     prompt_lens: tuple[int, ...] = _f((64,), "prompt lengths (random token ids)", "--prompt-len", "--prompt-lens")
     new_tokens: int = _f(128, "N: decode ms/token = (t(N+1 new) - t(1 new)) / N")
-    modes: tuple[str, ...] = _f(("eager", "static"), "eager | static (static cache; auto-compiled on CUDA) | "
-                                                     "compile (explicit torch.compile)")
+    modes: tuple[str, ...] = _f(("eager", "static"), "eager | static (one static cache, reset per call; auto-compiled "
+                                                     "on CUDA) | static_new (generate(cache_implementation='static'), "
+                                                     "as users call it: the cache is generate's own) | compile "
+                                                     "(explicit torch.compile)")
     repeats: int = _f(3, "timed repeats per case (median)")
     warmup: int = _f(1, "untimed (N+1)-token generations per case; compiles happen here")
     rounds: int = _f(1, "the whole method loop this many times, reversed every other round; the summary "
