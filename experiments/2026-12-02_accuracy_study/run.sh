@@ -30,6 +30,8 @@ STAGE=${STAGE:-full}
 OUT=${OUT:-results}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 WORK=${WORK:-/tmp/accuracy_study}; mkdir -p "$WORK"; WORK=$(cd "$WORK" && pwd)
 LOG="$OUT/run.log"; : > "$LOG"
+# a fresh study in $WORK (the converted model in $WORK/cache and the joined GGUF are kept)
+rm -rf "$WORK"/stage1 "$WORK"/stage2 "$WORK"/analysis "$WORK"/leaderboard_* "$WORK"/*.log
 say() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -141,16 +143,18 @@ stage stage1 "$L1" s "module.optimizer.lr=$LRS" seed=1 test=false trainer.val_ch
   'hydra.sweep.subdir=${arm}_lr${module.optimizer.lr}'
 LR_BY_ARM=$(python3 "$HERE/analyse.py" choose-lr "$WORK/stage1" --arms "$ALL_ARMS" --out "$WORK/analysis" 2>>"$LOG")
 say "chosen LRs (val/acc): $LR_BY_ARM"
+LR_OVERRIDE=("+lr_by_arm=$LR_BY_ARM")
+case "$LR_BY_ARM" in "{"*":"*"}") ;; *) LR_OVERRIDE=(); say "no LR chosen: every arm takes default_lr";; esac
 pack
 
 # seed-major job order + WAVE jobs at a time (default 2 = one seed's two budgets): a timeout leaves
 # whole seeds of every arm; no validation in stage 2 (the LR is already chosen)
-stage stage2 "$(left)" "s l" "seed=$SEEDS" "+lr_by_arm=$LR_BY_ARM" trainer.val_check_interval=1000000 \
+stage stage2 "$(left)" "s l" "seed=$SEEDS" ${LR_OVERRIDE[@]+"${LR_OVERRIDE[@]}"} trainer.val_check_interval=1000000 \
   hydra.launcher.max_concurrent_jobs="$WAVE" 'hydra.sweep.subdir=${arm}_seed${seed}'
 
 # ---- leaderboard + analysis -------------------------------------------------------------------
 for b in s l; do
-  dirs=$(ls -d "$WORK"/stage2/*/*_"$b"_seed* 2>/dev/null)
+  dirs=$(ls "$WORK"/stage2/*/*_"$b"_seed*/results.json 2>/dev/null)   # not the runs a timeout cut
   [ -n "$dirs" ] || continue
   # shellcheck disable=SC2086
   timeout 60 python3 -m moelora.eval.leaderboard $dirs --out "$WORK/leaderboard_$b" > "$WORK/leaderboard_$b.log" 2>&1 \
