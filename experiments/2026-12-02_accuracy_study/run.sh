@@ -22,7 +22,7 @@
 # Knobs (env): STAGE=full|smoke (smoke: CPU, a few steps, tiny sizes), TOTAL_S (seconds for the
 # whole call, default 470), T1 (stage 1 limit), STEPS, BATCH, LRS, SEEDS, N_TRAIN, N_VAL, N_TEST,
 # EVAL_BS, WAVE, WARMUP, PAR (6 = one process per method, 1 = one process), THREADS, METHODS, TRAINER,
-# EXTRA (more overrides for both stages).
+# EXTRA (more overrides for both stages), LR_BY_ARM='{arm:lr,...}' (skip stage 1: a later call's seeds).
 set -uo pipefail
 T0=$(date +%s)
 HERE=experiments/2026-12-02_accuracy_study
@@ -138,11 +138,15 @@ stage() {  # stage NAME LIMIT ARMS-FN overrides... : one sweep per method group,
   grep -hE "moelora-train: error|Traceback|OutOfMemory|CUDA error" "$WORK"/"$name".*.log | sort | uniq -c | tail -8 | tee -a "$LOG"
 }
 
-L1=$(left); [ "$L1" -gt "$T1" ] && L1=$T1
-stage stage1 "$L1" s "module.optimizer.lr=$LRS" seed=1 test=false trainer.val_check_interval="$STEPS" \
-  'hydra.sweep.subdir=${arm}_lr${module.optimizer.lr}'
-LR_BY_ARM=$(python3 "$HERE/analyse.py" choose-lr "$WORK/stage1" --arms "$ALL_ARMS" --out "$WORK/analysis" 2>>"$LOG")
-say "chosen LRs (val/acc): $LR_BY_ARM"
+if [ -n "${LR_BY_ARM:-}" ]; then   # a later call: the LRs of an earlier call's stage 1
+  say "stage1: skipped, LR_BY_ARM given: $LR_BY_ARM"
+else
+  L1=$(left); [ "$L1" -gt "$T1" ] && L1=$T1
+  stage stage1 "$L1" s "module.optimizer.lr=$LRS" seed=1 test=false trainer.val_check_interval="$STEPS" \
+    'hydra.sweep.subdir=${arm}_lr${module.optimizer.lr}'
+  LR_BY_ARM=$(python3 "$HERE/analyse.py" choose-lr "$WORK/stage1" --arms "$ALL_ARMS" --out "$WORK/analysis" 2>>"$LOG")
+  say "chosen LRs (val/acc): $LR_BY_ARM"
+fi
 LR_OVERRIDE=("+lr_by_arm=$LR_BY_ARM")
 case "$LR_BY_ARM" in "{"*":"*"}") ;; *) LR_OVERRIDE=(); say "no LR chosen: every arm takes default_lr";; esac
 pack
