@@ -60,3 +60,37 @@ def test_mixed_batch_decode_compiles_to_one_graph_without_python_constants():
         eager = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                min_new_tokens=4, do_sample=False, pad_token_id=0, adapter_names=names)
     assert torch.equal(out, eager)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_compiled_mixed_batch_runs_the_slots_delta_as_the_decode_op():
+    """With the Triton kernels (CUDA; here the interpreter) the compiled mixed decode step computes
+    each adapted linear's delta with the ``moelora::linear_lora_delta`` custom op, each token's
+    adapter slot as its expert (as the single-adapter step does), not a traced torch gather per
+    linear; its tokens equal the eager torch path's."""
+    from moelora_kernels import backend
+
+    if not (torch.cuda.is_available() or backend.interpreted()):
+        pytest.skip("needs CUDA or the Triton interpreter")
+    torch._dynamo.reset()
+    model, _ = build_shape_model("tiny_shape", "float32", "cpu", 0)
+    moelora.inject_adapter(model, moelora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), adapter_name="a")
+    moelora.add_adapter(model, "b", moelora.LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = ["a", "b", None]
+    with moelora.kernel_backend("triton"):
+        graphs, out = _compiled_generate_graphs(model, ids, names)
+    assert len(graphs) == 1, f"the decode step broke into {len(graphs)} graphs"
+    ops = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "linear_lora_delta" in str(n.target)]
+    sites = sum(1 for m in model.modules() if type(m).__name__ == "AdaptedLinear")
+    assert len(ops) == sites, f"{len(ops)} delta ops for {sites} adapted linears"
+    torch._dynamo.reset()
+    with torch.no_grad(), moelora.kernel_backend("torch"):
+        eager = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                               min_new_tokens=4, do_sample=False, pad_token_id=0, adapter_names=names)
+    assert torch.equal(out, eager)

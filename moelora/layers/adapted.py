@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import _private
 from . import decode_graphs
-from .dispatch import gathered_kernel_applies, gathered_mixed_training
+from .dispatch import decode_kernels_apply, gathered_kernel_applies, gathered_mixed_training
 from .lora_math import adapter_dropout
 
 # ACT_NAMES: activation modules of transformers.activations that the fused MixLoRA decode kernel implements.
@@ -217,8 +217,18 @@ def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tens
     from .experts import _gathered_lora
 
     a_stack, b_stack, scal = stacks
-    y = F.linear(x2, site.base_layer.weight, site.base_layer.bias)
+    base = site.base_layer
     w = scal[tok].view(-1, 1)  # each token's adapter scale; 0 for tokens without an adapter here
+    if torch.compiler.is_compiling() and a_stack.dtype == x2.dtype and decode_kernels_apply(x2, site):
+        # Compiled decode (HF's static-cache generate): the slots' deltas as the same custom op the
+        # single-adapter step uses (moelora_kernels.ops: one opaque node, run beside the frozen GEMM),
+        # each token's slot as its "expert". Traced, the torch gather below became a fused kernel
+        # per linear for Inductor to compile (H200: the 32-layer mixed step had not finished
+        # compiling in 150 s, the single-adapter one took ~47 s).
+        from moelora_kernels import ops
+
+        return ops.linear_with_lora(x2, base.weight, base.bias, a_stack, b_stack, tok.view(-1, 1), w.float(), 1.0)
+    y = F.linear(x2, base.weight, base.bias)
     delta = _gathered_lora(x2.to(a_stack.dtype), a_stack, b_stack, tok.view(-1, 1), weight=w, scaling=1.0)
     return y + delta.to(y.dtype)
 
