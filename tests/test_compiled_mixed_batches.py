@@ -36,9 +36,8 @@ def _compiled_generate_graphs(model, ids, names):
     return graphs, out
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_mixed_batch_decode_compiles_to_one_graph_without_python_constants():
-    torch._dynamo.reset()
+def _two_adapter_model():
+    """A tiny Llama with LoRA adapters "a" (r4) and "b" (r8) on TARGETS, B non-zero, eval mode."""
     model, _ = build_shape_model("tiny_shape", "float32", "cpu", 0)
     moelora.inject_adapter(model, moelora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), adapter_name="a")
     moelora.add_adapter(model, "b", moelora.LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS))
@@ -47,6 +46,13 @@ def test_mixed_batch_decode_compiles_to_one_graph_without_python_constants():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     model.eval()
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_mixed_batch_decode_compiles_to_one_graph_without_python_constants():
+    torch._dynamo.reset()
+    model = _two_adapter_model()
     ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
     names = ["a", "b", None]
     graphs, out = _compiled_generate_graphs(model, ids, names)
@@ -73,14 +79,7 @@ def test_compiled_mixed_batch_runs_the_slots_delta_as_the_decode_op():
     if not (torch.cuda.is_available() or backend.interpreted()):
         pytest.skip("needs CUDA or the Triton interpreter")
     torch._dynamo.reset()
-    model, _ = build_shape_model("tiny_shape", "float32", "cpu", 0)
-    moelora.inject_adapter(model, moelora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), adapter_name="a")
-    moelora.add_adapter(model, "b", moelora.LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.eval()
+    model = _two_adapter_model()
     ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
     names = ["a", "b", None]
     with moelora.kernel_backend("triton"):
