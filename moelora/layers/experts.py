@@ -9,11 +9,14 @@ from .dispatch import gathered_kernel_applies
 from .lora_math import adapter_dropout, init_lora_, resolve_dtype
 
 
-def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0):
-    """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere."""
+def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: bool | None = None):
+    """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere (``kernel``
+    forces the choice: a backward that recomputes the forward takes the forward's)."""
     from moelora_kernels import gathered_lora as gl
 
-    fn = gl.gathered_lora if gathered_kernel_applies(x) else gl.gathered_lora_reference
+    if kernel is None:
+        kernel = gathered_kernel_applies(x)
+    fn = gl.gathered_lora if kernel else gl.gathered_lora_reference
     return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
 
 

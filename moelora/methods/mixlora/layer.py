@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from ...layers import decode_graphs
 from ...layers.dispatch import decode_kernels_apply
-from ...layers.experts import LoraExperts
+from ...layers.dispatch import gathered_kernel_applies
+from ...layers.experts import LoraExperts, _gathered_lora
 from ...layers.router import Routing, TopKRouter
 
 
@@ -164,14 +165,64 @@ class MixLoraAdapter(nn.Module):
 
     def mix_hidden(self, ffn, x: torch.Tensor, base_pre: dict, routing: Routing) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused math up to the frozen down projection, for tokens x (n, D) whose frozen
-        pre-activations are ``base_pre``: (Σ_j w_j h_j (n, F), the down experts' delta (n, D) or None)."""
+        pre-activations are ``base_pre``: (Σ_j w_j h_j (n, F), the down experts' delta (n, D) or None).
+
+        In training it runs inside ``_MixRecompute``: autograd keeps only x, the frozen
+        pre-activations (n, F), the routing (n, K) and the dropout masks (bool), and backward
+        recomputes the (n, K, F) per-slot pre-activations, hiddens and deltas (rank-r GEMMs and
+        elementwise ops) instead of storing them (issue 19: they were 5-6 (n, K, F) tensors, more
+        than PEFT LoRA's whole layer)."""
         idx, w = routing.experts, routing.weights  # (n, K)
+        roles = ffn._in_roles()
+        loras = [self._expert(ffn, role) for role in roles] + [self._expert(ffn, "down")]
+        stacks = []
+        for lora in loras:
+            stacks += [None, None] if lora is None else [lora.A(), lora.B()]
+        # Dropout keep masks, drawn in the order the plain composition draws them (gate, up, down).
+        keeps = [self._keep(lora, x.shape, x, ffn) for lora in loras[:-1]]
+        n_down_in = ffn._proj("down").in_features
+        keeps.append(self._keep(loras[-1], (x.shape[0], idx.shape[1], n_down_in), x, ffn))
+        kernel = gathered_kernel_applies(x)
+        bases = [base_pre[role] for role in roles]
+        nb, ns = len(bases), len(stacks)
+
+        def run(x, idx, w, *rest):
+            return self._mix_math(ffn, roles, loras, x, dict(zip(roles, rest[:nb])), idx, w,
+                                  rest[nb:nb + ns], rest[nb + ns:], kernel)
+
+        if not (torch.is_grad_enabled() and _RECOMPUTE["on"]) or torch.compiler.is_compiling():
+            return run(x, idx, w, *bases, *stacks, *keeps)
+        h_mix, down_delta = _MixRecompute.apply(run, x, idx, w, *bases, *stacks, *keeps)
+        return h_mix, (down_delta if loras[-1] is not None else None)
+
+    def _keep(self, lora, shape, x, ffn) -> torch.Tensor | None:
+        """The bool keep mask of ``lora``'s input dropout (``adapter_dropout``'s draw), or None."""
+        if lora is None:
+            return None
+        drop = lora.lora_dropout
+        p = getattr(drop, "p", 0.0)
+        if not drop.training or p == 0.0:
+            return None
+        state = ffn._state
+        keep = None
+        if state is not None and self.adapter_name is not None:
+            keep = state.dropout_keep(self.adapter_name, tuple(shape), x.dtype, x.device, p)
+        if keep is None:  # torch's global RNG
+            keep = torch.empty(tuple(shape), dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+        return keep.bool()
+
+    def _mix_math(self, ffn, roles, loras, x, base_pre, idx, w, stacks, keeps, kernel):
+        """``mix_hidden``'s function of its tensors (what ``_MixRecompute`` runs twice)."""
         pre = {}
-        for role in ffn._in_roles():
+        for i, role in enumerate(roles):
             base = base_pre[role].unsqueeze(1)  # (n, 1, F), frozen, once for all experts
-            lora = self._expert(ffn, role)
-            pre[role] = (base + lora.gathered(x, idx, state=ffn._state, name=self.adapter_name).to(base.dtype)
-                         if lora is not None else base)
+            lora = loras[i]
+            if lora is None:
+                pre[role] = base
+                continue
+            A, B = stacks[2 * i], stacks[2 * i + 1]
+            xi = _dropped(x, keeps[i], lora).to(A.dtype)
+            pre[role] = base + _gathered_lora(xi, A, B, idx, None, lora.scaling, kernel).to(base.dtype)
         h = ffn._activate(pre)  # (n, K, F) or (n, 1, F) when no expert touches gate/up
         if h.shape[1] != idx.shape[1]:
             h = h.expand(-1, idx.shape[1], -1)
@@ -180,9 +231,12 @@ class MixLoraAdapter(nn.Module):
         if self.strategy == "switch":
             rest = (1.0 - w.sum(-1).detach()).clamp_min(0.0)
             h_mix = h_mix + ffn._activate(base_pre) * rest.to(h.dtype)[:, None]
-        lora = self._expert(ffn, "down")
-        down_delta = (lora.gathered(h, idx, weight=w, state=ffn._state, name=self.adapter_name)
-                      if lora is not None else None)
+        lora = loras[-1]
+        down_delta = None
+        if lora is not None:
+            A, B = stacks[-2], stacks[-1]
+            hd = _dropped(h, keeps[-1], lora).to(A.dtype)
+            down_delta = _gathered_lora(hd, A, B, idx, w.to(A.dtype), lora.scaling, kernel)
         return h_mix, down_delta
 
     def forward_fused(self, ffn, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -199,3 +253,51 @@ class MixLoraAdapter(nn.Module):
 def _frozen(linear: nn.Module) -> nn.Linear:
     """The frozen nn.Linear under an AdaptedLinear (a LoRA adapter of another name on that projection)."""
     return getattr(linear, "base_layer", linear)
+
+
+_RECOMPUTE = {"on": True}  # tests switch it off to compare with the plain composition
+
+
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, lora) -> torch.Tensor:
+    """x through the dropout whose keep mask is ``keep`` (x * keep * 1/(1-p), as the state's draw)."""
+    if keep is None:
+        return x
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - lora.lora_dropout.p))
+
+
+class _MixRecompute(torch.autograd.Function):
+    """``run(x, idx, w, *tensors)`` -> (h_mix, down_delta) computed without a graph; backward
+    recomputes it with one and differentiates (a checkpoint of the expert mixture alone).
+
+    Saved: its inputs only: x (n, D, the frozen gate/up projections' saved input too), the frozen
+    pre-activations (n, F), idx/w (n, K), the expert stacks (parameters) and the bool dropout
+    masks; not the (n, K, F) per-slot tensors. The frozen GEMMs stay outside (not recomputed).
+    Backward runs the same ops as the plain composition (same kernels: ``run`` fixes the
+    forward's choice), so gradients match it; eager twin: ``_RECOMPUTE["on"] = False``."""
+
+    @staticmethod
+    def forward(ctx, run, x, idx, w, *tensors):  # noqa: D102
+        ctx.run = run
+        ctx.dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(ctx.dev), torch.get_autocast_dtype(ctx.dev))
+        ctx.save_for_backward(x, idx, w, *tensors)
+        h_mix, down_delta = run(x, idx, w, *tensors)
+        ctx.has_down = down_delta is not None
+        return (h_mix, down_delta) if down_delta is not None else (h_mix, h_mix.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, g_mix, g_down):  # noqa: D102
+        saved = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]
+        inputs = [None if t is None else t.detach().requires_grad_(bool(n) and t.is_floating_point())
+                  for t, n in zip(saved, need)]
+        with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+            h_mix, down_delta = ctx.run(*inputs)
+        outs, grads = [h_mix], [g_mix]
+        if ctx.has_down and g_down is not None:
+            outs.append(down_delta)
+            grads.append(g_down)
+        wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt else ())
+        res = [next(got) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in inputs]
+        return (None, *res)
