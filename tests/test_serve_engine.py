@@ -223,3 +223,81 @@ def test_cancel_frees_only_requests_with_blocks(served):
             alloc.__dict__.pop("free_blocks", None)
     assert unknown == [] and first in freed
     assert not [w for w in warnings if "non-existent" in w], warnings
+
+
+def _count_stack_builds(monkeypatch):
+    """Counts the per-site stack builds of moelora.layers.adapted (``_stacked_lora`` / ``_moe_stacks``
+    go through its module-level ``_cached_per_site``), per site and composition."""
+    from moelora.layers import adapted
+
+    builds = []
+    orig = adapted._cached_per_site
+
+    def counted(site, names, tensors, build):
+        def b():
+            builds.append((id(site), names))
+            return build()
+        return orig(site, names, tensors, b)
+
+    monkeypatch.setattr(adapted, "_cached_per_site", counted)
+    return builds
+
+
+def test_stacks_not_rebuilt_between_steps_with_the_same_resident_set(served, monkeypatch):
+    """The plan of a mixed packed step names the engine's stack positions (fixed while the resident
+    set holds), not the step's adapters in order of appearance: two consecutive steps with other
+    requests, orders and adapters reuse every site's stacks (0 builds in the 2nd), and each token's
+    index is its own adapter's position. Before: slot_names followed the step's order, so the 2nd
+    step rebuilt the stacks of every adapted linear and FFN."""
+    m, eng, refs = served
+    for n in ("lora", "mix", "lora8"):
+        eng.generate(PROMPTS[0], n, max_new_tokens=1)  # resident (no request in flight now)
+    slot = {n: eng.registry._slot_of(n).model_name for n in ("lora", "mix", "lora8")}
+    builds = _count_stack_builds(monkeypatch)
+    from moelora.layers import adapted
+
+    adapted._STACKS.clear()  # earlier tests may have left this composition built
+    fake = {"f0": slot["lora"], "f1": slot["mix"], "f2": None, "f3": slot["lora8"]}
+    with eng._model_lock:  # no step of the engine meanwhile
+        with eng._lock:
+            eng._adapter_of.update(fake)
+        try:
+            steps = [[("f0", 3), ("f1", 2), ("f2", 1)], [("f2", 2), ("f1", 1), ("f3", 2), ("f0", 1)],
+                     [("f3", 1), ("f0", 4)]]
+            plans = [eng._plan_for(layout, sum(q for _, q in layout)) for layout in steps]
+            counts = []
+            for layout, plan in zip(steps, plans):
+                want = [fake[r] for r, q in layout for _ in range(q)]
+                assert [plan.slot_names[i] for i in plan.row_slots.tolist()] == want
+                before = len(builds)
+                with torch.no_grad():
+                    m(torch.arange(1, len(want) + 1)[None], adapter_names=plan)
+                counts.append(len(builds) - before)
+        finally:
+            with eng._lock:
+                for r in fake:
+                    eng._adapter_of.pop(r, None)
+    assert plans[0].slot_names == plans[1].slot_names == plans[2].slot_names
+    assert counts[0] > 0 and counts[1] == 0 and counts[2] == 0, counts
+
+
+def test_concurrent_steps_reuse_stacks_and_equal_offline(served, monkeypatch):
+    """Many mixed packed steps (requests of 3 adapters and the base arriving and finishing at
+    different steps): the responses equal generate alone, and each site builds its stacks at most
+    once per stack composition (the resident set does not change here, so compositions only grow
+    as adapters first appear), not once per step."""
+    m, eng, refs = served
+    builds = _count_stack_builds(monkeypatch)
+    steps0 = eng.mixed_steps
+    lens = [4, 10, 6, 8, 3, 10, 5, 7]
+    rids = [eng.submit(p, n, max_new_tokens=k) for p, n, k in zip(PROMPTS, NAMES, lens)]
+    outs = [list(eng.stream(r)) for r in rids]
+    assert outs == [r[:k] for r, k in zip(refs, lens)]
+    mixed = eng.mixed_steps - steps0
+    assert mixed >= 4
+    per_site: dict = {}
+    for site, names in builds:
+        per_site.setdefault(site, []).append(names)
+    for names in per_site.values():  # none at all when an earlier test left the same composition built
+        assert len(names) == len(set(names)), names  # never the same composition twice
+        assert len(names) <= 3, names

@@ -225,6 +225,9 @@ class Engine:
         self.steps = 0  # packed batches run
         self.mixed_steps = 0  # of which used more than one adapter (base included)
         self.max_adapters_seen = 0  # most distinct adapters (base not counted) in one packed step
+        self._positions: list = []  # the stacks' slots: model adapter names (None: free), _stack_positions
+        self._pos_used: dict = {}  # name -> the step count when a step last used it (LRU of positions)
+        self._pos_clock = 0
         self.registry = AdapterRegistry(
             model, max_resident=max_resident_adapters, model_lock=self._model_lock,
             memory_bytes=None if adapter_memory_gb is None else int(float(adapter_memory_gb) * 2**30))
@@ -663,29 +666,111 @@ class Engine:
 
     # ---- called by the generation thread for every packed batch ------------------------------------
     def _plan_for(self, layout, num_q_tokens: int):
+        """The step's ``BatchPlan``. A mixed step's ``slot_names`` are the engine's stack positions
+        (``_stack_positions``), not the step's adapters in order of appearance: they change only
+        when an adapter that holds no position enters a step, so every adapted module's stacked
+        tensors (``_stacked_lora`` / ``_moe_stacks``, cached per site for the last composition)
+        are reused across steps; each token's index is its adapter's position, the base's the last
+        position (None)."""
         self.steps += 1
         st = self._state()
         if st is None:
             return None  # no adapter resident: the plain base
-        names: list = []
-        slots: list[int] = []
+        rows: list = []
+        present: dict = {}  # the step's adapters (None: the base), in order
         for rid, q in layout:
             n = self._adapter_of.get(rid)  # a cancelled request still in this batch: the base
             if n is not None and n not in st.adapters:
                 n = None
-            if n not in names:
-                names.append(n)
-            slots.extend([names.index(n)] * q)
-        if len(slots) < num_q_tokens:  # padding tokens (static shapes): the base
-            if None not in names:
-                names.append(None)
-            slots.extend([names.index(None)] * (num_q_tokens - len(slots)))
-        self.max_adapters_seen = max(self.max_adapters_seen, sum(n is not None for n in names))
-        if len(names) == 1 and (names[0] is None or st.adapters[names[0]].method != "lora_switch"):
-            return BatchPlan(names[0])  # uniform: the adapter's own fast path
-        if len(names) > 1:
+            rows.append((n, q))
+            present[n] = None
+        if sum(q for _, q in rows) < num_q_tokens:  # padding tokens (static shapes): the base
+            present[None] = None
+        self.max_adapters_seen = max(self.max_adapters_seen, sum(n is not None for n in present))
+        if len(present) == 1:
+            only = next(iter(present))
+            if only is None or st.adapters[only].method != "lora_switch":
+                return BatchPlan(only)  # uniform: the adapter's own fast path
+        else:
             self.mixed_steps += 1
-        return BatchPlan.per_token(names, torch.tensor(slots, dtype=torch.long, device=self.model.device))
+        names, pos = self._stack_positions(st, present)
+        base = len(names) - 1
+        slots: list[int] = []
+        for n, q in rows:
+            slots.extend([base if n is None else pos[n]] * q)
+        slots.extend([base] * (num_q_tokens - len(slots)))
+        return BatchPlan.per_token(names, self._slot_index(slots))
+
+    def _stack_positions(self, st, present) -> tuple[tuple, dict]:
+        """S-LoRA-style fixed slots for the stacks: a table of positions, each a resident slot's
+        model adapter name or free. An adapter keeps its position after its requests leave (a
+        later step of it finds its stacks built); a newcomer takes a free position, else, once the
+        table holds ``max_adapters_per_step`` (else ``max_resident_adapters``) positions, the least
+        recently used one whose adapter has no request inside CB; the other resident slots take
+        the room left (so while the resident set holds, the table does too). So the table, and the stacks
+        built over it, stay within the memory plan's ``max_adapters_per_step`` + 1 (the base)
+        slots. Returns (slot_names: the positions + None for the base, name -> position).
+        LoRA-Switch adapters not in this step are left out of its names (their rows take the
+        eager path at every site, which would hold back the stacks of all the others)."""
+        table = self._positions
+        for i, n in enumerate(table):
+            if n is not None and n not in st.adapters:  # the slot was dropped
+                table[i] = None
+        self._pos_clock += 1
+        pos = {n: i for i, n in enumerate(table) if n is not None}
+        cap = self.max_adapters_per_step or self.registry.max_resident
+        inside = None
+        for n in present:
+            if n is None:
+                continue
+            if n not in pos:
+                if None in table:
+                    i = table.index(None)
+                elif cap is None or len(table) < cap:
+                    i = len(table)
+                    table.append(None)
+                else:
+                    if inside is None:
+                        with self._lock:
+                            inside = set(self._adapter_of.values())
+                    idle = [i for i, m in enumerate(table) if m not in inside and m not in present]
+                    if idle:
+                        i = min(idle, key=lambda j: self._pos_used.get(table[j], 0))
+                        pos.pop(table[i], None)
+                    else:  # cannot happen under the admission cap; grow rather than fail the step
+                        i = len(table)
+                        table.append(None)
+                table[i] = n
+                pos[n] = i
+            self._pos_used[n] = self._pos_clock
+        # the other resident slots too, while there is room (never evicting for them): an adapter
+        # admitted later finds its position, and its first step rebuilds nothing
+        for n in [s.model_name for s in self.registry.slots if s.adapter is not None]:
+            if n in pos or n not in st.adapters:
+                continue
+            if None in table:
+                i = table.index(None)
+            elif cap is None or len(table) < cap:
+                i = len(table)
+                table.append(None)
+            else:
+                break
+            table[i] = n
+            pos[n] = i
+        if len(self._pos_used) > 4 * len(table) + 16:  # forget names that hold no position
+            self._pos_used = {n: t for n, t in self._pos_used.items() if n in pos}
+        names = tuple(None if n is None or (n not in present and st.adapters[n].method == "lora_switch") else n
+                      for n in table) + (None,)
+        return names, pos
+
+    def _slot_index(self, slots: list) -> torch.Tensor:
+        """The step's per-token positions on the model's device: on CUDA through pinned memory,
+        without blocking (a copy from pageable memory waits for the GPU queue)."""
+        dev = self.model.device
+        t = torch.tensor(slots, dtype=torch.long)
+        if dev.type != "cuda":
+            return t
+        return t.pin_memory().to(dev, non_blocking=True)
 
     def _sampling_for(self, rid: str):
         req = self._requests.get(rid)

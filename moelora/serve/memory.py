@@ -6,8 +6,9 @@ attention read and the LM head. A moelora engine needs more next to the cache, a
 allocated *after* the cache exists: the adapter slot pool (``adapter_memory_gb``), the
 activations of one packed step (MixLoRA's virtual experts are top-k times the FFN hidden), and
 the per-site stacks of a mixed step's adapters (``moelora.layers.adapted._stacked_lora`` /
-``_moe_stacks``: every adapter of the step copied into one zero-padded tensor per site, kept for
-the last composition). The first H200 run had none of it left free and failed with CUDA out of
+``_moe_stacks``: every adapter of the engine's stack positions copied into one zero-padded tensor
+per site, kept for the last composition; the positions, ``Engine._stack_positions``, are at most
+``max_adapters_per_step`` resident slots + the base, the same bound as one step's adapters). The first H200 run had none of it left free and failed with CUDA out of
 memory (README, Serving). So the engine sizes the cache itself and hands CB an explicit
 ``num_blocks``:
 
