@@ -207,8 +207,8 @@ class MixLoraAdapter(nn.Module):
         keep = None
         if state is not None and self.adapter_name is not None:
             keep = state.dropout_keep(self.adapter_name, tuple(shape), x.dtype, x.device, p)
-        if keep is None:  # torch's global RNG
-            keep = torch.empty(tuple(shape), dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+        if keep is None:  # torch's global RNG, drawn as F.dropout draws (same numbers consumed)
+            return torch.nn.functional.dropout(x.new_ones(tuple(shape)), p, training=True) != 0
         return keep.bool()
 
     def _mix_math(self, ffn, roles, loras, x, base_pre, idx, w, stacks, keeps, kernel):
