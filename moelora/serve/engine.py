@@ -60,6 +60,17 @@ _DONE = object()  # sentinel in a request's queue: cancelled or engine closed
 DEFAULT_MAX_BATCH_TOKENS = 2048  # tokens per packed step (CB's own default is 8192): bounds one step's activations
 
 
+def _room(table: list, cap) -> int | None:
+    """A free position of the stack table: a released one, else a new one while the table is
+    under ``cap`` (None: no cap); None when it is full."""
+    if None in table:
+        return table.index(None)
+    if cap is None or len(table) < cap:
+        table.append(None)
+        return len(table) - 1
+    return None
+
+
 class EngineError(RuntimeError):
     """A request failed inside the engine (its message says why)."""
 
@@ -724,12 +735,8 @@ class Engine:
             if n is None:
                 continue
             if n not in pos:
-                if None in table:
-                    i = table.index(None)
-                elif cap is None or len(table) < cap:
-                    i = len(table)
-                    table.append(None)
-                else:
+                i = _room(table, cap)
+                if i is None:
                     if inside is None:
                         with self._lock:
                             inside = set(self._adapter_of.values())
@@ -748,12 +755,8 @@ class Engine:
         for n in [s.model_name for s in self.registry.slots if s.adapter is not None]:
             if n in pos or n not in st.adapters:
                 continue
-            if None in table:
-                i = table.index(None)
-            elif cap is None or len(table) < cap:
-                i = len(table)
-                table.append(None)
-            else:
+            i = _room(table, cap)
+            if i is None:
                 break
             table[i] = n
             pos[n] = i
