@@ -483,3 +483,46 @@ def test_lora_shrink_equals_the_plain_composition_and_saves_less(autocast: bool)
     for a, b in zip(ref[:3], got[:3]):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert got[3] < ref[3]
+
+
+def _mixed_batch_step(recompute: bool, pack=None):
+    from moelora.methods.mixlora import layer as mixlayer
+
+    mixlayer._RECOMPUTE["on"] = recompute
+    try:
+        if pack is None:
+            return _mixed_batch_grads("llama", eager=False, seed=2)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return _mixed_batch_grads("llama", eager=False, seed=2)
+    finally:
+        mixlayer._RECOMPUTE["on"] = True
+
+
+def test_mixed_mixlora_recompute_equals_the_plain_composition() -> None:
+    """The virtual-expert mixture recomputed in backward (``_MixRecompute``, dropout masks drawn
+    up front as bools) gives the plain composition's logits, aux losses and gradients (bitwise:
+    the same ops on the same inputs, the same draws from each adapter's stream)."""
+    logits, aux, grads = _mixed_batch_step(True)
+    ref_logits, ref_aux, ref_grads = _mixed_batch_step(False)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    for k in ref_aux:
+        torch.testing.assert_close(aux[k], ref_aux[k], rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=0, msg=n)
+
+
+def test_mixed_mixlora_training_saves_no_per_slot_tensors() -> None:
+    """The mixed-batch MixLoRA mixture keeps no floating (N, K, F) tensor for backward (its
+    dropout masks as bools only); the plain composition does (the check has teeth)."""
+    F_ = 37  # make_tiny's FFN width; K = 2 (the batch's largest top-k)
+    found = {True: [], False: []}
+    for recompute in (True, False):
+        def pack(t, out=found[recompute]):  # the forward's saves (not the recompute's, in backward)
+            if (torch._C._current_graph_task_id() == -1 and t.is_floating_point() and t.dim() >= 3 and t.shape[-1] == F_ and t.shape[-2] == 2
+                    and not isinstance(t, torch.nn.Parameter)):
+                out.append(tuple(t.shape))
+            return t
+        _mixed_batch_step(recompute, pack)
+    assert found[False], "the plain composition should save (N, K, F) tensors"
+    assert not found[True], found[True]

@@ -33,6 +33,7 @@ from .. import _private
 from . import decode_graphs
 from .dispatch import decode_kernels_apply, gathered_kernel_applies, gathered_mixed_training
 from .lora_math import adapter_dropout
+from .mix_recompute import _MixRecompute, recompute_applies
 
 # ACT_NAMES: activation modules of transformers.activations that the fused MixLoRA decode kernel implements.
 ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
@@ -530,14 +531,56 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout):
         # 5.6 TFLOP a step at 8 jobs of SmolLM2's shape, 8k tokens, before the sub-batch). One
         # adapter (a solo job's stack) keeps the kernel.
         expert_lora = functools.partial(_segmented_expert_lora, seg=(layout, st["emax"]))
-    else:
-        expert_lora = functools.partial(_gathered_lora, scaling=1.0)
+    else:  # the kernel choice fixed here: a backward that recomputes the mixture takes the forward's
+        expert_lora = functools.partial(_gathered_lora, scaling=1.0, kernel=gathered_kernel_applies(x))
+    in_roles = ffn._in_roles()
+    e_roles = [r for r in (*in_roles, "down") if r in st["A"]]
+    if layout is None or not recompute_applies() or not _own_streams(ffn, adapters, e_roles):
+        # inference, or a dropping adapter without its own stream (its nn.Dropout draws from
+        # torch's global RNG as it goes): the plain composition, autograd saves its (N, K, F) tensors
+        def drop(role, t, _):
+            return _expert_dropout(ffn, t, adapters, layout, role)
+
+        return _mixture_math(ffn, x, base_pre, vid, w, st["A"], st["B"], expert_lora, drop, None)
+    # Training: the mixture recomputed in backward (_MixRecompute, as a MixLoRA adapter's own fused
+    # path): saved are x, the frozen pre-activations, vid/w, the stacks and the dropout masks as
+    # bools, drawn here in the order the plain composition draws them (role by role, adapter by
+    # adapter, each from its own stream), not its (N, K, F) pre-activations, hiddens and inputs.
+    K, n_hidden = vid.shape[1], ffn._proj("down").in_features
+    h_dtype = base_pre[in_roles[0]].dtype  # the hidden's dtype (frozen pre-activations, activated)
+    keeps = []
+    for role in e_roles:
+        shape, dtype = ((x.shape[0], x.shape[1]), x.dtype) if role != "down" else ((x.shape[0], K, n_hidden), h_dtype)
+        keeps += _expert_keep(ffn, shape, x.new_empty(0, dtype=dtype), adapters, layout, role)
+    bases = [base_pre[r] for r in in_roles]
+    stacks = [t for r in e_roles for t in (st["A"][r], st["B"][r])]
+    nb, ns = len(bases), len(stacks)
+
+    def run(x, vid, w, *rest):
+        stk = dict(zip(e_roles, zip(rest[nb:nb + ns:2], rest[nb + 1:nb + ns:2])))
+        kp = dict(zip(e_roles, zip(rest[nb + ns::3], rest[nb + ns + 1::3], rest[nb + ns + 2::3])))
+
+        def drop(role, t, like):
+            return _apply_keep(t, *kp[role], like)
+
+        return _mixture_math(ffn, x, dict(zip(in_roles, rest[:nb])), vid, w, {r: a for r, (a, _) in stk.items()},
+                             {r: b for r, (_, b) in stk.items()}, expert_lora, drop, h_dtype)
+
+    h_mix, down_delta = _MixRecompute.apply(run, x, vid, w, *bases, *stacks, *keeps)
+    return h_mix, (down_delta if "down" in st["A"] else None)
+
+
+def _mixture_math(ffn, x, base_pre, vid, w, stacks_a, stacks_b, expert_lora, drop, h_dtype):
+    """The expert part of ``_mixture``: the frozen pre-activations plus each (token, slot)'s
+    expert deltas, activated, mixed by w (one down projection later), and the down experts'
+    delta. ``drop(role, t, like)``: the experts' input dropout (``like``: the dtype the masks
+    were drawn in). What ``_MixRecompute`` runs twice in training."""
     pre = {}
     for role in ffn._in_roles():
         b = base_pre[role].unsqueeze(1)  # (N, 1, F)
-        if role in st["A"]:
-            xr = _expert_dropout(ffn, x, adapters, layout, role)
-            d = expert_lora(xr.to(st["A"][role].dtype), st["A"][role], st["B"][role], vid)
+        if role in stacks_a:
+            xr = drop(role, x, x.dtype)
+            d = expert_lora(xr.to(stacks_a[role].dtype), stacks_a[role], stacks_b[role], vid)
             pre[role] = b + d.to(b.dtype)
         else:
             pre[role] = b
@@ -546,11 +589,66 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout):
         h = h.expand(-1, vid.shape[1], -1)
     h_mix = (h * w.to(h.dtype).unsqueeze(-1)).sum(1)
     down_delta = None
-    if "down" in st["A"]:
-        hd = _expert_dropout(ffn, h, adapters, layout, "down")
-        down_delta = expert_lora(hd.to(st["A"]["down"].dtype), st["A"]["down"], st["B"]["down"], vid,
-                                 weight=w.to(st["A"]["down"].dtype))
+    if "down" in stacks_a:
+        if h_dtype is not None and h.dtype != h_dtype:
+            raise RuntimeError(f"down-expert dropout masks drawn in {h_dtype}, the hidden is {h.dtype}")
+        hd = drop("down", h, h.dtype)
+        down_delta = expert_lora(hd.to(stacks_a["down"].dtype), stacks_a["down"], stacks_b["down"], vid,
+                                 weight=w.to(stacks_a["down"].dtype))
     return h_mix, down_delta
+
+
+def _own_streams(ffn, adapters, roles) -> bool:
+    """Whether every adapter whose experts drop out (in training) draws from its own stream."""
+    if not ffn.training:
+        return True
+    state = ffn._state
+    for a in adapters:
+        if any(e is not None and e.lora_dropout.training and getattr(e.lora_dropout, "p", 0.0) > 0
+               for e in (a._expert(ffn, r) for r in roles)):
+            info = state.adapters.get(a.adapter_name)
+            if info is None or info.dropout_generator is None:
+                return False
+    return True
+
+
+def _expert_keep(ffn, shape, like, adapters, layout, role: str) -> list:
+    """``_expert_dropout``'s masks for an input of ``shape`` (drawn as it draws them, in ``like``'s
+    dtype), as [keep (bool, shape), row scales (M, 1[, 1]) float32, past-top-k slots (M, K, 1)
+    bool or None], or [None] * 3 where it is the identity. Every dropping adapter has its own
+    stream (``_own_streams``)."""
+    if not ffn.training or layout is None:
+        return [None] * 3
+    experts = [a._expert(ffn, role) for a in adapters]
+    if not any(e is not None and getattr(e.lora_dropout, "p", 0.0) > 0 for e in experts):
+        return [None] * 3
+    items, slots_past = [], []
+    for p, (a, e) in enumerate(zip(adapters, experts)):
+        c = layout["counts"][p]
+        k = a.top_k if len(shape) == 3 and shape[1] > a.top_k else None
+        items.append((e.lora_dropout if e is not None else torch.nn.Identity(), a.adapter_name,
+                      (c, *shape[1:]) if k is None else (c, k, *shape[2:])))
+        slots_past.append(k)
+    keeps, scales = _dropout_multipliers(ffn._state, items, like)
+    keeps = [m if k is None else torch.cat([m, m.new_ones((m.shape[0], shape[1] - k, *m.shape[2:]))], dim=1)
+             for m, k in zip(keeps, slots_past)]
+    keep = (keeps[0] if len(keeps) == 1 else torch.cat(keeps)).bool()
+    past = None
+    if any(k is not None for k in slots_past):
+        K = shape[1]
+        past = torch.cat([(torch.arange(K, device=like.device) >= (K if k is None else k)).expand(c, K)
+                          for k, c in zip(slots_past, layout["counts"])]).unsqueeze(-1)
+    return [keep, _row_scales(scales, layout["counts"], like.new_empty((0,) * len(shape))), past]
+
+
+def _apply_keep(t, keep, row_scale, past, like):
+    """``t`` through the masks of ``_expert_keep``: the values ``_expert_dropout`` computes."""
+    if keep is None:
+        return t
+    mult = keep.to(like) * row_scale
+    if past is not None:
+        mult = torch.where(past, torch.ones_like(mult), mult)  # slots past an adapter's top-k: kept as is
+    return (t * mult).to(t.dtype)
 
 
 def _segmented_expert_lora(t: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, vid: torch.Tensor,

@@ -25,6 +25,8 @@ from ...layers import decode_graphs
 from ...layers.dispatch import decode_kernels_apply
 from ...layers.dispatch import gathered_kernel_applies
 from ...layers.experts import LoraExperts, _gathered_lora
+# one home for the recomputing mixture, shared with the mixed-batch form (layers/adapted.py)
+from ...layers.mix_recompute import _RECOMPUTE, _MixRecompute, recompute_applies  # noqa: F401
 from ...layers.router import Routing, TopKRouter
 
 
@@ -190,7 +192,7 @@ class MixLoraAdapter(nn.Module):
             return self._mix_math(ffn, roles, loras, x, dict(zip(roles, rest[:nb])), idx, w,
                                   rest[nb:nb + ns], rest[nb + ns:], kernel)
 
-        if not (torch.is_grad_enabled() and _RECOMPUTE["on"]) or torch.compiler.is_compiling():
+        if not recompute_applies():
             return run(x, idx, w, *bases, *stacks, *keeps)
         h_mix, down_delta = _MixRecompute.apply(run, x, idx, w, *bases, *stacks, *keeps)
         return h_mix, (down_delta if loras[-1] is not None else None)
@@ -255,49 +257,8 @@ def _frozen(linear: nn.Module) -> nn.Linear:
     return getattr(linear, "base_layer", linear)
 
 
-_RECOMPUTE = {"on": True}  # tests switch it off to compare with the plain composition
-
-
 def _dropped(x: torch.Tensor, keep: torch.Tensor | None, lora) -> torch.Tensor:
     """x through the dropout whose keep mask is ``keep`` (x * keep * 1/(1-p), as the state's draw)."""
     if keep is None:
         return x
     return x * keep.to(x.dtype) * (1.0 / (1.0 - lora.lora_dropout.p))
-
-
-class _MixRecompute(torch.autograd.Function):
-    """``run(x, idx, w, *tensors)`` -> (h_mix, down_delta) computed without a graph; backward
-    recomputes it with one and differentiates (a checkpoint of the expert mixture alone).
-
-    Saved: its inputs only: x (n, D, the frozen gate/up projections' saved input too), the frozen
-    pre-activations (n, F), idx/w (n, K), the expert stacks (parameters) and the bool dropout
-    masks; not the (n, K, F) per-slot tensors. The frozen GEMMs stay outside (not recomputed).
-    Backward runs the same ops as the plain composition (same kernels: ``run`` fixes the
-    forward's choice), so gradients match it; eager twin: ``_RECOMPUTE["on"] = False``."""
-
-    @staticmethod
-    def forward(ctx, run, x, idx, w, *tensors):  # noqa: D102
-        ctx.run = run
-        ctx.dev = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(ctx.dev), torch.get_autocast_dtype(ctx.dev))
-        ctx.save_for_backward(x, idx, w, *tensors)
-        h_mix, down_delta = run(x, idx, w, *tensors)
-        ctx.has_down = down_delta is not None
-        return (h_mix, down_delta) if down_delta is not None else (h_mix, h_mix.new_zeros(()))
-
-    @staticmethod
-    def backward(ctx, g_mix, g_down):  # noqa: D102
-        saved = ctx.saved_tensors
-        need = ctx.needs_input_grad[1:]
-        inputs = [None if t is None else t.detach().requires_grad_(bool(n) and t.is_floating_point())
-                  for t, n in zip(saved, need)]
-        with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-            h_mix, down_delta = ctx.run(*inputs)
-        outs, grads = [h_mix], [g_mix]
-        if ctx.has_down and g_down is not None:
-            outs.append(down_delta)
-            grads.append(g_down)
-        wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        got = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True) if wrt else ())
-        res = [next(got) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in inputs]
-        return (None, *res)
