@@ -1,6 +1,11 @@
 """CPU measurements of one concurrent training step (saved activations, aten ops, time) for N jobs.
 
     python experiments/2026-12-02_concurrent_training/measure.py --jobs 1,2,4,8 [--triton]
+
+``saved_bytes`` (``bench.step_profile``) counts every storage packed by autograd during forward AND
+backward, so a form that recomputes in backward (``_MixRecompute``) is charged its transient
+backward tensors too; ``fwd_saved_bytes`` counts only what the forward leaves saved for backward
+(what is alive when backward starts: the activation peak).
 """
 import argparse
 import json
@@ -9,6 +14,42 @@ import time
 import torch
 
 from moelora.bench import concurrent_training as bench
+
+
+def forward_saved(model, s, jobs, batches, pad_id) -> int:
+    """Bytes autograd keeps for backward at the end of the forward (storages, parameters excluded)."""
+    from moelora.training.packing import pack_micro_batches, per_job_losses
+
+    names, _ = bench._attach(model, s, jobs)
+    device = next(model.parameters()).device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if st.data_ptr() and st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    model.train()
+    try:
+        micro = [batches[j][0] for j in jobs]
+        packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device,
+                                    pad_to_multiple_of=s.pad_multiple or None)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                        adapter_names=packed.adapter_names)
+            losses = per_job_losses(out.logits, packed)
+            aux = getattr(out, "aux_losses", None) or {}
+            total = sum(l + aux[names[j]].to(l.dtype) if names[j] in aux else l for j, l in zip(jobs, losses))
+        total.backward()
+        model.zero_grad(set_to_none=True)
+    finally:
+        bench._detach(model, names)
+    return sum(seen.values())
 
 
 def main():
@@ -38,10 +79,16 @@ def main():
     out = []
     with ctx:
         solo = {j: bench.step_profile(model, s, [j], batches, pad_id) for j in range(max(ns))}
+        for j in solo:
+            solo[j]["fwd_saved_bytes"] = forward_saved(model, s, [j], batches, pad_id)
         for n in ns:
             r = bench.step_profile(model, s, list(range(n)), batches, pad_id)
+            r["fwd_saved_bytes"] = forward_saved(model, s, list(range(n)), batches, pad_id)
             alone = sum(solo[j]["saved_bytes"] for j in range(n))
+            fwd_alone = sum(solo[j]["fwd_saved_bytes"] for j in range(n))
             r.update(n_jobs=n, solo_sum_saved_bytes=alone, ratio_vs_solo_sum=round(r["saved_bytes"] / alone, 3),
+                     solo_sum_fwd_saved_bytes=fwd_alone,
+                     fwd_ratio_vs_solo_sum=round(r["fwd_saved_bytes"] / fwd_alone, 3),
                      solo_sum_ops=sum(solo[j]["aten_ops"] for j in range(n)))
             out.append(r)
             print(json.dumps(r), flush=True)
