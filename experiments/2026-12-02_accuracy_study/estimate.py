@@ -22,6 +22,7 @@ import torch
 
 import moelora
 from moelora.bench.concurrent_training import _CountOps
+from moelora.bench.saved_tensors import SavedStorages
 from moelora.models import build_tiny_model
 from moelora.training.packing import pack_micro_batches, per_job_losses
 
@@ -45,30 +46,18 @@ def batch(rows: int, seq: int, vocab: int, seed: int) -> dict:
 
 
 def packed_step(model, names: list[str], rows: int, seq: int) -> dict:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return t
-        if st.data_ptr() and st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
     micro = [batch(rows, seq, model.config.vocab_size, i) for i in range(len(names))]
     packed = pack_micro_batches(micro, names, 0, "cpu", pad_to_multiple_of=64 if len(names) > 1 else None)
     model.train()
     counter = _CountOps()
     t0 = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
+    with SavedStorages(model) as saved, counter:
         out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, adapter_names=packed.adapter_names)
         aux = getattr(out, "aux_losses", None) or {}
         total = sum(l + aux[n].to(l.dtype) if n in aux else l for n, l in zip(names, per_job_losses(out.logits, packed)))
         total.backward()
     model.zero_grad(set_to_none=True)
-    return {"ops": counter.n, "saved_bytes": sum(seen.values()), "tokens": int(packed.input_ids.numel()),
+    return {"ops": counter.n, "saved_bytes": saved.nbytes, "tokens": int(packed.input_ids.numel()),
             "cpu_s": round(time.perf_counter() - t0, 2)}
 
 

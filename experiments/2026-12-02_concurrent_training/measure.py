@@ -14,6 +14,7 @@ import time
 import torch
 
 from moelora.bench import concurrent_training as bench
+from moelora.bench.saved_tensors import SavedStorages
 
 
 def forward_saved(model, s, jobs, batches, pad_id) -> int:
@@ -22,24 +23,12 @@ def forward_saved(model, s, jobs, batches, pad_id) -> int:
 
     names, _ = bench._attach(model, s, jobs)
     device = next(model.parameters()).device
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return t
-        if st.data_ptr() and st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
     model.train()
     try:
         micro = [batches[j][0] for j in jobs]
         packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device,
                                     pad_to_multiple_of=s.pad_multiple or None)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedStorages(model) as saved:
             out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                         adapter_names=packed.adapter_names)
             losses = per_job_losses(out.logits, packed)
@@ -49,7 +38,7 @@ def forward_saved(model, s, jobs, batches, pad_id) -> int:
         model.zero_grad(set_to_none=True)
     finally:
         bench._detach(model, names)
-    return sum(seen.values())
+    return saved.nbytes
 
 
 def main():
