@@ -2,10 +2,10 @@
 
     python experiments/2026-12-02_concurrent_training/measure.py --jobs 1,2,4,8 [--triton]
 
-``saved_bytes`` (``bench.step_profile``) counts every storage packed by autograd during forward AND
-backward, so a form that recomputes in backward (``_MixRecompute``) is charged its transient
-backward tensors too; ``fwd_saved_bytes`` counts only what the forward leaves saved for backward
-(what is alive when backward starts: the activation peak).
+``saved_bytes`` and ``fwd_saved_bytes`` come from ``bench.step_profile``: the first counts every
+storage packed by autograd during forward AND backward, so a form that recomputes in backward
+(``_MixRecompute``) is charged its transient backward tensors too; the second only what the
+forward leaves saved for backward (what is alive when backward starts: the activation peak).
 """
 import argparse
 import json
@@ -14,31 +14,6 @@ import time
 import torch
 
 from moelora.bench import concurrent_training as bench
-from moelora.bench.saved_tensors import SavedStorages
-
-
-def forward_saved(model, s, jobs, batches, pad_id) -> int:
-    """Bytes autograd keeps for backward at the end of the forward (storages, parameters excluded)."""
-    from moelora.training.packing import pack_micro_batches, per_job_losses
-
-    names, _ = bench._attach(model, s, jobs)
-    device = next(model.parameters()).device
-    model.train()
-    try:
-        micro = [batches[j][0] for j in jobs]
-        packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device,
-                                    pad_to_multiple_of=s.pad_multiple or None)
-        with SavedStorages(model) as saved:
-            out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                        adapter_names=packed.adapter_names)
-            losses = per_job_losses(out.logits, packed)
-            aux = getattr(out, "aux_losses", None) or {}
-            total = sum(l + aux[names[j]].to(l.dtype) if names[j] in aux else l for j, l in zip(jobs, losses))
-        total.backward()
-        model.zero_grad(set_to_none=True)
-    finally:
-        bench._detach(model, names)
-    return saved.nbytes
 
 
 def main():
@@ -68,11 +43,8 @@ def main():
     out = []
     with ctx:
         solo = {j: bench.step_profile(model, s, [j], batches, pad_id) for j in range(max(ns))}
-        for j in solo:
-            solo[j]["fwd_saved_bytes"] = forward_saved(model, s, [j], batches, pad_id)
         for n in ns:
             r = bench.step_profile(model, s, list(range(n)), batches, pad_id)
-            r["fwd_saved_bytes"] = forward_saved(model, s, list(range(n)), batches, pad_id)
             alone = sum(solo[j]["saved_bytes"] for j in range(n))
             fwd_alone = sum(solo[j]["fwd_saved_bytes"] for j in range(n))
             r.update(n_jobs=n, solo_sum_saved_bytes=alone, ratio_vs_solo_sum=round(r["saved_bytes"] / alone, 3),

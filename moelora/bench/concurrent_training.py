@@ -45,6 +45,7 @@ import torch
 import moelora
 from moelora.bench.jsonio import atomic_open, write_json
 from moelora.bench.models import MODEL_SHAPES, build_shape_model
+from moelora.bench.saved_tensors import SavedStorages
 from moelora.bench.versions import record_versions
 from moelora.data import IGNORE_INDEX
 from moelora.training.packing import pack_micro_batches, per_job_losses
@@ -199,44 +200,33 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 def step_profile(model, s: Settings, jobs: list[int], batches: dict[int, list[dict]], pad_id: int) -> dict:
     """One packed training forward/backward of ``jobs`` (their first micro-batch), measured:
-    ``saved_bytes``: the bytes autograd keeps for backward (``saved_tensors_hooks``; each storage
-    counted once, the model's parameters and frozen weights excluded: what grows with the jobs),
+    ``saved_bytes``: the bytes of every storage autograd packs during forward and backward
+    (``SavedStorages``: each storage once, the model's parameters and frozen weights excluded),
+    ``fwd_saved_bytes``: of those, what the forward leaves saved for backward (alive when backward
+    starts: the activation peak; a form that recomputes in backward packs more there),
     ``aten_ops`` (forward + backward) and the step's seconds (CPU). For CPU analysis of the GPU
     step: memory of saved activations and launch counts do not depend on the device."""
     names, _ = _attach(model, s, jobs)
     device = next(model.parameters()).device
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return t
-        ptr = st.data_ptr()
-        if ptr not in params and ptr:
-            seen[ptr] = st.nbytes()
-        return t
-
     model.train()
     try:
         micro = [batches[j][0] for j in jobs]
         packed = pack_micro_batches(micro, [names[j] for j in jobs], pad_id, device, pad_to_multiple_of=s.pad_multiple or None)
         counter = _CountOps()
         t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter:
+        with SavedStorages(model) as saved, counter:
             out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                         adapter_names=packed.adapter_names)
             losses = per_job_losses(out.logits, packed)
             aux = getattr(out, "aux_losses", None) or {}
             total = sum(l + aux[names[j]].to(l.dtype) if names[j] in aux else l for j, l in zip(jobs, losses))
-            fwd_ops = counter.n
+            fwd_ops, fwd_saved = counter.n, saved.nbytes
             total.backward()
         elapsed = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
     finally:
         _detach(model, names)
-    return {"saved_bytes": sum(seen.values()), "aten_ops": counter.n, "aten_ops_forward": fwd_ops,
+    return {"saved_bytes": saved.nbytes, "fwd_saved_bytes": fwd_saved, "aten_ops": counter.n, "aten_ops_forward": fwd_ops,
             "seconds": round(elapsed, 4), "tokens": int(packed.input_ids.numel())}
 
 

@@ -5,8 +5,8 @@
     saved.nbytes            # bytes autograd holds for backward (each storage once)
 
 Counted through ``torch.autograd.graph.saved_tensors_hooks``: a storage saved by several ops (or
-viewed by several saved tensors) counts once; parameters (frozen or trainable) do not count. The
-experiment scripts of concurrent training and of the accuracy study's estimate use it.
+viewed by several saved tensors) counts once; parameters (frozen or trainable) do not count.
+Used by ``moelora.bench.concurrent_training.step_profile`` and the accuracy study's estimate.
 """
 from __future__ import annotations
 
