@@ -123,6 +123,42 @@ def test_a_returned_cache_is_never_reused():
     assert again is not cache and torch.equal(cache.layers[0].keys, keys)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_held_cache_follows_deepcopy_and_dtype_moves():
+    """The reused cache lives in the adapter state: a deep copy gets its own (generating with one
+    never writes into the other's), and after ``.to(dtype)`` the next call gets a cache of the
+    new dtype instead of the held one; the tokens equal a fresh eager generate each time."""
+    import copy
+
+    model = moelora.inject_adapter(make_tiny("llama"), moelora.LoraConfig(r=4, lora_dropout=0.0))
+    randomize_adapter_(model)
+    model.eval()
+    ids = torch.randint(3, 61, (2, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+    def static(m):
+        with torch.no_grad():
+            return m.generate(ids, cache_implementation="static", **kw)
+
+    def eager(m):
+        with torch.no_grad():
+            return m.generate(ids, **kw)
+
+    first = static(model)
+    held = model.moelora_state.generation_cache[2]
+    twin = copy.deepcopy(model)
+    twin_cache = twin.moelora_state.generation_cache[2]
+    assert twin_cache is not held and twin_cache.layers[0].keys.data_ptr() != held.layers[0].keys.data_ptr()
+    keys = held.layers[0].keys.clone()
+    assert torch.equal(static(twin), first)
+    assert torch.equal(held.layers[0].keys, keys)  # the copy generated into its own cache
+    model.to(torch.float64)
+    out = static(model)
+    cache = model.moelora_state.generation_cache[2]
+    assert cache is not held and cache.layers[0].keys.dtype == torch.float64
+    assert torch.equal(out, eager(model))
+
+
 # ---- the benchmark measures this path: mode static_new ------------------------------------------
 def test_bench_static_new_mode_calls_generate_as_users_do(tmp_path):
     from moelora.bench import latency
