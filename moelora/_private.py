@@ -68,6 +68,21 @@ class Float32Params(nn.Module):
         return out
 
 
+def mark_static_inputs(obj) -> None:
+    """Mark every tensor in ``obj`` (a tensor, or dicts / tuples / lists of them) as a static input
+    of compiled graphs (``torch._dynamo.mark_static_address``, ``guard=False``): CUDA-graph trees
+    read it in place instead of copying it into the graph's own buffer at every replay, and a new
+    tensor in its place re-records the graph rather than recompiling it."""
+    if isinstance(obj, torch.Tensor):
+        torch._dynamo.mark_static_address(obj, guard=False)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            mark_static_inputs(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            mark_static_inputs(v)
+
+
 def module_dict_get(md: nn.ModuleDict, key):
     """``md[key]`` or None, in one dict lookup (the decode hot path)."""
     return md._modules.get(key)

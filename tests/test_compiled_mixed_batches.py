@@ -36,9 +36,9 @@ def _compiled_generate_graphs(model, ids, names):
     return graphs, out
 
 
-def _two_adapter_model():
+def _two_adapter_model(device: str = "cpu"):
     """A tiny Llama with LoRA adapters "a" (r4) and "b" (r8) on TARGETS, B non-zero, eval mode."""
-    model, _ = build_shape_model("tiny_shape", "float32", "cpu", 0)
+    model, _ = build_shape_model("tiny_shape", "float32", device, 0)
     moelora.inject_adapter(model, moelora.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), adapter_name="a")
     moelora.add_adapter(model, "b", moelora.LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS))
     with torch.no_grad():
@@ -79,8 +79,9 @@ def test_compiled_mixed_batch_runs_the_slots_delta_as_the_decode_op():
     if not (torch.cuda.is_available() or backend.interpreted()):
         pytest.skip("needs CUDA or the Triton interpreter")
     torch._dynamo.reset()
-    model = _two_adapter_model()
-    ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors take the torch path on a CUDA machine
+    model = _two_adapter_model(dev)
+    ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1)).to(dev)
     names = ["a", "b", None]
     with moelora.kernel_backend("triton"):
         graphs, out = _compiled_generate_graphs(model, ids, names)
@@ -93,3 +94,50 @@ def test_compiled_mixed_batch_runs_the_slots_delta_as_the_decode_op():
         eager = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                min_new_tokens=4, do_sample=False, pad_token_id=0, adapter_names=names)
     assert torch.equal(out, eager)
+
+
+def _eager_tokens(model, ids, names):
+    with torch.no_grad(), moelora.kernel_backend("torch"):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                              min_new_tokens=4, do_sample=False, pad_token_id=0, adapter_names=names)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_compiled_mixed_decode_reads_the_prefills_adapter_stacks():
+    """Inside ``generate`` the compiled mixed decode step reads the batch's stacked adapters that
+    the eager prefill built (a graph input), instead of padding and stacking every adapter in the
+    graph at every step; an adapter written in place between two calls is seen by the next call
+    (the prefill checks and rebuilds the stacks), with the same graph."""
+    torch._dynamo.reset()
+    model = _two_adapter_model()
+    ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(2))
+    names = ["a", "b", None]
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cc = CompileConfig(backend=record, mode=None, fullgraph=False)
+    cc._compile_all_devices = True
+
+    def compiled_tokens():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                  min_new_tokens=4, do_sample=False, pad_token_id=0, adapter_names=names,
+                                  cache_implementation="static", compile_config=cc)
+
+    out = compiled_tokens()
+    assert len(graphs) == 1, f"the decode step broke into {len(graphs)} graphs"
+    built = [n.format_node() for n in graphs[0].graph.nodes
+             if n.op == "call_function" and getattr(n.target, "__name__", "") in ("pad", "stack")]
+    assert not built, f"adapter stacks built inside the compiled decode step: {built[:4]}"
+    assert torch.equal(out, _eager_tokens(model, ids, names))
+    with torch.no_grad():  # change adapter b in place: the next call must decode with the new weights
+        for name, p in model.named_parameters():
+            if "adapters.b." in name and "lora_B" in name:
+                p.mul_(-3.0)
+    expected = _eager_tokens(model, ids, names)
+    assert not torch.equal(expected, out), "the change should alter the tokens (else the test shows nothing)"
+    assert torch.equal(compiled_tokens(), expected)
+    assert len(graphs) == 1, "the second call recompiled the decode step"
