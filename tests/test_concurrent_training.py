@@ -526,3 +526,17 @@ def test_mixed_mixlora_training_saves_no_per_slot_tensors() -> None:
         _mixed_batch_step(recompute, pack)
     assert found[False], "the plain composition should save (N, K, F) tensors"
     assert not found[True], found[True]
+
+
+@pytest.mark.gpu
+def test_a_queued_job_starts_on_the_gpu_after_another_jobs_test(tmp_path: Path) -> None:
+    """On a GPU trainer Lightning's teardown after a job's test moves the module to the CPU; the
+    shared base must come back, so that the queued job (and the running ones) train on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpu = ["trainer=gpu", "trainer.precision=32-true", "test=true", "plot=false", "trainer.val_check_interval=1000"]
+    cfgs = [compose_train_config([*FAST, "trainer.max_steps=3", *JOBS[j], *gpu], output_dir=tmp_path / j)
+            for j in ("lora_r4", "mixlora_r8", "lora_r8")]
+    res = train_concurrently(cfgs, max_concurrent_jobs=1, progress=False)
+    assert [r["status"] for r in res] == ["finished"] * 3, [r.get("error") for r in res]
+    assert all("test/acc" in r["metrics"] for r in res), res

@@ -506,6 +506,11 @@ class _GroupLoop:
             with moelora.use_adapter(self.model, job.name):
                 results = run(job.module, datamodule=job.datamodule, verbose=False)
         finally:
+            # Lightning's strategy teardown moves the module to the CPU after validate/test (GPU
+            # trainers): the shared base of every other job with it. H200: the next job's first
+            # forward failed with "index is on cuda:0, ... other tensors on cpu".
+            if next(self.model.parameters()).device != self.device:
+                self.model.to(self.device)
             self.model.train()
         metrics: dict[str, float] = {}
         for part in results or []:
