@@ -33,14 +33,15 @@ def tensor_stamp(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.dtype, t.device, t._version)
 
 
-def version_stamps(tensors) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, in-place version) pairs: what a cache built from ``tensors`` was built from."""
-    return [(t, t._version) for t in tensors]
+def version_stamps(tensors) -> list[tuple[torch.Tensor, tuple]]:
+    """(tensor, ``tensor_stamp``) pairs: what a cache built from ``tensors`` was built from."""
+    return [(t, tensor_stamp(t)) for t in tensors]
 
 
 def stamps_match(stamps, tensors) -> bool:
-    """The same tensor objects as ``stamps``, none written in place since."""
-    return len(stamps) == len(tensors) and all(t is u and t._version == v for (t, v), u in zip(stamps, tensors))
+    """The same tensor objects as ``stamps``, on the same storage (``.to()``/``.half()`` swap a
+    parameter's storage, not the object) and none written in place since."""
+    return len(stamps) == len(tensors) and all(t is u and tensor_stamp(t) == v for (t, v), u in zip(stamps, tensors))
 
 
 def stamp_change(t: torch.Tensor, stamp: tuple | None) -> str | None:

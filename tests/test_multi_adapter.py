@@ -415,3 +415,20 @@ def test_pickle_round_trip_in_a_fresh_process(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.pkl"), str(tmp_path / "io.pt")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_mixed_batch_stacks_follow_a_dtype_move():
+    """The stacked adapters a mixed batch builds are rebuilt after ``model.double()`` (the
+    parameters keep their objects and in-place versions there, only their storage changes):
+    before, the float32 stacks stayed and the float64 batch was computed at float32 precision."""
+    model = _model(names=("lora4", "lora8"))
+    ids, mask = _left_padded(b=2)
+    names = ["lora4", "lora8"]
+    with torch.no_grad():
+        model(ids, attention_mask=mask, adapter_names=names)  # builds the float32 stacks
+        model.double()
+        mixed = model(ids, attention_mask=mask, adapter_names=names).logits
+        alone = _alone(model, ids, mask, names)
+    assert mixed.dtype == torch.float64
+    err = (mixed - alone).abs().max().item()
+    assert err < 1e-11, f"mixed batch after .double() differs from each row alone by {err:.2e}"

@@ -62,6 +62,9 @@ class AdaptedLinear(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self._state = state
+        # the stacked adapters of the last mixed-batch composition (``_cached_per_site``): a plain
+        # attribute, so a deepcopy carries its own and the compiled decode step reads it directly
+        self.batch_stacks: tuple | None = None
 
     # the frozen linear's interface (fused kernels read weight/bias of the projections)
     @property
@@ -123,6 +126,9 @@ class AdaptedFFN(nn.Module):
         self.act_name = ACT_NAMES.get(type(self.act_fn).__name__)  # None: no fused decode kernel
         self.fused_gate_up = "gate_up" in proj_names
         self._state = state
+        # the stacked adapters of the last mixed-batch composition (``_cached_per_site``): a plain
+        # attribute, so a deepcopy carries its own and the compiled decode step reads it directly
+        self.batch_stacks: tuple | None = None
 
     @property
     def router(self):
@@ -346,14 +352,11 @@ def _slot_scales(site, present, h_dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-_STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
 def _cached_per_site(site, names, tensors, build):
-    """``build()`` for this site and batch composition: cached for the last composition (outside
-    the module: no state_dict/deepcopy side effects) and checked at every use against each
-    tensor's identity and in-place version, so training, loading or replacing an adapter rebuilds
-    it.
+    """``build()`` for this site and batch composition: cached for the last composition in
+    ``site.batch_stacks`` (not a buffer: no state_dict side effects) and checked at every use
+    against each tensor's identity, storage and in-place version, so training, loading,
+    replacing or moving (``.to()``) an adapter rebuilds it.
 
     Under torch.compile inside ``model.generate`` (``generation_names`` set), the compiled decode
     steps read the entry that the same call's eager prefill checked and refreshed, as a static
@@ -361,16 +364,19 @@ def _cached_per_site(site, names, tensors, build):
     step (CPU trace: mixed graph 1169 nodes vs 313 single-adapter at 2 layers; H200: the 32-layer
     mixed step took 3.5x the single-adapter step's compile, over 150 s) and re-copied every
     adapter at every step. Compiled forwards outside ``generate`` have no such prefill, so they
-    build in the graph (correct, slower)."""
-    hit = _STACKS.get(site)
+    build in the graph (correct, slower). An attribute of the site, not a module-level weak
+    dictionary: dynamo guarded such a dictionary's length (torch 2.11), so any other model freed
+    would have recompiled the step."""
+    hit = site.batch_stacks
     if torch.compiler.is_compiling():
         fresh = site._state.generation_names is not None and hit is not None and hit[0] == names
         return hit[2] if fresh else build()
     if hit is not None and hit[0] == names and _private.stamps_match(hit[1], tensors):
         return hit[2]
+    site.batch_stacks = None  # the old stacks are garbage before the new ones are built
     out = build()
     _private.mark_static_inputs(out)
-    _STACKS[site] = (names, _private.version_stamps(tensors), out)
+    site.batch_stacks = (names, _private.version_stamps(tensors), out)
     return out
 
 
