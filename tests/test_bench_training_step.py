@@ -1,0 +1,83 @@
+"""python -m moelora.bench.training_step on the CPU (issue 19): a row per method with positive
+tokens/s, the result files, different trainable counts for LoRA and MixLoRA, PEFT-relative ratios,
+and one step really trains (the adapter moves, the frozen base does not)."""
+import argparse
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from moelora.bench import training_step
+from moelora.bench.versions import FIELDS
+
+TINY = ["--model", "tiny_shape", "--layers", "2", "--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1",
+        "--rounds", "1", "--device", "cpu"]
+
+
+def test_cli_writes_a_row_per_method(tmp_path, capsys):
+    pytest.importorskip("peft")
+    res = training_step.main([*TINY, "--methods", "peft_lora,lora,mixlora", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["peft_lora", "lora", "mixlora"]
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["tok_s"] > 0 and r["step_ms"] > 0 and r["tokens"] == 64
+        assert math.isclose(r["tok_s"], 64 / (r["step_ms"] / 1e3))
+        assert r["peak_mem_gb"] is None and math.isfinite(r["loss"])  # no peak memory on the CPU
+        assert r["tok_s_x_peft"] > 0
+    assert rows["peft_lora"]["tok_s_x_peft"] == 1.0
+    assert rows["lora"]["trainable"] == rows["peft_lora"]["trainable"]  # same rank on the same 7 linears
+    assert rows["mixlora"]["trainable"] > rows["lora"]["trainable"]  # 8 experts on the FFN + routers
+    saved = json.loads((tmp_path / "training_step.json").read_text())
+    assert all(k in saved["environment"] for k in FIELDS) and saved["environment"]["command"]
+    assert [r["method"] for r in saved["round_rows"]] == ["peft_lora", "lora", "mixlora"]
+    with open(tmp_path / "training_step.csv", newline="") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["peft_lora", "lora", "mixlora"]
+    out = capsys.readouterr().out
+    assert "| mixlora |" in out and "command:" in out and "device:" in out
+
+
+def test_an_error_is_a_row_and_the_budget_skips(tmp_path, monkeypatch):
+    real = training_step.build_method
+
+    def broken(method, *args):
+        if method == "lora":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(method, *args)
+
+    monkeypatch.setattr(training_step, "build_method", broken)
+    res = training_step.main([*TINY, "--rounds", "2", "--methods", "lora,mixlora_plain", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert "out of memory" in rows["lora"]["error"]
+    assert "error" not in rows["mixlora_plain"] and rows["mixlora_plain"]["rounds"] == 2
+    assert rows["mixlora_plain"]["tok_s_x_peft"] is None  # no PEFT baseline in this run
+    assert [r["method"] for r in res["round_rows"]] == ["lora", "mixlora_plain"] * 2
+    assert res["round_rows"][2]["error"].startswith("skipped after")
+    from moelora.methods.mixlora import layer as mixlayer
+
+    assert mixlayer._RECOMPUTE["on"]  # the eager twin's switch is put back
+    res = training_step.main([*TINY, "--methods", "lora", "--time-budget-s", "-1", "--out", str(tmp_path)])
+    assert res["rows"][0]["error"].startswith("skipped: time budget")
+
+
+@pytest.mark.parametrize("method", ["lora", "mixlora"])
+def test_one_step_trains_the_adapter_only(method):
+    a = argparse.Namespace(model="tiny_shape", layers=2, r=4, dropout=0.0, seed=0, experts=4, top_k=2)
+    device = torch.device("cpu")
+    model = training_step.build_method(method, a, device, torch.float32)
+    ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    step, params = training_step.make_step(model, ids, device, autocast=False)
+    assert params and all(p.requires_grad for p in params)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss0 = float(step())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        if n in trained:
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+    for _ in range(4):
+        loss = float(step())
+    assert loss < loss0  # same batch, lr 3e-3: the loss goes down
