@@ -64,7 +64,8 @@ class BatchPlan:
     base) and ``row_slots`` (B,) maps each row to its slot. ``token_slots(B, T)`` expands that to
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
-    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg", "_maps")
+    __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg", "_maps",
+                 "epoch")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
                  row_slots: torch.Tensor | None = None) -> None:
@@ -75,6 +76,10 @@ class BatchPlan:
         self._seg: tuple | None = None
         self._maps: dict = {}
         self.packed = False
+        # None, or a promise of the plan's maker (the serving engine: its registry's generation)
+        # that no adapter tensor of the model changed since an earlier plan of the same epoch: the
+        # adapted modules then reuse what they checked in that epoch (``adapted._slot_memo``)
+        self.epoch = None
         # Per slot, the sequence length its rows had in their own (right-padded) batch before they
         # were padded to this batch's length, or None; set by concurrent training so that an
         # adapter's dropout masks have the shape they have when it runs alone (``AdapterState.dropout``).
@@ -89,14 +94,17 @@ class BatchPlan:
             self.row_slots = None
 
     @classmethod
-    def per_token(cls, slot_names, token_slots: torch.Tensor) -> "BatchPlan":
+    def per_token(cls, slot_names, token_slots: torch.Tensor, epoch=None) -> "BatchPlan":
         """A mixed plan for a packed batch (continuous batching: every request's tokens flattened
         into one sequence): ``token_slots`` (N,) gives each token's index into ``slot_names``
         (None = base). The N tokens are the plan's rows, one token each, so every adapted module
         reads them through ``token_slots(N, 1)`` like any mixed batch (or ``token_slots(1, N)``: the
         packed sequence as the model sees it, e.g. LoRA-Switch's layer-0 router). Pass it as
-        ``adapter_names=plan`` to the forward (``AdapterState.resolve_names`` returns it as is)."""
+        ``adapter_names=plan`` to the forward (``AdapterState.resolve_names`` returns it as is).
+        ``epoch``: see ``__init__`` (only a caller that alone changes the model's adapters, and
+        takes a new epoch at every change, may give one)."""
         plan = cls.__new__(cls)
+        plan.epoch = epoch
         plan.name = None
         plan.row_names = None
         plan.mixed = True
@@ -411,9 +419,14 @@ class AdapterState:
             # outputs that the next replay overwrites, so a record kept past its step would be
             # stale, and live outputs constrain how cudagraph trees may replay.
             return
+        self.record_entry(adapter, LayerRouting(layer, routing, token_mask, num_experts))
+
+    def record_entry(self, adapter: str | None, entry) -> None:
+        """Keep ``entry`` (a ``LayerRouting``, or an object with its attributes whose ``routing`` /
+        ``token_mask`` are computed on first read: the mixed inference mixture's) for ``entry.layer``."""
         if not self.in_forward:
             self.records = {}  # an inner module called on its own: its records only
-        self.records.setdefault(adapter, {})[layer] = LayerRouting(layer, routing, token_mask, num_experts)
+        self.records.setdefault(adapter, {})[entry.layer] = entry
 
     def end_compiled_step(self) -> None:
         """Drop step-local tensors held on Python objects (see ``record``); compiled inference only."""

@@ -186,11 +186,7 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
     base = site.base_layer
     x2 = x.reshape(-1, x.shape[-1])
     B, T = _batch_shape(plan, x2)
-    adapters = [_private.module_dict_get(site.adapters, n) for n in plan.slot_names]
-    present = [a for a in adapters if a is not None]
-    # len(), not bool(list): dynamo in torch 2.11 cannot trace bool() of a list, and that graph
-    # break split the compiled decode step per layer (H200: 32-layer mixed batch at 2.66x base)
-    plain_lora = len(present) > 0 and all(a.kind == "lora" and not a.merged for a in present)
+    adapters, present, plain_lora = _slot_memo(site, plan, _linear_slots)
     if plain_lora and not torch.is_grad_enabled() and not site.training:
         stacks = _stacked_lora(site, plan.slot_names, adapters)
         state = site._state
@@ -217,6 +213,33 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
         if rows.numel():
             y2.index_add_(0, rows, a.delta_rows(site, x2[rows], slot).to(y2.dtype))
     return y
+
+
+def _linear_slots(site, names) -> tuple:
+    adapters = [_private.module_dict_get(site.adapters, n) for n in names]
+    present = [a for a in adapters if a is not None]
+    # len(), not bool(list): dynamo in torch 2.11 cannot trace bool() of a list, and that graph
+    # break split the compiled decode step per layer (H200: 32-layer mixed batch at 2.66x base)
+    plain_lora = len(present) > 0 and all(a.kind == "lora" and not a.merged for a in present)
+    return adapters, present, plain_lora
+
+
+def _slot_memo(site, plan, compute) -> tuple:
+    """``compute(site, plan.slot_names)``: the site's adapters of the plan's slots and what the
+    forward decides from them, O(slots) Python per site. A plan with an ``epoch`` (the serving
+    engine's: its registry changes the model's adapters only between steps, and a new epoch each
+    time) reuses the site's last result for the same slot names and epoch: with 32 resident slots
+    that lookup and the stacks' staleness check (``_cached_per_site``) were ~150 us of Python per
+    adapted linear and step (CPU), ~35 ms per step of a 32-layer model. Any other plan computes."""
+    epoch = plan.epoch
+    if epoch is None or torch.compiler.is_compiling():
+        return compute(site, plan.slot_names)
+    memo = site.__dict__.get("_slots_memo")
+    if memo is not None and memo[1] == epoch and memo[0] == plan.slot_names:
+        return memo[2]
+    out = compute(site, plan.slot_names)
+    site.__dict__["_slots_memo"] = (plan.slot_names, epoch, out)
+    return out
 
 
 def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tensor:
@@ -371,12 +394,22 @@ def _cached_per_site(site, names, tensors, build):
     if torch.compiler.is_compiling():
         fresh = site._state.generation_names is not None and hit is not None and hit[0] == names
         return hit[2] if fresh else build()
+    # the serving engine's plans carry an epoch (``_slot_memo``): the stacks checked in this epoch
+    # are not checked again (no adapter tensor changes within one); any other forward checks
+    state = site._state
+    epoch = state.plan.epoch if state.in_forward else None
+    if epoch is not None and hit is not None and hit[0] == names and len(hit) > 3 and hit[3] == epoch:
+        return hit[2]
+    if callable(tensors):
+        tensors = tensors()
     if hit is not None and hit[0] == names and _private.stamps_match(hit[1], tensors):
+        if epoch is not None:
+            site.batch_stacks = (*hit[:3], epoch)
         return hit[2]
     site.batch_stacks = None  # the old stacks are garbage before the new ones are built
     out = build()
     _private.mark_static_inputs(out)
-    site.batch_stacks = (names, _private.version_stamps(tensors), out)
+    site.batch_stacks = (names, _private.version_stamps(tensors), out, epoch)
     return out
 
 
@@ -401,7 +434,7 @@ def _stacked_lora(site, names, adapters):
         scal = torch.stack([ref.new_full((), 0.0 if a is None else a.scaling) for a in adapters])
         return torch.stack(a_rows), torch.stack(b_rows), scal
 
-    return _cached_per_site(site, names, _tensors(adapters), build)
+    return _cached_per_site(site, names, lambda: _tensors(adapters), build)
 
 
 def _tensors(adapters) -> list[torch.Tensor]:
@@ -418,8 +451,8 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     Otherwise (top-p / switch routing, router jitter in training, or inside
     ``dispatch.eager_mixed_batches``) the loop over the batch's adapters below, the reference the
     virtual-expert path is tested against."""
-    adapters = [_private.module_dict_get(ffn.adapters, n) for n in plan.slot_names]
-    if all(a is None for a in adapters):
+    adapters, present, all_topk = _slot_memo(ffn, plan, _ffn_slots)
+    if len(present) == 0:
         return ffn.base_layer(hidden)
     shape = hidden.shape
     x = hidden.reshape(-1, shape[-1])
@@ -427,11 +460,10 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     base_pre = {role: ffn._proj(role)(x) for role in ffn._in_roles()}
     state = ffn._state
     mask = state.token_mask_for(B, T)
-    present = [a for a in adapters if a is not None]
     inference = not torch.is_grad_enabled() and not ffn.training
     # Training takes the virtual experts too (differentiable stacks), except with router jitter,
     # whose noise the loop draws per adapter.
-    virtual = all(a.strategy == "topk" for a in present) and (inference or (
+    virtual = all_topk and (inference or (
         gathered_mixed_training() and not (ffn.training and any(a.router.jitter_noise > 0 for a in present))))
     if virtual:
         h_mix, down_delta = _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train=not inference)
@@ -459,6 +491,12 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     return y.view(shape)
 
 
+def _ffn_slots(ffn, names) -> tuple:
+    adapters = [_private.module_dict_get(ffn.adapters, n) for n in names]
+    present = [a for a in adapters if a is not None]
+    return adapters, present, all(a.strategy == "topk" for a in present)
+
+
 def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool = False):
     """Every MixLoRA adapter of the batch as one mixture: their routers stacked into one
     (S·E_max, D) matrix, each token's softmax/top-k restricted to its own adapter's columns
@@ -476,7 +514,7 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     if not train:
         tok = plan.token_slots(B, T)
         st = _moe_stacks(ffn, plan.slot_names, adapters)
-        return _mixture(ffn, x, base_pre, adapters, tok, mask, st, None)
+        return _mixture(ffn, x, base_pre, adapters, tok, mask, st, None, plan._maps)
     slots = tuple(s for s, a in enumerate(adapters) if a is not None)
     present = [adapters[s] for s in slots]
     mp = plan.segment_maps(B, T, slots)
@@ -498,7 +536,37 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     return h_mix, down_delta
 
 
-def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout):
+def _routing_masks(st, tok, n_cols: int, cache) -> tuple:
+    """What the virtual-expert routing of ``_mixture`` derives from the tokens' slots alone:
+    ``invalid`` (N, S*E_max) the columns outside each token's own adapter's experts (tokens without
+    a MixLoRA adapter here: all but column 0, a finite softmax whose weights are reset), ``keep``
+    (N, K) the slots within its adapter's top-k, ``has`` (N, 1) whether it has one, ``first`` (N, K)
+    float32 weight 1 on slot 0 (the plain FFN hidden for the others), ``has_keep``. ``cache``: the
+    plan's per-forward dict (inference), shared by every FFN whose stacks have the same
+    (experts, top-k) per slot (``st["sig"]``): built once per forward, ~20 ops, not per layer."""
+    key = None
+    if cache is not None and st.get("sig") is not None and not torch.compiler.is_compiling():
+        key = ("routing_masks", st["sig"], st["emax"], st["K"], n_cols, tok.shape[0])
+        hit = cache.get(key)
+        if hit is not None and hit[0] is tok:
+            return hit[1]
+    emax, K = st["emax"], st["K"]
+    e_tok, k_tok = st["E"][tok], st["k"][tok]  # (N,): 0 for tokens without a MixLoRA adapter here
+    has = e_tok > 0
+    col = torch.arange(n_cols, device=tok.device)
+    valid = ((col // emax)[None] == tok[:, None]) & ((col % emax)[None] < e_tok[:, None])
+    valid = valid | (~has[:, None] & (col[None] == 0))  # a finite softmax for them; weights reset below
+    keep = torch.arange(K, device=tok.device)[None] < k_tok[:, None]
+    first = torch.zeros(tok.shape[0], K, dtype=torch.float32, device=tok.device)
+    first[:, 0] = 1.0
+    has = has[:, None]
+    out = (~valid, keep, has, first, has & keep)
+    if key is not None:
+        cache[key] = (tok, out)
+    return out
+
+
+def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
     """The virtual-expert mixture of ``_virtual_experts`` over the tokens x (N, D) whose slot in
     ``adapters`` is ``tok`` (N,). ``layout``: None (inference, all tokens of the batch), or the
     training sub-batch's ``segment_maps`` (every token belongs to an adapter, adapter p's tokens
@@ -508,22 +576,26 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout):
 
     n_cols = st["router"].shape[0]
     logits = F.linear(x.float(), st["router"])  # (N, S*Emax)
-    e_tok, k_tok = st["E"][tok], st["k"][tok]  # (N,): 0 for tokens without a MixLoRA adapter here
-    has = e_tok > 0
-    col = torch.arange(n_cols, device=x.device)
-    valid = ((col // st["emax"])[None] == tok[:, None]) & ((col % st["emax"])[None] < e_tok[:, None])
-    valid = valid | (~has[:, None] & (col[None] == 0))  # a finite softmax for them; weights reset below
-    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    invalid, keep, has, first, has_keep = _routing_masks(st, tok, n_cols, cache)
+    probs = torch.softmax(logits.masked_fill(invalid, float("-inf")), dim=-1)
     w, vid = torch.topk(probs, st["K"], dim=-1)  # (N, K)
-    keep = torch.arange(st["K"], device=x.device)[None] < k_tok[:, None]
-    w = torch.where(keep, w, torch.zeros_like(w))
+    w = torch.where(keep, w, 0.0)
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
-    first = torch.zeros_like(w)
-    first[:, 0] = 1.0
-    w = torch.where(has[:, None], w, first)
-    vid = torch.where(has[:, None] & keep, vid, torch.full_like(vid, n_cols))  # n_cols: the zero expert
+    w = torch.where(has, w, first)
+    vid = torch.where(has_keep, vid, n_cols)  # n_cols: the zero expert
     state = ffn._state
-    for s, a in enumerate(adapters):
+    if layout is None and _LAZY_RECORDS and not torch.compiler.is_compiling():
+        # Inference: each adapter's routing record is made only when read (``router_statistics``),
+        # from the mixture's tensors: no ops per adapter in the step (the loop below ran five per
+        # MixLoRA adapter of the batch at every FFN, ~17 us each on a host-bound GPU step).
+        for s, a in enumerate(adapters):
+            if a is not None:
+                state.record_entry(a.adapter_name, _MixtureRecord(ffn.layer_idx, s, st["emax"], a.num_experts,
+                                                                  (w, vid, probs, keep, tok, mask)))
+        adapters_loop = ()
+    else:
+        adapters_loop = adapters
+    for s, a in enumerate(adapters_loop):
         if a is None:
             continue
         base = s * st["emax"]
@@ -584,6 +656,45 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout):
 
     h_mix, down_delta = _MixRecompute.apply(run, x, vid, w, *bases, *stacks, *keeps)
     return h_mix, (down_delta if "down" in st["A"] else None)
+
+
+_LAZY_RECORDS = True  # False: the mixed inference mixture records eagerly (the reference tests compare against)
+
+
+class _MixtureRecord:
+    """A ``LayerRouting`` of one adapter of an inference mixture (``_mixture``), computed on first
+    read from the mixture's tensors (w, vid, probs, keep: (N, K) / (N, S*E_max); tok (N,); mask):
+    the values the per-adapter loop records. Those tensors are not written after the mixture."""
+
+    __slots__ = ("layer", "num_experts", "_slot", "_emax", "_src", "_done")
+
+    def __init__(self, layer: int, slot: int, emax: int, num_experts: int, src: tuple) -> None:
+        self.layer, self.num_experts, self._slot, self._emax, self._src = layer, num_experts, slot, emax, src
+        self._done = None
+
+    def _make(self) -> tuple:
+        if self._done is None:
+            from .router import Routing
+
+            w, vid, probs, keep, tok, mask = self._src
+            s, base, E = self._slot, self._slot * self._emax, self.num_experts
+            own = tok == s if mask is None else (tok == s) & mask
+            self._done = (Routing(w, (vid - base).clamp(0, E - 1), probs[:, base: base + E], keep), own)
+            self._src = None
+        return self._done
+
+    @property
+    def routing(self):
+        return self._make()[0]
+
+    @property
+    def token_mask(self):
+        return self._make()[1]
+
+    def __deepcopy__(self, memo: dict):
+        from ..state import LayerRouting
+
+        return LayerRouting(self.layer, self.routing, self.token_mask, self.num_experts).__deepcopy__(memo)
 
 
 def _mixture_math(ffn, x, base_pre, vid, w, stacks_a, stacks_b, expert_lora, drop, h_dtype):
@@ -867,7 +978,9 @@ def _moe_stacks(ffn, names, adapters) -> dict:
     """The batch's MixLoRA adapters of this FFN stacked by virtual expert (cached by
     ``_cached_per_site``; block-diagonal experts are made dense here, once per composition)."""
     present = [a for a in adapters if a is not None]
-    tensors = [t for a in present for t in [a.router.weight] + [p for e in a.experts.values()
+
+    def tensors():
+        return [t for a in present for t in [a.router.weight] + [p for e in a.experts.values()
                                                                  for p in (e.lora_A, e.lora_B)]]
     return _cached_per_site(ffn, names, tensors, lambda: _build_moe_stacks(ffn, adapters, present))
 
@@ -902,5 +1015,7 @@ def _build_moe_stacks(ffn, adapters, present, differentiable: bool = False) -> d
                     A[s * emax: s * emax + e.num_experts, : e.r] = e.A()
                     Bm[s * emax: s * emax + e.num_experts, :, : e.r] = (e.B().float() * e.scaling).to(Bm.dtype)
             stacks_a[role], stacks_b[role] = A, Bm
+    # the (experts, top-k) of each slot, on the host: what E and k hold (``_routing_masks``' cache key)
+    sig = tuple(None if a is None else (a.num_experts, a.top_k) for a in adapters)
     return {"router": router, "E": E, "k": k, "K": int(max(a.top_k for a in present)), "emax": emax,
-            "A": stacks_a, "B": stacks_b}
+            "A": stacks_a, "B": stacks_b, "sig": sig}

@@ -710,7 +710,9 @@ class Engine:
         for n, q in rows:
             slots.extend([base if n is None else pos[n]] * q)
         slots.extend([base] * (num_q_tokens - len(slots)))
-        return BatchPlan.per_token(names, self._slot_index(slots))
+        # the epoch: the registry changes the model's adapters only under the model lock, which this
+        # step holds, and takes a new generation each time (the sites check their stacks once per generation)
+        return BatchPlan.per_token(names, self._slot_index(slots), epoch=self.registry.generation)
 
     def _stack_positions(self, st, present) -> tuple[tuple, dict]:
         """S-LoRA-style fixed slots for the stacks: a table of positions, each a resident slot's

@@ -28,6 +28,7 @@ Not thread-safe by itself: the engine calls it under its admission lock, and pas
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 SLOT_PREFIX = "_slot"
+_GENERATIONS = itertools.count(1)  # AdapterRegistry.generation: unique across registries
 
 
 class RegistryError(RuntimeError):
@@ -127,6 +129,10 @@ class AdapterRegistry:
         self.stats_ = RegistryStats()
         self._clock = 0
         self._slot_counter = 0
+        # a new number at every change of the model's adapters (slot added, written, dropped), unique
+        # across registries: the engine's plans carry it (``BatchPlan.epoch``), so the adapted modules
+        # check their stacked adapters once per generation, not at every step
+        self.generation = next(_GENERATIONS)
 
     # ---- host side ------------------------------------------------------------------------------
     def register_path(self, name: str, path: str | os.PathLike, eager: bool = False) -> HostAdapter:
@@ -347,6 +353,7 @@ class AdapterRegistry:
         name = f"{SLOT_PREFIX}{self._slot_counter}"
         self._slot_counter += 1
         with self.model_lock:
+            self.generation = next(_GENERATIONS)
             moelora.add_adapter(self.model, name, entry.cfg, trainable=False)
             self.model.eval()
         slot = Slot(name, key, self._slot_bytes(key, entry))
@@ -361,6 +368,7 @@ class AdapterRegistry:
             self.stats_.evictions += 1
         slot.adapter = None  # a failed copy leaves an empty slot, never a half-copied adapter served
         with self.model_lock:
+            self.generation = next(_GENERATIONS)
             try:
                 moelora.load_adapter_state_dict(self.model, entry.tensors, slot.model_name)
             except (KeyError, ValueError, TypeError) as e:
@@ -382,6 +390,7 @@ class AdapterRegistry:
         if slot.adapter is not None:
             self.stats_.evictions += 1
         with (contextlib.nullcontext() if locked else self.model_lock):
+            self.generation = next(_GENERATIONS)
             moelora.delete_adapter(self.model, slot.model_name)
         self.slots.remove(slot)
 

@@ -1,0 +1,129 @@
+"""Host ops of a mixed packed step (issue 16): per adapted linear and per MixLoRA FFN, the number of
+aten ops a packed serving step runs does not grow with the number of adapters in the batch
+(the per-token slot index is built once per forward; a site runs a fixed handful of ops).
+Counted with a TorchDispatchMode (what the dispatcher runs: one host launch each on a GPU)."""
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moelora
+from moelora.layers.adapted import AdaptedFFN, AdaptedLinear
+from moelora.state import BatchPlan
+
+from conftest import make_tiny, randomize_adapter_
+
+N_LORA, N_MIX = 6, 6
+
+
+class _SiteOps(TorchDispatchMode):
+    """aten ops per innermost adapted module (AdaptedLinear / AdaptedFFN) running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list = []
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[self.stack[-1] if self.stack else None] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model():
+    m = make_tiny()
+    for i in range(N_LORA):  # ranks 2, 4, 8: the stacks pad them to the largest
+        moelora.add_adapter(m, f"l{i}", moelora.LoraConfig(r=2 << (i % 3)), trainable=False)
+    for i in range(N_MIX):
+        moelora.add_adapter(m, f"m{i}", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4), trainable=False)
+    randomize_adapter_(m, seed=5)
+    return m.eval()
+
+
+def _count(m, names, token_slots):
+    """Ops per site kind of one packed forward (a warm one: the stacks of this composition built)."""
+    c = _SiteOps()
+    hooks = []
+    for mod in m.modules():
+        if isinstance(mod, (AdaptedLinear, AdaptedFFN)):
+            kind = "linear" if isinstance(mod, AdaptedLinear) else "ffn"
+            hooks.append(mod.register_forward_pre_hook(lambda mod, a, k=kind: c.stack.append((k, id(mod))) and None))
+            hooks.append(mod.register_forward_hook(lambda mod, a, o: c.stack.pop() and None))
+    ids = torch.arange(3, 3 + token_slots.numel()).view(1, -1)
+    plan = BatchPlan.per_token(names, token_slots)
+    try:
+        with torch.no_grad():
+            ref = m(ids, adapter_names=plan).logits
+            with c:
+                out = m(ids, adapter_names=plan).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out, ref)
+    per = collections.defaultdict(list)
+    for key, n in c.ops.items():
+        if key is not None:
+            per[key[0]].append(n)
+    return {k: max(v) for k, v in per.items()}
+
+
+def test_site_ops_do_not_grow_with_adapters_in_the_batch():
+    m = _model()
+    counts = {}
+    for n in (2, 6):
+        # n LoRA and n MixLoRA adapters in the batch, 3 tokens each, plus base tokens
+        names = tuple(f"l{i}" for i in range(n)) + tuple(f"m{i}" for i in range(n)) + (None,)
+        slots = torch.tensor([s for s in range(len(names)) for _ in range(3)])
+        counts[n] = _count(m, names, slots)
+    assert counts[2]["linear"] == counts[6]["linear"], counts
+    assert counts[2]["ffn"] == counts[6]["ffn"], counts
+
+
+def test_site_ops_do_not_grow_with_resident_positions():
+    """The engine's plans list every stack position (resident slots), most with no token in the
+    step: those cost a site nothing."""
+    m = _model()
+    names = tuple(f"l{i}" for i in range(N_LORA)) + tuple(f"m{i}" for i in range(N_MIX)) + (None,)
+    few = torch.tensor([0, 0, 1, N_LORA, N_LORA, len(names) - 1])
+    many = torch.tensor([s for s in range(len(names)) for _ in range(2)])[:-6]
+    a, b = _count(m, names, few), _count(m, names, many)
+    assert a == b, (a, b)
+
+
+def test_lazy_mixture_records_equal_the_eager_loop(monkeypatch):
+    """The mixed inference mixture's routing records (made on first read) equal the per-adapter
+    loop's (``adapted._LAZY_RECORDS = False``), exactly, and deepcopy to plain values."""
+    import copy
+
+    from moelora.layers import adapted
+
+    m = _model()
+    names = ("m0", "l1", "m3", None)
+    slots = torch.tensor([0, 0, 1, 2, 2, 2, 3, 0])
+    plan = BatchPlan.per_token(names, slots)
+    ids = torch.arange(3, 11).view(1, -1)
+    got = {}
+    for lazy in (False, True):
+        monkeypatch.setattr(adapted, "_LAZY_RECORDS", lazy)
+        with torch.no_grad():
+            m(ids, adapter_names=plan)
+        recs = m.moelora_state.records
+        assert sorted(recs) == ["m0", "m3"]
+        got[lazy] = ({n: {k: (tuple(r.routing), r.token_mask, r.num_experts) for k, r in recs[n].items()}
+                      for n in recs}, {n: moelora.router_statistics(m, n) for n in recs})
+        if lazy:
+            assert isinstance(recs["m0"][0], adapted._MixtureRecord)
+            copied = copy.deepcopy(recs["m0"][0])
+            assert torch.equal(copied.routing.experts, recs["m0"][0].routing.experts)
+    (ra, sa), (rb, sb) = got[False], got[True]
+    for n in ra:
+        assert ra[n].keys() == rb[n].keys()
+        for k in ra[n]:
+            (ta, ma, ea), (tb, mb, eb) = ra[n][k], rb[n][k]
+            assert ea == eb and torch.equal(ma, mb)
+            for x, y in zip(ta, tb):
+                assert (x is None and y is None) or torch.equal(x, y)
+        for x, y in zip(sa[n], sb[n]):
+            for key in x:
+                assert torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key])), key
