@@ -209,6 +209,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     del err  # its traceback holds the failed method's model
                 _free(device)
             this_round[m] = row
+            # each method's numbers as soon as it ends: a run killed at its time limit keeps them
+            # (H200: a 50 s limit killed a 7B round in its third method and left nothing)
+            print(f"[training_step] {_one_line(row)}", file=sys.stderr, flush=True)
+            write_json(out / "training_step.json", {**result, "unfinished_round": list(this_round.values())})
         base = this_round.get(BASELINE)
         for row in this_round.values():
             if "error" not in row:
@@ -220,6 +224,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         write_json(out / "training_step.json", result)  # after every round: a killed run keeps its rounds
         write_csv(out / "training_step.csv", result["rows"], COLUMNS)
     return result
+
+
+def _one_line(row: dict) -> str:
+    keys = ("method", "round", "step_ms", "tok_s", "peak_mem_gb", "trainable", "error")
+    return " ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row[k]}"
+                    for k in keys if row.get(k) is not None)
 
 
 def _fmt(x: Any, spec: str) -> str:
