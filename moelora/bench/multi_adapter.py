@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +47,29 @@ def _generate(model, ids, mask, n_new: int, mode: str, cache, **kw) -> None:
         args["past_key_values"] = cache
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, **args, **kw)
+
+
+def _profile(gen: Callable[[int], None], n: int, device, path: Path) -> dict[str, Any]:
+    """One ``gen(n)`` under torch.profiler: its wall time, the device's busy time (sum of kernel
+    self times) and the aten op count, so a slow case reads as host- or device-bound; the op
+    table (top 30 by device time on CUDA, CPU time otherwise) goes to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        gen(n)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    ka = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(ka.table(sort_by=sort, row_limit=30))
+    return {"new_tokens": n, "wall_ms": wall_ms,
+            "device_busy_ms": sum(e.self_device_time_total for e in ka) / 1e3 if cuda else None,
+            "aten_ops": sum(e.count for e in ka if e.key.startswith("aten::")), "table": path.name}
 
 
 def _ms_per_token(gen: Callable[[int], None], n: int, device) -> float:
@@ -147,6 +171,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             for _ in range(a.repeats):
                 for name, fn in order:
                     samples.setdefault((mode, name), []).append(_ms_per_token(fn, a.new_tokens, device))
+        if a.profile:  # after the timing, so that the profiler's overhead is in no timed sample
+            for name, fn in live.items():
+                result.setdefault("profiles", {})[f"{mode}/{name}"] = _profile(
+                    fn, a.new_tokens + 1, device, Path(a.out) / f"profile_{mode}_{name}.txt")
         if cache is not None:
             del cache
     for (mode, name), vals in samples.items():
@@ -179,6 +207,10 @@ def _table(result: dict) -> str:
         xs = "" if r["x_single"] is None else f"{r['x_single']:.2f}"
         lines.append(f"| {r['mode']} | {r['case']} | {r['ms_per_token']:.2f} ({r['min']:.2f}–{r['max']:.2f}) | "
                      f"{r['x_base']:.2f} | {xs} |")
+    for key, pr in result.get("profiles", {}).items():
+        busy = "" if pr["device_busy_ms"] is None else f", device busy {pr['device_busy_ms']:.1f} ms"
+        lines.append(f"profile {key}: {pr['new_tokens']} new tokens in {pr['wall_ms']:.1f} ms{busy}, "
+                     f"{pr['aten_ops']} aten ops ({pr['table']})")
     return "\n".join(lines)
 
 
@@ -198,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="comma list of eager (dynamic cache, decode graphs) and static (static cache, compiled)")
     p.add_argument("--no-peft", dest="peft", action="store_false", help="skip the PEFT cases")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, one generate per case under torch.profiler: wall vs device-busy ms and "
+                        "aten ops (profiles in the JSON, op tables in profile_<mode>_<case>.txt)")
     p.add_argument("--out", default="multi_adapter_results")
     a = p.parse_args(argv)
     if a.adapters < 1 or a.batch < 1 or a.new_tokens < 1:
