@@ -47,6 +47,7 @@ else
   : "${N_VAL:=200}" "${N_TEST:=750}" "${EVAL_BS:=1250}" "${WAVE:=2}" "${TRAINER:=gpu}" "${WARMUP:=4}" "${PAR:=6}" "${THREADS:=2}"
 fi
 METHODS=${METHODS:-lora,mixlora,mixloradyn,loraswitch,bdlora,bdmixlora}
+BUDGETS=${BUDGETS:-s l}   # stage 2's budgets: "s", "l" or both (a call per budget fits more steps)
 RESERVE=${RESERVE:-25}   # seconds kept at the end for the leaderboard, the analysis and the tarball
 DEADLINE=$(( T0 + TOTAL_S ))
 say "stage=$STAGE par=$PAR steps=$STEPS batch=$BATCH lrs=$LRS seeds=$SEEDS n_train/val/test=$N_TRAIN/$N_VAL/$N_TEST trainer=$TRAINER"
@@ -153,11 +154,11 @@ pack
 
 # seed-major job order + WAVE jobs at a time (default 2 = one seed's two budgets): a timeout leaves
 # whole seeds of every arm; no validation in stage 2 (the LR is already chosen)
-stage stage2 "$(left)" "s l" "seed=$SEEDS" ${LR_OVERRIDE[@]+"${LR_OVERRIDE[@]}"} trainer.val_check_interval=1000000 \
+stage stage2 "$(left)" "$BUDGETS" "seed=$SEEDS" ${LR_OVERRIDE[@]+"${LR_OVERRIDE[@]}"} trainer.val_check_interval=1000000 \
   hydra.launcher.max_concurrent_jobs="$WAVE" 'hydra.sweep.subdir=${arm}_seed${seed}'
 
 # ---- leaderboard + analysis -------------------------------------------------------------------
-for b in s l; do
+for b in $BUDGETS; do
   dirs=$(ls "$WORK"/stage2/*/*_"$b"_seed*/results.json 2>/dev/null)   # not the runs a timeout cut
   [ -n "$dirs" ] || continue
   # shellcheck disable=SC2086
