@@ -486,16 +486,13 @@ def test_lora_shrink_equals_the_plain_composition_and_saves_less(autocast: bool)
 
 
 def _mixed_batch_step(recompute: bool, pack=None):
-    from moelora.methods.mixlora import layer as mixlayer
+    from moelora.layers.dispatch import plain_mixture_backward
 
-    mixlayer._RECOMPUTE["on"] = recompute
-    try:
+    with plain_mixture_backward(not recompute):
         if pack is None:
             return _mixed_batch_grads("llama", eager=False, seed=2)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             return _mixed_batch_grads("llama", eager=False, seed=2)
-    finally:
-        mixlayer._RECOMPUTE["on"] = True
 
 
 def test_mixed_mixlora_recompute_equals_the_plain_composition() -> None:

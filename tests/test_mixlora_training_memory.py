@@ -1,6 +1,6 @@
 """MixLoRA training memory (issue 19): the expert mixture is recomputed in backward
 (``_MixRecompute``) instead of storing its (N, K, F) per-slot tensors. Its twin is the plain
-composition (``_RECOMPUTE["on"] = False``): same outputs and every gradient, on the torch path and
+composition (``dispatch.plain_mixture_backward()``): same outputs and every gradient, on the torch path and
 on the Triton path (interpreter on CPU, in a subprocess); and what autograd saves is small."""
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moelora
-from moelora.methods.mixlora import layer as mixlayer
+from moelora.layers.dispatch import plain_mixture_backward
 from conftest import make_tiny, randomize_adapter_
 
 
@@ -23,14 +23,11 @@ def _batch(vocab=61, seed=3, shape=(3, 11)):
 
 
 def _step(model, ids, mask, recompute: bool, seed: int = 7):
-    mixlayer._RECOMPUTE["on"] = recompute
-    try:
+    with plain_mixture_backward(not recompute):
         model.zero_grad()
         torch.manual_seed(seed)  # the same dropout masks for both forms
         out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
-    finally:
-        mixlayer._RECOMPUTE["on"] = True
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), out.loss.detach(), grads
 

@@ -91,12 +91,13 @@ def test_site_ops_do_not_grow_with_resident_positions():
     assert a == b, (a, b)
 
 
-def test_lazy_mixture_records_equal_the_eager_loop(monkeypatch):
+def test_lazy_mixture_records_equal_the_eager_loop():
     """The mixed inference mixture's routing records (made on first read) equal the per-adapter
-    loop's (``adapted._LAZY_RECORDS = False``), exactly, and deepcopy to plain values."""
+    loop's (``dispatch.eager_routing_records()``), exactly, and deepcopy to plain values."""
     import copy
 
     from moelora.layers import adapted
+    from moelora.layers.dispatch import eager_routing_records
 
     m = _model()
     names = ("m0", "l1", "m3", None)
@@ -105,8 +106,7 @@ def test_lazy_mixture_records_equal_the_eager_loop(monkeypatch):
     ids = torch.arange(3, 11).view(1, -1)
     got = {}
     for lazy in (False, True):
-        monkeypatch.setattr(adapted, "_LAZY_RECORDS", lazy)
-        with torch.no_grad():
+        with eager_routing_records(not lazy), torch.no_grad():
             m(ids, adapter_names=plan)
         recs = m.moelora_state.records
         assert sorted(recs) == ["m0", "m3"]

@@ -20,6 +20,7 @@ import torch
 import transformers as tf
 
 import moelora
+from moelora.layers.dispatch import plain_mixture_backward
 
 
 def base_model(dtype):
@@ -38,9 +39,7 @@ def build(method, dtype, dropout):
         m = peft.get_peft_model(m, cfg)
     elif method == "lora":
         m = moelora.inject_adapter(m, moelora.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout))
-    else:  # mixlora, or mixlora_plain: the composition before _MixRecompute (its eager twin)
-        from moelora.methods.mixlora import layer as mixlayer
-        mixlayer._RECOMPUTE["on"] = method != "mixlora_plain"
+    else:  # mixlora, or mixlora_plain: the composition before _MixRecompute (its eager twin, see measure)
         m = moelora.inject_adapter(m, moelora.MixLoraConfig(num_experts=8, top_k=2, r=16, lora_alpha=32,
                                                             lora_dropout=dropout, expert_backend="fused"))
     for p in m.parameters():  # B starts at zero: give the adapters values (not needed for counting)
@@ -77,7 +76,8 @@ def measure(method, dtype, dropout, backend, tokens=(2, 128), detail=False):
 
     B, T = tokens
     ids = torch.randint(0, 256, (B, T))
-    with moelora.kernel_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    plain = plain_mixture_backward(method == "mixlora_plain")  # mixlora_plain: no recompute in backward
+    with plain, moelora.kernel_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = m(input_ids=ids, labels=ids)
         loss = out.loss
     with moelora.kernel_backend(backend):

@@ -13,7 +13,7 @@ the ids: every token is trained on). Methods (``--methods``, comma list):
   backend ``auto`` (fused on CUDA); its training forward recomputes the expert deltas in backward
   (``moelora.layers.mix_recompute``);
 - ``mixlora_plain`` (optional): the same MixLoRA with that recompute switched off
-  (``moelora.methods.mixlora.layer._RECOMPUTE["on"] = False``, the switch that
+  (inside ``moelora.layers.dispatch.plain_mixture_backward()``, the switch that
   experiments/2026-12-02_mixlora_training_memory/measure_saved.py uses): its eager twin.
 
 Precision, as the project trains (conf/trainer/gpu.yaml ``precision: bf16-mixed``): on CUDA the
@@ -124,11 +124,9 @@ def make_step(model, ids: torch.Tensor, device: torch.device, autocast: bool):
 
 def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Build ``method`` on a fresh base, warm up, time ``a.steps`` steps; the row's numbers."""
-    from moelora.methods.mixlora import layer as mixlayer
+    from moelora.layers.dispatch import plain_mixture_backward
 
-    recompute = mixlayer._RECOMPUTE["on"]
-    mixlayer._RECOMPUTE["on"] = method != "mixlora_plain"
-    try:
+    with plain_mixture_backward(method == "mixlora_plain"):
         model = build_method(method, a, device, dtype)
         g = torch.Generator(device="cpu").manual_seed(a.seed)
         ids = torch.randint(3, model.config.vocab_size, (a.batch, a.seq), generator=g).to(device)
@@ -143,8 +141,6 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
         times = [time_call_ms(lambda: losses.append(step()), device) for _ in range(a.steps)]
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         loss = float(losses[-1])
-    finally:
-        mixlayer._RECOMPUTE["on"] = recompute
     ms = statistics.median(times)
     return {"step_ms": ms, "step_ms_min": min(times), "step_ms_max": max(times), "step_ms_all": times,
             "tok_s": a.batch * a.seq / (ms / 1e3), "peak_mem_gb": peak, "trainable": trainable, "loss": loss}

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import _private
 from . import decode_graphs
-from .dispatch import decode_kernels_apply, gathered_kernel_applies, gathered_mixed_training
+from .dispatch import decode_kernels_apply, gathered_kernel_applies, gathered_mixed_training, lazy_routing_records
 from .lora_math import adapter_dropout
 from .mix_recompute import _MixRecompute, recompute_applies
 
@@ -584,7 +584,7 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
     w = torch.where(has, w, first)
     vid = torch.where(has_keep, vid, n_cols)  # n_cols: the zero expert
     state = ffn._state
-    if layout is None and _LAZY_RECORDS and not torch.compiler.is_compiling():
+    if layout is None and lazy_routing_records() and not torch.compiler.is_compiling():
         # Inference: each adapter's routing record is made only when read (``router_statistics``),
         # from the mixture's tensors: no ops per adapter in the step (the loop below ran five per
         # MixLoRA adapter of the batch at every FFN, ~17 us each on a host-bound GPU step).
@@ -656,9 +656,6 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
 
     h_mix, down_delta = _MixRecompute.apply(run, x, vid, w, *bases, *stacks, *keeps)
     return h_mix, (down_delta if "down" in st["A"] else None)
-
-
-_LAZY_RECORDS = True  # False: the mixed inference mixture records eagerly (the reference tests compare against)
 
 
 class _MixtureRecord:

@@ -56,3 +56,52 @@ def eager_mixed_batches(enabled: bool = True) -> Iterator[None]:
 
 def gathered_mixed_training() -> bool:
     return not _MIXED["eager"]
+
+
+# MixLoRA training: the expert mixture is recomputed in backward (``mix_recompute._MixRecompute``,
+# which saves its inputs only, not the (n, K, F) per-slot tensors) unless a test or a benchmark asks
+# for the plain composition that autograd differentiates directly, its reference
+# (``plain_mixture_backward``).
+_PLAIN_BACKWARD = {"on": False}
+
+
+@contextlib.contextmanager
+def plain_mixture_backward(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, MixLoRA training forwards (an adapter's fused path and the mixed-batch
+    virtual-expert mixture) run the plain composition, whose activations autograd saves, instead of
+    recomputing the expert mixture in backward: the eager twin the recompute's outputs, gradients
+    and saved memory are measured against."""
+    old = _PLAIN_BACKWARD["on"]
+    _PLAIN_BACKWARD["on"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _PLAIN_BACKWARD["on"] = old
+
+
+def mixture_recompute_enabled() -> bool:
+    """Whether the recomputing MixLoRA mixture is switched on (not inside ``plain_mixture_backward``)."""
+    return not _PLAIN_BACKWARD["on"]
+
+
+# Mixed-batch inference: the virtual-expert mixture records each adapter's routing lazily (made on
+# first read, from the mixture's tensors: no ops per adapter in the step) unless a test asks for
+# the per-adapter loop that records eagerly, its reference (``eager_routing_records``).
+_EAGER_RECORDS = {"on": False}
+
+
+@contextlib.contextmanager
+def eager_routing_records(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, the mixed inference mixture records every adapter's routing eagerly, in
+    the loop over the batch's adapters (the reference the lazy records are tested against)."""
+    old = _EAGER_RECORDS["on"]
+    _EAGER_RECORDS["on"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _EAGER_RECORDS["on"] = old
+
+
+def lazy_routing_records() -> bool:
+    """Whether the mixed inference mixture records routing lazily (not inside ``eager_routing_records``)."""
+    return not _EAGER_RECORDS["on"]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 
-_RECOMPUTE = {"on": True}  # tests switch it off to compare with the plain composition
+from .dispatch import mixture_recompute_enabled
 
 
 def recompute_applies() -> bool:
-    """Whether a training forward takes ``_MixRecompute`` (grad on, not switched off, not traced)."""
-    return torch.is_grad_enabled() and _RECOMPUTE["on"] and not torch.compiler.is_compiling()
+    """Whether a training forward takes ``_MixRecompute`` (grad on, not inside
+    ``dispatch.plain_mixture_backward``, not traced)."""
+    return torch.is_grad_enabled() and mixture_recompute_enabled() and not torch.compiler.is_compiling()
 
 
 class _MixRecompute(torch.autograd.Function):
@@ -22,7 +23,7 @@ class _MixRecompute(torch.autograd.Function):
     pre-activations (n, F), idx/w (n, K), the expert stacks (parameters) and the bool dropout
     masks; not the (n, K, F) per-slot tensors. The frozen GEMMs stay outside (not recomputed).
     Backward runs the same ops as the plain composition (same kernels: ``run`` fixes the
-    forward's choice), so gradients match it; eager twin: ``_RECOMPUTE["on"] = False``."""
+    forward's choice), so gradients match it; eager twin: ``dispatch.plain_mixture_backward()``."""
 
     @staticmethod
     def forward(ctx, run, x, idx, w, *tensors):  # noqa: D102

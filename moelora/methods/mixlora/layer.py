@@ -25,7 +25,7 @@ from ...layers import decode_graphs
 from ...layers.dispatch import decode_kernels_apply, gathered_kernel_applies
 from ...layers.experts import LoraExperts, _gathered_lora
 # one home for the recomputing mixture, shared with the mixed-batch form (layers/adapted.py)
-from ...layers.mix_recompute import _RECOMPUTE, _MixRecompute, recompute_applies  # noqa: F401
+from ...layers.mix_recompute import _MixRecompute, recompute_applies
 from ...layers.router import Routing, TopKRouter
 
 
