@@ -432,3 +432,31 @@ def test_mixed_batch_stacks_follow_a_dtype_move():
     assert mixed.dtype == torch.float64
     err = (mixed - alone).abs().max().item()
     assert err < 1e-11, f"mixed batch after .double() differs from each row alone by {err:.2e}"
+
+
+def test_mixed_batch_stacks_are_the_copys_own_and_stay_out_of_the_state_dict():
+    """The stacked adapters an inference mixed batch caches on each site (``batch_stacks``): a
+    deepcopy carries its own (changing the copy's adapters changes neither the original's stacks
+    nor its outputs), and they are never part of ``state_dict``."""
+    model = _model(names=("lora4", "mix", "lora8"))
+    ids, mask = _left_padded(b=3)
+    names = ["lora4", "mix", "lora8"]
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, adapter_names=names).logits
+        twin = copy.deepcopy(model)
+        sites = [m for m in model.modules() if getattr(m, "batch_stacks", None) is not None]
+        assert sites, "the mixed batch should have cached stacks (else this test checks nothing)"
+        twin_sites = [m for m in twin.modules() if getattr(m, "batch_stacks", None) is not None]
+        def ptrs(obj):
+            if isinstance(obj, torch.Tensor):
+                return {obj.data_ptr()}
+            items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+            return set().union(*(ptrs(v) for v in items)) if items else set()
+        assert len(twin_sites) == len(sites)
+        assert all(ptrs(a.batch_stacks[2]).isdisjoint(ptrs(b.batch_stacks[2])) for a, b in zip(sites, twin_sites))
+        randomize_adapter_(twin, seed=11, scale=0.3)
+        twin_out = twin(ids, attention_mask=mask, adapter_names=names).logits
+        torch.testing.assert_close(twin_out, _alone(twin, ids, mask, names), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(twin_out, ref)
+        assert torch.equal(model(ids, attention_mask=mask, adapter_names=names).logits, ref)
+    assert not any("batch_stacks" in k for k in model.state_dict())
