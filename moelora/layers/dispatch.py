@@ -36,26 +36,31 @@ def gathered_kernel_applies(x: torch.Tensor) -> bool:
     return triton_kernels_for(x) and not torch.compiler.is_compiling()
 
 
-# Mixed-batch training: the gathered forms (one GEMM pair over all LoRA adapters of a linear, one
-# virtual-expert mixture over all MixLoRA adapters of an FFN) unless a test asks for the eager
-# loop over adapters, their reference (``eager_mixed_batches``).
-_MIXED = {"eager": False}
-
-
 @contextlib.contextmanager
-def eager_mixed_batches(enabled: bool = True) -> Iterator[None]:
-    """Inside the block, mixed batches that train run the eager loop over the batch's adapters
-    (the reference the gathered forms are tested against)."""
-    old = _MIXED["eager"]
-    _MIXED["eager"] = bool(enabled)
+def _scoped(flags: dict, value: bool) -> Iterator[None]:
+    """Set ``flags["on"]`` for the block, restored on exit and on exception."""
+    old = flags["on"]
+    flags["on"] = bool(value)
     try:
         yield
     finally:
-        _MIXED["eager"] = old
+        flags["on"] = old
+
+
+# Mixed-batch training: the gathered forms (one GEMM pair over all LoRA adapters of a linear, one
+# virtual-expert mixture over all MixLoRA adapters of an FFN) unless a test asks for the eager
+# loop over adapters, their reference (``eager_mixed_batches``).
+_MIXED = {"on": False}
+
+
+def eager_mixed_batches(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, mixed batches that train run the eager loop over the batch's adapters
+    (the reference the gathered forms are tested against)."""
+    return _scoped(_MIXED, enabled)
 
 
 def gathered_mixed_training() -> bool:
-    return not _MIXED["eager"]
+    return not _MIXED["on"]
 
 
 # MixLoRA training: the expert mixture is recomputed in backward (``mix_recompute._MixRecompute``,
@@ -65,18 +70,12 @@ def gathered_mixed_training() -> bool:
 _PLAIN_BACKWARD = {"on": False}
 
 
-@contextlib.contextmanager
-def plain_mixture_backward(enabled: bool = True) -> Iterator[None]:
+def plain_mixture_backward(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside the block, MixLoRA training forwards (an adapter's fused path and the mixed-batch
     virtual-expert mixture) run the plain composition, whose activations autograd saves, instead of
     recomputing the expert mixture in backward: the eager twin the recompute's outputs, gradients
     and saved memory are measured against."""
-    old = _PLAIN_BACKWARD["on"]
-    _PLAIN_BACKWARD["on"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _PLAIN_BACKWARD["on"] = old
+    return _scoped(_PLAIN_BACKWARD, enabled)
 
 
 def mixture_recompute_enabled() -> bool:
@@ -90,16 +89,10 @@ def mixture_recompute_enabled() -> bool:
 _EAGER_RECORDS = {"on": False}
 
 
-@contextlib.contextmanager
-def eager_routing_records(enabled: bool = True) -> Iterator[None]:
+def eager_routing_records(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside the block, the mixed inference mixture records every adapter's routing eagerly, in
     the loop over the batch's adapters (the reference the lazy records are tested against)."""
-    old = _EAGER_RECORDS["on"]
-    _EAGER_RECORDS["on"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _EAGER_RECORDS["on"] = old
+    return _scoped(_EAGER_RECORDS, enabled)
 
 
 def lazy_routing_records() -> bool:
