@@ -62,8 +62,9 @@ class AdaptedLinear(nn.Module):
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self._state = state
-        # the stacked adapters of the last mixed-batch composition (``_cached_per_site``): a plain
-        # attribute, so a deepcopy carries its own and the compiled decode step reads it directly
+        # the stacked adapters of the last mixed-batch composition, (names, stamps, stacks, epoch)
+        # (``_cached_per_site``): a plain attribute, so a deepcopy carries its own and the compiled
+        # decode step reads it directly
         self.batch_stacks: tuple | None = None
 
     # the frozen linear's interface (fused kernels read weight/bias of the projections)
@@ -126,8 +127,9 @@ class AdaptedFFN(nn.Module):
         self.act_name = ACT_NAMES.get(type(self.act_fn).__name__)  # None: no fused decode kernel
         self.fused_gate_up = "gate_up" in proj_names
         self._state = state
-        # the stacked adapters of the last mixed-batch composition (``_cached_per_site``): a plain
-        # attribute, so a deepcopy carries its own and the compiled decode step reads it directly
+        # the stacked adapters of the last mixed-batch composition, (names, stamps, stacks, epoch)
+        # (``_cached_per_site``): a plain attribute, so a deepcopy carries its own and the compiled
+        # decode step reads it directly
         self.batch_stacks: tuple | None = None
 
     @property
@@ -398,7 +400,7 @@ def _cached_per_site(site, names, tensors, build):
     # are not checked again (no adapter tensor changes within one); any other forward checks
     state = site._state
     epoch = state.plan.epoch if state.in_forward else None
-    if epoch is not None and hit is not None and hit[0] == names and len(hit) > 3 and hit[3] == epoch:
+    if epoch is not None and hit is not None and hit[0] == names and hit[3] == epoch:
         return hit[2]
     if callable(tensors):
         tensors = tensors()
