@@ -157,6 +157,15 @@ def randomize_adapter_(model: nn.Module, seed: int = 0, std: float = WEIGHT_STD)
         p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]) if is_router else std, generator=gen)
 
 
+@torch.no_grad()
+def randomize_peft_lora_(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Every ``lora_*`` parameter of a PEFT model ~ N(0, std²) (PEFT's B starts at 0: a no-op)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.normal_(0.0, std, generator=gen)
+
+
 @dataclass
 class Attached:
     """A method on the benchmark model: ``detach()`` takes it off for good (the shared base

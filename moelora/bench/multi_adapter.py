@@ -32,7 +32,7 @@ import torch
 
 import moelora
 from moelora.bench.jsonio import write_json
-from moelora.bench.models import build_shape_model, randomize_adapter_
+from moelora.bench.models import build_shape_model, randomize_adapter_, randomize_peft_lora_
 from moelora.bench.output import write_csv
 from moelora.bench.timing import time_call_ms
 from moelora.bench.versions import record_versions
@@ -141,11 +141,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         peft_model = peft.get_peft_model(base2, peft.LoraConfig(**lcfg), adapter_name=names[0])
         for n in names[1:]:
             peft_model.add_adapter(n, peft.LoraConfig(**lcfg))
-        with torch.no_grad():
-            gen = torch.Generator(device=device).manual_seed(a.seed + 7)
-            for k, p in peft_model.named_parameters():
-                if "lora_" in k:
-                    p.normal_(0.0, 0.02, generator=gen)
+        randomize_peft_lora_(peft_model, a.seed + 7)
         peft_model.eval()
         result["environment"]["peft"] = peft.__version__
     samples: dict[tuple[str, str], list[float]] = {}

@@ -57,7 +57,8 @@ import torch
 
 import moelora
 from moelora.bench.jsonio import write_json
-from moelora.bench.models import MODEL_SHAPES, build_shape_model, randomize_adapter_
+from moelora.bench.models import (MODEL_SHAPES, build_shape_model, randomize_adapter_, randomize_peft_lora_,
+                                  resolve_device, resolve_dtype)
 from moelora.bench.multi_adapter import LINEARS
 from moelora.bench.output import device_name, write_csv
 from moelora.bench.timing import time_call_ms
@@ -86,11 +87,7 @@ def build_method(method: str, a: argparse.Namespace, device: torch.device, dtype
 
         cfg = peft.LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout, target_modules=list(LINEARS))
         model = peft.get_peft_model(model, cfg)  # autocast_adapter_dtype=True: fp32 adapter over bf16
-        with torch.no_grad():
-            gen = torch.Generator(device=device).manual_seed(a.seed + 1)
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0.0, 0.02, generator=gen)
+        randomize_peft_lora_(model, a.seed + 1)
     else:
         common = dict(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout, adapter_dtype="float32")
         if method == "lora":
@@ -176,8 +173,8 @@ def summarize(round_rows: list[dict], methods: list[str], a: argparse.Namespace)
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(a.device)
+    dtype = resolve_dtype("auto", device)  # bf16 on CUDA, fp32 on CPU
     env = record_versions()
     env.update(peft=package_version("peft"), device=device_name(device), device_type=device.type)
     precision = ("bf16 base, bf16 autocast, fp32 adapter + AdamW" if dtype != torch.float32 else "fp32")
