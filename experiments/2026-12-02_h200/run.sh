@@ -36,6 +36,17 @@ for part in "$@"; do
         ${GB_LAYERS:-4} > "$D/log.txt" 2>&1; grep -E "CASE|break x" "$D/log.txt" | head -30 ;;
     serve)
       timeout ${T_SERVE:-360} python3 -m moelora.bench.serve ${SERVE_ARGS:-} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
+    merge_bw)  # issue 19: the LoRA-Switch merge kernel's share of the copy bandwidth
+      timeout ${T_MERGE:-90} python3 kernels/benchmarks/benchmark_merge.py --shape llama2-7b --check ${MERGE_ARGS:-} \
+        --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
+    train_step)  # issue 19: full-model training step, tokens/s and peak memory vs PEFT LoRA
+      timeout ${T_TRAIN:-240} python3 -m moelora.bench.training_step --model llama2_7b_shape \
+        ${TRAIN_ARGS:---methods peft_lora,lora,mixlora,mixlora_plain --batch 4 --seq 1024 --steps 5 --warmup 2 --rounds 2} \
+        --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;
+    bench19)  # issue 19: generate(cache_implementation="static") with a new cache per call, and prefill
+      timeout ${T_B19:-300} python3 -m moelora.bench --model llama2_7b_shape ${B19_ARGS:---methods \
+        base,lora,mixlora,lora_switch_merge --modes static_new --batch-sizes 1 --prompt-len 64 --new-tokens 128 \
+        --rounds 2 --repeats 3} --no-harness-check --out "$D" > "$D/log.txt" 2>&1; tail -14 "$D/log.txt" ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "$part: $(( $(date +%s) - S )) s" | tee "$D/wall_s.txt"
