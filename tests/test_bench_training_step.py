@@ -33,6 +33,7 @@ def test_cli_writes_a_row_per_method(tmp_path, capsys):
     saved = json.loads((tmp_path / "training_step.json").read_text())
     assert all(k in saved["environment"] for k in FIELDS) and saved["environment"]["command"]
     assert [r["method"] for r in saved["round_rows"]] == ["peft_lora", "lora", "mixlora"]
+    assert all(r["model_freed"] and r["held_before_gb"] is None for r in saved["round_rows"])  # no leak; CPU
     with open(tmp_path / "training_step.csv", newline="") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["peft_lora", "lora", "mixlora"]
     out = capsys.readouterr().out

@@ -32,7 +32,9 @@ the peak-memory counter reset, ``--warmup`` untimed steps, then ``--steps`` step
 alone (``moelora.bench.timing.time_call_ms``: CUDA events, synchronised around every step).
 Reported: median step ms, tokens/s (batch x seq / step time), peak memory
 (``torch.cuda.max_memory_allocated`` since the reset: the weights, the optimizer state and the
-step's activations; None on the CPU), trainable parameters, and ``tok_s_x_peft`` /
+step's activations; None on the CPU; ``held_before_gb``: what was allocated when the method
+started, the previous methods' leftovers if > 0; ``model_freed``: whether its model was gone when it
+ended, else its referrers are printed), trainable parameters, and ``tok_s_x_peft`` /
 ``peak_x_peft``: the ratio to ``peft_lora`` of the same round (paired). ``--rounds`` repeats the
 method loop in alternating order; the table and ``training_step.csv`` hold the medians over rounds,
 ``training_step.json`` also every round's row. An error (OOM, ...) of one method is its row's
@@ -50,6 +52,7 @@ import gc
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +126,10 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
     """Build ``method`` on a fresh base, warm up, time ``a.steps`` steps; the row's numbers."""
     from moelora.layers.dispatch import plain_mixture_backward
 
+    before = torch.cuda.memory_allocated() / 1e9 if device.type == "cuda" else None
     with plain_mixture_backward(method == "mixlora_plain"):
         model = build_method(method, a, device, dtype)
+        alive = weakref.ref(model)
         g = torch.Generator(device="cpu").manual_seed(a.seed)
         ids = torch.randint(3, model.config.vocab_size, (a.batch, a.seq), generator=g).to(device)
         step, params = make_step(model, ids, device, autocast=device.type == "cuda" and dtype != torch.float32)
@@ -138,9 +143,25 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
         times = [time_call_ms(lambda: losses.append(step()), device) for _ in range(a.steps)]
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         loss = float(losses[-1])
+        del model, step, params, losses
     ms = statistics.median(times)
+    _free(device)
     return {"step_ms": ms, "step_ms_min": min(times), "step_ms_max": max(times), "step_ms_all": times,
-            "tok_s": a.batch * a.seq / (ms / 1e3), "peak_mem_gb": peak, "trainable": trainable, "loss": loss}
+            "tok_s": a.batch * a.seq / (ms / 1e3), "peak_mem_gb": peak, "trainable": trainable, "loss": loss,
+            # memory other objects held when the method started (part of its peak: a leak if > 0
+            # after the first method) and whether its own model was freed when it ended
+            "held_before_gb": before, "model_freed": _freed(alive)}
+
+
+def _freed(ref: "weakref.ref") -> bool:
+    """True when the model behind ``ref`` is gone; else its referrers' types on stderr (a leak)."""
+    obj = ref()
+    if obj is None:
+        return True
+    kinds = sorted({type(r).__qualname__ for r in gc.get_referrers(obj)})
+    print(f"[training_step] model still referenced after its method ended, by: {', '.join(kinds)}",
+          file=sys.stderr, flush=True)
+    return False
 
 
 def _ratio(x: float | None, base: float | None) -> float | None:
@@ -220,7 +241,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _one_line(row: dict) -> str:
-    keys = ("method", "round", "step_ms", "tok_s", "peak_mem_gb", "trainable", "error")
+    keys = ("method", "round", "step_ms", "tok_s", "peak_mem_gb", "held_before_gb", "model_freed", "trainable", "error")
     return " ".join(f"{k}={row[k]:.4g}" if isinstance(row.get(k), float) else f"{k}={row[k]}"
                     for k in keys if row.get(k) is not None)
 

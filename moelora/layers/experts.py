@@ -11,13 +11,31 @@ from .lora_math import adapter_dropout, init_lora_, resolve_dtype
 
 def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: bool | None = None):
     """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere (``kernel``
-    forces the choice: a backward that recomputes the forward takes the forward's)."""
+    forces the choice: a backward that recomputes the forward takes the forward's).
+
+    Under ``torch.autocast`` the operands are first cast to the autocast dtype, as autocast casts
+    a matmul's (the gradients reach fp32 master weights through the cast): the Triton kernels are
+    not autocast ops, and with bf16-mixed's fp32 adapter weights they ran their fp32 (IEEE, no
+    tensor core) form — H200, 7B shape, 4x1024 tokens: a MixLoRA training step 3.5 s vs PEFT
+    LoRA's 0.38 s."""
     from moelora_kernels import gathered_lora as gl
 
+    x, lora_A, lora_B, weight = _autocast_operands(x, lora_A, lora_B, weight)
     if kernel is None:
         kernel = gathered_kernel_applies(x)
     fn = gl.gathered_lora if kernel else gl.gathered_lora_reference
     return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
+
+
+def _autocast_operands(*tensors):
+    """``tensors`` (None allowed) cast to the autocast dtype of their device when autocast is on
+    there and they are wider floats (fp32/fp64), else unchanged."""
+    first = next(t for t in tensors if t is not None)
+    dev = first.device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.dtype in (torch.float32, torch.float64) else t for t in tensors)
 
 
 def _block_diag_stack(w: torch.Tensor, nblocks: int) -> torch.Tensor:
