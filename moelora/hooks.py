@@ -59,6 +59,8 @@ def top_post(module, args, kwargs, output):
     if torch.compiler.is_compiling() and not module.training:
         state.end_compiled_step()
     if state.disabled or not state.records or not (module.training or has_labels):
+        if torch.is_grad_enabled():  # an eval forward with grad on: its records must not keep the graph
+            state.detach_records()
         return output  # decode/eval without labels: no extra work on the hot path
     losses = {}
     for name, records in state.records.items():
@@ -69,6 +71,7 @@ def top_post(module, args, kwargs, output):
         # LoRA-Switch has one routed layer, so only MixLoRA offers the pooled form.
         losses[name] = cfg.router_aux_loss_coef * aux_loss_from_records(records, getattr(cfg, "aux_loss_pooling",
                                                                                          "layer_mean"))
+    state.detach_records()  # the aux loss holds the graph now; records stay for router_statistics
     if not losses:
         return output
     aux = sum(losses.values())

@@ -428,6 +428,20 @@ class AdapterState:
             self.records = {}  # an inner module called on its own: its records only
         self.records.setdefault(adapter, {})[entry.layer] = entry
 
+    def detach_records(self) -> None:
+        """Keep the last forward's routing records as values, not as parts of its autograd graph,
+        once the top-level forward has taken the aux loss from them (``hooks.top_post``). A record
+        holding graph tensors kept that graph alive until the next forward, and with it a cycle
+        no garbage collector can break (record -> graph -> a recomputing node's ctx -> the FFN ->
+        this state -> record): a deleted MixLoRA model left its base's weights on the GPU (H200,
+        7B shape: 13.8 GB per model)."""
+        for recs in self.records.values():
+            for layer, r in recs.items():
+                if isinstance(r, LayerRouting) and any(isinstance(t, torch.Tensor) and t.grad_fn is not None
+                                                       for t in r.routing):
+                    recs[layer] = LayerRouting(r.layer, Routing(*(None if t is None else t.detach() for t in r.routing)),
+                                               r.token_mask, r.num_experts)
+
     def end_compiled_step(self) -> None:
         """Drop step-local tensors held on Python objects (see ``record``); compiled inference only."""
         for st in self.switch.values():
