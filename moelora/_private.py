@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 TESTED = {"torch": ">=2.9,<2.14", "transformers": ">=5.17,<5.25"}
 
@@ -87,6 +88,18 @@ def mark_static_inputs(obj) -> None:
 def module_dict_get(md: nn.ModuleDict, key):
     """``md[key]`` or None, in one dict lookup (the decode hot path)."""
     return md._modules.get(key)
+
+
+def frozen_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, linear.weight, linear.bias)`` with one dict read for the parameters, not two
+    ``nn.Module.__getattr__`` calls (the merged decode hot path: 224 linears a token, host-bound)."""
+    params = linear._parameters
+    return F.linear(x, params["weight"], params.get("bias"))
+
+
+def submodule(module: nn.Module, name: str) -> nn.Module:
+    """``getattr(module, name)`` for a registered child, in one dict read (decode hot path)."""
+    return module._modules[name]
 
 
 def cached_tokens(kwargs: dict) -> int:

@@ -82,3 +82,11 @@ def test_one_step_trains_the_adapter_only(method):
     for _ in range(4):
         loss = float(step())
     assert loss < loss0  # same batch, lr 3e-3: the loss goes down
+
+
+def test_profile_writes_an_op_table_per_method(tmp_path):
+    res = training_step.main([*TINY, "--methods", "mixlora", "--profile", "--out", str(tmp_path)])
+    prof = res["round_rows"][0]["profile"]
+    assert prof["aten_ops"] > 0 and prof["wall_ms"] > 0 and prof["device_busy_ms"] is None  # CPU
+    table = (tmp_path / prof["table"]).read_text()
+    assert prof["table"] == "profile_mixlora.txt" and "aten::" in table

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ import moelora
 from moelora.bench.jsonio import write_json
 from moelora.bench.models import build_shape_model, randomize_adapter_, randomize_peft_lora_
 from moelora.bench.output import write_csv
+from moelora.bench.profiling import profile_call
 from moelora.bench.timing import time_call_ms
 from moelora.bench.versions import record_versions
 
@@ -50,26 +50,8 @@ def _generate(model, ids, mask, n_new: int, mode: str, cache, **kw) -> None:
 
 
 def _profile(gen: Callable[[int], None], n: int, device, path: Path) -> dict[str, Any]:
-    """One ``gen(n)`` under torch.profiler: its wall time, the device's busy time (sum of kernel
-    self times) and the aten op count, so a slow case reads as host- or device-bound; the op
-    table (top 30 by device time on CUDA, CPU time otherwise) goes to ``path``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        gen(n)
-        if cuda:
-            torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3
-    ka = prof.key_averages()
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(ka.table(sort_by=sort, row_limit=30))
-    return {"new_tokens": n, "wall_ms": wall_ms,
-            "device_busy_ms": sum(e.self_device_time_total for e in ka) / 1e3 if cuda else None,
-            "aten_ops": sum(e.count for e in ka if e.key.startswith("aten::")), "table": path.name}
+    """One ``gen(n)`` under torch.profiler (``profiling.profile_call``)."""
+    return {"new_tokens": n, **profile_call(lambda: gen(n), device, path)}
 
 
 def _ms_per_token(gen: Callable[[int], None], n: int, device) -> float:

@@ -38,7 +38,9 @@ ended, else its referrers are printed), trainable parameters, and ``tok_s_x_peft
 ``peak_x_peft``: the ratio to ``peft_lora`` of the same round (paired). ``--rounds`` repeats the
 method loop in alternating order; the table and ``training_step.csv`` hold the medians over rounds,
 ``training_step.json`` also every round's row. An error (OOM, ...) of one method is its row's
-``error``; methods not started within ``--time-budget-s`` are recorded as skipped.
+``error``; methods not started within ``--time-budget-s`` are recorded as skipped. ``--profile``: after the
+timing, one more step under torch.profiler per method and round (wall vs device-busy ms and aten ops
+in the row's ``profile``; the op table in ``profile_<method>.txt``).
 
     python -m moelora.bench.training_step --model llama2_7b_shape --methods peft_lora,lora,mixlora \\
         --batch 4 --seq 1024 --steps 5 --warmup 2 --rounds 2 --out results/training_step      # H200
@@ -64,6 +66,7 @@ from moelora.bench.models import (MODEL_SHAPES, build_shape_model, randomize_ada
                                   resolve_device, resolve_dtype)
 from moelora.bench.multi_adapter import LINEARS
 from moelora.bench.output import device_name, write_csv
+from moelora.bench.profiling import profile_call
 from moelora.bench.timing import time_call_ms
 from moelora.bench.versions import package_version, record_versions
 
@@ -143,6 +146,9 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
         times = [time_call_ms(lambda: losses.append(step()), device) for _ in range(a.steps)]
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         loss = float(losses[-1])
+        prof = None
+        if a.profile:  # after the timing and the peak: the profiler's overhead is in neither
+            prof = profile_call(step, device, Path(a.out) / f"profile_{method}.txt")
         del model, step, params, losses
     ms = statistics.median(times)
     _free(device)
@@ -150,7 +156,7 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
             "tok_s": a.batch * a.seq / (ms / 1e3), "peak_mem_gb": peak, "trainable": trainable, "loss": loss,
             # memory other objects held when the method started (part of its peak: a leak if > 0
             # after the first method) and whether its own model was freed when it ended
-            "held_before_gb": before, "model_freed": _freed(alive)}
+            "held_before_gb": before, "model_freed": _freed(alive), **({"profile": prof} if prof else {})}
 
 
 def _freed(ref: "weakref.ref") -> bool:
@@ -292,6 +298,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget-s", dest="time_budget_s", type=float, default=None,
                    help="methods not started within this many seconds are recorded as skipped")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, one step per method and round under torch.profiler: wall vs device-busy ms "
+                        "and aten ops in the row, the op table in profile_<method>.txt")
     p.add_argument("--out", default="training_step_results")
     a = p.parse_args(argv)
     bad = [m for m in a.methods if m not in METHODS]

@@ -55,10 +55,10 @@ class LoraSwitchAdapter(nn.Module):
         return state
 
     def forward_site(self, site, x: torch.Tensor) -> torch.Tensor:
-        base = site.base_layer
+        base = _private.submodule(site, "base_layer")
         state = site._state.switch[self.adapter_name]
         if state.merged:  # the selected experts are already inside base_layer.weight
-            return F.linear(x, base.weight, base.bias)  # not base(x): a module call costs ~10 µs at decode
+            return _private.frozen_linear(base, x)  # not base(x): a module call costs ~10 µs at decode
         state = self._routing(site)
         idx, w = state.experts, state.weights  # (N, K) for the N tokens of this forward
         x2 = x.reshape(-1, x.shape[-1])
