@@ -707,7 +707,7 @@ def _mixture_math(ffn, x, base_pre, vid, w, stacks_a, stacks_b, expert_lora, dro
         b = base_pre[role].unsqueeze(1)  # (N, 1, F)
         if role in stacks_a:
             xr = drop(role, x, x.dtype)
-            d = expert_lora(xr.to(stacks_a[role].dtype), stacks_a[role], stacks_b[role], vid)
+            d = expert_lora(xr, stacks_a[role], stacks_b[role], vid)  # each casts to its compute dtype
             pre[role] = b + d.to(b.dtype)
         else:
             pre[role] = b
@@ -720,8 +720,7 @@ def _mixture_math(ffn, x, base_pre, vid, w, stacks_a, stacks_b, expert_lora, dro
         if h_dtype is not None and h.dtype != h_dtype:
             raise RuntimeError(f"down-expert dropout masks drawn in {h_dtype}, the hidden is {h.dtype}")
         hd = drop("down", h, h.dtype)
-        down_delta = expert_lora(hd.to(stacks_a["down"].dtype), stacks_a["down"], stacks_b["down"], vid,
-                                 weight=w.to(stacks_a["down"].dtype))
+        down_delta = expert_lora(hd, stacks_a["down"], stacks_b["down"], vid, weight=w)
     return h_mix, down_delta
 
 
@@ -787,11 +786,14 @@ def _segmented_expert_lora(t: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     reference is quadratic: every token against every adapter's experts) and no token reaches
     another adapter's experts. The results go back to their tokens by a gather (``local_inv``),
     which saves only its index (``index_add_`` kept the (P, n, K, out) result for backward)."""
+    from .experts import _compute_dtype
+
     layout, emax = seg
     sel, inv = layout["local_sel"], layout["local_inv"]  # (P, n), (N,)
     P, n = sel.shape
     N, K = vid.shape
-    cdt = torch.promote_types(t.dtype, torch.float32)
+    # fp32 math (autocast's dtype where it is on: its einsums would cast fp32 operands back anyway)
+    cdt = _compute_dtype(t.device.type, torch.promote_types(torch.promote_types(t.dtype, lora_A.dtype), torch.float32))
     A = lora_A[: P * emax].view(P, emax, *lora_A.shape[1:]).to(cdt)  # (P, E, R, in)
     Bm = lora_B[: P * emax].view(P, emax, *lora_B.shape[1:]).to(cdt)  # (P, E, out, R)
     tp = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])[sel].to(cdt)  # (P, n, in) or (P, n, K, in)

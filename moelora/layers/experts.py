@@ -13,29 +13,30 @@ def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: boo
     """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere (``kernel``
     forces the choice: a backward that recomputes the forward takes the forward's).
 
-    Under ``torch.autocast`` the operands are first cast to the autocast dtype, as autocast casts
-    a matmul's (the gradients reach fp32 master weights through the cast): the Triton kernels are
-    not autocast ops, and with bf16-mixed's fp32 adapter weights they ran their fp32 (IEEE, no
-    tensor core) form — H200, 7B shape, 4x1024 tokens: a MixLoRA training step 3.5 s vs PEFT
-    LoRA's 0.38 s."""
+    The operands (x, the stacks, the weights) are cast here, once, to the compute dtype:
+    ``torch.autocast``'s where it is on and the stacks are wider floats (as autocast casts a
+    matmul's; the gradients reach fp32 master weights through the cast), else the stacks' dtype.
+    Callers pass x in its own dtype: a cast to the stacks' fp32 first made every (tokens, top-k,
+    FFN) hidden of a bf16-mixed MixLoRA step round-trip through fp32. Why the autocast cast: the
+    Triton kernels are not autocast ops, and with bf16-mixed's fp32 adapter weights they ran their
+    fp32 (IEEE, no tensor core) form — H200, 7B shape, 4x1024 tokens: a MixLoRA training step
+    3.5 s vs PEFT LoRA's 0.38 s."""
     from moelora_kernels import gathered_lora as gl
 
-    x, lora_A, lora_B, weight = _autocast_operands(x, lora_A, lora_B, weight)
+    dt = _compute_dtype(x.device.type, lora_A.dtype)
+    x, lora_A, lora_B = x.to(dt), lora_A.to(dt), lora_B.to(dt)
+    weight = None if weight is None else weight.to(dt)
     if kernel is None:
         kernel = gathered_kernel_applies(x)
     fn = gl.gathered_lora if kernel else gl.gathered_lora_reference
     return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
 
 
-def _autocast_operands(*tensors):
-    """``tensors`` (None allowed) cast to the autocast dtype of their device when autocast is on
-    there and they are wider floats (fp32/fp64), else unchanged."""
-    first = next(t for t in tensors if t is not None)
-    dev = first.device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t is not None and t.dtype in (torch.float32, torch.float64) else t for t in tensors)
+def _compute_dtype(device_type: str, stack_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a LoRA matmul with weights of ``stack_dtype`` computes in on ``device_type``."""
+    if torch.is_autocast_enabled(device_type) and stack_dtype in (torch.float32, torch.float64):
+        return torch.get_autocast_dtype(device_type)
+    return stack_dtype
 
 
 def _block_diag_stack(w: torch.Tensor, nblocks: int) -> torch.Tensor:
@@ -102,6 +103,5 @@ class LoraExperts(nn.Module):
         """Deltas of the selected experts: x (N, in) or (N, K, in) -> (N, K, out), or (N, out)
         summed with ``weight`` (N, K). Dropout from adapter ``name``'s own stream of the model
         state ``state`` when given (``adapter_dropout``)."""
-        x = adapter_dropout(self.lora_dropout, x, state, name).to(self.lora_A.dtype)
-        w = None if weight is None else weight.to(self.lora_A.dtype)
-        return _gathered_lora(x, self.A(), self.B(), idx, weight=w, scaling=self.scaling)
+        x = adapter_dropout(self.lora_dropout, x, state, name)
+        return _gathered_lora(x, self.A(), self.B(), idx, weight=weight, scaling=self.scaling)

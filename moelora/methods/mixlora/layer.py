@@ -222,8 +222,8 @@ class MixLoraAdapter(nn.Module):
                 pre[role] = base
                 continue
             A, B = stacks[2 * i], stacks[2 * i + 1]
-            xi = _dropped(x, keeps[i], lora).to(A.dtype)
-            pre[role] = base + _gathered_lora(xi, A, B, idx, None, lora.scaling, kernel).to(base.dtype)
+            xi = _dropped(x, keeps[i])  # in its own dtype: _gathered_lora casts to the compute dtype
+            pre[role] = base + _gathered_lora(xi, A, B, idx, None, _scaling(lora, keeps[i]), kernel).to(base.dtype)
         h = ffn._activate(pre)  # (n, K, F) or (n, 1, F) when no expert touches gate/up
         if h.shape[1] != idx.shape[1]:
             h = h.expand(-1, idx.shape[1], -1)
@@ -236,8 +236,8 @@ class MixLoraAdapter(nn.Module):
         down_delta = None
         if lora is not None:
             A, B = stacks[-2], stacks[-1]
-            hd = _dropped(h, keeps[-1], lora).to(A.dtype)
-            down_delta = _gathered_lora(hd, A, B, idx, w.to(A.dtype), lora.scaling, kernel)
+            hd = _dropped(h, keeps[-1])
+            down_delta = _gathered_lora(hd, A, B, idx, w, _scaling(lora, keeps[-1]), kernel)
         return h_mix, down_delta
 
     def forward_fused(self, ffn, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -256,8 +256,14 @@ def _frozen(linear: nn.Module) -> nn.Linear:
     return getattr(linear, "base_layer", linear)
 
 
-def _dropped(x: torch.Tensor, keep: torch.Tensor | None, lora) -> torch.Tensor:
-    """x through the dropout whose keep mask is ``keep`` (x * keep * 1/(1-p), as the state's draw)."""
-    if keep is None:
-        return x
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - lora.lora_dropout.p))
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x with the dropped elements zeroed (bool ``keep``): ONE pass over x, the mask promoted
+    inside the multiply. Dropout's 1/(1-p) is not applied here but folded into the LoRA scaling
+    (``_scaling``; the delta is linear in its input): with the mask cast and the scale that
+    was three passes over each (tokens, top-k, FFN) hidden, forward, recompute and backward."""
+    return x if keep is None else x * keep
+
+
+def _scaling(lora, keep: torch.Tensor | None) -> float:
+    """The LoRA scaling of an input dropped by ``keep``, dropout's 1/(1-p) folded in."""
+    return lora.scaling if keep is None else lora.scaling / (1.0 - lora.lora_dropout.p)
