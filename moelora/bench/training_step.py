@@ -14,7 +14,10 @@ the ids: every token is trained on). Methods (``--methods``, comma list):
   (``moelora.layers.mix_recompute``);
 - ``mixlora_plain`` (optional): the same MixLoRA with that recompute switched off
   (inside ``moelora.layers.dispatch.plain_mixture_backward()``, the switch that
-  experiments/2026-12-02_mixlora_training_memory/measure_saved.py uses): its eager twin.
+  experiments/2026-12-02_mixlora_training_memory/measure_saved.py uses): its eager twin;
+- ``mixlora_compiled`` (optional): MixLoRA with its expert hidden compiled (inside
+  ``moelora.layers.dispatch.compiled_expert_hidden()``; ``moelora.layers.mixture_hidden``); the
+  warm-up steps include the compilation.
 
 Precision, as the project trains (conf/trainer/gpu.yaml ``precision: bf16-mixed``): on CUDA the
 frozen base is bf16 and the forward (with the loss) runs under ``torch.autocast(cuda, bfloat16)``,
@@ -70,7 +73,7 @@ from moelora.bench.profiling import profile_call
 from moelora.bench.timing import time_call_ms
 from moelora.bench.versions import package_version, record_versions
 
-METHODS = ("peft_lora", "lora", "mixlora", "mixlora_plain")
+METHODS = ("peft_lora", "lora", "mixlora", "mixlora_plain", "mixlora_compiled")
 BASELINE = "peft_lora"
 LR, BETAS, WEIGHT_DECAY, CLIP = 3.0e-3, (0.9, 0.999), 0.0, 1.0  # conf/module/default.yaml, conf/trainer
 COLUMNS = ("method", "rounds", "batch", "seq", "tokens", "step_ms", "step_ms_min", "step_ms_max", "tok_s",
@@ -98,7 +101,7 @@ def build_method(method: str, a: argparse.Namespace, device: torch.device, dtype
         common = dict(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout, adapter_dtype="float32")
         if method == "lora":
             cfg = moelora.LoraConfig(target_modules=LINEARS, **common)
-        elif method in ("mixlora", "mixlora_plain"):
+        elif method in ("mixlora", "mixlora_plain", "mixlora_compiled"):
             cfg = moelora.MixLoraConfig(num_experts=a.experts, top_k=a.top_k, **common)
         else:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -127,10 +130,10 @@ def make_step(model, ids: torch.Tensor, device: torch.device, autocast: bool):
 
 def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Build ``method`` on a fresh base, warm up, time ``a.steps`` steps; the row's numbers."""
-    from moelora.layers.dispatch import plain_mixture_backward
+    from moelora.layers.dispatch import compiled_expert_hidden, plain_mixture_backward
 
     before = torch.cuda.memory_allocated() / 1e9 if device.type == "cuda" else None
-    with plain_mixture_backward(method == "mixlora_plain"):
+    with plain_mixture_backward(method == "mixlora_plain"), compiled_expert_hidden(method == "mixlora_compiled"):
         model = build_method(method, a, device, dtype)
         alive = weakref.ref(model)
         g = torch.Generator(device="cpu").manual_seed(a.seed)

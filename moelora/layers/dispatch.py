@@ -98,3 +98,22 @@ def eager_routing_records(enabled: bool = True) -> contextlib.AbstractContextMan
 def lazy_routing_records() -> bool:
     """Whether the mixed inference mixture records routing lazily (not inside ``eager_routing_records``)."""
     return not _EAGER_RECORDS["on"]
+
+
+# MixLoRA expert hidden (training and prefill): the elementwise part of the mixture (frozen
+# pre-activations + expert deltas, activation, product, weighted sum over the slots, the down
+# experts' dropout mask) as ONE torch.compile'd function, so Inductor fuses its passes over the
+# (tokens, top-k, FFN) tensors in forward and backward (``mixture_hidden``). Off by default until
+# the GPU measures it against the eager composition, its twin (``compiled_expert_hidden``).
+_COMPILED_HIDDEN = {"on": False}
+
+
+def compiled_expert_hidden(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, MixLoRA mixtures compute their expert hidden through the compiled
+    function of ``moelora.layers.mixture_hidden`` (its eager twin outside)."""
+    return _scoped(_COMPILED_HIDDEN, enabled)
+
+
+def compiled_hidden_applies() -> bool:
+    """Whether the compiled expert hidden is switched on (never while the caller is traced)."""
+    return _COMPILED_HIDDEN["on"] and not torch.compiler.is_compiling()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...layers import decode_graphs
+from ...layers import decode_graphs, mixture_hidden
 from ...layers.dispatch import decode_kernels_apply, gathered_kernel_applies
 from ...layers.experts import LoraExperts, _gathered_lora
 # one home for the recomputing mixture, shared with the mixed-batch form (layers/adapted.py)
@@ -214,6 +214,17 @@ class MixLoraAdapter(nn.Module):
 
     def _mix_math(self, ffn, roles, loras, x, base_pre, idx, w, stacks, keeps, kernel):
         """``mix_hidden``'s function of its tensors (what ``_MixRecompute`` runs twice)."""
+        if (roles == ("gate", "up") and loras[0] is not None and loras[1] is not None and self.strategy != "switch"
+                and mixture_hidden.applies(ffn.act_name)):
+            # the elementwise middle as one compiled function (layers/mixture_hidden.py)
+            dg, du = (_gathered_lora(_dropped(x, keeps[i]), stacks[2 * i], stacks[2 * i + 1], idx, None,
+                                     _scaling(loras[i], keeps[i]), kernel) for i in (0, 1))
+            down = loras[-1]
+            h_mix, hd = mixture_hidden.compiled_hidden(base_pre["gate"], base_pre["up"], dg, du, w, keeps[-1],
+                                                       ffn.act_name, down is not None)
+            if down is None:
+                return h_mix, None
+            return h_mix, _gathered_lora(hd, stacks[-2], stacks[-1], idx, w, _scaling(down, keeps[-1]), kernel)
         pre = {}
         for i, role in enumerate(roles):
             base = base_pre[role].unsqueeze(1)  # (n, 1, F), frozen, once for all experts
