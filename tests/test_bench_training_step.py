@@ -90,3 +90,14 @@ def test_profile_writes_an_op_table_per_method(tmp_path):
     assert prof["aten_ops"] > 0 and prof["wall_ms"] > 0 and prof["device_busy_ms"] is None  # CPU
     table = (tmp_path / prof["table"]).read_text()
     assert prof["table"] == "profile_mixlora.txt" and "aten::" in table
+
+
+def test_moe_peft_baseline_trains_the_same_adapter_shape(tmp_path):
+    """MoE-PEFT's MixLoRA (optional: ``pip install --no-deps moe-peft==2.0.2``) beside ours: the
+    same trainable count (experts on gate/up/down, LoRA on attention, router), and its step trains."""
+    pytest.importorskip("moe_peft")
+    res = training_step.main([*TINY, "--methods", "mixlora,moe_peft_mixlora", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert "error" not in rows["moe_peft_mixlora"], rows["moe_peft_mixlora"]
+    assert rows["moe_peft_mixlora"]["trainable"] == rows["mixlora"]["trainable"]
+    assert rows["moe_peft_mixlora"]["tok_s"] > 0 and math.isfinite(rows["moe_peft_mixlora"]["loss"])

@@ -17,7 +17,10 @@ the ids: every token is trained on). Methods (``--methods``, comma list):
   experiments/2026-12-02_mixlora_training_memory/measure_saved.py uses): its eager twin;
 - ``mixlora_compiled`` (optional): MixLoRA with its expert hidden compiled (inside
   ``moelora.layers.dispatch.compiled_expert_hidden()``; ``moelora.layers.mixture_hidden``); the
-  warm-up steps include the compilation.
+  warm-up steps include the compilation;
+- ``moe_peft_mixlora`` (optional): MoE-PEFT's MixLoRA (``moe-peft`` 2.0.2, installed with
+  ``--no-deps``), the same experts, rank and targets over the same base
+  (``moelora.bench.moe_peft_baseline``: how it is driven and the two shims it needs).
 
 Precision, as the project trains (conf/trainer/gpu.yaml ``precision: bf16-mixed``): on CUDA the
 frozen base is bf16 and the forward (with the loss) runs under ``torch.autocast(cuda, bfloat16)``,
@@ -64,6 +67,7 @@ from typing import Any
 import torch
 
 import moelora
+from moelora.bench import moe_peft_baseline
 from moelora.bench.jsonio import write_json
 from moelora.bench.models import (MODEL_SHAPES, build_shape_model, randomize_adapter_, randomize_peft_lora_,
                                   resolve_device, resolve_dtype)
@@ -73,7 +77,7 @@ from moelora.bench.profiling import profile_call
 from moelora.bench.timing import time_call_ms
 from moelora.bench.versions import package_version, record_versions
 
-METHODS = ("peft_lora", "lora", "mixlora", "mixlora_plain", "mixlora_compiled")
+METHODS = ("peft_lora", "lora", "mixlora", "mixlora_plain", "mixlora_compiled", "moe_peft_mixlora")
 BASELINE = "peft_lora"
 LR, BETAS, WEIGHT_DECAY, CLIP = 3.0e-3, (0.9, 0.999), 0.0, 1.0  # conf/module/default.yaml, conf/trainer
 COLUMNS = ("method", "rounds", "batch", "seq", "tokens", "step_ms", "step_ms_min", "step_ms_max", "tok_s",
@@ -97,6 +101,8 @@ def build_method(method: str, a: argparse.Namespace, device: torch.device, dtype
         cfg = peft.LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout, target_modules=list(LINEARS))
         model = peft.get_peft_model(model, cfg)  # autocast_adapter_dtype=True: fp32 adapter over bf16
         randomize_peft_lora_(model, a.seed + 1)
+    elif method == moe_peft_baseline.NAME:
+        return moe_peft_baseline.build(model, a.r, a.dropout, a.experts, a.top_k, LINEARS, device, a.seed)
     else:
         common = dict(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout, adapter_dtype="float32")
         if method == "lora":
@@ -113,12 +119,16 @@ def build_method(method: str, a: argparse.Namespace, device: torch.device, dtype
 def make_step(model, ids: torch.Tensor, device: torch.device, autocast: bool):
     """``(step, params)``: one training step of ``model`` on ``ids`` (labels = ids) as a closure,
     and the parameters it trains; ``step()`` returns the loss tensor (not synchronised)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    theirs = moe_peft_baseline.owns(model)  # MoE-PEFT's LLMModel: its own forward and adapter tensors
+    params = moe_peft_baseline.params(model) if theirs else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
 
     def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss  # moelora: CE + router load-balance loss
+            if theirs:
+                loss = moe_peft_baseline.loss(model, ids)
+            else:
+                loss = model(input_ids=ids, labels=ids).loss  # moelora: CE + router load-balance loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
@@ -137,7 +147,8 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
         model = build_method(method, a, device, dtype)
         alive = weakref.ref(model)
         g = torch.Generator(device="cpu").manual_seed(a.seed)
-        ids = torch.randint(3, model.config.vocab_size, (a.batch, a.seq), generator=g).to(device)
+        vocab = model.config.vocab_size if hasattr(model, "config") else model.config_.vocab_size_  # MoE-PEFT's
+        ids = torch.randint(3, vocab, (a.batch, a.seq), generator=g).to(device)
         step, params = make_step(model, ids, device, autocast=device.type == "cuda" and dtype != torch.float32)
         trainable = sum(p.numel() for p in params)
         if device.type == "cuda":

@@ -1,0 +1,85 @@
+"""MoE-PEFT's MixLoRA (``moe-peft`` 2.0.2 on PyPI, TUDB-Labs, the successor of mLoRA) as a
+baseline of ``moelora.bench.training_step`` (issue 19: the same step vs MoE-PEFT's MixLoRA
+training). Only this module touches MoE-PEFT; it is optional (an ImportError is the row's error).
+
+What it takes to run MoE-PEFT 2.0.2 here (it pins torch < 2.6 and transformers < 4.47; installed
+with ``pip install --no-deps``, it runs on torch 2.13 / transformers 5.x with two shims, both below):
+
+- its LLaMA wrapper reads ``config.rope_theta``, which transformers 5 moved into
+  ``config.rope_parameters``: the value is copied back onto the config;
+- its package ``__init__`` imports ``datasets`` (for its training dispatcher, which the bench does
+  not use): where ``datasets`` is not installed (the GPU machine), an empty placeholder module
+  stands in while MoE-PEFT is imported.
+
+The base is the same random model the other methods get; MoE-PEFT wraps it (``models.from_pretrained``
+on the loaded module, its eager attention), adds one MixLoRA adapter (experts on gate/up/down,
+LoRA on attention, as moelora's MixLoRA), and a step is its forward on a ``LLMModelInput`` (token
+id lists, as its trainer feeds them), loss + aux loss, backward; the optimizer step is the
+bench's (AdamW over the adapter tensors MoE-PEFT reports)."""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import torch
+
+NAME = "moe_peft_mixlora"
+ADAPTER = "mix"
+
+
+def _import():
+    placeholder = None
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        placeholder = sys.modules["datasets"] = types.ModuleType("datasets")
+    try:
+        return importlib.import_module("moe_peft")
+    finally:
+        if placeholder is not None and sys.modules.get("datasets") is placeholder:
+            del sys.modules["datasets"]
+
+
+def build(model, r: int, dropout: float, experts: int, top_k: int, targets, device: torch.device, seed: int):
+    """MoE-PEFT's ``LLMModel`` over ``model`` (an HF LlamaForCausalLM, frozen) with one MixLoRA
+    adapter of rank ``r`` (alpha 2r), ``experts`` experts top-``top_k``; B filled N(0, 0.02) as
+    the bench's other adapters (a zero B would be another computation for the router)."""
+    mp = _import()
+    from moe_peft.adapters import lora_config_factory
+    from moe_peft.models import from_pretrained
+
+    cfg = model.config
+    if not hasattr(cfg, "rope_theta"):
+        cfg.rope_theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    llm = mp.LLMModel(from_pretrained(model, attn_impl="eager", use_sliding_window=False, device=str(device)))
+    llm.init_adapter(lora_config_factory({
+        "name": ADAPTER, "task_name": "casual", "r": r, "lora_alpha": 2 * r, "lora_dropout": dropout,
+        "target_modules": list(targets), "peft_type": "MIXLORA", "routing_strategy": "mixlora",
+        "num_experts": experts, "top_k": top_k}))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, t in llm.get_adapter_weight_dict(ADAPTER).items():
+            if "lora_B" in name:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    return llm
+
+
+def owns(model) -> bool:
+    """Whether ``model`` is a MoE-PEFT model (without importing MoE-PEFT)."""
+    return type(model).__module__.startswith("moe_peft.")
+
+
+def params(llm) -> list[torch.Tensor]:
+    """The adapter tensors MoE-PEFT trains (router, attention LoRA, experts)."""
+    return [t for t in llm.get_adapter_weight_dict(ADAPTER).values() if t.requires_grad]
+
+
+def loss(llm, ids: torch.Tensor) -> torch.Tensor:
+    """One forward of ``ids`` (labels = ids, every token real): CE + its router aux loss."""
+    mp = sys.modules["moe_peft"]
+    rows = ids.tolist()
+    inp = mp.LLMModelInput(batch_configs_=[mp.LLMBatchConfig(ADAPTER, 0, len(rows))], batch_tokens_=rows,
+                           batch_labels_=rows, batch_masks_=[[True] * len(r) for r in rows])
+    out = llm.forward(inp)[0]
+    return out.loss if out.aux_loss is None else out.loss + out.aux_loss
