@@ -25,6 +25,18 @@ def test_module_dict_lookup():
     assert _private.module_dict_get(md, "a") is md["a"] and _private.module_dict_get(md, None) is None
 
 
+def test_frozen_linear_and_submodule_read_the_module_dicts():
+    lin = torch.nn.Linear(5, 3)
+    assert hasattr(lin, "_parameters") and hasattr(lin, "_modules"), \
+        "nn.Module._parameters/_modules are gone: update moelora/_private.frozen_linear and submodule"
+    x = torch.randn(2, 5)
+    assert torch.equal(_private.frozen_linear(lin, x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    nobias = torch.nn.Linear(5, 3, bias=False)
+    assert torch.equal(_private.frozen_linear(nobias, x), x @ nobias.weight.t())
+    seq = torch.nn.Sequential(lin)
+    assert _private.submodule(seq, "0") is lin
+
+
 def test_dynamic_cache_length():
     from transformers import DynamicCache
 
