@@ -8,11 +8,14 @@ projections both carry experts (the common case):
 
 Eager, that is six or more passes over (N, K, F) tensors forward and more in backward (each pass
 over a 4096 x 2 x 11008 bf16 tensor moves ~360 MB: H200, 7B shape, the elementwise kernels were
-the largest share of a MixLoRA training step after its GEMMs). ``expert_hidden`` runs the same
+the largest share of a MixLoRA training step after its GEMMs). ``compiled_hidden`` runs the same
 math as one ``torch.compile``'d function (Inductor fuses the passes, forward and backward) inside
-``dispatch.compiled_expert_hidden()``; outside it the mixtures run their eager composition, its
-twin (tests/test_mixture_hidden.py compares them). Shared by a MixLoRA adapter's own fused path
-(``methods/mixlora/layer.py``) and the mixed-batch mixture (``layers/adapted.py``).
+``dispatch.compiled_expert_hidden()``; outside it a MixLoRA adapter's fused path
+(``methods/mixlora/layer.py``, its only caller so far; the mixed-batch mixture of
+``layers/adapted.py`` does not take it yet) runs its eager composition, the twin
+(tests/test_mixture_hidden.py compares them). The activation is looked up by name, not the FFN's
+module: one compiled function for every layer (a module per layer would be a guard and a
+recompile each).
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approx
 
 def hidden_math(g0: torch.Tensor, u0: torch.Tensor, dg: torch.Tensor, du: torch.Tensor, w: torch.Tensor,
                 keep: torch.Tensor | None, act: str, want_hd: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(h_mix, hd or None) of the module docstring; the eager twin (exactly the composition the
-    mixtures ran before: deltas cast to the frozen dtype, the weights to the hidden's)."""
+    """(h_mix, hd or None) of the module docstring, in the eager composition's order and casts
+    (deltas to the frozen dtype, the weights to the hidden's): the function that is compiled."""
     pre_g = g0.unsqueeze(1) + dg.to(g0.dtype)
     pre_u = u0.unsqueeze(1) + du.to(u0.dtype)
     h = _ACTS[act](pre_g) * pre_u

@@ -214,42 +214,34 @@ class MixLoraAdapter(nn.Module):
 
     def _mix_math(self, ffn, roles, loras, x, base_pre, idx, w, stacks, keeps, kernel):
         """``mix_hidden``'s function of its tensors (what ``_MixRecompute`` runs twice)."""
-        if (roles == ("gate", "up") and loras[0] is not None and loras[1] is not None and self.strategy != "switch"
+        deltas = {}  # (n, K, F) per role with experts; x in its own dtype: _gathered_lora casts it
+        for i, role in enumerate(roles):
+            if loras[i] is not None:
+                deltas[role] = _gathered_lora(_dropped(x, keeps[i]), stacks[2 * i], stacks[2 * i + 1], idx, None,
+                                              _scaling(loras[i], keeps[i]), kernel)
+        down = loras[-1]
+        if (roles == ("gate", "up") and len(deltas) == 2 and self.strategy != "switch"
                 and mixture_hidden.applies(ffn.act_name)):
             # the elementwise middle as one compiled function (layers/mixture_hidden.py)
-            dg, du = (_gathered_lora(_dropped(x, keeps[i]), stacks[2 * i], stacks[2 * i + 1], idx, None,
-                                     _scaling(loras[i], keeps[i]), kernel) for i in (0, 1))
-            down = loras[-1]
-            h_mix, hd = mixture_hidden.compiled_hidden(base_pre["gate"], base_pre["up"], dg, du, w, keeps[-1],
-                                                       ffn.act_name, down is not None)
-            if down is None:
-                return h_mix, None
-            return h_mix, _gathered_lora(hd, stacks[-2], stacks[-1], idx, w, _scaling(down, keeps[-1]), kernel)
-        pre = {}
-        for i, role in enumerate(roles):
-            base = base_pre[role].unsqueeze(1)  # (n, 1, F), frozen, once for all experts
-            lora = loras[i]
-            if lora is None:
-                pre[role] = base
-                continue
-            A, B = stacks[2 * i], stacks[2 * i + 1]
-            xi = _dropped(x, keeps[i])  # in its own dtype: _gathered_lora casts to the compute dtype
-            pre[role] = base + _gathered_lora(xi, A, B, idx, None, _scaling(lora, keeps[i]), kernel).to(base.dtype)
-        h = ffn._activate(pre)  # (n, K, F) or (n, 1, F) when no expert touches gate/up
-        if h.shape[1] != idx.shape[1]:
-            h = h.expand(-1, idx.shape[1], -1)
-        wd = w.to(h.dtype).unsqueeze(-1)  # (n, K, 1)
-        h_mix = (h * wd).sum(1)  # (n, F): Σ_j w_j h_j, so W2 runs once (linearity)
-        if self.strategy == "switch":
-            rest = (1.0 - w.sum(-1).detach()).clamp_min(0.0)
-            h_mix = h_mix + ffn._activate(base_pre) * rest.to(h.dtype)[:, None]
-        lora = loras[-1]
-        down_delta = None
-        if lora is not None:
-            A, B = stacks[-2], stacks[-1]
-            hd = _dropped(h, keeps[-1])
-            down_delta = _gathered_lora(hd, A, B, idx, w, _scaling(lora, keeps[-1]), kernel)
-        return h_mix, down_delta
+            h_mix, hd = mixture_hidden.compiled_hidden(base_pre["gate"], base_pre["up"], deltas["gate"], deltas["up"],
+                                                       w, keeps[-1], ffn.act_name, down is not None)
+        else:
+            pre = {}
+            for role in roles:
+                base = base_pre[role].unsqueeze(1)  # (n, 1, F), frozen, once for all experts
+                pre[role] = base + deltas[role].to(base.dtype) if role in deltas else base
+            h = ffn._activate(pre)  # (n, K, F) or (n, 1, F) when no expert touches gate/up
+            if h.shape[1] != idx.shape[1]:
+                h = h.expand(-1, idx.shape[1], -1)
+            wd = w.to(h.dtype).unsqueeze(-1)  # (n, K, 1)
+            h_mix = (h * wd).sum(1)  # (n, F): Σ_j w_j h_j, so W2 runs once (linearity)
+            if self.strategy == "switch":
+                rest = (1.0 - w.sum(-1).detach()).clamp_min(0.0)
+                h_mix = h_mix + ffn._activate(base_pre) * rest.to(h.dtype)[:, None]
+            hd = None if down is None else _dropped(h, keeps[-1])
+        if down is None:
+            return h_mix, None
+        return h_mix, _gathered_lora(hd, stacks[-2], stacks[-1], idx, w, _scaling(down, keeps[-1]), kernel)
 
     def forward_fused(self, ffn, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Static-shape path: gathered deltas per (token, slot), one frozen down projection."""
