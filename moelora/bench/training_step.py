@@ -165,7 +165,6 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
             prof = profile_call(step, device, Path(a.out) / f"profile_{method}.txt")
         del model, step, params, losses
     ms = statistics.median(times)
-    _free(device)
     return {"step_ms": ms, "step_ms_min": min(times), "step_ms_max": max(times), "step_ms_all": times,
             "tok_s": a.batch * a.seq / (ms / 1e3), "peak_mem_gb": peak, "trainable": trainable, "loss": loss,
             # memory other objects held when the method started (part of its peak: a leak if > 0
@@ -174,7 +173,9 @@ def measure(method: str, a: argparse.Namespace, device: torch.device, dtype: tor
 
 
 def _freed(ref: "weakref.ref") -> bool:
-    """True when the model behind ``ref`` is gone; else its referrers' types on stderr (a leak)."""
+    """True when the model behind ``ref`` is gone once garbage is collected; else its referrers'
+    types on stderr (a leak). The caller releases the CUDA cache afterwards (``_free``)."""
+    gc.collect()
     obj = ref()
     if obj is None:
         return True
