@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -101,3 +102,24 @@ def test_moe_peft_baseline_trains_the_same_adapter_shape(tmp_path):
     assert "error" not in rows["moe_peft_mixlora"], rows["moe_peft_mixlora"]
     assert rows["moe_peft_mixlora"]["trainable"] == rows["mixlora"]["trainable"]
     assert rows["moe_peft_mixlora"]["tok_s"] > 0 and math.isfinite(rows["moe_peft_mixlora"]["loss"])
+
+
+def test_moe_peft_imports_without_its_trainer_dependencies(monkeypatch):
+    """The GPU machine has neither ``datasets`` nor ``evaluate``, which MoE-PEFT's package
+    ``__init__`` imports for its trainer and task metrics: placeholders stand in while it is
+    imported, and are gone afterwards."""
+    pytest.importorskip("moe_peft")
+    from moelora.bench import moe_peft_baseline
+
+    absent = ("datasets", "evaluate")
+
+    class Missing:  # a finder that makes the two packages uninstalled
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in absent:
+                raise ModuleNotFoundError(f"No module named {name!r}")
+
+    for name in [m for m in sys.modules if m.split(".")[0] in (*absent, "moe_peft")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [Missing(), *sys.meta_path])
+    assert moe_peft_baseline._import().__name__ == "moe_peft"
+    assert not any(m in sys.modules for m in absent)

@@ -7,9 +7,9 @@ with ``pip install --no-deps``, it runs on torch 2.13 / transformers 5.x with tw
 
 - its LLaMA wrapper reads ``config.rope_theta``, which transformers 5 moved into
   ``config.rope_parameters``: the value is copied back onto the config;
-- its package ``__init__`` imports ``datasets`` (for its training dispatcher, which the bench does
-  not use): where ``datasets`` is not installed (the GPU machine), an empty placeholder module
-  stands in while MoE-PEFT is imported.
+- its package ``__init__`` imports ``datasets`` and ``evaluate`` (for its training dispatcher and
+  task metrics, which the bench does not use): where one is not installed (the GPU machine has
+  neither), an empty placeholder module stands in while MoE-PEFT is imported.
 
 The base is the same random model the other methods get; MoE-PEFT wraps it (``models.from_pretrained``
 on the loaded module, its eager attention), adds one MixLoRA adapter (experts on gate/up/down,
@@ -25,20 +25,24 @@ import types
 import torch
 
 NAME = "moe_peft_mixlora"
+# imported by MoE-PEFT's package __init__ for its trainer/evaluator only (the bench uses neither)
+_OPTIONAL = ("datasets", "evaluate")
 ADAPTER = "mix"
 
 
 def _import():
-    placeholder = None
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        placeholder = sys.modules["datasets"] = types.ModuleType("datasets")
+    placeholders = {}
+    for name in _OPTIONAL:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            placeholders[name] = sys.modules[name] = types.ModuleType(name)
     try:
         return importlib.import_module("moe_peft")
     finally:
-        if placeholder is not None and sys.modules.get("datasets") is placeholder:
-            del sys.modules["datasets"]
+        for name, module in placeholders.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 def build(model, r: int, dropout: float, experts: int, top_k: int, targets, device: torch.device, seed: int):
