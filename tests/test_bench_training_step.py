@@ -123,3 +123,16 @@ def test_moe_peft_imports_without_its_trainer_dependencies(monkeypatch):
     monkeypatch.setattr(sys, "meta_path", [Missing(), *sys.meta_path])
     assert moe_peft_baseline._import().__name__ == "moe_peft"
     assert not any(m in sys.modules for m in absent)
+
+
+def test_moe_peft_step_in_bf16_runs_as_its_trainer_runs_it():
+    """A bf16 base with autocast asked for (the GPU rows): MoE-PEFT's step runs without autocast,
+    as its own trainer does (its fused LoRA backward fails under one: fp32 vs bf16 gradients)."""
+    pytest.importorskip("moe_peft")
+    a = argparse.Namespace(model="tiny_shape", layers=2, r=4, dropout=0.05, experts=4, top_k=2, seed=0)
+    model = training_step.build_method("moe_peft_mixlora", a, torch.device("cpu"), torch.bfloat16)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    step, params = training_step.make_step(model, ids, torch.device("cpu"), autocast=True)
+    before = [p.detach().clone() for p in params]
+    assert math.isfinite(float(step()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, params)), "the step changed no adapter tensor"

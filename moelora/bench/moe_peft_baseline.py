@@ -15,7 +15,9 @@ The base is the same random model the other methods get; MoE-PEFT wraps it (``mo
 on the loaded module, its eager attention), adds one MixLoRA adapter (experts on gate/up/down,
 LoRA on attention, as moelora's MixLoRA), and a step is its forward on a ``LLMModelInput`` (token
 id lists, as its trainer feeds them), loss + aux loss, backward; the optimizer step is the
-bench's (AdamW over the adapter tensors MoE-PEFT reports)."""
+bench's (AdamW over the adapter tensors MoE-PEFT reports). Precision is MoE-PEFT's own: the base
+in the bench's dtype, its adapters in fp32 with explicit casts, and no autocast (its trainer never
+enters one, and its fused LoRA backward fails under one: ``make_step`` leaves it off)."""
 from __future__ import annotations
 
 import importlib

@@ -123,6 +123,11 @@ def make_step(model, ids: torch.Tensor, device: torch.device, autocast: bool):
     params = moe_peft_baseline.params(model) if theirs else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
 
+    # MoE-PEFT does its own mixed precision (a bf16 base, its LoRA in fp32 by explicit casts) and its
+    # trainer never enters autocast; under autocast its fused LoRA backward mixes fp32 and bf16 and
+    # fails (index_copy_ of a bf16 gradient into an fp32 one), so it runs as its trainer runs it.
+    autocast = autocast and not theirs
+
     def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             if theirs:
