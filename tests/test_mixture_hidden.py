@@ -1,6 +1,7 @@
 """The compiled MixLoRA expert hidden (``dispatch.compiled_expert_hidden``) against the eager
 composition, its twin: outputs, loss and every gradient of a training step on fresh random
-inputs, with and without the backward recompute, and an inference forward (fp32, CPU Inductor)."""
+inputs, with and without the backward recompute, and an inference forward (fp32, CPU Inductor); and in
+bf16 autocast (CPU, and the GPU where there is one), each measured against the fp32 eager step."""
 import pytest
 import torch
 
@@ -69,22 +70,29 @@ def test_compiled_hidden_matches_in_inference_and_the_switch_restores():
     assert not compiled_hidden_applies()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast, GPU Inductor)")
-def test_compiled_hidden_matches_the_eager_composition_on_the_gpu_in_bf16_autocast():
-    """The training form users run on the GPU (bf16-mixed: fp32 adapter, bf16 autocast): loss and
-    gradients of the compiled hidden against the eager composition, loose (bf16) tolerances."""
-    model = _model(dropout=0.1).cuda().train()
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_compiled_hidden_in_bf16_autocast_is_as_close_to_fp32_as_the_eager_composition(device):
+    """The training form users run on the GPU (bf16-mixed: fp32 adapter, bf16 autocast). bf16 alone
+    moves a gradient of this tiny model by 3-25% (rounding the base too), so fast-vs-eager in bf16
+    measures noise: both are compared with the fp32 eager step instead, and the compiled hidden must
+    be about as close to it as the eager composition is (a wrong gradient would be ~100% off)."""
+    model = _model(dropout=0.1).to(device).train()
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 61, (4, 33), generator=g).cuda()
+    ids = torch.randint(0, 61, (4, 33), generator=g).to(device)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
 
     def step(compiled):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             return _step(model, ids, mask, compiled, recompute=True)
 
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+    ref = _step(model, ids, mask, False, recompute=True)  # fp32, eager
     eager, fast = step(False), step(True)
-    torch.testing.assert_close(fast[1], eager[1], atol=2e-2, rtol=2e-2)
-    for n, gr in eager[2].items():
-        rel = (fast[2][n].float() - gr.float()).norm() / gr.float().norm().clamp_min(1e-12)
-        assert rel < 3e-2, (n, rel.item())
+    assert abs(fast[1].item() - ref[1].item()) <= 1.5 * abs(eager[1].item() - ref[1].item()) + 2e-2
+    assert ref[2].keys() == fast[2].keys()
+    for n, gr in ref[2].items():
+        assert rel(fast[2][n], gr) <= 1.5 * rel(eager[2][n], gr) + 1e-2, (n, rel(fast[2][n], gr), rel(eager[2][n], gr))
