@@ -311,7 +311,8 @@ def unwritable_dir_message(err: OSError) -> str:
 
 def write_run_outputs(cfg, run_dir, model, adapter_cfg, params, metrics, trainer, start, *,
                       interrupted: bool | None = None, resume: str | None = None, loggers: list | None = None,
-                      global_step: int | None = None, adapter_name: str | None = None) -> dict[str, Any]:
+                      global_step: int | None = None, adapter_name: str | None = None,
+                      meter: TrainThroughput | None = None) -> dict[str, Any]:
     """adapter/, results.json and curves.png of a finished or interrupted run (rank 0 only).
 
     ``loggers``, ``global_step`` and ``adapter_name`` default to the trainer's and the model's
@@ -336,7 +337,8 @@ def write_run_outputs(cfg, run_dir, model, adapter_cfg, params, metrics, trainer
         "wall_time_s": round(time.time() - start, 2),
         "versions": outputs.library_versions(),
     }
-    meter = next((cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, TrainThroughput)), None)
+    if meter is None:
+        meter = next((cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, TrainThroughput)), None)
     if meter is not None and meter.summary() is not None:
         results["throughput"] = meter.summary()
     if resume:

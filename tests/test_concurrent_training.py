@@ -64,6 +64,15 @@ def test_a_job_beside_others_equals_the_job_alone(tmp_path: Path) -> None:
     assert [r["status"] for r in mixed] == ["finished"] * 3
     for job in ("lora_r4", "mixlora_r8"):
         _assert_same_tensors(_adapter(tmp_path / "n3" / job), solo[job], f"{job}: N=3 vs moelora-train")
+        # results.json's throughput as a solo run's: the same batches and tokens, and with how many
+        # jobs the steps were shared
+        alone = json.loads((tmp_path / "solo" / job / "results.json").read_text())["throughput"]
+        beside = json.loads((tmp_path / "n3" / job / "results.json").read_text())["throughput"]
+        for k in ("train_batches", "train_tokens"):
+            assert beside[k] == alone[k], (job, k, beside, alone)
+        assert beside["train_tokens_per_s"] > 0 and 1 < beside["concurrent_jobs_mean"] <= 3
+        assert "concurrent_jobs_mean" not in alone
+    assert "concurrent_jobs_mean" not in single[0]["throughput"]
     # the test would pass trivially if nothing trained: the B factors left zero
     assert all(v.abs().max() > 0 for k, v in solo["mixlora_r8"].items() if "lora_B" in k)
     # and it can fail: the same job with another dropout stream (seed) ends elsewhere

@@ -47,6 +47,7 @@ from moelora.training import outputs
 from moelora.training.checkpoint import BASE_KEY, AtomicCheckpointIO, CheckpointError, base_signature, read_checkpoint
 from moelora.training.module import attach_adapter, router_log_dict
 from moelora.training.packing import pack_micro_batches, per_job_losses
+from moelora.training.throughput import TrainThroughput
 
 log = logging.getLogger("moelora.train.concurrent")
 
@@ -94,6 +95,7 @@ class Job:
     stats_every: int = 0
     losses: list = field(default_factory=list)  # (loss, aux) of the micro-batches of this step
     metrics: dict = field(default_factory=dict)
+    meter: Any = None  # TrainThroughput fed by the loop: results.json's "throughput"
 
     def hydra_context(self) -> None:
         """Make this job's config the current HydraConfig (overrides in results.json, ${hydra:...})."""
@@ -235,6 +237,8 @@ class _GroupLoop:
         self.bar = tqdm(total=total, desc=f"{len(jobs)} jobs", unit="step", disable=not progress, dynamic_ncols=True)
 
     def run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             while self.queue or self.running:
                 while self.queue and len(self.running) < self.max_jobs:
@@ -303,6 +307,8 @@ class _GroupLoop:
         with cli.config_errors("adapter"):
             attach_adapter(self.model, job.adapter_cfg, job.name, cfg.get("seed"))
         job.status = "running"
+        job.meter = TrainThroughput()
+        job.meter.start(self.device, reset_peak=False)  # the group's peak: reset once, in run()
         job.params = _adapter_param_counts(self.model, job.name)
         job.trainable = [p for n, p in self.model.named_parameters() if f"adapters.{job.name}." in n and p.requires_grad]
         with cli.config_errors("data"):
@@ -343,7 +349,8 @@ class _GroupLoop:
             trainer = job.eval_trainer
             job.results = cli.write_run_outputs(
                 job.cfg, job.run_dir, self.model, job.adapter_cfg, job.params, job.metrics, trainer, job.start,
-                interrupted=False, loggers=job.loggers, global_step=job.step, adapter_name=job.name)
+                interrupted=False, loggers=job.loggers, global_step=job.step, adapter_name=job.name,
+                meter=job.meter)
             job.status = "finished"
             log.info("job %s finished at step %d", job.run_dir, job.step)
         except Exception as err:  # noqa: BLE001
@@ -392,6 +399,7 @@ class _GroupLoop:
     def _micro_step(self) -> None:
         jobs = chosen = self._choose()
         batches = {j.name: self._next_batch(j) for j in jobs}
+        t0 = time.perf_counter()  # as a solo run's meter: the step, not the data loading
         streams = {j.name: _dropout_state(self.model, j.name) for j in jobs}
         while jobs:
             # Several jobs: the packed length rounded up to a multiple of PAD_MULTIPLE, so that shapes
@@ -446,8 +454,7 @@ class _GroupLoop:
         # for the finiteness checks: a check per job is a wait for the GPU queue each
         stepping = [job for job in jobs if (job.micro + 1) % job.accum == 0]
         norms = dict(zip((j.name for j in stepping), self._clip(stepping)))
-        stats = jobs
-        for job in stats:
+        for job in jobs:
             first_of_step = job.micro % job.accum == 0
             job.micro += 1
             if first_of_step and job.stats_every and job.step % job.stats_every == 0:
@@ -457,6 +464,14 @@ class _GroupLoop:
                     self._log(job, logs)
             if job.micro % job.accum == 0:
                 self._optimizer_step(job, norms[job.name])
+        # the shared step's time (the validation and tests below are not in it), to every
+        # job in it with its own tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        for job in jobs:
+            job.meter.add(seconds, batches[job.name], jobs=len(jobs))
+        for job in jobs:
             if job.val_every and job.micro % job.val_every == 0 and job.status == "running":
                 self._validate(job)
             if job.step >= job.max_steps and job.status == "running":
