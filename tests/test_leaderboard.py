@@ -65,6 +65,25 @@ def test_leaderboard_pools_seeds_pairs_against_lora_and_joins_speed(runs, bench,
     assert (tmp_path / "leaderboard.png").stat().st_size > 1000
 
 
+def test_speed_is_not_joined_to_variants_the_benchmark_does_not_time(runs, bench, tmp_path):
+    """A dynamic-routing MixLoRA and a block-diagonal MixLoRA run get no speed columns (the bench
+    times top-k dense MixLoRA); the plain MixLoRA run still does."""
+    sweep = tmp_path / "sweep"
+    src = json.loads(next(p for p in sorted(runs.glob("[0-3]/results.json"))
+                          if json.loads(p.read_text())["method"] == "mixlora").read_text())
+    for name, change in {"plain": {}, "dyn": {"routing_strategy": "dynamic", "top_p": 0.8},
+                         "blocks": {"nblocks": 2}}.items():
+        (sweep / name).mkdir(parents=True)
+        r = {**src, "adapter": {**src["adapter"], **change}}
+        (sweep / name / "results.json").write_text(json.dumps(r))
+    rows = leaderboard([sweep], [bench], tmp_path / "lb")["tables"]["tiny_llama"]
+    by = {r["method"]: r for r in rows}
+    assert len(by) == 3, list(by)
+    for label, row in by.items():
+        timed = row["decode_x_base_eager"] is not None
+        assert timed == ("dyn" not in label and "blocks" not in label), (label, row["decode_x_base_eager"])
+
+
 def test_cli_writes_files_and_rejects_bad_input(runs, tmp_path):
     cmd = [sys.executable, "-m", "moelora.eval.leaderboard", str(runs), "--out", str(tmp_path / "lb")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -91,3 +110,18 @@ def test_leaderboard_notebook_executes(runs, bench, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
     assert any("tiny_llama" in str(o.get("data", {})) for o in outputs)  # the table was shown
+
+
+def test_bench_speed_takes_prefill_from_the_base_row_when_a_summary_has_no_ratio():
+    """Rows summarised over rounds have prefill_ms but no prefill_ratio (older bench.json files)."""
+    from moelora.eval.leaderboard import bench_speed
+
+    common = {"mode": "eager", "batch_size": 1, "prompt_len": 64}
+    rows = [{"method": "base", "prefill_ms": 40.0, "decode_ratio": 1.0, **common},
+            {"method": "mixlora", "prefill_ms": 60.0, "decode_ratio": 1.1, **common},
+            {"method": "lora", "prefill_ms": 50.0, "prefill_ratio": 1.2, "decode_ratio": 1.2, **common},
+            {"method": "lora_switch_merge", "prefill_ms": 80.0, "decode_ratio": 1.0, **{**common, "prompt_len": 1024}}]
+    speed = bench_speed([{"model": "m", "device": "d", "rows": rows}])
+    assert speed["mixlora"]["prefill"] == pytest.approx(1.5)
+    assert speed["lora"]["prefill"] == pytest.approx(1.2)  # a recorded ratio wins
+    assert speed["lora_switch"]["prefill"] is None  # no base row at its prompt length

@@ -37,7 +37,7 @@ from moelora.training.outputs import RESULTS_NAME, markdown_table
 # mode at batch 1 (its fast path); the unmerged rows are used when no merge row exists.
 BENCH_METHODS = {"lora": "lora", "mixlora": "mixlora", "lora_switch_merge": "lora_switch",
                  "lora_switch_unmerged": "lora_switch", "bdlora": "bdlora"}
-COMPILED_MODES = ("static", "compile")
+COMPILED_MODES = ("static", "static_new", "compile")  # static_new: generate(cache_implementation="static") as users call it
 # adapter-config fields that name a variant (the rest is the same for every run of a method here)
 VARIANT_FIELDS = ("r", "num_experts", "top_k", "routing_strategy", "top_p", "nblocks")
 NOT_A_VARIANT = ("seed",)  # overrides that only repeat a run
@@ -98,6 +98,16 @@ def _variant(adapter: dict, overrides: Sequence[str]) -> tuple[str, str]:
     return label, key
 
 
+def _speed_key(adapter: dict) -> str | None:
+    """The method whose benchmark rows give this run's speed columns, or None for a variant that
+    no benchmark method times (dynamic routing, block-diagonal MixLoRA): their speed differs from
+    the plain method's, so a join by method alone would print another configuration's numbers."""
+    method = adapter.get("method")
+    if adapter.get("routing_strategy") == "dynamic" or ((adapter.get("nblocks") or 1) > 1 and method != "bdlora"):
+        return None
+    return method
+
+
 def load_runs(paths: Iterable[Path]) -> tuple[list[dict], list[dict]]:
     """(scored runs, skipped runs). A scored run: model, method, label, key, seed, trainable,
     per-task test accuracy and optional training throughput / memory."""
@@ -116,7 +126,7 @@ def load_runs(paths: Iterable[Path]) -> tuple[list[dict], list[dict]]:
         label, key = _variant(adapter, r.get("overrides") or [])
         runs.append({
             "run": str(p.parent), "model": r.get("model") or "?", "method": adapter.get("method") or r.get("method"),
-            "label": label, "key": key, "seed": r.get("seed"), "acc": accs,
+            "label": label, "key": key, "speed_key": _speed_key(adapter), "seed": r.get("seed"), "acc": accs,
             "mean_acc": metrics.get("test/acc", statistics.fmean(accs.values())),
             "trainable": (r.get("trainable_params") or {}).get("trainable"),
             "train_tokens_per_s": (r.get("throughput") or {}).get("train_tokens_per_s"),
@@ -164,6 +174,10 @@ def bench_speed(benches: Sequence[dict]) -> dict[str, dict[str, Any]]:
     memory, medians over every bench row that times it (and the bench model and device)."""
     acc: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for b in benches:
+        # rows summarised over rounds carry prefill_ms but no prefill_ratio: the ratio is then taken
+        # against the base row of the same mode, batch and prompt length
+        base_prefill = {(r.get("mode"), r.get("batch_size"), r.get("prompt_len")): r.get("prefill_ms")
+                        for r in b["rows"] if r.get("method") == "base" and not r.get("error")}
         for row in b["rows"]:
             method = BENCH_METHODS.get(row.get("method"))
             if method is None or row.get("error") or row.get("batch_size") != 1:
@@ -174,7 +188,11 @@ def bench_speed(benches: Sequence[dict]) -> dict[str, dict[str, Any]]:
             slot = acc[method]
             if row.get("mode") == "eager":
                 slot["decode_eager"].append(row.get("decode_ratio_paired") or row.get("decode_ratio"))
-                slot["prefill"].append(row.get("prefill_ratio"))
+                prefill = row.get("prefill_ratio")
+                base_ms = base_prefill.get((row.get("mode"), row.get("batch_size"), row.get("prompt_len")))
+                if prefill is None and row.get("prefill_ms") and base_ms:
+                    prefill = row["prefill_ms"] / base_ms
+                slot["prefill"].append(prefill)
                 slot["bench_peak_mem_mb"].append(row.get("peak_mem_mb"))
             elif row.get("mode") in COMPILED_MODES:
                 slot["decode_compiled"].append(row.get("decode_ratio"))
@@ -219,7 +237,7 @@ def build_tables(runs: list[dict], speed: dict[str, dict], baseline: str | None)
                 row[f"vs_{baseline}"], row[f"vs_{baseline}_p"], row[f"vs_{baseline}_pairs"] = d, p, n
             row["train_tokens_per_s"] = _median(r["train_tokens_per_s"] for r in group)
             row["train_peak_mem_mb"] = _median(r["peak_mem_mb"] for r in group)
-            sp = speed.get(first["method"], {})
+            sp = speed.get(first["speed_key"], {}) if first["speed_key"] else {}
             row["decode_x_base_eager"] = sp.get("decode_eager")
             row["decode_x_base_compiled"] = sp.get("decode_compiled")
             row["prefill_x_base"] = sp.get("prefill")
@@ -265,7 +283,8 @@ def to_markdown(tables: dict[str, list[dict]], skipped: list[dict], baseline: st
         out += [f"## {model}", "", "Test exact match per task, mean ± std over seeds.", "",
                 markdown_table(pd.DataFrame(view)), ""]
         if benches:
-            out += [f"Speed columns: measured by moelora-bench on {'; '.join(benches)} (joined by method).", ""]
+            out += [f"Speed columns: measured by moelora-bench on {'; '.join(benches)} (joined by method; "
+                    "empty for variants no benchmark method times: dynamic routing, block-diagonal MixLoRA).", ""]
     if skipped:
         out += ["## Not scored", ""] + [f"- {s['run']}: {s['status']} ({s['why']})" for s in skipped] + [""]
     return "\n".join(out)
