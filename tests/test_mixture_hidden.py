@@ -96,3 +96,21 @@ def test_compiled_hidden_in_bf16_autocast_is_as_close_to_fp32_as_the_eager_compo
     assert ref[2].keys() == fast[2].keys()
     for n, gr in ref[2].items():
         assert rel(fast[2][n], gr) <= 1.5 * rel(eager[2][n], gr) + 1e-2, (n, rel(fast[2][n], gr), rel(eager[2][n], gr))
+
+
+def test_the_backward_recompute_takes_the_form_its_forward_took(monkeypatch):
+    """Lightning runs backward after training_step returned, outside a switch scoped around the
+    forward: the recompute must still run the compiled form (and the eager one for an eager forward)."""
+    calls = _count_calls(monkeypatch)
+    model = _model(dropout=0.1).train()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    with compiled_expert_hidden():
+        loss = model(ids, labels=ids).loss
+    assert len(calls) == 2  # the forwards of 2 layers
+    loss.backward()
+    assert len(calls) == 4  # and their recomputes, outside the scope
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    with compiled_expert_hidden():
+        loss.backward()
+    assert len(calls) == 4  # an eager forward recomputes eagerly, inside the scope or not

@@ -184,12 +184,16 @@ class MixLoraAdapter(nn.Module):
         n_down_in = ffn._proj("down").in_features
         keeps.append(self._keep(loras[-1], (x.shape[0], idx.shape[1], n_down_in), x, ffn))
         kernel = gathered_kernel_applies(x)
+        # decided here, once: the backward recompute runs the same form even if it runs outside
+        # the switch's scope (Lightning calls backward after training_step has returned)
+        compiled = (roles == ("gate", "up") and self.strategy != "switch" and loras[0] is not None
+                    and loras[1] is not None and mixture_hidden.applies(ffn.act_name))
         bases = [base_pre[role] for role in roles]
         nb, ns = len(bases), len(stacks)
 
         def run(x, idx, w, *rest):
             return self._mix_math(ffn, roles, loras, x, dict(zip(roles, rest[:nb])), idx, w,
-                                  rest[nb:nb + ns], rest[nb + ns:], kernel)
+                                  rest[nb:nb + ns], rest[nb + ns:], kernel, compiled)
 
         if not recompute_applies():
             return run(x, idx, w, *bases, *stacks, *keeps)
@@ -212,7 +216,7 @@ class MixLoraAdapter(nn.Module):
             return torch.nn.functional.dropout(x.new_ones(tuple(shape)), p, training=True) != 0
         return keep.bool()
 
-    def _mix_math(self, ffn, roles, loras, x, base_pre, idx, w, stacks, keeps, kernel):
+    def _mix_math(self, ffn, roles, loras, x, base_pre, idx, w, stacks, keeps, kernel, compiled):
         """``mix_hidden``'s function of its tensors (what ``_MixRecompute`` runs twice)."""
         deltas = {}  # (n, K, F) per role with experts; x in its own dtype: _gathered_lora casts it
         for i, role in enumerate(roles):
@@ -220,8 +224,7 @@ class MixLoraAdapter(nn.Module):
                 deltas[role] = _gathered_lora(_dropped(x, keeps[i]), stacks[2 * i], stacks[2 * i + 1], idx, None,
                                               _scaling(loras[i], keeps[i]), kernel)
         down = loras[-1]
-        if (roles == ("gate", "up") and len(deltas) == 2 and self.strategy != "switch"
-                and mixture_hidden.applies(ffn.act_name)):
+        if compiled:
             # the elementwise middle as one compiled function (layers/mixture_hidden.py)
             h_mix, hd = mixture_hidden.compiled_hidden(base_pre["gate"], base_pre["up"], deltas["gate"], deltas["up"],
                                                        w, keeps[-1], ffn.act_name, down is not None)
