@@ -66,6 +66,8 @@ BAD_TYPES = {
     "unknown_trainer_key": ("+trainer.foo=1", ["trainer.foo=1", "takes no argument 'foo'"]),
     "trainer_key_typo": ("+trainer.max_step=5", ["trainer.max_step=5", "did you mean trainer.max_steps?"]),
     "optimizer_key_typo": ("+module.optimizer.learning_rate=1", ["module.optimizer.learning_rate", "AdamW"]),
+    "compiled_hidden_not_bool": ("module.compiled_expert_hidden=maybe", ["module.compiled_expert_hidden='maybe'",
+                                                                          "true or false"]),
 }
 
 

@@ -184,3 +184,29 @@ def test_gradient_accumulation_and_clipping(tmp_path: Path) -> None:
     assert trainer.global_step == 2
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4  # 2 micro-batches per step
     assert trainer.gradient_clip_val == 0.5
+
+
+def test_compiled_expert_hidden_trains_as_the_eager_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``module.compiled_expert_hidden=true``: MixLoRA's forwards and backward recomputes take the
+    compiled hidden (CPU Inductor) and the trained adapter equals the eager run's (fp32)."""
+    from safetensors.torch import load_file
+
+    from moelora.layers import mixture_hidden
+
+    calls = []
+    real = mixture_hidden.compiled_hidden
+    monkeypatch.setattr(mixture_hidden, "compiled_hidden", lambda *a: calls.append(1) or real(*a))
+    common = ["adapter=mixlora", "+adapter.expert_backend=fused", "trainer.max_steps=3", "test=false", "plot=false",
+              "trainer.val_check_interval=1000", "module.router_stats_every_n_steps=0"]
+    adapters = {}
+    for flag in ("false", "true"):
+        cfg = compose_train_config([*FAST, *common, f"module.compiled_expert_hidden={flag}"],
+                                   output_dir=tmp_path / flag)
+        train(cfg)
+        adapters[flag] = load_file(str(tmp_path / flag / "adapter" / "adapter_model.safetensors"))
+        if flag == "false":
+            assert not calls
+    layers = tiny_llama(**{k.split(".")[1]: int(v) for k, v in (o.split("=") for o in FAST_MODEL)})[0].config.num_hidden_layers
+    assert len(calls) == 2 * 3 * layers  # forward + recompute, every layer, every step
+    for k, v in adapters["false"].items():
+        torch.testing.assert_close(adapters["true"][k], v, atol=1e-5, rtol=1e-4, msg=k)

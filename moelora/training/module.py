@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 import moelora
+from moelora.layers.dispatch import compiled_expert_hidden
 from moelora.training.checkpoint import BASE_KEY, base_signature
 
 # Prefix of the adapter keys in Lightning's checkpoint["state_dict"] (the module's attribute name).
@@ -114,6 +115,10 @@ class MoeLoraModule(pl.LightningModule):
         score_fn: ``(example, generated_text) -> bool``, e.g. ``moelora.data.score_prediction``.
         max_new_tokens: greedy generation length for the accuracy evaluation.
         router_stats_every_n_steps: how often the per-layer router statistics are logged (0 = never).
+        compiled_expert_hidden: train MixLoRA with its expert hidden compiled
+            (``moelora.layers.dispatch.compiled_expert_hidden``: Inductor fuses the elementwise passes
+            over the (tokens, top-k, FFN) tensors; 9-11% faster steps on the H200, 7B shape). Off by
+            default: the first steps compile (tens of seconds; needs a C++ compiler on CPU).
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class MoeLoraModule(pl.LightningModule):
         score_fn: Callable[[dict, str], bool],
         max_new_tokens: int = 16,
         router_stats_every_n_steps: int = 25,
+        compiled_expert_hidden: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -136,6 +142,7 @@ class MoeLoraModule(pl.LightningModule):
         self.score_fn = score_fn
         self.max_new_tokens = max_new_tokens
         self.router_stats_every_n_steps = router_stats_every_n_steps
+        self.compiled_expert_hidden = bool(compiled_expert_hidden)
         self.acc = nn.ModuleDict(
             {stage: nn.ModuleDict({_metric_key(t): MeanMetric() for t in self.task_names}) for stage in ("val", "test")}
         )
@@ -201,7 +208,9 @@ class MoeLoraModule(pl.LightningModule):
         return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.model(**self._lm_batch(batch))
+        # the forward decides the form; the backward recompute Lightning runs later takes the same
+        with compiled_expert_hidden(self.compiled_expert_hidden):
+            out = self.model(**self._lm_batch(batch))
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)
         aux = getattr(out, "aux_loss", None)

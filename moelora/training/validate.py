@@ -97,6 +97,7 @@ CHECKS: dict[str, Check] = {
     "module.scheduler.min_lr_ratio": number_in(0, 1),
     "module.max_new_tokens": int_at_least(1, null=True),
     "module.router_stats_every_n_steps": COUNT,
+    "module.compiled_expert_hidden": BOOL,
     "callbacks.model_checkpoint.every_n_train_steps": int_at_least(0, null=True),
     "callbacks.model_checkpoint.save_top_k": int_at_least(-1),
     "callbacks.progress_bar.refresh_rate": COUNT,
