@@ -490,8 +490,9 @@ def _records(model: nn.Module, adapter_name: str | None) -> dict:
 
 def router_statistics(model: nn.Module, adapter_name: str | None = None) -> list[dict]:
     """Per routed layer of ``adapter_name`` (default: the active one), from the last forward:
-    expert load fractions, mean probability (importance), mean per-token entropy, and the
-    coefficient of variation of the load. In a mixed batch each adapter's statistics cover
+    expert load fractions, mean probability (importance), mean per-token entropy, the
+    coefficient of variation of the load, and the mean number of experts a token runs through
+    (``experts_per_token``: top_k for top-k routing, what top-p selects for dynamic routing). In a mixed batch each adapter's statistics cover
     its own sequences. Empty after a torch.compile'd inference forward, which keeps no routing
     records (see ``AdapterState.record``); run the analysis forward uncompiled."""
     stats = []
@@ -513,6 +514,7 @@ def router_statistics(model: nn.Module, adapter_name: str | None = None) -> list
                 "importance": probs / n,
                 "entropy": ent,
                 "load_cv": load.std(unbiased=False) / load.mean().clamp_min(1e-12),
+                "experts_per_token": counts.sum() / n,
                 "tokens": n,
             })
     return stats

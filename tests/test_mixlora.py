@@ -296,3 +296,25 @@ def test_fused_training_matches_eager_gradients():
     assert grads["fused"].keys() == grads["eager"].keys() and len(grads["eager"]) > 0
     for n, g in grads["eager"].items():
         torch.testing.assert_close(grads["fused"][n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("strategy", ["topk", "dynamic"])
+def test_router_statistics_count_the_experts_each_token_runs_through(strategy):
+    """experts_per_token: top_k for top-k routing; for top-p, the mean number of experts the
+    tokens' routing selected (counted here from the routing records, padding left out)."""
+    model = moelora.inject_adapter(make_tiny("llama"), moelora.MixLoraConfig(
+        num_experts=4, top_k=2, r=4, lora_dropout=0.0, routing_strategy=strategy, top_p=0.6))
+    randomize_adapter_(model, scale=0.5)
+    ids, mask = _batch()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    stats, records = moelora.router_statistics(model), moelora.routing_records(model)
+    for s in stats:
+        experts, weights, tmask = records[s["layer"]]
+        per_token = (weights > 0).sum(-1).float()
+        if tmask is not None:
+            per_token = per_token[tmask.reshape(-1).bool()]
+        want = 2.0 if strategy == "topk" else per_token.mean().item()
+        assert float(s["experts_per_token"]) == pytest.approx(want, rel=1e-5), (s["layer"], strategy)
+    if strategy == "dynamic":  # the test means something: top-p kept different counts per token
+        assert any(len(set((w > 0).sum(-1).tolist())) > 1 for _, w, _ in records.values())

@@ -59,7 +59,7 @@ def test_short_run_writes_the_run_directory(tmp_path: Path) -> None:
     assert {f"test/acc/{t}" for t in tasks} <= set(results["metrics"]) and "val/loss" in results["metrics"]
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     for col in ("train/loss", "train/aux_loss", "train/lr", "val/loss", "router/load_cv",
-                "router/layer00/load_e0", "router/layer01/entropy", *(f"val/acc/{t}" for t in tasks)):
+                "router/layer00/load_e0", "router/layer01/entropy", "router/experts_per_token", *(f"val/acc/{t}" for t in tasks)):
         assert col in header, col
     assert (run / "curves.png").stat().st_size > 10_000
     assert (run / "checkpoints" / "last.ckpt").is_file()

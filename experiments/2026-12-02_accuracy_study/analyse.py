@@ -287,12 +287,14 @@ def routing_rows(runs: list[dict]) -> list[dict]:
                 ent = fnum(row.get(f"{pre}/entropy"))
                 slot[f"{when}_entropy_norm"].append(None if ent is None or E < 2 else ent / math.log(E))
                 slot[f"{when}_max_load"].append(max(loads) if loads else None)
+                # logged from 2026-12-03 on (moelora.router_statistics): absent in older runs
+                slot[f"{when}_experts_per_token"].append(fnum(row.get(f"{pre}/experts_per_token")))
                 slot["step_" + when].append(fnum(row.get("step")))
     out = []
     for (arm, layer), slot in sorted(acc.items()):
         row = {"arm": arm, "layer": layer, "runs": len(slot["first_load_cv"])}
         for k in ("first_load_cv", "last_load_cv", "first_max_load", "last_max_load", "first_entropy_norm",
-                  "last_entropy_norm"):
+                  "last_entropy_norm", "first_experts_per_token", "last_experts_per_token"):
             row[k] = mean_std([v for v in slot[k] if v is not None])[0]
         row["last_step"] = mean_std([v for v in slot["step_last"] if v is not None])[0]
         out.append(row)
@@ -306,7 +308,7 @@ def routing_summary(rows: list[dict]) -> list[dict]:
     out = []
     for arm, layers in sorted(by_arm.items()):
         row = {"arm": arm, "layers": len(layers), "runs": max(r["runs"] for r in layers)}
-        for k in ("first_load_cv", "last_load_cv", "first_entropy_norm", "last_entropy_norm"):
+        for k in ("first_load_cv", "last_load_cv", "first_entropy_norm", "last_entropy_norm", "last_experts_per_token"):
             row[k] = mean_std([r[k] for r in layers if not math.isnan(r[k])])[0]
         row["last_max_load_max"] = max((r["last_max_load"] for r in layers if not math.isnan(r["last_max_load"])), default=None)
         row["collapsed_layers"] = sum(1 for r in layers if r["last_max_load"] > 0.5)
@@ -371,7 +373,9 @@ def report(work: Path, out: Path) -> None:
                              "Per arm over its routed layers (routing.csv: per layer): load_cv = std/mean of the experts' "
                              "token shares (0 = balanced); max_load = largest expert share (balanced: 1/E); entropy_norm = "
                              "mean per-token routing entropy / log E (1 = uniform router probabilities, 0 = one-hot); "
-                             "collapsed_layers = layers whose largest share at the last step is > 0.5.",
+                             "collapsed_layers = layers whose largest share at the last step is > 0.5; experts_per_token = "
+                             "mean number of experts a token runs through (top-k: k; dynamic: what top-p kept; nan in "
+                             "runs from before it was logged).",
                              md_rows=routing_summary(routing)))
     conv = convergence_rows(stage2 + stage1)
     parts.append(write_table(conv, out, "convergence", "Train loss over the last and previous fifth of the logged steps"))

@@ -73,10 +73,12 @@ def router_log_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
         layer = f"router/layer{s['layer']:02d}"
         logs[f"{layer}/load_cv"] = float(s["load_cv"])
         logs[f"{layer}/entropy"] = float(s["entropy"])
+        logs[f"{layer}/experts_per_token"] = float(s["experts_per_token"])
         for e, frac in enumerate(s["load"].tolist()):
             logs[f"{layer}/load_e{e}"] = frac
     logs["router/load_cv"] = sum(float(s["load_cv"]) for s in stats) / len(stats)
     logs["router/entropy"] = sum(float(s["entropy"]) for s in stats) / len(stats)
+    logs["router/experts_per_token"] = sum(float(s["experts_per_token"]) for s in stats) / len(stats)
     return logs
 
 
