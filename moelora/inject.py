@@ -492,8 +492,8 @@ def router_statistics(model: nn.Module, adapter_name: str | None = None) -> list
     """Per routed layer of ``adapter_name`` (default: the active one), from the last forward:
     expert load fractions, mean probability (importance), mean per-token entropy, the
     coefficient of variation of the load, and the mean number of experts a token runs through
-    (``experts_per_token``: top_k for top-k routing, what top-p selects for dynamic routing). In a mixed batch each adapter's statistics cover
-    its own sequences. Empty after a torch.compile'd inference forward, which keeps no routing
+    (``experts_per_token``: top_k for top-k routing, what top-p selects for dynamic routing).
+    In a mixed batch each adapter's statistics cover its own sequences. Empty after a torch.compile'd inference forward, which keeps no routing
     records (see ``AdapterState.record``); run the analysis forward uncompiled."""
     stats = []
     records = _records(model, adapter_name)
