@@ -317,6 +317,35 @@ def test_benchmark_smoke_mode_writes_its_tables(tmp_path: Path) -> None:
     assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == len(rows)
 
 
+def test_benchmark_moe_peft_mode_trains_the_same_jobs(tmp_path: Path) -> None:
+    """``--modes concurrent,moe_peft``: MoE-PEFT 2.0.2 (optional) trains the same N jobs (a LoRA and
+    a MixLoRA adapter of the same shapes) on the same tokens, and each step moves its adapters."""
+    pytest.importorskip("moe_peft")
+    from moelora.bench import concurrent_training as bench
+    from moelora.bench import moe_peft_baseline as mp
+
+    args = ["--device", "cpu", "--model", "tiny_shape", "--jobs", "2", "--steps", "2", "--warmup", "0", "--rows", "2",
+            "--seq", "12", "--lora-r", "4", "--mix-r", "4", "--mix-experts", "4"]
+    result = bench.main([*args, "--modes", "concurrent,moe_peft", "--out", str(tmp_path)])
+    rows = {r["mode"]: r for r in result["results"]}
+    assert "error" not in rows["moe_peft"], rows["moe_peft"]
+    assert rows["moe_peft"]["label_tokens"] == rows["concurrent"]["label_tokens"] > 0
+    assert rows["moe_peft"]["jobs_per_hour"] > 0
+    # the same adapters: MoE-PEFT's trainable count per job equals moelora's
+    s, _ = bench._parse(args)
+    llm = bench._moe_peft_model(s, 2, torch.device("cpu"), torch.float32)
+    model = bench.build_base(s, torch.device("cpu"), torch.float32).requires_grad_(False)
+    names, _ = bench._attach(model, s, [0, 1])
+    for j in (0, 1):
+        ours = sum(p.numel() for n, p in model.named_parameters() if f"adapters.{names[j]}." in n)
+        assert sum(t.numel() for t in mp.params(llm, f"job{j}")) == ours, j
+    before = {j: [t.detach().clone() for t in mp.params(llm, f"job{j}")] for j in (0, 1)}
+    batches = {j: bench.job_batches(s, j, model.config.vocab_size, 1) for j in (0, 1)}
+    bench.moe_peft_steps(llm, s, [0, 1], 1, batches, 0)
+    for j in (0, 1):
+        assert any(not torch.equal(a, b) for a, b in zip(before[j], mp.params(llm, f"job{j}"))), j
+
+
 def test_token_budget_and_queue_keep_every_job_as_it_is_alone(tmp_path: Path) -> None:
     """``tokens_per_step`` smaller than any micro-batch: one job per forward, round robin (a job
     alone over the budget still runs); ``max_concurrent_jobs=2`` queues the third job. Every job

@@ -14,6 +14,12 @@ Modes, per N:
 - ``sequential``: the same jobs one after another over one base (one adapter present at a time);
 - ``processes`` (``--processes``): N processes at once on the device, each training one job over
   its own copy of the base (peak memory: the sum of the processes' own peaks).
+- ``moe_peft`` (``--modes ...,moe_peft``; needs ``pip install --no-deps moe-peft==2.0.2``): the same
+  N jobs (same ranks, experts, data, optimizer, clipping) as N adapters of MoE-PEFT 2.0.2 (mLoRA's
+  successor) over a fresh copy of the base, one forward per step as its trainer packs it (every
+  row padded to the step's longest; ``moelora.bench.moe_peft_baseline``): its precision is its own
+  (base in ``--dtype``, adapters fp32, no autocast), no gradient checkpointing. A failure (not
+  installed, an error of its own) is the row's ``error``.
 
 Per mode: jobs/hour (a job = ``--steps`` optimizer steps), non-padding label tokens/s, step time
 and peak device memory (CUDA: ``max_memory_allocated``). Packed lengths are rounded up to
@@ -281,6 +287,62 @@ def measure(model, s: Settings, n: int, mode: str, batches, pad_id: int, device:
     return _row(s, n, mode, elapsed, tokens, _peak_gib(device))
 
 
+def moe_peft_steps(llm, s: Settings, jobs: list[int], steps: int, batches: dict[int, list[dict]], pad_id: int,
+                   offset: int = 0) -> int:
+    """``steps`` optimizer steps of ``jobs`` as MoE-PEFT adapters ``job<j>`` (attached by
+    ``_moe_peft_model``), each with its own AdamW and clipping; returns the label tokens trained on."""
+    from moelora.bench import moe_peft_baseline as mp
+
+    optims = {j: (torch.optim.AdamW(mp.params(llm, f"job{j}"), lr=s.lr), mp.params(llm, f"job{j}")) for j in jobs}
+    tokens = 0
+    for step in range(steps):
+        micro = [(f"job{j}", batches[j][(offset + step) % len(batches[j])]) for j in jobs]
+        losses = mp.job_losses(llm, micro, pad_id)
+        sum(losses).backward()
+        for j in jobs:
+            opt, params = optims[j]
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        tokens += sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in micro)
+    return tokens
+
+
+def _moe_peft_model(s: Settings, n: int, device: torch.device, dtype: torch.dtype):
+    """A fresh base wrapped by MoE-PEFT with the N jobs' adapters (job_config's shapes and seeds)."""
+    from moelora.bench import moe_peft_baseline as mp
+    from moelora.bench.multi_adapter import LINEARS
+
+    llm = mp.wrap(build_base(s, device, dtype).requires_grad_(False), device)
+    for j in range(n):
+        cfg = job_config(s, j)
+        experts = getattr(cfg, "num_experts", None)
+        mp.add_adapter(llm, f"job{j}", cfg.r, cfg.lora_dropout, LINEARS, s.seed + j, experts,
+                       getattr(cfg, "top_k", 2))
+    return llm
+
+
+def measure_moe_peft(s: Settings, n: int, batches, pad_id: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The ``moe_peft`` mode for N jobs: its model built and warmed up, then the timed steps."""
+    try:
+        llm = _moe_peft_model(s, n, device, dtype)
+        jobs = list(range(n))
+        _peak_reset(device)
+        moe_peft_steps(llm, s, jobs, max(1, s.warmup), batches, pad_id)
+        _sync(device)
+        t0 = time.perf_counter()
+        tokens = moe_peft_steps(llm, s, jobs, s.steps, batches, pad_id, offset=s.warmup)
+        _sync(device)
+        row = _row(s, n, "moe_peft", time.perf_counter() - t0, tokens, _peak_gib(device))
+    except Exception as err:  # noqa: BLE001  (an optional baseline: its failure is its row)
+        row = {**_row(s, n, "moe_peft", 0.0, 0, None), "error": f"{type(err).__name__}: {err}"[:500]}
+    finally:
+        llm = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
 def _row(s: Settings, n: int, mode: str, elapsed: float, tokens: int, peak: float | None) -> dict:
     return {"model": s.model, "n_jobs": n, "mode": mode, "steps": s.steps, "rows": s.rows, "seq": s.seq,
             "seconds": round(elapsed, 4), "jobs_per_hour": round(3600.0 * n / elapsed, 3) if elapsed else None,
@@ -336,8 +398,8 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--time-limit", type=float, default=d.time_limit)
     p.add_argument("--processes", action="store_true", help="also N processes sharing the device")
-    p.add_argument("--modes", default="concurrent,sequential", help="which in-process modes to run (their order "
-                   "alternates from one N to the next)")
+    p.add_argument("--modes", default="concurrent,sequential", help="which in-process modes to run: concurrent, "
+                   "sequential, moe_peft (their order alternates from one N to the next)")
     p.add_argument("--pad-multiple", type=int, default=d.pad_multiple,
                    help="packed length rounded up to a multiple of this (0: the longest row), so shapes repeat")
     p.add_argument("--out", default=None, help="output folder (default experiments/<date>_concurrent_training/<model>)")
@@ -399,6 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.empty_cache()
                 row = measure_processes(s, n, out)
                 model = build_base(s, device, dtype).requires_grad_(False)
+            elif mode == "moe_peft":
+                row = measure_moe_peft(s, n, batches, pad_id, device, dtype)
             else:
                 row = measure(model, s, n, mode, batches, pad_id, device)
             rows.append(row)

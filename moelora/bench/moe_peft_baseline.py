@@ -47,27 +47,40 @@ def _import():
                 del sys.modules[name]
 
 
-def build(model, r: int, dropout: float, experts: int, top_k: int, targets, device: torch.device, seed: int):
-    """MoE-PEFT's ``LLMModel`` over ``model`` (an HF LlamaForCausalLM, frozen) with one MixLoRA
-    adapter of rank ``r`` (alpha 2r), ``experts`` experts top-``top_k``; B filled N(0, 0.02) as
-    the bench's other adapters (a zero B would be another computation for the router)."""
+def wrap(model, device: torch.device):
+    """MoE-PEFT's ``LLMModel`` over ``model`` (an HF LlamaForCausalLM, frozen), no adapter yet."""
     mp = _import()
-    from moe_peft.adapters import lora_config_factory
     from moe_peft.models import from_pretrained
 
     cfg = model.config
     if not hasattr(cfg, "rope_theta"):
         cfg.rope_theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    llm = mp.LLMModel(from_pretrained(model, attn_impl="eager", use_sliding_window=False, device=str(device)))
-    llm.init_adapter(lora_config_factory({
-        "name": ADAPTER, "task_name": "casual", "r": r, "lora_alpha": 2 * r, "lora_dropout": dropout,
-        "target_modules": list(targets), "peft_type": "MIXLORA", "routing_strategy": "mixlora",
-        "num_experts": experts, "top_k": top_k}))
+    return mp.LLMModel(from_pretrained(model, attn_impl="eager", use_sliding_window=False, device=str(device)))
+
+
+def add_adapter(llm, name: str, r: int, dropout: float, targets, seed: int, experts: int | None = None,
+                top_k: int = 2) -> None:
+    """One adapter ``name`` on ``targets``: plain LoRA (``experts`` None) or MixLoRA with ``experts``
+    experts top-``top_k`` (experts on the FFN linears, LoRA on attention); rank ``r``, alpha 2r; B
+    filled N(0, 0.02) as the bench's other adapters (a zero B would be another computation)."""
+    from moe_peft.adapters import lora_config_factory
+
+    cfg = {"name": name, "task_name": "casual", "r": r, "lora_alpha": 2 * r, "lora_dropout": dropout,
+           "target_modules": list(targets)}
+    if experts:
+        cfg.update({"peft_type": "MIXLORA", "routing_strategy": "mixlora", "num_experts": experts, "top_k": top_k})
+    llm.init_adapter(lora_config_factory(cfg))
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
-        for name, t in llm.get_adapter_weight_dict(ADAPTER).items():
-            if "lora_B" in name:
+        for key, t in llm.get_adapter_weight_dict(name).items():
+            if "lora_B" in key:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+
+
+def build(model, r: int, dropout: float, experts: int, top_k: int, targets, device: torch.device, seed: int):
+    """MoE-PEFT over ``model`` with one MixLoRA adapter (``ADAPTER``): the training-step bench's row."""
+    llm = wrap(model, device)
+    add_adapter(llm, ADAPTER, r, dropout, targets, seed, experts, top_k)
     return llm
 
 
@@ -76,9 +89,9 @@ def owns(model) -> bool:
     return type(model).__module__.startswith("moe_peft.")
 
 
-def params(llm) -> list[torch.Tensor]:
-    """The adapter tensors MoE-PEFT trains (router, attention LoRA, experts)."""
-    return [t for t in llm.get_adapter_weight_dict(ADAPTER).values() if t.requires_grad]
+def params(llm, name: str = ADAPTER) -> list[torch.Tensor]:
+    """The tensors MoE-PEFT trains for adapter ``name`` (router, attention LoRA, experts)."""
+    return [t for t in llm.get_adapter_weight_dict(name).values() if t.requires_grad]
 
 
 def loss(llm, ids: torch.Tensor) -> torch.Tensor:
@@ -89,3 +102,25 @@ def loss(llm, ids: torch.Tensor) -> torch.Tensor:
                            batch_labels_=rows, batch_masks_=[[True] * len(r) for r in rows])
     out = llm.forward(inp)[0]
     return out.loss if out.aux_loss is None else out.loss + out.aux_loss
+
+
+def job_losses(llm, jobs: list[tuple[str, dict]], pad_id: int) -> list[torch.Tensor]:
+    """One MoE-PEFT forward over several adapters' micro-batches, as its trainer packs them: every
+    row padded to the longest row of the step (MoE-PEFT pads every job to the longest sequence),
+    one ``LLMBatchConfig`` (row range) per adapter. ``jobs``: (adapter name, batch with input_ids,
+    attention_mask, labels (-100 = not in the loss)). Returns each adapter's CE (+ its aux loss)."""
+    mp = sys.modules["moe_peft"]
+    T = max(int(b["input_ids"].shape[1]) for _, b in jobs)
+    tokens, labels, masks, configs, at = [], [], [], [], 0
+    for name, b in jobs:
+        ids, mask, lab = b["input_ids"].tolist(), b["attention_mask"].tolist(), b["labels"].tolist()
+        for i, m, y in zip(ids, mask, lab):
+            pad = T - len(i)
+            tokens.append(i + [pad_id] * pad)
+            labels.append(y + [-100] * pad)
+            masks.append([bool(v) for v in m] + [False] * pad)
+        configs.append(mp.LLMBatchConfig(name, at, at + len(ids)))
+        at += len(ids)
+    outs = llm.forward(mp.LLMModelInput(batch_configs_=configs, batch_tokens_=tokens, batch_labels_=labels,
+                                        batch_masks_=masks))
+    return [o.loss if o.aux_loss is None else o.loss + o.aux_loss for o in outs]
