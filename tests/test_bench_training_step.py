@@ -93,15 +93,17 @@ def test_profile_writes_an_op_table_per_method(tmp_path):
     assert prof["table"] == "profile_mixlora.txt" and "aten::" in table
 
 
-def test_moe_peft_baseline_trains_the_same_adapter_shape(tmp_path):
-    """MoE-PEFT's MixLoRA (optional: ``pip install --no-deps moe-peft==2.0.2``) beside ours: the
-    same trainable count (experts on gate/up/down, LoRA on attention, router), and its step trains."""
-    pytest.importorskip("moe_peft")
-    res = training_step.main([*TINY, "--methods", "mixlora,moe_peft_mixlora", "--out", str(tmp_path)])
+@pytest.mark.parametrize("method,package", [("moe_peft_mixlora", "moe_peft"), ("mlora_mixlora", "mlora")])
+def test_baseline_mixlora_trains_the_same_adapter_shape(method, package, tmp_path):
+    """MoE-PEFT's / mLoRA's MixLoRA (optional: ``pip install --no-deps moe-peft==2.0.2 mlora==0.5.2``)
+    beside ours: the same trainable count (experts on gate/up/down, LoRA on attention, router), and
+    its step trains."""
+    pytest.importorskip(package)
+    res = training_step.main([*TINY, "--methods", f"mixlora,{method}", "--out", str(tmp_path)])
     rows = {r["method"]: r for r in res["rows"]}
-    assert "error" not in rows["moe_peft_mixlora"], rows["moe_peft_mixlora"]
-    assert rows["moe_peft_mixlora"]["trainable"] == rows["mixlora"]["trainable"]
-    assert rows["moe_peft_mixlora"]["tok_s"] > 0 and math.isfinite(rows["moe_peft_mixlora"]["loss"])
+    assert "error" not in rows[method], rows[method]
+    assert rows[method]["trainable"] == rows["mixlora"]["trainable"]
+    assert rows[method]["tok_s"] > 0 and math.isfinite(rows[method]["loss"])
 
 
 def test_moe_peft_imports_without_its_trainer_dependencies(monkeypatch):

@@ -317,23 +317,28 @@ def test_benchmark_smoke_mode_writes_its_tables(tmp_path: Path) -> None:
     assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == len(rows)
 
 
-def test_benchmark_moe_peft_mode_trains_the_same_jobs(tmp_path: Path) -> None:
-    """``--modes concurrent,moe_peft``: MoE-PEFT 2.0.2 (optional) trains the same N jobs (a LoRA and
-    a MixLoRA adapter of the same shapes) on the same tokens, and each step moves its adapters."""
-    pytest.importorskip("moe_peft")
+@pytest.mark.parametrize("package", ["moe_peft", "mlora"])
+def test_benchmark_baseline_modes_train_the_same_jobs(package: str, tmp_path: Path) -> None:
+    """``--modes concurrent,<package>``: MoE-PEFT 2.0.2 / mLoRA 0.5.2 (``pip install --no-deps``) train
+    the same N jobs (a LoRA and a MixLoRA adapter of the same shapes) on the same tokens, and a step
+    moves every job's adapter."""
+    pytest.importorskip(package)
     from moelora.bench import concurrent_training as bench
     from moelora.bench import moe_peft_baseline as mp
 
     args = ["--device", "cpu", "--model", "tiny_shape", "--jobs", "2", "--steps", "2", "--warmup", "0", "--rows", "2",
             "--seq", "12", "--lora-r", "4", "--mix-r", "4", "--mix-experts", "4"]
-    result = bench.main([*args, "--modes", "concurrent,moe_peft", "--out", str(tmp_path)])
+    result = bench.main([*args, "--modes", f"concurrent,{package}", "--out", str(tmp_path)])
     rows = {r["mode"]: r for r in result["results"]}
-    assert "error" not in rows["moe_peft"], rows["moe_peft"]
-    assert rows["moe_peft"]["label_tokens"] == rows["concurrent"]["label_tokens"] > 0
-    assert rows["moe_peft"]["jobs_per_hour"] > 0
-    # the same adapters: MoE-PEFT's trainable count per job equals moelora's
+    assert "error" not in rows[package], rows[package]
+    assert rows[package]["label_tokens"] == rows["concurrent"]["label_tokens"] > 0
+    assert rows[package]["jobs_per_hour"] > 0
+    with pytest.raises(SystemExit, match="unknown mode"):
+        bench.main([*args, "--modes", "concurent", "--out", str(tmp_path / "bad")])
+    # the same adapters: the baseline's trainable count per job equals moelora's
     s, _ = bench._parse(args)
-    llm = bench._moe_peft_model(s, 2, torch.device("cpu"), torch.float32)
+    llm = bench._moe_peft_model(s, 2, torch.device("cpu"), torch.float32, package)
+    assert type(llm).__module__.split(".")[0] == package
     model = bench.build_base(s, torch.device("cpu"), torch.float32).requires_grad_(False)
     names, _ = bench._attach(model, s, [0, 1])
     for j in (0, 1):

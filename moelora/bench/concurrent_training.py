@@ -14,9 +14,9 @@ Modes, per N:
 - ``sequential``: the same jobs one after another over one base (one adapter present at a time);
 - ``processes`` (``--processes``): N processes at once on the device, each training one job over
   its own copy of the base (peak memory: the sum of the processes' own peaks).
-- ``moe_peft`` (``--modes ...,moe_peft``; needs ``pip install --no-deps moe-peft==2.0.2``): the same
-  N jobs (same ranks, experts, data, optimizer, clipping) as N adapters of MoE-PEFT 2.0.2 (mLoRA's
-  successor) over a fresh copy of the base, one forward per step as its trainer packs it (every
+- ``moe_peft`` / ``mlora`` (``--modes ...,moe_peft,mlora``; ``pip install --no-deps moe-peft==2.0.2``
+  / ``mlora==0.5.2``): the same N jobs (same ranks, experts, data, optimizer, clipping) as N
+  adapters of MoE-PEFT 2.0.2 or of mLoRA 0.5.2 (its predecessor) over a fresh copy of the base, one forward per step as its trainer packs it (every
   row padded to the step's longest; ``moelora.bench.moe_peft_baseline``): its precision is its own
   (base in ``--dtype``, adapters fp32, no autocast), no gradient checkpointing. A failure (not
   installed, an error of its own) is the row's ``error``.
@@ -287,9 +287,12 @@ def measure(model, s: Settings, n: int, mode: str, batches, pad_id: int, device:
     return _row(s, n, mode, elapsed, tokens, _peak_gib(device))
 
 
+BASELINE_MODES = ("moe_peft", "mlora")  # modes that train through moelora.bench.moe_peft_baseline
+
+
 def moe_peft_steps(llm, s: Settings, jobs: list[int], steps: int, batches: dict[int, list[dict]], pad_id: int,
                    offset: int = 0) -> int:
-    """``steps`` optimizer steps of ``jobs`` as MoE-PEFT adapters ``job<j>`` (attached by
+    """``steps`` optimizer steps of ``jobs`` as MoE-PEFT/mLoRA adapters ``job<j>`` (attached by
     ``_moe_peft_model``), each with its own AdamW and clipping; returns the label tokens trained on."""
     from moelora.bench import moe_peft_baseline as mp
 
@@ -308,12 +311,12 @@ def moe_peft_steps(llm, s: Settings, jobs: list[int], steps: int, batches: dict[
     return tokens
 
 
-def _moe_peft_model(s: Settings, n: int, device: torch.device, dtype: torch.dtype):
-    """A fresh base wrapped by MoE-PEFT with the N jobs' adapters (job_config's shapes and seeds)."""
+def _moe_peft_model(s: Settings, n: int, device: torch.device, dtype: torch.dtype, package: str = "moe_peft"):
+    """A fresh base wrapped by ``package`` with the N jobs' adapters (job_config's shapes and seeds)."""
     from moelora.bench import moe_peft_baseline as mp
     from moelora.bench.multi_adapter import LINEARS
 
-    llm = mp.wrap(build_base(s, device, dtype).requires_grad_(False), device)
+    llm = mp.wrap(build_base(s, device, dtype).requires_grad_(False), device, package)
     for j in range(n):
         cfg = job_config(s, j)
         experts = getattr(cfg, "num_experts", None)
@@ -322,10 +325,11 @@ def _moe_peft_model(s: Settings, n: int, device: torch.device, dtype: torch.dtyp
     return llm
 
 
-def measure_moe_peft(s: Settings, n: int, batches, pad_id: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """The ``moe_peft`` mode for N jobs: its model built and warmed up, then the timed steps."""
+def measure_moe_peft(s: Settings, n: int, batches, pad_id: int, device: torch.device, dtype: torch.dtype,
+                     package: str = "moe_peft") -> dict:
+    """The ``moe_peft`` / ``mlora`` mode for N jobs: its model built and warmed up, then the timed steps."""
     try:
-        llm = _moe_peft_model(s, n, device, dtype)
+        llm = _moe_peft_model(s, n, device, dtype, package)
         jobs = list(range(n))
         _peak_reset(device)
         moe_peft_steps(llm, s, jobs, max(1, s.warmup), batches, pad_id)
@@ -333,9 +337,9 @@ def measure_moe_peft(s: Settings, n: int, batches, pad_id: int, device: torch.de
         t0 = time.perf_counter()
         tokens = moe_peft_steps(llm, s, jobs, s.steps, batches, pad_id, offset=s.warmup)
         _sync(device)
-        row = _row(s, n, "moe_peft", time.perf_counter() - t0, tokens, _peak_gib(device))
+        row = _row(s, n, package, time.perf_counter() - t0, tokens, _peak_gib(device))
     except Exception as err:  # noqa: BLE001  (an optional baseline: its failure is its row)
-        row = {**_row(s, n, "moe_peft", 0.0, 0, None), "error": f"{type(err).__name__}: {err}"[:500]}
+        row = {**_row(s, n, package, 0.0, 0, None), "error": f"{type(err).__name__}: {err}"[:500]}
     finally:
         llm = None
         if device.type == "cuda":
@@ -399,7 +403,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--time-limit", type=float, default=d.time_limit)
     p.add_argument("--processes", action="store_true", help="also N processes sharing the device")
     p.add_argument("--modes", default="concurrent,sequential", help="which in-process modes to run: concurrent, "
-                   "sequential, moe_peft (their order alternates from one N to the next)")
+                   "sequential, moe_peft, mlora (their order alternates from one N to the next)")
     p.add_argument("--pad-multiple", type=int, default=d.pad_multiple,
                    help="packed length rounded up to a multiple of this (0: the longest row), so shapes repeat")
     p.add_argument("--out", default=None, help="output folder (default experiments/<date>_concurrent_training/<model>)")
@@ -444,6 +448,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     batches = {j: job_batches(s, j, vocab, per_job) for j in range(max(s.jobs))}
     modes = [m for m in a.modes.split(",") if m]
+    unknown = [m for m in modes if m not in ("concurrent", "sequential", *BASELINE_MODES)]
+    if unknown:
+        raise SystemExit(f"concurrent_training: unknown mode(s) {', '.join(unknown)}; choose from concurrent, "
+                         f"sequential, {', '.join(BASELINE_MODES)} (processes: --processes)")
     start, rows, skipped = time.perf_counter(), [], []
     # The process's first-time costs (CUDA context, cuBLAS handles, the LoRA and MixLoRA kernels of
     # the uniform and the mixed paths) before any measurement, and the in-process modes in
@@ -461,8 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.empty_cache()
                 row = measure_processes(s, n, out)
                 model = build_base(s, device, dtype).requires_grad_(False)
-            elif mode == "moe_peft":
-                row = measure_moe_peft(s, n, batches, pad_id, device, dtype)
+            elif mode in BASELINE_MODES:
+                row = measure_moe_peft(s, n, batches, pad_id, device, dtype, package=mode)
             else:
                 row = measure(model, s, n, mode, batches, pad_id, device)
             rows.append(row)

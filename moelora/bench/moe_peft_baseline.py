@@ -1,6 +1,8 @@
-"""MoE-PEFT's MixLoRA (``moe-peft`` 2.0.2 on PyPI, TUDB-Labs, the successor of mLoRA) as a
-baseline of ``moelora.bench.training_step`` (issue 19: the same step vs MoE-PEFT's MixLoRA
-training). Only this module touches MoE-PEFT; it is optional (an ImportError is the row's error).
+"""MoE-PEFT (``moe-peft`` 2.0.2 on PyPI, TUDB-Labs) and mLoRA (``mlora`` 0.5.2, its predecessor,
+whose API MoE-PEFT kept) as baselines: MoE-PEFT's MixLoRA step in ``moelora.bench.training_step``
+(issue 19) and both as multi-adapter trainers in ``moelora.bench.concurrent_training`` (issue 17).
+Only this module touches them; both are optional (an ImportError is the row's error). The package
+is a parameter (``PACKAGES``); the model object remembers which one built it.
 
 What it takes to run MoE-PEFT 2.0.2 here (it pins torch < 2.6 and transformers < 4.47; installed
 with ``pip install --no-deps``, it runs on torch 2.13 / transformers 5.x with two shims, both below):
@@ -27,12 +29,16 @@ import types
 import torch
 
 NAME = "moe_peft_mixlora"
+METHODS = {NAME: "moe_peft", "mlora_mixlora": "mlora"}  # training_step method -> package
+PACKAGES = ("moe_peft", "mlora")  # install with pip --no-deps: MoE-PEFT pins torch < 2.6, mLoRA torch < 2.4
 # imported by MoE-PEFT's package __init__ for its trainer/evaluator only (the bench uses neither)
 _OPTIONAL = ("datasets", "evaluate")
 ADAPTER = "mix"
 
 
-def _import():
+def _import(package: str = "moe_peft"):
+    if package not in PACKAGES:
+        raise ValueError(f"unknown baseline package {package!r}; choose from {', '.join(PACKAGES)}")
     placeholders = {}
     for name in _OPTIONAL:
         try:
@@ -40,17 +46,22 @@ def _import():
         except ImportError:
             placeholders[name] = sys.modules[name] = types.ModuleType(name)
     try:
-        return importlib.import_module("moe_peft")
+        return importlib.import_module(package)
     finally:
         for name, module in placeholders.items():
             if sys.modules.get(name) is module:
                 del sys.modules[name]
 
 
-def wrap(model, device: torch.device):
-    """MoE-PEFT's ``LLMModel`` over ``model`` (an HF LlamaForCausalLM, frozen), no adapter yet."""
-    mp = _import()
-    from moe_peft.models import from_pretrained
+def _package(llm) -> types.ModuleType:
+    """The package (moe_peft or mlora) whose ``LLMModel`` ``llm`` is."""
+    return sys.modules[type(llm).__module__.split(".")[0]]
+
+
+def wrap(model, device: torch.device, package: str = "moe_peft"):
+    """``package``'s ``LLMModel`` over ``model`` (an HF LlamaForCausalLM, frozen), no adapter yet."""
+    mp = _import(package)
+    from_pretrained = importlib.import_module(f"{package}.models").from_pretrained
 
     cfg = model.config
     if not hasattr(cfg, "rope_theta"):
@@ -63,13 +74,13 @@ def add_adapter(llm, name: str, r: int, dropout: float, targets, seed: int, expe
     """One adapter ``name`` on ``targets``: plain LoRA (``experts`` None) or MixLoRA with ``experts``
     experts top-``top_k`` (experts on the FFN linears, LoRA on attention); rank ``r``, alpha 2r; B
     filled N(0, 0.02) as the bench's other adapters (a zero B would be another computation)."""
-    from moe_peft.adapters import lora_config_factory
-
+    mp = _package(llm)
+    factory = getattr(mp, "lora_config_factory", None) or importlib.import_module(f"{mp.__name__}.adapters").lora_config_factory
     cfg = {"name": name, "task_name": "casual", "r": r, "lora_alpha": 2 * r, "lora_dropout": dropout,
            "target_modules": list(targets)}
     if experts:
         cfg.update({"peft_type": "MIXLORA", "routing_strategy": "mixlora", "num_experts": experts, "top_k": top_k})
-    llm.init_adapter(lora_config_factory(cfg))
+    llm.init_adapter(factory(cfg))
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for key, t in llm.get_adapter_weight_dict(name).items():
@@ -77,16 +88,17 @@ def add_adapter(llm, name: str, r: int, dropout: float, targets, seed: int, expe
                 t.copy_(torch.randn(t.shape, generator=g) * 0.02)
 
 
-def build(model, r: int, dropout: float, experts: int, top_k: int, targets, device: torch.device, seed: int):
-    """MoE-PEFT over ``model`` with one MixLoRA adapter (``ADAPTER``): the training-step bench's row."""
-    llm = wrap(model, device)
+def build(model, r: int, dropout: float, experts: int, top_k: int, targets, device: torch.device, seed: int,
+          package: str = "moe_peft"):
+    """``package`` over ``model`` with one MixLoRA adapter (``ADAPTER``): the training-step bench's row."""
+    llm = wrap(model, device, package)
     add_adapter(llm, ADAPTER, r, dropout, targets, seed, experts, top_k)
     return llm
 
 
 def owns(model) -> bool:
-    """Whether ``model`` is a MoE-PEFT model (without importing MoE-PEFT)."""
-    return type(model).__module__.startswith("moe_peft.")
+    """Whether ``model`` is a MoE-PEFT or mLoRA model (without importing either)."""
+    return type(model).__module__.split(".")[0] in PACKAGES
 
 
 def params(llm, name: str = ADAPTER) -> list[torch.Tensor]:
@@ -96,7 +108,7 @@ def params(llm, name: str = ADAPTER) -> list[torch.Tensor]:
 
 def loss(llm, ids: torch.Tensor) -> torch.Tensor:
     """One forward of ``ids`` (labels = ids, every token real): CE + its router aux loss."""
-    mp = sys.modules["moe_peft"]
+    mp = _package(llm)
     rows = ids.tolist()
     inp = mp.LLMModelInput(batch_configs_=[mp.LLMBatchConfig(ADAPTER, 0, len(rows))], batch_tokens_=rows,
                            batch_labels_=rows, batch_masks_=[[True] * len(r) for r in rows])
@@ -109,7 +121,7 @@ def job_losses(llm, jobs: list[tuple[str, dict]], pad_id: int) -> list[torch.Ten
     row padded to the longest row of the step (MoE-PEFT pads every job to the longest sequence),
     one ``LLMBatchConfig`` (row range) per adapter. ``jobs``: (adapter name, batch with input_ids,
     attention_mask, labels (-100 = not in the loss)). Returns each adapter's CE (+ its aux loss)."""
-    mp = sys.modules["moe_peft"]
+    mp = _package(llm)
     T = max(int(b["input_ids"].shape[1]) for _, b in jobs)
     tokens, labels, masks, configs, at = [], [], [], [], 0
     for name, b in jobs:

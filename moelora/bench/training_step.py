@@ -20,7 +20,9 @@ the ids: every token is trained on). Methods (``--methods``, comma list):
   warm-up steps include the compilation;
 - ``moe_peft_mixlora`` (optional): MoE-PEFT's MixLoRA (``moe-peft`` 2.0.2, installed with
   ``--no-deps``), the same experts, rank and targets over the same base
-  (``moelora.bench.moe_peft_baseline``: how it is driven and the two shims it needs).
+  (``moelora.bench.moe_peft_baseline``: how it is driven and the two shims it needs);
+- ``mlora_mixlora`` (optional): the same through mLoRA 0.5.2 (``mlora``, MoE-PEFT's predecessor
+  with the same API), installed with ``--no-deps``.
 
 Precision, as the project trains (conf/trainer/gpu.yaml ``precision: bf16-mixed``): on CUDA the
 frozen base is bf16 and the forward (with the loss) runs under ``torch.autocast(cuda, bfloat16)``,
@@ -77,7 +79,7 @@ from moelora.bench.profiling import profile_call
 from moelora.bench.timing import time_call_ms
 from moelora.bench.versions import package_version, record_versions
 
-METHODS = ("peft_lora", "lora", "mixlora", "mixlora_plain", "mixlora_compiled", "moe_peft_mixlora")
+METHODS = ("peft_lora", "lora", "mixlora", "mixlora_plain", "mixlora_compiled", *moe_peft_baseline.METHODS)
 BASELINE = "peft_lora"
 LR, BETAS, WEIGHT_DECAY, CLIP = 3.0e-3, (0.9, 0.999), 0.0, 1.0  # conf/module/default.yaml, conf/trainer
 COLUMNS = ("method", "rounds", "batch", "seq", "tokens", "step_ms", "step_ms_min", "step_ms_max", "tok_s",
@@ -101,8 +103,9 @@ def build_method(method: str, a: argparse.Namespace, device: torch.device, dtype
         cfg = peft.LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout, target_modules=list(LINEARS))
         model = peft.get_peft_model(model, cfg)  # autocast_adapter_dtype=True: fp32 adapter over bf16
         randomize_peft_lora_(model, a.seed + 1)
-    elif method == moe_peft_baseline.NAME:
-        return moe_peft_baseline.build(model, a.r, a.dropout, a.experts, a.top_k, LINEARS, device, a.seed)
+    elif method in moe_peft_baseline.METHODS:
+        return moe_peft_baseline.build(model, a.r, a.dropout, a.experts, a.top_k, LINEARS, device, a.seed,
+                                       package=moe_peft_baseline.METHODS[method])
     else:
         common = dict(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout, adapter_dtype="float32")
         if method == "lora":
