@@ -138,3 +138,24 @@ def test_moe_peft_step_in_bf16_runs_as_its_trainer_runs_it():
     before = [p.detach().clone() for p in params]
     assert math.isfinite(float(step()))
     assert any(not torch.equal(b, p) for b, p in zip(before, params)), "the step changed no adapter tensor"
+
+
+@pytest.mark.parametrize("package", ["moe_peft", "mlora"])
+def test_importing_a_baseline_leaves_the_callers_logging_as_it_was(package):
+    """MoE-PEFT and mLoRA call logging.basicConfig(force=True) on import; the bench puts the root
+    logger's handlers and level back (checked in a fresh process: the import runs once per process)."""
+    import subprocess
+
+    pytest.importorskip(package)
+    code = f"""
+import logging, sys
+h = logging.StreamHandler(sys.stdout); logging.getLogger().addHandler(h); logging.getLogger().setLevel(logging.DEBUG)
+from moelora.bench import moe_peft_baseline as mb
+mb._import({package!r})
+assert {package!r} in sys.modules
+root = logging.getLogger()
+print(h in root.handlers, len(root.handlers), root.level)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["True", "1", str(10)], out.stdout

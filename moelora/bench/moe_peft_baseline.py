@@ -23,6 +23,7 @@ enters one, and its fused LoRA backward fails under one: ``make_step`` leaves it
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 
@@ -39,6 +40,10 @@ ADAPTER = "mix"
 def _import(package: str = "moe_peft"):
     if package not in PACKAGES:
         raise ValueError(f"unknown baseline package {package!r}; choose from {', '.join(PACKAGES)}")
+    # both packages call logging.basicConfig(force=True) on import (root handlers replaced, level
+    # WARN): the caller's logging is put back as it was
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
     placeholders = {}
     for name in _OPTIONAL:
         try:
@@ -51,6 +56,8 @@ def _import(package: str = "moe_peft"):
         for name, module in placeholders.items():
             if sys.modules.get(name) is module:
                 del sys.modules[name]
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
 
 
 def _package(llm) -> types.ModuleType:
