@@ -54,7 +54,7 @@ from moelora.bench.models import MODEL_SHAPES, build_shape_model
 from moelora.bench.saved_tensors import SavedStorages
 from moelora.bench.versions import record_versions
 from moelora.data import IGNORE_INDEX
-from moelora.training.packing import pack_micro_batches, per_job_losses
+from moelora.training.packing import loss_token_counts, pack_micro_batches, per_job_losses
 
 MODELS = ("tiny", "smollm2_135m", *MODEL_SHAPES)
 
@@ -296,7 +296,8 @@ def moe_peft_steps(llm, s: Settings, jobs: list[int], steps: int, batches: dict[
     ``_moe_peft_model``), each with its own AdamW and clipping; returns the label tokens trained on."""
     from moelora.bench import moe_peft_baseline as mp
 
-    optims = {j: (torch.optim.AdamW(mp.params(llm, f"job{j}"), lr=s.lr), mp.params(llm, f"job{j}")) for j in jobs}
+    trained = {j: mp.params(llm, f"job{j}") for j in jobs}
+    optims = {j: (torch.optim.AdamW(trained[j], lr=s.lr), trained[j]) for j in jobs}
     tokens = 0
     for step in range(steps):
         micro = [(f"job{j}", batches[j][(offset + step) % len(batches[j])]) for j in jobs]
@@ -307,7 +308,7 @@ def moe_peft_steps(llm, s: Settings, jobs: list[int], steps: int, batches: dict[
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        tokens += sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in micro)
+        tokens += sum(sum(loss_token_counts(b["labels"])) for _, b in micro)
     return tokens
 
 

@@ -35,8 +35,16 @@ class PackedBatch:
         GPU queue every step."""
         if self.host_label_tokens is not None:
             return list(self.host_label_tokens)
-        counted = (self.labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
-        return [int(sum(counted[r0: r0 + n])) for r0, n in self.rows]
+        return _per_job(loss_token_counts(self.labels), self.rows)
+
+
+def loss_token_counts(labels: torch.Tensor) -> list[int]:
+    """Per row, the tokens a causal LM's shifted loss counts (labels[:, 1:] that are not ignored)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1).tolist()
+
+
+def _per_job(counted: list[int], rows: Sequence[tuple[int, int]]) -> list[int]:
+    return [int(sum(counted[r0: r0 + n])) for r0, n in rows]
 
 
 def pack_micro_batches(batches: Sequence[dict], names: Sequence[str], pad_id: int,
@@ -72,8 +80,7 @@ def pack_micro_batches(batches: Sequence[dict], names: Sequence[str], pad_id: in
         rows.append((start, n))
         start += n
     host_labels = torch.cat(labels)
-    counted = (host_labels[:, 1:] != IGNORE_INDEX).sum(1).tolist() if host_labels.device.type == "cpu" else None
-    label_tokens = None if counted is None else [int(sum(counted[r0: r0 + n])) for r0, n in rows]
+    label_tokens = _per_job(loss_token_counts(host_labels), rows) if host_labels.device.type == "cpu" else None
     ids, mask, labels = torch.cat(ids).to(device), torch.cat(mask).to(device), host_labels.to(device)
     if len(set(names)) != len(names):
         raise ValueError(f"every job of a packed batch needs its own adapter name, got {list(names)}")
