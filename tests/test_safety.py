@@ -303,11 +303,11 @@ def test_an_error_in_the_middle_of_delete_rolls_back(victim, monkeypatch):
     calls = {"n": 0}
     real = inject.clear_decode_graphs
 
-    def flaky(m=None):
+    def flaky(m=None, **kw):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 3:  # at the second site: the first has lost the adapter already
             raise RuntimeError("injected failure")
-        return real(m)
+        return real(m, **kw)
 
     with monkeypatch.context() as mp:
         mp.setattr(inject, "clear_decode_graphs", flaky)

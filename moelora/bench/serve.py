@@ -52,10 +52,12 @@ from moelora.bench.models import build_bench_model, resolve_device, resolve_dtyp
 from moelora.bench.output import environment, write_csv
 from moelora.bench.timing import percentile
 
+# the engine's host seconds of admission (moelora.serve.registry.RegistryStats; the model lock held by it)
+ADMISSION_SECONDS = ("fill_s", "new_slot_s", "install_s", "drop_s", "admission_locked_s")
 COLUMNS = ("system", "num_adapters", "alpha", "rate", "arrival", "status", "requests", "completed", "cancelled",
-           "rejected", "output_tokens", "wall_s", "output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms",
+           "rejected", "no_first_token", "output_tokens", "wall_s", "output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms",
            "itl_p50_ms", "itl_p99_ms", "latency_p50_s", "latency_p99_s", "swaps", "h2d_bytes",
-           "peak_resident_slots", "max_adapters_per_step", "peak_gpu_mem_gb", "note")
+           "peak_resident_slots", "max_adapters_per_step", "peak_gpu_mem_gb", *ADMISSION_SECONDS, "note")
 
 
 @dataclass
@@ -170,12 +172,13 @@ async def _drive(engine, reqs: list[Req], names: list | None, timeout: float) ->
             rejected += 1
             return
         live[i] = rid
-        times = []
+        # recorded as the tokens come: a request cut by the run's timeout still counts the tokens it got
+        rec = {"sent": sent - t0, "times": [], "out_len": r.out_len, "done": False}
+        recs.append(rec)
         async for chunk in engine.astream(rid, timeout=timeout):
-            now = time.perf_counter()
-            times.extend([now] * len(chunk))
+            rec["times"].extend([time.perf_counter() - t0] * len(chunk))
         live.pop(i, None)
-        recs.append({"sent": sent - t0, "times": [t - t0 for t in times], "out_len": r.out_len})
+        rec["done"] = True
 
     tasks = [asyncio.create_task(one(i, r)) for i, r in enumerate(reqs)]
     done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -187,15 +190,20 @@ async def _drive(engine, reqs: list[Req], names: list | None, timeout: float) ->
     for t in done:
         if t.exception() is not None:
             raise t.exception()
-    return {"records": recs, "rejected": rejected, "cancelled": len(reqs) - len(recs) - rejected,
+    done_n = sum(1 for r in recs if r["done"])
+    return {"records": recs, "rejected": rejected, "cancelled": len(reqs) - done_n - rejected,
             "status": "ok" if not pending else "timeout"}
 
 
 def _summary(res: dict, n_requests: int) -> dict[str, Any]:
+    """Output tokens and TTFT/ITL count every token delivered, also of requests the run's timeout
+    cut (``done`` False: they are not ``completed`` and have no latency); ``no_first_token``: requests
+    submitted that got none before the end."""
     recs = [r for r in res["records"] if r["times"]]
+    done = [r for r in recs if r.get("done", True)]
     ttft = [(r["times"][0] - r["sent"]) * 1e3 for r in recs]
     itl = [(b - a) * 1e3 for r in recs for a, b in zip(r["times"], r["times"][1:])]
-    lat = [r["times"][-1] - r["sent"] for r in recs]
+    lat = [r["times"][-1] - r["sent"] for r in done]
     tokens = sum(len(r["times"]) for r in recs)
     start = min((r["sent"] for r in res["records"]), default=0.0)
     end = max((r["times"][-1] for r in recs), default=start)
@@ -204,9 +212,10 @@ def _summary(res: dict, n_requests: int) -> dict[str, Any]:
     def q(xs, p):
         return round(percentile(xs, p), 3) if xs else None
 
-    return {"requests": n_requests, "completed": len(recs), "cancelled": res["cancelled"], "rejected": res["rejected"],
+    return {"requests": n_requests, "completed": len(done), "cancelled": res["cancelled"], "rejected": res["rejected"],
+            "no_first_token": len(res["records"]) - len(recs),
             "output_tokens": tokens, "wall_s": round(wall, 3), "output_tok_s": round(tokens / wall, 2),
-            "req_s": round(len(recs) / wall, 3), "ttft_p50_ms": q(ttft, 0.5), "ttft_p99_ms": q(ttft, 0.99),
+            "req_s": round(len(done) / wall, 3), "ttft_p50_ms": q(ttft, 0.5), "ttft_p99_ms": q(ttft, 0.99),
             "itl_p50_ms": q(itl, 0.5), "itl_p99_ms": q(itl, 0.99), "latency_p50_s": q(lat, 0.5),
             "latency_p99_s": q(lat, 0.99), "status": res["status"], "_ttft": ttft, "_itl": itl}
 
@@ -236,6 +245,7 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     wait_until(lambda: engine.pending() == 0, 30)
     after = engine.metrics()
     row = _summary(res, len(reqs))
+    row.update({k: round(after[k] - before[k], 3) for k in ADMISSION_SECONDS})
     row.update(swaps=after["swaps"] - before["swaps"], h2d_bytes=after["h2d_bytes"] - before["h2d_bytes"],
                peak_resident_slots=after["peak_resident_slots"], max_adapters_per_step=after["max_adapters_seen_per_step"],
                peak_gpu_mem_gb=_peak_mem(device), step_times=after["step_times"])

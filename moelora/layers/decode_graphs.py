@@ -188,10 +188,11 @@ def captured_graphs(model: torch.nn.Module) -> int:
     return sum(_CACHES[m].captures for m in model.modules() if m in _CACHES)
 
 
-def clear_decode_graphs(model: torch.nn.Module | None = None) -> None:
-    """Free the decode graphs of ``model``'s modules (all models when None)."""
+def clear_decode_graphs(model: torch.nn.Module | None = None, recurse: bool = True) -> None:
+    """Free the decode graphs of ``model``'s modules (all models when None; ``recurse=False``:
+    ``model``'s own only)."""
     if model is None:
         _CACHES.clear()
         return
-    for m in model.modules():
+    for m in (model.modules() if recurse else (model,)):
         _CACHES.pop(m, None)

@@ -255,6 +255,10 @@ class StepTimes:
         for i, k in enumerate(("lock", "prep", "launch", "sync", "between")):
             xs = [r[i] for r in rows if r[i] is not None and (k != "between" or r[i] < 1.0)]  # idle gaps left out
             out[f"{k}_ms_p50"] = round(1e3 * statistics.median(xs), 3) if xs else None
+        for i, k in ((0, "lock"), (2, "launch")):  # the sums say whether steps or their waits hold the time
+            out[f"{k}_s_sum"] = round(sum(r[i] for r in rows), 3)
+            out[f"{k}_ms_max"] = round(1e3 * max((r[i] for r in rows), default=0.0), 3)
+        out["steps_s_sum"] = round(sum(r[0] + r[1] + r[2] + r[3] for r in rows), 3)
         out["requests_per_step_p50"] = statistics.median([r[5] for r in rows]) if rows else None
         out["tokens_per_step_p50"] = statistics.median([r[6] for r in rows]) if rows else None
         return out

@@ -235,6 +235,7 @@ class Engine:
         self._again = False
         self.steps = 0  # packed batches run
         self.mixed_steps = 0  # of which used more than one adapter (base included)
+        self.admission_locked_s = 0.0  # host seconds the admission thread held the model lock (swaps)
         self.max_adapters_seen = 0  # most distinct adapters (base not counted) in one packed step
         self._positions: list = []  # the stacks' slots: model adapter names (None: free), _stack_positions
         self._pos_used: dict = {}  # name -> the step count when a step last used it (LRU of positions)
@@ -476,7 +477,11 @@ class Engine:
                     self._admit(install=False)
                 if self._queue and not self._closing:
                     with self._model_lock:
-                        self._admit(install=True)
+                        t0 = time.perf_counter()
+                        try:
+                            self._admit(install=True)
+                        finally:
+                            self.admission_locked_s += time.perf_counter() - t0
             except Exception:  # noqa: BLE001 - keep admitting; a request that failed got its error
                 log.exception("admission failed")
 
@@ -670,6 +675,7 @@ class Engine:
             reg = self.registry.stats()
             inside = {("base" if a is None else a): k for a, k in self._inside.items() if k}
         return {**reg, "steps": self.steps, "mixed_steps": self.mixed_steps,
+                "admission_locked_s": round(self.admission_locked_s, 4),
                 "max_adapters_seen_per_step": self.max_adapters_seen,
                 "max_adapters_per_step": self.max_adapters_per_step, "pending": self.pending(),
                 "queued": self.queued(), "running": inside, "attn_implementation": self.attn_implementation,

@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,11 @@ class RegistryStats:
     disk_bytes: int = 0
     max_resident: int = 0  # most slots resident at once
     max_resident_bytes: int = 0
+    # host seconds (under the model lock except fill_s): where an admission's time goes
+    fill_s: float = 0.0  # disk -> host cache
+    new_slot_s: float = 0.0  # add_adapter of a new slot (module creation) and its measurement
+    install_s: float = 0.0  # host -> slot copies (load_adapter_state_dict; on CUDA: their launch)
+    drop_s: float = 0.0  # delete_adapter of evicted slots
     extra: dict = field(default_factory=dict)
 
 
@@ -198,6 +204,13 @@ class AdapterRegistry:
         """Disk -> host cache, with the file's checksum checked (as ``moelora.load_adapter`` does)."""
         if entry.tensors is not None:
             return
+        t0 = time.perf_counter()
+        try:
+            self._read(entry)
+        finally:
+            self.stats_.fill_s += time.perf_counter() - t0
+
+    def _read(self, entry: HostAdapter) -> None:
         from safetensors.torch import load_file
 
         from moelora.io import WEIGHTS_NAME, file_sha256
@@ -330,9 +343,11 @@ class AdapterRegistry:
             return None
         for s in victims:
             self._drop(s)
+        t0 = time.perf_counter()
         slot = self._new_slot(entry, key)
         if key not in self._key_bytes or self._key_bytes[key] != slot.nbytes:
             slot.nbytes = self._measure(slot)
+        self.stats_.new_slot_s += time.perf_counter() - t0
         if not self._fits(len(self.slots), self.resident_bytes()):
             # the slot came out larger than predicted: never over budget, it waits like a pinned pool
             self._drop(slot)
@@ -354,8 +369,9 @@ class AdapterRegistry:
         self._slot_counter += 1
         with self.model_lock:
             self.generation = next(_GENERATIONS)
-            moelora.add_adapter(self.model, name, entry.cfg, trainable=False)
-            self.model.eval()
+            moelora.add_adapter(self.model, name, entry.cfg, trainable=False)  # in the model's mode
+            if self.model.training:
+                self.model.eval()
         slot = Slot(name, key, self._slot_bytes(key, entry))
         self.slots.append(slot)
         return slot
@@ -367,6 +383,7 @@ class AdapterRegistry:
         if slot.adapter is not None:
             self.stats_.evictions += 1
         slot.adapter = None  # a failed copy leaves an empty slot, never a half-copied adapter served
+        t0 = time.perf_counter()
         with self.model_lock:
             self.generation = next(_GENERATIONS)
             try:
@@ -375,6 +392,7 @@ class AdapterRegistry:
                 msg = e.args[0] if isinstance(e, KeyError) and e.args else e
                 self._drop(slot, locked=True)
                 raise RegistryError(f"adapter {entry.name!r} does not fit this model: {msg}") from e
+        self.stats_.install_s += time.perf_counter() - t0
         slot.adapter = entry.name
         slot.nbytes = self._slot_bytes(slot.key, entry)  # the device bytes of its config (all slots of a key agree)
         self.stats_.max_resident = max(self.stats_.max_resident, len(self.slots))
@@ -389,10 +407,12 @@ class AdapterRegistry:
 
         if slot.adapter is not None:
             self.stats_.evictions += 1
+        t0 = time.perf_counter()
         with (contextlib.nullcontext() if locked else self.model_lock):
             self.generation = next(_GENERATIONS)
             moelora.delete_adapter(self.model, slot.model_name)
         self.slots.remove(slot)
+        self.stats_.drop_s += time.perf_counter() - t0
 
     def reset_peaks(self) -> None:
         """Start the peak counters again from the current pool (one benchmark run each)."""
@@ -412,7 +432,8 @@ class AdapterRegistry:
                 "pinned": {x.adapter: x.pins for x in self.slots if x.pins and x.adapter is not None},
                 "loads": s.loads, "swaps": s.swaps, "slot_reuses": s.reuses, "evictions": s.evictions, "hits": s.hits,
                 "h2d_bytes": s.h2d_bytes, "disk_bytes": s.disk_bytes, "peak_resident_slots": s.max_resident,
-                "peak_resident_bytes": s.max_resident_bytes, "host_pinned_memory": self.pin_memory}
+                "peak_resident_bytes": s.max_resident_bytes, "host_pinned_memory": self.pin_memory,
+                **{k: round(getattr(s, k), 4) for k in ("fill_s", "new_slot_s", "install_s", "drop_s")}}
 
 
 def _nbytes(tensors: dict) -> int:
