@@ -24,6 +24,7 @@ from .config import (  # noqa: E402
     config_from_dict,
 )
 from .inject import (  # noqa: E402
+    adapter_parameters,
     adapter_state,
     adapter_state_dict,
     add_adapter,
@@ -57,7 +58,7 @@ from .switches import decode_graphs, kernel_backend  # noqa: E402
 __all__ = [
     "ARCHITECTURES", "BdLoraConfig", "rank_for_budget", "AdaptedFFN", "AdaptedLinear", "AdapterConfigError", "AdapterFileError", "LoraAdapter",
     "LoraConfig", "LoraSwitchAdapter", "LoraSwitchConfig", "MixLoraAdapter", "MixLoraConfig", "TopKRouter",
-    "UnsupportedArchitectureError", "adapter_state", "adapter_state_dict", "add_adapter", "clear_decode_graphs",
+    "UnsupportedArchitectureError", "adapter_parameters", "adapter_state", "adapter_state_dict", "add_adapter", "clear_decode_graphs",
     "config_from_dict", "decode_graphs", "delete_adapter", "disable_adapter", "export_peft", "get_adapter_config",
     "inject_adapter", "kernel_backend", "list_adapters", "load_adapter", "load_adapter_state_dict",
     "load_balance_loss", "merge_lora", "read_adapter_config", "remove_adapter", "restore_base_weights",

@@ -625,6 +625,14 @@ def _adapter_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Par
     return out
 
 
+def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+    """The live parameters of ``adapter_name`` (default: the active or only adapter), keyed as
+    ``adapter_state_dict`` keys them: what an optimizer of that adapter alone takes (custom
+    training loops; ``model.named_parameters()`` filtered by name walks every adapter's modules)."""
+    state = _require_state(model)
+    return _adapter_parameters(model, _resolve(state, adapter_name))
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
     """Only the tensors of ``adapter_name`` (default: the active or only adapter), detached,
     keyed by their module path without ``adapters.<name>``/``base_layer`` (the file format)."""

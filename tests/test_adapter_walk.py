@@ -89,3 +89,14 @@ def test_swap_cycle_leaves_every_other_adapter_bit_identical():
     for n, t in before.items():
         assert torch.equal(after[n], t), n
     assert all(not p.requires_grad for p in inject._adapter_parameters(model, "x1").values())
+
+
+def test_public_adapter_parameters_are_the_live_trainable_ones():
+    model = _model(3)
+    got = moelora.adapter_parameters(model, "x1")
+    ref = [p for n, p in model.named_parameters() if ".adapters.x1." in n]
+    assert [id(p) for p in got.values()] == [id(p) for p in ref]
+    assert list(got) == list(moelora.adapter_state_dict(model, "x1"))
+    assert all(p.requires_grad for p in got.values())
+    with pytest.raises(KeyError):
+        moelora.adapter_parameters(model, "nope")

@@ -21,8 +21,9 @@ Modes, per N:
   (base in ``--dtype``, adapters fp32, no autocast), no gradient checkpointing. A failure (not
   installed, an error of its own) is the row's ``error``.
 
-Per mode: jobs/hour (a job = ``--steps`` optimizer steps), non-padding label tokens/s, step time
-and peak device memory (CUDA: ``max_memory_allocated``). Packed lengths are rounded up to
+Per mode: jobs/hour (a job = ``--steps`` optimizer steps, timed without the adapters' setup:
+``setup_s`` beside it is adding the jobs' adapters and optimizers and deleting them), non-padding
+label tokens/s, step time and peak device memory (CUDA: ``max_memory_allocated``). Packed lengths are rounded up to
 ``--pad-multiple`` (64; 0 = the longest row) so that shapes repeat; before any measurement the
 process warms up once, each mode warms up every packed length its timed steps will see, and the
 in-process modes alternate their order from one N to the next, so that first-time costs (Triton
@@ -145,7 +146,7 @@ def _attach(model, s: Settings, jobs: list[int]) -> tuple[dict[int, str], dict[i
                 moelora.add_adapter(model, name, cfg)
         device = next(model.parameters()).device
         moelora.adapter_state(model).seed_dropout(name, s.seed + j, device=device)
-        params = [p for n, p in model.named_parameters() if f"adapters.{name}." in n]
+        params = list(moelora.adapter_parameters(model, name).values())
         names[j], optims[j] = name, (torch.optim.AdamW(params, lr=s.lr), params)
     return names, optims
 
@@ -160,14 +161,19 @@ def _detach(model, names: dict[int, str]) -> None:
 
 
 def train_steps(model, s: Settings, jobs: list[int], steps: int, batches: dict[int, list[dict]],
-                pad_id: int, offset: int = 0) -> int:
+                pad_id: int, offset: int = 0, timing: dict | None = None) -> int:
     """``steps`` optimizer steps of every job in ``jobs`` at once (one packed forward/backward per
-    step); returns the non-padding label tokens trained on."""
-    names, optims = _attach(model, s, jobs)
+    step); returns the non-padding label tokens trained on. ``timing``: gets ``steps_s`` (the step
+    loop, device synchronised around it) and ``setup_s`` (adding the jobs' adapters and optimizers,
+    and deleting them after: once per job in a real run, not per step)."""
     device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    names, optims = _attach(model, s, jobs)
     autocast = device.type == "cuda" and _dtype(s, device) != torch.float32
     tokens = 0
     model.train()
+    _sync(device)
+    t1 = time.perf_counter()
     try:
         for step in range(steps):
             micro = [batches[j][(offset + step) % len(batches[j])] for j in jobs]
@@ -186,8 +192,13 @@ def train_steps(model, s: Settings, jobs: list[int], steps: int, batches: dict[i
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             tokens += sum(packed.label_tokens())
+        _sync(device)
+        t2 = time.perf_counter()
     finally:
         _detach(model, names)
+    if timing is not None:
+        timing["steps_s"] = timing.get("steps_s", 0.0) + (t2 - t1)
+        timing["setup_s"] = timing.get("setup_s", 0.0) + (t1 - t0) + (time.perf_counter() - t2)
     return tokens
 
 
@@ -275,16 +286,16 @@ def measure(model, s: Settings, n: int, mode: str, batches, pad_id: int, device:
     """One mode for N jobs (see the module docstring)."""
     jobs = list(range(n))
     groups = [jobs] if mode == "concurrent" else [[j] for j in jobs]
-    elapsed, tokens = 0.0, 0
+    tokens, timing = 0, {}
     _peak_reset(device)
     for group in groups:
         warm_up(model, s, group, batches, pad_id)
-        _sync(device)
-        t0 = time.perf_counter()
-        tokens += train_steps(model, s, group, s.steps, batches, pad_id, offset=s.warmup)
-        _sync(device)
-        elapsed += time.perf_counter() - t0
-    return _row(s, n, mode, elapsed, tokens, _peak_gib(device))
+        tokens += train_steps(model, s, group, s.steps, batches, pad_id, offset=s.warmup, timing=timing)
+    # jobs/hour from the steps alone: the adapters' setup is once per job, not per step (with 5 timed
+    # steps it would weigh as much as hundreds of steps' worth of it in a real run); it is reported beside
+    row = _row(s, n, mode, timing["steps_s"], tokens, _peak_gib(device))
+    row["setup_s"] = round(timing["setup_s"], 4)
+    return row
 
 
 BASELINE_MODES = ("moe_peft", "mlora")  # modes that train through moelora.bench.moe_peft_baseline
@@ -438,11 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
         batches = {a._one_job: job_batches(s, a._one_job, vocab, per_job)}
         _peak_reset(device)
         warm_up(model, s, [a._one_job], batches, pad_id)
-        _sync(device)
-        t0 = time.perf_counter()
-        tokens = train_steps(model, s, [a._one_job], s.steps, batches, pad_id, offset=s.warmup)
-        _sync(device)
-        report = _row(s, 1, "one_process", time.perf_counter() - t0, tokens, _peak_gib(device))
+        timing: dict = {}
+        tokens = train_steps(model, s, [a._one_job], s.steps, batches, pad_id, offset=s.warmup, timing=timing)
+        report = _row(s, 1, "one_process", timing["steps_s"], tokens, _peak_gib(device))
         write_json(a._report, report)
         return report
     out = Path(a.out or Path("experiments") / f"{time.strftime('%Y-%m-%d')}_concurrent_training" / s.model)

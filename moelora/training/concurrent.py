@@ -311,7 +311,7 @@ class _GroupLoop:
         job.meter = TrainThroughput()
         job.meter.start(self.device, reset_peak=False)  # the group's peak: reset once, in run()
         job.params = _adapter_param_counts(self.model, job.name)
-        job.trainable = [p for n, p in self.model.named_parameters() if f"adapters.{job.name}." in n and p.requires_grad]
+        job.trainable = [p for p in moelora.adapter_parameters(self.model, job.name).values() if p.requires_grad]
         with cli.config_errors("data"):
             job.datamodule.set_tokenizer(self.tokenizer)
             job.datamodule.setup("fit")
@@ -616,7 +616,7 @@ def _set_dropout_state(model, name: str, saved: torch.Tensor | None) -> None:
 def _adapter_param_counts(model, name: str) -> dict[str, Any]:
     """trainable_parameters() of one adapter of a model holding several: its parameters over the
     base's (what the same job reports when it trains alone)."""
-    trainable = sum(p.numel() for n, p in model.named_parameters() if f"adapters.{name}." in n)
+    trainable = sum(p.numel() for p in moelora.adapter_parameters(model, name).values())
     base = sum(p.numel() for n, p in model.named_parameters() if ".adapters." not in n)
     total = base + trainable
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
