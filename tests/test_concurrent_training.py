@@ -310,6 +310,7 @@ def test_benchmark_smoke_mode_writes_its_tables(tmp_path: Path) -> None:
     for r in rows:
         assert r["jobs_per_hour"] > 0 and r["tokens_per_s"] > 0 and r["label_tokens"] > 0
         assert r["peak_mem_gib"] is None  # CPU: no device memory counter
+        assert r["setup_s"] > 0  # adding/deleting the adapters: reported, not in the steps' time
     # the same jobs see the same tokens in both modes
     assert rows[2]["label_tokens"] == rows[3]["label_tokens"] and "speedup_vs_sequential" in rows[3]
     on_disk = json.loads((tmp_path / "results.json").read_text())

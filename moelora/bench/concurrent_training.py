@@ -16,7 +16,8 @@ Modes, per N:
   its own copy of the base (peak memory: the sum of the processes' own peaks).
 - ``moe_peft`` / ``mlora`` (``--modes ...,moe_peft,mlora``; ``pip install --no-deps moe-peft==2.0.2``
   / ``mlora==0.5.2``): the same N jobs (same ranks, experts, data, optimizer, clipping) as N
-  adapters of MoE-PEFT 2.0.2 or of mLoRA 0.5.2 (its predecessor) over a fresh copy of the base, one forward per step as its trainer packs it (every
+  adapters of MoE-PEFT 2.0.2 or of mLoRA 0.5.2 (its predecessor) over a fresh copy of the base (ours
+  is freed meanwhile and rebuilt after), one forward per step as its trainer packs it (every
   row padded to the step's longest; ``moelora.bench.moe_peft_baseline``): its precision is its own
   (base in ``--dtype``, adapters fp32, no autocast), no gradient checkpointing. A failure (not
   installed, an error of its own) is the row's ``error``.
@@ -480,7 +481,14 @@ def main(argv: list[str] | None = None) -> dict:
                 row = measure_processes(s, n, out)
                 model = build_base(s, device, dtype).requires_grad_(False)
             elif mode in BASELINE_MODES:
+                # our base out of the device first, as for the processes: the baseline builds its own,
+                # and its peak must not share the device with ours (at N=8 on the 7B shape both ran out
+                # of memory beside our 13.5 GB)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 row = measure_moe_peft(s, n, batches, pad_id, device, dtype, package=mode)
+                model = build_base(s, device, dtype).requires_grad_(False)
             else:
                 row = measure(model, s, n, mode, batches, pad_id, device)
             rows.append(row)
