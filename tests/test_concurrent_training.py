@@ -430,12 +430,26 @@ def test_saved_activations_grow_with_the_jobs_not_faster() -> None:
     alone = [bench.step_profile(model, s, [j], batches, 0)["saved_bytes"] for j in range(8)]
     for n in (4, 8):
         together = bench.step_profile(model, s, list(range(n)), batches, 0)["saved_bytes"]
-        # 1.6 before the fix. Padding to the longest job's length costs a few percent, and the
-        # MixLoRA jobs' own bytes vary by ~10% between runs of this test (6.5-7.1 MB per job over
-        # four runs; cause not found); since 852e206 a solo MixLoRA job saves ~10% less than
-        # before (4 jobs: 23.2 vs 24.6 MB) while the packed step is unchanged (~25.5 MB), so the
-        # ratio reads 1.04-1.10 before that commit and 1.08-1.23 after it
-        assert together <= 1.3 * sum(alone[:n]), (n, together, sum(alone[:n]))
+        # 1.6 before the fix; 1.105 (N=4) and 1.163 (N=8) now, the same in every run since the
+        # counter keeps the storages it saw alive (before, a freed storage's reused address hid
+        # later ones and the counts varied by ~10% between runs: CI once read 1.31). Padding to
+        # the longest job's length costs a few percent.
+        assert together <= 1.25 * sum(alone[:n]), (n, together, sum(alone[:n]))
+
+
+def test_saved_storages_counts_a_storage_whose_address_was_freed_and_reused() -> None:
+    """Two saved storages of the same size, the first freed before the second is made: the
+    allocator may give the second the first's address, and a counter keyed by address alone would
+    then count one of them (the cause of run-to-run noise in the saved-bytes counts)."""
+    from moelora.bench.saved_tensors import SavedStorages
+
+    w = torch.nn.Parameter(torch.randn(256, 256))
+    with SavedStorages(torch.nn.Linear(1, 1)) as saved:
+        for _ in range(4):
+            x = torch.randn(64, 256)
+            (x @ w).sum()  # saves x; graph and x dropped right after
+            del x
+    assert saved.nbytes >= 4 * 64 * 256 * 4, saved.entries
 
 
 def test_padding_to_a_multiple_changes_no_job_numbers() -> None:
