@@ -227,17 +227,18 @@ def test_cancel_frees_only_requests_with_blocks(served):
 
 def _count_stack_builds(monkeypatch):
     """Counts the per-site stack builds of moelora.layers.adapted (``_stacked_lora`` / ``_moe_stacks``
-    go through its module-level ``_cached_per_site``), per site and composition."""
+    go through its module-level ``_cached_per_site``), per site and composition; in-place row
+    updates of a few changed positions are not builds."""
     from moelora.layers import adapted
 
     builds = []
     orig = adapted._cached_per_site
 
-    def counted(site, names, tensors, build):
+    def counted(site, names, tensors, build, update=None):
         def b():
             builds.append((id(site), names))
             return build()
-        return orig(site, names, tensors, b)
+        return orig(site, names, tensors, b, update)
 
     monkeypatch.setattr(adapted, "_cached_per_site", counted)
     return builds
