@@ -47,6 +47,9 @@ for part in "$@"; do
       timeout ${T_B19:-300} python3 -m moelora.bench --model llama2_7b_shape ${B19_ARGS:---methods \
         base,lora,mixlora,lora_switch_merge --modes static_new --batch-sizes 1 --prompt-len 64 --new-tokens 128 \
         --rounds 2 --repeats 3} --no-harness-check --out "$D" > "$D/log.txt" 2>&1; tail -14 "$D/log.txt" ;;
+    restack)  # issue 16: a one-position change of the mixed stacks, in place vs every site rebuilt (host launches)
+      timeout ${T_RESTACK:-60} python3 experiments/2026-12-02_serve_step_profile/restack_cost.py --device cuda \
+        --dtype bfloat16 --out "$D/restack.json" > "$D/log.txt" 2>&1; grep -A7 ms_median "$D/log.txt"; grep -A6 aten_ops "$D/log.txt" ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "$part: $(( $(date +%s) - S )) s" | tee "$D/wall_s.txt"
