@@ -214,3 +214,61 @@ def test_a_one_position_change_costs_a_few_ops_per_site():
             h.remove()
     per_linear = max(n for k, n in c.ops.items() if k is not None)
     assert per_linear <= warm["linear"] + 16, (per_linear, warm)
+
+
+def test_change_log_says_what_changed_since_an_epoch():
+    from moelora.state import ChangeLog
+
+    log = ChangeLog(keep=3)
+    e0 = log.epoch
+    assert log.since(e0) == (frozenset(), frozenset())
+    e1 = log.record("a", structural=False)
+    log.record("b", structural=True)
+    assert e1 > e0 and log.since(e0) == (frozenset({"a"}), frozenset({"b"}))
+    assert log.since(e1) == (frozenset(), frozenset({"b"}))
+    other = ChangeLog()  # epochs are unique across logs: a later log's start is after e1
+    assert other.epoch > e1
+    for n in "cde":
+        log.record(n, structural=False)
+    assert log.since(e0) is None and log.since(e1) is None  # older than what the log keeps: unknown
+    assert log.since(None) is None
+
+
+@pytest.mark.parametrize("change", ["write", "replace_module"])
+def test_an_epoch_plan_sees_the_changes_its_log_names(change):
+    """Plans with an epoch and the maker's ChangeLog (the serving engine's): a site re-checks only
+    the positions the log names; a slot written in place, or dropped and added again under the same
+    name with another config, is seen by the next forward (equal to a fresh build), and the sites'
+    slot lookups are reused when no slot of the composition was added or dropped."""
+    from moelora.state import ChangeLog
+
+    m = _model()
+    log = ChangeLog()
+    names = ("l0", "l1", "m0", "m1", None)
+    slots = torch.tensor([0, 0, 1, 2, 2, 3, 4])
+    ids = torch.arange(3, 3 + slots.numel()).view(1, -1)
+
+    def fwd():
+        with torch.no_grad():
+            return m(ids, adapter_names=BatchPlan.per_token(names, slots, epoch=log.epoch, changes=log)).logits
+
+    fwd()
+    memo = {id(x): x.__dict__["_slots_memo"][2] for x in m.modules() if "_slots_memo" in x.__dict__}
+    log.record("unrelated", structural=True)  # a slot outside the composition
+    fwd()
+    assert all(x.__dict__["_slots_memo"][2] is memo[id(x)] for x in m.modules() if id(x) in memo)
+    if change == "write":
+        log.record("l1", structural=False)
+        sd = moelora.adapter_state_dict(m, "l1")
+        moelora.load_adapter_state_dict(m, {k: torch.randn_like(v) for k, v in sd.items()}, "l1")
+    else:
+        log.record("m1", structural=True)
+        moelora.delete_adapter(m, "m1")
+        log.record("m1", structural=True)
+        moelora.add_adapter(m, "m1", moelora.MixLoraConfig(num_experts=2, top_k=2, r=2), trainable=False)
+        sd = moelora.adapter_state_dict(m, "m1")  # the new m1 only: the log names no other change
+        moelora.load_adapter_state_dict(m, {k: torch.randn_like(v) * 0.3 for k, v in sd.items()}, "m1")
+    got = fwd()
+    _clear_stacks(m)
+    fresh = fwd()
+    torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ A 32-layer narrow Llama (the 7B shape's 224 adapted linears and 32 FFNs, small t
 time shows), 16 positions of LoRA (ranks 8-64) and MixLoRA (8 experts, top-2) adapters plus the
 base, 16 tokens, one per position. Timed per forward (median of --repeats):
   same: the same composition and epoch as the last forward (nothing to check or build),
-  new_epoch: same composition, new epoch (stacks checked, none rebuilt),
+  new_epoch: same composition, new epoch (a slot outside it changed: nothing rebuilt),
   swap_name: one position now holds another adapter of the same config (the name changes),
   refill: one slot's tensors copied over in place (``load_adapter_state_dict``, the registry's reuse).
   rebuild_all: every site's stacks dropped first: what each of the two cases above cost before the
@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moelora
-from moelora.state import BatchPlan
+from moelora.state import BatchPlan, ChangeLog
 
 
 class Count(TorchDispatchMode):
@@ -56,12 +56,14 @@ def main():
     ids = torch.randint(0, 1000, (1, 16), device=dev)
     slots = torch.arange(16, device=dev)
     names = [f"s{i}" for i in range(16)]
-    epoch = [100]
+    # the plans carry an epoch and the log of what changed, as the serving engine's do (its
+    # registry records every slot it adds, writes or drops)
+    log = ChangeLog()
 
-    def fwd(plan_names, new_epoch):
-        if new_epoch:
-            epoch[0] += 1
-        plan = BatchPlan.per_token(tuple(plan_names) + (None,), slots, epoch=epoch[0])
+    def fwd(plan_names, new_epoch, changed=("elsewhere",)):
+        for n in changed if new_epoch else ():
+            log.record(n, structural=False)
+        plan = BatchPlan.per_token(tuple(plan_names) + (None,), slots, epoch=log.epoch, changes=log)
         with torch.no_grad():
             sync()
             t = time.perf_counter()
@@ -87,10 +89,10 @@ def main():
         rows["same"].append(fwd(names, False)[0])
         rows["new_epoch"].append(fwd(names, True)[0])
         names[p] = ("x" if names[p].startswith("s") else "s") + str(p)  # another adapter of that config
-        rows["swap_name"].append(fwd(names, True)[0])
+        rows["swap_name"].append(fwd(names, True, (names[p],))[0])
         sd = moelora.adapter_state_dict(model, names[p])
         moelora.load_adapter_state_dict(model, {k: torch.randn_like(v) * 0.02 for k, v in sd.items()}, names[p])
-        rows["refill"].append(fwd(names, True)[0])
+        rows["refill"].append(fwd(names, True, (names[p],))[0])
         drop_stacks()
         rows["rebuild_all"].append(fwd(names, True)[0])
     for case in rows:
@@ -104,7 +106,7 @@ def main():
         if case == "rebuild_all":
             drop_stacks()
         with c:
-            fwd(names, case != "same")
+            fwd(names, case != "same", (names[p],) if case in ("swap_name", "refill") else ("elsewhere",))
         ops[case] = c.n
     # the result must equal a forward whose stacks are all built afresh (no cache at any site)
     _, mixed = fwd(names, True)

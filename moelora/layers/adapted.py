@@ -231,15 +231,22 @@ def _slot_memo(site, plan, compute) -> tuple:
     """``compute(site, plan.slot_names)``: the site's adapters of the plan's slots and what the
     forward decides from them, O(slots) Python per site. A plan with an ``epoch`` (the serving
     engine's: its registry changes the model's adapters only between steps, and a new epoch each
-    time) reuses the site's last result for the same slot names and epoch: with 32 resident slots
-    that lookup and the stacks' staleness check (``_cached_per_site``) were ~150 us of Python per
-    adapted linear and step (CPU), ~35 ms per step of a 32-layer model. Any other plan computes."""
+    time) reuses the site's last result for the same slot names and epoch, and for a later epoch
+    when its log (``BatchPlan.changes_since``) says none of these slots was added or dropped since
+    (a slot whose tensors were written keeps its modules): with 32 resident slots that lookup and
+    the stacks' staleness check (``_cached_per_site``) were ~150 us of Python per adapted linear
+    and step (CPU), ~35 ms per step of a 32-layer model. Any other plan computes."""
     epoch = plan.epoch
     if epoch is None or torch.compiler.is_compiling():
         return compute(site, plan.slot_names)
     memo = site.__dict__.get("_slots_memo")
-    if memo is not None and memo[1] == epoch and memo[0] == plan.slot_names:
-        return memo[2]
+    if memo is not None and memo[0] == plan.slot_names:
+        if memo[1] == epoch:
+            return memo[2]
+        ch = plan.changes_since(memo[1])
+        if ch is not None and ch[1].isdisjoint(plan.slot_names):
+            site.__dict__["_slots_memo"] = (plan.slot_names, epoch, memo[2])
+            return memo[2]
     out = compute(site, plan.slot_names)
     site.__dict__["_slots_memo"] = (plan.slot_names, epoch, out)
     return out
@@ -382,8 +389,8 @@ def _cached_per_site(site, names, tensors, build, update=None):
     """``build()`` for this site and batch composition: cached for the last composition in
     ``site.batch_stacks`` (not a buffer: no state_dict side effects) and checked at every use
     against each tensor's identity, storage and in-place version, so training, loading,
-    replacing or moving (``.to()``) an adapter rebuilds it. ``tensors()``: the tensors the stacks
-    are built from, one list per position of ``names``.
+    replacing or moving (``.to()``) an adapter rebuilds it. ``tensors(i)``: the tensors the stacks
+    are built from at position ``i`` of ``names``.
 
     ``update(stacks, positions)``: writes the rows of those positions in place and returns True,
     or returns False (nothing written) when they do not fit the stacks' shapes. Used when a few
@@ -406,15 +413,21 @@ def _cached_per_site(site, names, tensors, build, update=None):
         fresh = site._state.generation_names is not None and hit is not None and hit[0] == names
         return hit[2] if fresh else build()
     # the serving engine's plans carry an epoch (``_slot_memo``): the stacks checked in this epoch
-    # are not checked again (no adapter tensor changes within one); any other forward checks
+    # are not checked again (no adapter tensor changes within one), and at a later epoch only the
+    # positions of adapters its log says changed since; any other forward checks every position
     state = site._state
-    epoch = state.plan.epoch if state.in_forward else None
-    if epoch is not None and hit is not None and hit[0] == names and hit[3] == epoch:
-        return hit[2]
-    per_position = tensors()
+    plan = state.plan if state.in_forward else None
+    epoch = None if plan is None else plan.epoch
     if hit is not None and len(hit[0]) == len(names):
-        changed = [i for i, (was, now) in enumerate(zip(hit[0], names))
-                   if was != now or not _private.stamps_match(hit[1][i], per_position[i])]
+        if epoch is not None and hit[0] == names and hit[3] == epoch:
+            return hit[2]
+        stamps = list(hit[1])
+        touched = plan.touched_positions(hit[3]) if epoch is not None and hit[0] == names else None
+        if touched is not None:  # the same composition: only the positions the log names
+            changed = [i for i in touched if not _private.stamps_match(stamps[i], tensors(i))]
+        else:
+            changed = [i for i, (was, now) in enumerate(zip(hit[0], names))
+                       if was != now or not _private.stamps_match(stamps[i], tensors(i))]
         if not changed:
             if epoch is not None:
                 site.batch_stacks = (*hit[:3], epoch)
@@ -425,12 +438,14 @@ def _cached_per_site(site, names, tensors, build, update=None):
             with torch.no_grad():
                 done = update(hit[2], changed)
             if done:
-                site.batch_stacks = (names, [_private.version_stamps(ts) for ts in per_position], hit[2], epoch)
+                for i in changed:
+                    stamps[i] = _private.version_stamps(tensors(i))
+                site.batch_stacks = (names, stamps, hit[2], epoch)
                 return hit[2]
     site.batch_stacks = None  # the old stacks are garbage before the new ones are built
     out = build()
     _private.mark_static_inputs(out)
-    site.batch_stacks = (names, [_private.version_stamps(ts) for ts in per_position], out, epoch)
+    site.batch_stacks = (names, [_private.version_stamps(tensors(i)) for i in range(len(names))], out, epoch)
     return out
 
 
@@ -455,7 +470,7 @@ def _stacked_lora(site, names, adapters):
         scal = torch.stack([ref.new_full((), 0.0 if a is None else a.scaling) for a in adapters])
         return torch.stack(a_rows), torch.stack(b_rows), scal
 
-    return _cached_per_site(site, names, lambda: [[] if a is None else [a.lora_A, a.lora_B] for a in adapters],
+    return _cached_per_site(site, names, lambda i: [] if adapters[i] is None else [adapters[i].lora_A, adapters[i].lora_B],
                             build, lambda stacks, positions: _update_lora_rows(stacks, adapters, positions))
 
 
@@ -1032,9 +1047,9 @@ def _moe_stacks(ffn, names, adapters) -> dict:
     changed positions rewritten in place by ``_update_moe_rows``)."""
     present = [a for a in adapters if a is not None]
 
-    def tensors():
-        return [[] if a is None else [a.router.weight] + [p for e in a.experts.values() for p in (e.lora_A, e.lora_B)]
-                for a in adapters]
+    def tensors(i):
+        a = adapters[i]
+        return [] if a is None else [a.router.weight] + [p for e in a.experts.values() for p in (e.lora_A, e.lora_B)]
     return _cached_per_site(ffn, names, tensors, lambda: _build_moe_stacks(ffn, adapters, present),
                             lambda st, positions: _update_moe_rows(ffn, st, adapters, present, positions))
 

@@ -718,7 +718,8 @@ class Engine:
         slots.extend([base] * (num_q_tokens - len(slots)))
         # the epoch: the registry changes the model's adapters only under the model lock, which this
         # step holds, and takes a new generation each time (the sites check their stacks once per generation)
-        return BatchPlan.per_token(names, self._slot_index(slots), epoch=self.registry.generation)
+        return BatchPlan.per_token(names, self._slot_index(slots), epoch=self.registry.generation,
+                                   changes=self.registry.changes)
 
     def _stack_positions(self, st, present) -> tuple[tuple, dict]:
         """S-LoRA-style fixed slots for the stacks: a table of positions, each a resident slot's

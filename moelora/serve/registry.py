@@ -28,7 +28,6 @@ Not thread-safe by itself: the engine calls it under its admission lock, and pas
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import time
@@ -37,8 +36,9 @@ from pathlib import Path
 
 import torch
 
+from moelora.state import ChangeLog
+
 SLOT_PREFIX = "_slot"
-_GENERATIONS = itertools.count(1)  # AdapterRegistry.generation: unique across registries
 
 
 class RegistryError(RuntimeError):
@@ -135,10 +135,10 @@ class AdapterRegistry:
         self.stats_ = RegistryStats()
         self._clock = 0
         self._slot_counter = 0
-        # a new number at every change of the model's adapters (slot added, written, dropped), unique
-        # across registries: the engine's plans carry it (``BatchPlan.epoch``), so the adapted modules
-        # check their stacked adapters once per generation, not at every step
-        self.generation = next(_GENERATIONS)
+        # a new epoch at every change of the model's adapters (slot added, written, dropped), with
+        # what changed: the engine's plans carry both (``BatchPlan.epoch`` / ``changes``), so an
+        # adapted module re-checks its stacked adapters only for the slots changed since its last check
+        self.changes = ChangeLog()
 
     # ---- host side ------------------------------------------------------------------------------
     def register_path(self, name: str, path: str | os.PathLike, eager: bool = False) -> HostAdapter:
@@ -362,13 +362,18 @@ class AdapterRegistry:
         return ((self.max_resident is None or n <= self.max_resident)
                 and (self.memory_bytes is None or nbytes <= self.memory_bytes))
 
+    @property
+    def generation(self) -> int:
+        """The current epoch of ``changes`` (a new number at every change of the model's adapters)."""
+        return self.changes.epoch
+
     def _new_slot(self, entry: HostAdapter, key: str) -> Slot:
         import moelora
 
         name = f"{SLOT_PREFIX}{self._slot_counter}"
         self._slot_counter += 1
         with self.model_lock:
-            self.generation = next(_GENERATIONS)
+            self.changes.record(name, structural=True)
             moelora.add_adapter(self.model, name, entry.cfg, trainable=False)  # in the model's mode
             if self.model.training:
                 self.model.eval()
@@ -385,7 +390,7 @@ class AdapterRegistry:
         slot.adapter = None  # a failed copy leaves an empty slot, never a half-copied adapter served
         t0 = time.perf_counter()
         with self.model_lock:
-            self.generation = next(_GENERATIONS)
+            self.changes.record(slot.model_name, structural=False)
             try:
                 moelora.load_adapter_state_dict(self.model, entry.tensors, slot.model_name)
             except (KeyError, ValueError, TypeError) as e:
@@ -409,7 +414,7 @@ class AdapterRegistry:
             self.stats_.evictions += 1
         t0 = time.perf_counter()
         with (contextlib.nullcontext() if locked else self.model_lock):
-            self.generation = next(_GENERATIONS)
+            self.changes.record(slot.model_name, structural=True)
             moelora.delete_adapter(self.model, slot.model_name)
         self.slots.remove(slot)
         self.stats_.drop_s += time.perf_counter() - t0
