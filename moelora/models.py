@@ -190,6 +190,20 @@ def load_smollm2(
     return model.eval(), tokenizer
 
 
+def _tokenizer_of(path: Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved in a model folder; a folder with the model's weights only (a plain
+    ``model.save_pretrained``) raised transformers' "Couldn't instantiate the backend tokenizer",
+    which names neither the folder nor the fix."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelLoadError(
+            f"{path} has a model but no tokenizer that loads ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0]}); save it beside the model with "
+            f"tokenizer.save_pretrained({str(path)!r})"
+        ) from err
+
+
 # --- one entry point ----------------------------------------------------------------------------------
 
 
@@ -223,7 +237,7 @@ def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedM
         raise ModelLoadError(f"{path} is not a model folder (no config.json); save one with save_pretrained")
     try:
         model = AutoModelForCausalLM.from_pretrained(path if path.exists() else name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path if path.exists() else name_or_path)
+        tokenizer = _tokenizer_of(path) if path.exists() else AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
         raise ModelLoadError(
             f"cannot load {name_or_path!r}: it is not a local folder and the Hugging Face hub did not "
