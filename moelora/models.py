@@ -238,6 +238,8 @@ def _from_pretrained(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedM
     try:
         model = AutoModelForCausalLM.from_pretrained(path if path.exists() else name_or_path, dtype=dtype)
         tokenizer = _tokenizer_of(path) if path.exists() else AutoTokenizer.from_pretrained(name_or_path)
+    except ModelLoadError:  # an OSError too: already says what is wrong
+        raise
     except OSError as err:
         raise ModelLoadError(
             f"cannot load {name_or_path!r}: it is not a local folder and the Hugging Face hub did not "
