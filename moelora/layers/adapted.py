@@ -487,12 +487,12 @@ def _fits_rows(t: torch.Tensor, stack: torch.Tensor, rank_dim: int, r: int) -> b
 
 def _update_lora_rows(stacks, adapters, positions) -> bool:
     """Rewrite the rows of ``positions`` of ``_stacked_lora``'s stacks from ``adapters`` (zero
-    rows for None); False, writing nothing, when one of them has a larger rank than the stacks'
-    (a rank that fits is zero-padded: exact zeros, as a build pads it)."""
+    rows for None); False, writing nothing, when one of them does not fit (``_fits_rows``: a
+    larger rank, other sizes, dtype or device; a smaller rank is zero-padded, as a build pads it)."""
     A, B, scal = stacks
-    if any(a is not None and not _fits_rows(a.lora_A, A, 1, a.r) or a is not None and not _fits_rows(a.lora_B, B, 2, a.r)
-           for a in (adapters[i] for i in positions)):
-        return False
+    for a in (adapters[i] for i in positions):
+        if a is not None and not (_fits_rows(a.lora_A, A, 1, a.r) and _fits_rows(a.lora_B, B, 2, a.r)):
+            return False
     for i in positions:
         a = adapters[i]
         if a is None:
@@ -1075,7 +1075,7 @@ def _update_moe_rows(ffn, st: dict, adapters, present, positions) -> bool:
             if e is not None and role not in st["A"]:  # a role no stack has yet: built afresh
                 return False
             if e is not None and not (_fits_rows(e.A(), st["A"][role], 1, e.r)  # dense (block-diagonal too)
-                                      and _fits_rows(e.B(), st["B"][role], 2, e.r) and e.num_experts <= emax):
+                                      and _fits_rows(e.B(), st["B"][role], 2, e.r)):
                 return False
     sig = list(st["sig"])
     for i in positions:
