@@ -1,4 +1,4 @@
-"""Host ops of one packed serving step: base vs mixed adapters (issue 16), on CPU.
+"""Host ops of one packed serving step: base vs mixed adapters (issue 16), on CPU or CUDA.
 
 Builds the engine the way ``moelora.bench.serve`` does (shape model with random weights,
 synthetic adapters from ``adapter_classes`` / ``weight_banks``, ``Engine.add_adapter_tensors``),
@@ -44,6 +44,24 @@ class Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class SiteTimer:
+    """Host seconds inside each kind of adapted module, exclusive of nested adapted modules."""
+
+    def __init__(self) -> None:
+        self.total = collections.Counter()
+        self.stack: list = []  # [kind, start, child seconds]
+
+    def enter(self, kind: str) -> None:
+        self.stack.append([kind, time.perf_counter(), 0.0])
+
+    def leave(self) -> None:
+        kind, t0, child = self.stack.pop()
+        dt = time.perf_counter() - t0
+        self.total[kind] += dt - child
+        if self.stack:
+            self.stack[-1][2] += dt
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2_135m_shape")
@@ -54,12 +72,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--new-tokens", type=int, default=12)
+    ap.add_argument("--mixlora-requests", type=int, default=2, help="requests of the mixed run on MixLoRA adapters")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--site-times", action="store_true", help="host time inside adapted modules per step")
+    ap.add_argument("--trace", default=None, help="folder for torch.profiler tables of the decode steps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model, _ = build_shape_model(a.model, "float32", "cpu", 0, num_hidden_layers=a.layers)
+    model, _ = build_shape_model(a.model, a.dtype, a.device, 0, num_hidden_layers=a.layers)
+    cuda = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     classes = adapter_classes([8, 16, 32, 64], a.num_adapters, a.mixlora_share, 8, 2, 16)
     banks = weight_banks(model, classes, 2, False, 0)
     from moelora.layers.adapted import AdaptedFFN, AdaptedLinear
@@ -90,12 +115,21 @@ def main(argv=None) -> dict:
                                      slots=len(getattr(plan, "slot_names", ()) or ()),
                                      ops=sum(c.ops.values()), by_site=dict(c.by_site), names=dict(c.ops)))
             return out
+        timer = SiteTimer() if (mode == "time" and a.site_times) else None
+        local.t = timer
+        sync()
         t0 = time.perf_counter()
         out = fwd(*args, **kw)
+        host = time.perf_counter() - t0
+        sync()
+        wall = time.perf_counter() - t0
+        local.t = None
         plan = rec["plan"]
         if mode == "time":
-            rec["steps"].append(dict(tokens=ntok, mixed=bool(getattr(plan, "mixed", False)),
-                                     ms=1e3 * (time.perf_counter() - t0)))
+            row = dict(tokens=ntok, mixed=bool(getattr(plan, "mixed", False)), ms=1e3 * wall, host_ms=1e3 * host)
+            if timer is not None:
+                row["site_ms"] = {k: 1e3 * v for k, v in timer.total.items()}
+            rec["steps"].append(row)
         return out
 
     model.forward = wrapped
@@ -107,11 +141,17 @@ def main(argv=None) -> dict:
             c = getattr(local, "c", None)
             if c is not None:
                 c.stack.append(kind)
+            t = getattr(local, "t", None)
+            if t is not None:
+                t.enter(kind)
 
         def post(mod, args, out):
             c = getattr(local, "c", None)
             if c is not None:
                 c.stack.pop()
+            t = getattr(local, "t", None)
+            if t is not None:
+                t.leave()
         return pre, post
 
     def hook_sites():
@@ -127,7 +167,7 @@ def main(argv=None) -> dict:
     # adapters of the mixed run: every 4th adapter is MixLoRA (adapter_classes), take 2 of those + LoRA of all ranks
     mix = [i for i, d in enumerate(classes) if d["method"] == "mixlora"]
     lora = [i for i, d in enumerate(classes) if d["method"] == "lora"]
-    picks = ([f"a{i}" for i in mix[:2]] + [f"a{i}" for i in lora])[: a.requests]
+    picks = ([f"a{i}" for i in mix[: a.mixlora_requests]] + [f"a{i}" for i in lora])[: a.requests]
 
     def batch(adapters):
         rids = [engine.submit(p, adapter=ad, max_new_tokens=a.new_tokens) for p, ad in zip(prompts, adapters)]
@@ -138,7 +178,8 @@ def main(argv=None) -> dict:
         batch([f"a{j}" for j in range(i, min(i + 8, a.num_adapters))][: a.requests])
     batch(picks)
     hook_sites()
-    result = {"settings": vars(a), "torch": torch.__version__, "systems": {}}
+    result = {"settings": vars(a), "torch": torch.__version__, "systems": {},
+              "device": torch.cuda.get_device_name() if cuda else "cpu"}
     for system, adapters in (("base", [None] * a.requests), ("moelora", picks)):
         rows = {}
         toks = None
@@ -149,6 +190,22 @@ def main(argv=None) -> dict:
             toks = got if toks is None else toks
             assert got == toks, "the counting pass generated other tokens"
             rows[mode] = rec["steps"]
+        if a.trace:
+            import os
+
+            from torch.profiler import ProfilerActivity, profile
+            os.makedirs(a.trace, exist_ok=True)
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            rec["on"] = "trace"
+            with profile(activities=acts) as prof:
+                got = batch(adapters)
+            rec["on"] = None
+            assert got == toks, "the traced pass generated other tokens"
+            ka = prof.key_averages()
+            with open(os.path.join(a.trace, f"trace_{system}.txt"), "w") as f:
+                f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40))
+                if cuda:
+                    f.write("\n\n" + ka.table(sort_by="self_cuda_time_total", row_limit=25))
         tim, cnt = rows["time"], rows["count"]
         decode_t = [s for s in tim if s["tokens"] == a.requests]
         decode_c = [s for s in cnt if s["tokens"] == a.requests]
@@ -165,6 +222,9 @@ def main(argv=None) -> dict:
                             ms=tim[0]["ms"], slots=first_c["slots"]),
             decode=dict(tokens=a.requests, ops_p50=med([s["ops"] for s in decode_c]),
                         ms_p50=round(med([s["ms"] for s in decode_t]), 2),
+                        host_ms_p50=round(med([s["host_ms"] for s in decode_t]), 2),
+                        site_ms_p50=({k: round(med([s["site_ms"].get(k, 0.0) for s in decode_t]), 2)
+                                      for k in ("linear", "ffn")} if a.site_times else None),
                         slots=decode_c[0]["slots"] if decode_c else None,
                         ops_per_linear=round(med([s["by_site"].get("linear", 0) for s in decode_c]) / n_lin, 1),
                         ops_per_ffn_own=round(med([s["by_site"].get("ffn", 0) for s in decode_c]) / max(n_ffn, 1), 1),

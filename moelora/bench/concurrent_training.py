@@ -53,6 +53,7 @@ import torch
 import moelora
 from moelora.bench.jsonio import atomic_open, write_json
 from moelora.bench.models import MODEL_SHAPES, build_shape_model
+from moelora.bench.profiling import profile_call
 from moelora.bench.saved_tensors import SavedStorages
 from moelora.bench.versions import record_versions
 from moelora.data import IGNORE_INDEX
@@ -419,6 +420,9 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
                    "sequential, moe_peft, mlora (their order alternates from one N to the next)")
     p.add_argument("--pad-multiple", type=int, default=d.pad_multiple,
                    help="packed length rounded up to a multiple of this (0: the longest row), so shapes repeat")
+    p.add_argument("--profile", action="store_true",
+                   help="after an N's in-process modes, one step of each under torch.profiler: wall vs device-busy "
+                        "ms and aten ops in the row's `profile`, the op tables in profile_<mode>_N<n>.txt")
     p.add_argument("--out", default=None, help="output folder (default experiments/<date>_concurrent_training/<model>)")
     p.add_argument("--_one-job", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_report", default=None, help=argparse.SUPPRESS)
@@ -491,6 +495,11 @@ def main(argv: list[str] | None = None) -> dict:
                 model = build_base(s, device, dtype).requires_grad_(False)
             else:
                 row = measure(model, s, n, mode, batches, pad_id, device)
+                if a.profile:  # after the timing and the peak: the profiler's overhead is in neither
+                    group = list(range(n)) if mode == "concurrent" else [0]  # sequential: one job's step
+                    row["profile"] = profile_call(
+                        lambda: train_steps(model, s, group, 1, batches, pad_id, offset=s.warmup), device,
+                        out / f"profile_{mode}_N{n}.txt")
             rows.append(row)
             print(json.dumps(row), flush=True)
     for row in rows:  # speed-ups against the sequential run of the same N

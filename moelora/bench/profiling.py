@@ -11,8 +11,9 @@ import torch
 
 def profile_call(fn: Callable[[], Any], device: torch.device, path: Path, rows: int = 30) -> dict[str, Any]:
     """``fn()`` under torch.profiler: its wall time, the device's busy time (sum of kernel self
-    times; kernels on two streams at once count twice) and the aten op count; the op table (top
-    ``rows`` by device time on CUDA, CPU time otherwise) goes to ``path``."""
+    times; kernels on two streams at once count twice) and the aten op count; the op tables go to
+    ``path``: the top ``rows`` by device time (CUDA), then by self host time (what a host-bound
+    eager step spends its time on)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -24,9 +25,10 @@ def profile_call(fn: Callable[[], Any], device: torch.device, path: Path, rows: 
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
     ka = prof.key_averages()
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    tables = ([ka.table(sort_by="self_device_time_total", row_limit=rows)] if cuda else []) + [
+        ka.table(sort_by="self_cpu_time_total", row_limit=rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(ka.table(sort_by=sort, row_limit=rows))
+    path.write_text("\n\n".join(tables))
     return {"wall_ms": wall_ms,
             "device_busy_ms": sum(e.self_device_time_total for e in ka) / 1e3 if cuda else None,
             "aten_ops": sum(e.count for e in ka if e.key.startswith("aten::")), "table": path.name}
