@@ -111,7 +111,7 @@ class BatchPlan:
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
     __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg", "_maps",
-                 "epoch", "changes", "_since")
+                 "epoch", "changes", "_since", "graph_step")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
                  row_slots: torch.Tensor | None = None) -> None:
@@ -128,6 +128,10 @@ class BatchPlan:
         self.epoch = None
         self.changes: ChangeLog | None = None  # the epoch's maker's log (``changes_since``)
         self._since: dict = {}
+        # True only from a maker whose forwards consume every adapted module's output within the
+        # step (the serving engine: a paged KV cache copies keys/values in): then a mixed step of
+        # few tokens may replay CUDA graphs of padded token buckets (``decode_graphs.step_applies``)
+        self.graph_step = False
         # Per slot, the sequence length its rows had in their own (right-padded) batch before they
         # were padded to this batch's length, or None; set by concurrent training so that an
         # adapter's dropout masks have the shape they have when it runs alone (``AdapterState.dropout``).
@@ -142,7 +146,8 @@ class BatchPlan:
             self.row_slots = None
 
     @classmethod
-    def per_token(cls, slot_names, token_slots: torch.Tensor, epoch=None, changes: ChangeLog | None = None) -> "BatchPlan":
+    def per_token(cls, slot_names, token_slots: torch.Tensor, epoch=None, changes: ChangeLog | None = None,
+                  graph_step: bool = False) -> "BatchPlan":
         """A mixed plan for a packed batch (continuous batching: every request's tokens flattened
         into one sequence): ``token_slots`` (N,) gives each token's index into ``slot_names``
         (None = base). The N tokens are the plan's rows, one token each, so every adapted module
@@ -151,8 +156,10 @@ class BatchPlan:
         ``adapter_names=plan`` to the forward (``AdapterState.resolve_names`` returns it as is).
         ``epoch``: see ``__init__`` (only a caller that alone changes the model's adapters, and
         takes a new epoch at every change, may give one); ``changes``: that caller's
-        ``ChangeLog``, whose current epoch ``epoch`` is."""
+        ``ChangeLog``, whose current epoch ``epoch`` is. ``graph_step``: see ``__init__`` (a caller
+        whose model consumes every module's output within the forward: the serving engine)."""
         plan = cls.__new__(cls)
+        plan.graph_step = bool(graph_step)
         plan.epoch = epoch
         plan.changes = changes
         plan._since = {}
@@ -475,6 +482,23 @@ class AdapterState:
             entry = self._static_slots[key] = [torch.empty_like(tok), None]
         if entry[1] is not self.plan:
             entry[0].copy_(tok)
+            entry[1] = self.plan
+        return entry[0]
+
+    def padded_token_slots(self, n_pad: int) -> torch.Tensor:
+        """The current packed plan's per-token slots padded with slot 0 to ``n_pad`` tokens, in a
+        buffer whose address never changes for ``n_pad`` (read by the serving steps' graphs of
+        padded token buckets: the padding rows' inputs are zeros and their outputs dropped, so
+        any valid slot serves); written once per forward."""
+        tok = self.plan.token_slots(self.plan.row_slots.shape[0], 1)
+        key = ("padded", n_pad, tok.device)
+        entry = self._static_slots.get(key)
+        if entry is None:
+            entry = self._static_slots[key] = [tok.new_zeros(n_pad), None]
+        if entry[1] is not self.plan:
+            n = tok.shape[0]
+            entry[0][:n].copy_(tok)
+            entry[0][n:].zero_()
             entry[1] = self.plan
         return entry[0]
 

@@ -52,7 +52,7 @@ def test_second_sighting_captures_and_replays_read_new_inputs():
         torch.testing.assert_close(o, x @ w.t())
     assert outs[1] is outs[2] is outs[3], "replays return the graph's static output"
     torch.testing.assert_close(outs[3], xs[3] @ w.t())
-    entry = next(e for e in cache.entries.values() if isinstance(e, decode_graphs._Captured))
+    entry = next(e for _, e in cache.entries.values() if isinstance(e, decode_graphs._Captured))
     assert entry.graph.replays == 3  # the capture's own replay + 2
 
 
@@ -67,6 +67,21 @@ def test_a_replaced_tensor_or_changed_scalar_never_replays_a_stale_graph():
     out = cache.run(lambda v: 3.0 * (v @ w2.t()), (x,), (w2, 3.0))
     torch.testing.assert_close(out, 3.0 * (x @ w2.t()))
     assert cache.captures == 1  # the new keys were seen once each: not captured yet
+
+
+def test_a_replaced_tensor_frees_the_old_graph_and_takes_no_new_place():
+    """Stale graphs do not pile up: a serving step's stacks are rebuilt (new tensors, same
+    shapes) when a larger-rank adapter enters them; each time, that shape's graph is replaced,
+    so the module keeps graphing after more rebuilds than ``MAX_SHAPES``."""
+    x = torch.randn(2, 3)
+    cache = _cache()
+    for k in range(decode_graphs.MAX_SHAPES + 2):
+        w = torch.randn(4, 3)
+        for _ in range(3):
+            out = cache.run(lambda v: v @ w.t(), (x,), (w,))
+        torch.testing.assert_close(out, x @ w.t())
+        assert len(cache.entries) == 1
+        assert cache.captures == k + 1  # every new tensor captured again on its second sighting
 
 
 def test_in_place_parameter_updates_are_seen_by_replays():
@@ -93,7 +108,7 @@ def test_shape_limit_and_failed_capture_fall_back_to_direct_calls():
     with pytest.warns(RuntimeWarning, match="capture failed"):
         for _ in range(4):
             torch.testing.assert_close(cache.run(lambda v: v + 1, (x,), ()), x + 1)
-    assert cache.captures == 0 and list(cache.entries.values()) == [decode_graphs._FAILED]
+    assert cache.captures == 0 and [e for _, e in cache.entries.values()] == [decode_graphs._FAILED]
 
 
 def test_graphs_never_apply_on_cpu_or_when_disabled():

@@ -76,10 +76,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kernel-backend", default="auto",
+                    help="auto | triton | torch (moelora.kernel_backend; triton on CPU needs TRITON_INTERPRET=1: "
+                         "the GPU path's op counts on the CPU)")
     ap.add_argument("--site-times", action="store_true", help="host time inside adapted modules per step")
     ap.add_argument("--trace", default=None, help="folder for torch.profiler tables of the decode steps")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    with moelora.kernel_backend(a.kernel_backend):
+        return _run(a)
+
+
+def _run(a) -> dict:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model, _ = build_shape_model(a.model, a.dtype, a.device, 0, num_hidden_layers=a.layers)

@@ -193,7 +193,13 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
     if plain_lora and not torch.is_grad_enabled() and not site.training:
         stacks = _stacked_lora(site, plan.slot_names, adapters)
         state = site._state
-        if decode_graphs.applies(x2, state):
+        if decode_graphs.step_applies(x2, state):
+            # Serving step: frozen GEMM + deltas replayed as the graph of a padded token bucket.
+            n = x2.shape[0]
+            xp, tok = _padded_step_inputs(state, x2)
+            y = decode_graphs.graphed(site, lambda t: _lora_slots(site, t, stacks, tok), (xp,),
+                                      (base.weight, base.bias, *stacks, tok))[:n]
+        elif decode_graphs.applies(x2, state):
             # Eager decode step: frozen GEMM + every adapter's delta replayed as one CUDA graph; the
             # graph reads the tokens' slots from the state's fixed-address buffer (one copy per forward).
             tok = state.static_token_slots(B, T)
@@ -216,6 +222,15 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
         if rows.numel():
             y2.index_add_(0, rows, a.delta_rows(site, x2[rows], slot).to(y2.dtype))
     return y
+
+
+def _padded_step_inputs(state, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A serving step's (N, D) input padded with zero rows to its graph bucket, and the plan's
+    per-token slots padded alike in a fixed buffer (``decode_graphs.step_applies``)."""
+    n = x2.shape[0]
+    n_pad = decode_graphs.bucket(n)
+    xp = x2 if n_pad == n else F.pad(x2, (0, 0, 0, n_pad - n))
+    return xp, state.padded_token_slots(n_pad)
 
 
 def _linear_slots(site, names) -> tuple:
@@ -525,10 +540,14 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     shape = hidden.shape
     x = hidden.reshape(-1, shape[-1])
     B, T = _batch_shape(plan, x)
-    base_pre = {role: ffn._proj(role)(x) for role in ffn._in_roles()}
     state = ffn._state
     mask = state.token_mask_for(B, T)
     inference = not torch.is_grad_enabled() and not ffn.training
+    if inference and all_topk and mask is None and decode_graphs.step_applies(x, state):
+        y = _graphed_step_ffn(ffn, x, adapters, plan)
+        if y is not None:
+            return y.view(shape)
+    base_pre = {role: ffn._proj(role)(x) for role in ffn._in_roles()}
     # Training takes the virtual experts too (differentiable stacks), except with router jitter,
     # whose noise the loop draws per adapter.
     virtual = all_topk and (inference or (
@@ -557,6 +576,71 @@ def mixed_ffn(ffn: AdaptedFFN, hidden: torch.Tensor, plan) -> torch.Tensor:
     if down_delta is not None:
         y = y + down_delta.to(y.dtype)
     return y.view(shape)
+
+
+def _graphed_step_ffn(ffn, x: torch.Tensor, adapters, plan) -> torch.Tensor | None:
+    """A serving step's whole mixed FFN (its projections' LoRA deltas, the virtual-expert
+    mixture, the down projection) as the CUDA graph of a padded token bucket
+    (``decode_graphs.step_applies``), or None when a projection is not graphable (a LoRA-Switch
+    or merged adapter on it: the eager rows). The projections run here on the padded tokens,
+    not through their own forward (which reads the unpadded plan). The routing records are made
+    from the graph's outputs after the replay, for the step's real tokens."""
+    state = ffn._state
+    projs = {}
+    for role in (*ffn._in_roles(), "down"):
+        p = ffn._proj(role)
+        if isinstance(p, AdaptedLinear):
+            lin_adapters, present, plain = _slot_memo(p, plan, _linear_slots)
+            if present and not plain:
+                return None
+            projs[role] = (p.base_layer, p, _stacked_lora(p, plan.slot_names, lin_adapters) if present else None)
+        else:
+            projs[role] = (p, None, None)
+    st = _moe_stacks(ffn, plan.slot_names, adapters)
+    n = x.shape[0]
+    xp, tok = _padded_step_inputs(state, x)
+    kernel = gathered_kernel_applies(x)
+
+    def proj(role, t):
+        base, site, stacks = projs[role]
+        return F.linear(t, base.weight, base.bias) if stacks is None else _lora_slots(site, t, stacks, tok)
+
+    def step(t):
+        from .experts import _gathered_lora
+
+        base_pre = {role: proj(role, t) for role in ffn._in_roles()}
+        w, vid, probs, keep = _virtual_routing(st, t, tok, None, None)
+        h_mix, dd = _mixture_math(ffn, t, base_pre, vid, w, st["A"], st["B"],
+                                  functools.partial(_gathered_lora, scaling=1.0, kernel=kernel),
+                                  lambda role, v, _: v, None)
+        y = proj("down", h_mix)
+        if dd is not None:
+            y = y + dd.to(y.dtype)
+        return y, w, vid, probs, keep
+
+    params = [tok, kernel, st["emax"], st["K"], *_tensors_of(st)]
+    for base, _, stacks in projs.values():
+        params += [base.weight, base.bias, *(stacks or ())]
+    y, w, vid, probs, keep = decode_graphs.graphed(ffn, step, (xp,), params)
+    if lazy_routing_records():
+        src = (w[:n], vid[:n], probs[:n], keep[:n], tok[:n], None)
+        for s_, a in enumerate(adapters):
+            if a is not None:
+                state.record_entry(a.adapter_name, _MixtureRecord(ffn.layer_idx, s_, st["emax"], a.num_experts, src))
+    else:
+        _record_mixture(ffn, adapters, st, w[:n], vid[:n], probs[:n], keep[:n], tok[:n], None)
+    return y[:n]
+
+
+def _tensors_of(tree) -> list:
+    """Every tensor in a (nested) dict / list / tuple of stacks, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for k in sorted(tree, key=str) for t in _tensors_of(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors_of(v)]
+    return []
 
 
 def _ffn_slots(ffn, names) -> tuple:
@@ -640,17 +724,8 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
     training sub-batch's ``segment_maps`` (every token belongs to an adapter, adapter p's tokens
     are rows offsets[p]:offsets[p]+counts[p])."""
     from .experts import _gathered_lora
-    from .router import Routing
 
-    n_cols = st["router"].shape[0]
-    logits = F.linear(x.float(), st["router"])  # (N, S*Emax)
-    invalid, keep, has, first, has_keep = _routing_masks(st, tok, n_cols, cache)
-    probs = torch.softmax(logits.masked_fill(invalid, float("-inf")), dim=-1)
-    w, vid = torch.topk(probs, st["K"], dim=-1)  # (N, K)
-    w = torch.where(keep, w, 0.0)
-    w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
-    w = torch.where(has, w, first)
-    vid = torch.where(has_keep, vid, n_cols)  # n_cols: the zero expert
+    w, vid, probs, keep = _virtual_routing(st, x, tok, mask, cache)
     state = ffn._state
     if layout is None and lazy_routing_records() and not torch.compiler.is_compiling():
         # Inference: each adapter's routing record is made only when read (``router_statistics``),
@@ -660,23 +735,8 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
             if a is not None:
                 state.record_entry(a.adapter_name, _MixtureRecord(ffn.layer_idx, s, st["emax"], a.num_experts,
                                                                   (w, vid, probs, keep, tok, mask)))
-        adapters_loop = ()
     else:
-        adapters_loop = adapters
-    for s, a in enumerate(adapters_loop):
-        if a is None:
-            continue
-        base = s * st["emax"]
-        if layout is None:
-            own = tok == s if mask is None else (tok == s) & mask
-            # slots past this adapter's own top-k (K is the batch's largest) are not "routed" (f_e)
-            routing = Routing(w, (vid - base).clamp(0, a.num_experts - 1), probs[:, base: base + a.num_experts], keep)
-        else:  # the adapter's own rows, views (what the eager loop records)
-            o, c = layout["offsets"][s], layout["counts"][s]
-            own = None if mask is None else mask[o: o + c]
-            routing = Routing(w[o: o + c], (vid[o: o + c] - base).clamp(0, a.num_experts - 1),
-                              probs[o: o + c, base: base + a.num_experts], keep[o: o + c])
-        state.record(a.adapter_name, ffn.layer_idx, routing, own, a.num_experts)
+        _record_mixture(ffn, adapters, st, w, vid, probs, keep, tok, mask, layout)
     if layout is not None and (len(adapters) > 1 or not gathered_kernel_applies(x)):
         # Training: each adapter's tokens against its own experts only, batched over the adapters
         # (linear in their number). Without the Triton kernel the torch reference would compute
@@ -724,6 +784,42 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
 
     h_mix, down_delta = _MixRecompute.apply(run, x, vid, w, *bases, *stacks, *keeps)
     return h_mix, (down_delta if "down" in st["A"] else None)
+
+
+def _virtual_routing(st, x, tok, mask, cache) -> tuple:
+    """(w, vid, probs, keep) of the virtual-expert routing of ``_mixture`` for tokens x of slots tok."""
+    n_cols = st["router"].shape[0]
+    logits = F.linear(x.float(), st["router"])  # (N, S*Emax)
+    invalid, keep, has, first, has_keep = _routing_masks(st, tok, n_cols, cache)
+    probs = torch.softmax(logits.masked_fill(invalid, float("-inf")), dim=-1)
+    w, vid = torch.topk(probs, st["K"], dim=-1)  # (N, K)
+    w = torch.where(keep, w, 0.0)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
+    w = torch.where(has, w, first)
+    vid = torch.where(has_keep, vid, n_cols)  # n_cols: the zero expert
+    return w, vid, probs, keep
+
+
+def _record_mixture(ffn, adapters, st, w, vid, probs, keep, tok, mask, layout=None) -> None:
+    """Each MixLoRA adapter's routing record of a virtual-expert mixture, made now (training, or
+    ``eager_routing_records``)."""
+    from .router import Routing
+
+    state = ffn._state
+    for s, a in enumerate(adapters):
+        if a is None:
+            continue
+        base = s * st["emax"]
+        if layout is None:
+            own = tok == s if mask is None else (tok == s) & mask
+            # slots past this adapter's own top-k (K is the batch's largest) are not "routed" (f_e)
+            routing = Routing(w, (vid - base).clamp(0, a.num_experts - 1), probs[:, base: base + a.num_experts], keep)
+        else:  # the adapter's own rows, views (what the eager loop records)
+            o, c = layout["offsets"][s], layout["counts"][s]
+            own = None if mask is None else mask[o: o + c]
+            routing = Routing(w[o: o + c], (vid[o: o + c] - base).clamp(0, a.num_experts - 1),
+                              probs[o: o + c, base: base + a.num_experts], keep[o: o + c])
+        state.record(a.adapter_name, ffn.layer_idx, routing, own, a.num_experts)
 
 
 class _MixtureRecord:

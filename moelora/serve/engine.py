@@ -717,9 +717,11 @@ class Engine:
             slots.extend([base if n is None else pos[n]] * q)
         slots.extend([base] * (num_q_tokens - len(slots)))
         # the epoch: the registry changes the model's adapters only under the model lock, which this
-        # step holds, and takes a new generation each time (the sites check their stacks once per generation)
+        # step holds, and takes a new generation each time (the sites check their stacks once per generation);
+        # graph_step: CB's paged cache copies keys/values in, so every module's output is consumed in
+        # the step and a mixed step of few tokens may replay padded-bucket graphs (decode_graphs)
         return BatchPlan.per_token(names, self._slot_index(slots), epoch=self.registry.generation,
-                                   changes=self.registry.changes)
+                                   changes=self.registry.changes, graph_step=True)
 
     def _stack_positions(self, st, present) -> tuple[tuple, dict]:
         """S-LoRA-style fixed slots for the stacks: a table of positions, each a resident slot's

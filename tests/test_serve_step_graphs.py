@@ -1,0 +1,143 @@
+"""Serving steps as CUDA graphs of padded token buckets (issue 16; ``decode_graphs.step_applies``):
+a mixed packed step of few tokens pads every adapted linear's and every MixLoRA FFN's input to a
+bucket and replays that bucket's graph. On CPU with a stand-in capture that replays by calling the
+function (tests/test_decode_graphs.py): the graphed steps equal the direct ones for any token
+count, the graphs are shared across token counts of one bucket, a rebuilt stack is captured
+again, and the routing records cover the step's real tokens only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moelora
+from moelora.layers import decode_graphs
+from moelora.layers.adapted import AdaptedFFN, AdaptedLinear
+from moelora.state import BatchPlan
+from moelora.switches import SETTINGS
+
+from conftest import make_tiny, randomize_adapter_
+from test_decode_graphs import _fake_capture
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """step_applies without its CUDA condition, and the stand-in capture."""
+    monkeypatch.setattr(decode_graphs, "step_applies", lambda x, ctx: (
+        SETTINGS.decode_graphs and ctx.plan.graph_step and x.is_contiguous()
+        and decode_graphs.bucket(x.shape[0]) is not None))
+    monkeypatch.setattr(decode_graphs, "_cuda_capture", _fake_capture)
+
+
+def _model(switch: bool = False):
+    m = make_tiny("llama", hidden=32, inter=40, layers=2, heads=4, kv_heads=2)
+    moelora.add_adapter(m, "l0", moelora.LoraConfig(r=4, lora_dropout=0.0), trainable=False)  # all 7 linears
+    moelora.add_adapter(m, "l1", moelora.LoraConfig(r=2, lora_dropout=0.0, target_modules=("q_proj", "down_proj")),
+                        trainable=False)
+    moelora.add_adapter(m, "m0", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4), trainable=False)
+    moelora.add_adapter(m, "m1", moelora.MixLoraConfig(num_experts=3, top_k=1, r=2), trainable=False)
+    if switch:
+        moelora.add_adapter(m, "s0", moelora.LoraSwitchConfig(num_experts=3, r=2), trainable=False)
+    randomize_adapter_(m, scale=0.2, seed=3)
+    return m.eval()
+
+
+NAMES = ("l0", "l1", "m0", "m1", None)
+
+
+def _step(m, n: int, seed: int, graph_step: bool, names=NAMES):
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randint(0, len(names), (n,), generator=g)
+    ids = torch.randint(3, 60, (1, n), generator=g)
+    plan = BatchPlan.per_token(names, slots, graph_step=graph_step)
+    with torch.no_grad():
+        logits = m(ids, adapter_names=plan).logits.clone()
+    return logits, {a: moelora.router_statistics(m, a) for a in ("m0", "m1")}
+
+
+def _captures(m, kind) -> int:
+    return sum(decode_graphs.cache_for(mod).captures for mod in m.modules() if isinstance(mod, kind))
+
+
+def test_graphed_serving_steps_equal_direct_ones(cpu_graphs):
+    m = _model()
+    # token counts 5 and 7 share the 8-token bucket (captured at the second step, replayed after),
+    # 11 and 13 the 16-token one; 70 is over the largest bucket (direct)
+    for i, n in enumerate((5, 7, 5, 11, 13, 11, 70, 3)):
+        got, got_stats = _step(m, n, seed=i, graph_step=True)
+        ref, ref_stats = _step(m, n, seed=i, graph_step=False)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        for a in ("m0", "m1"):  # the records cover the real tokens only, not the bucket's padding
+            assert len(got_stats[a]) == len(ref_stats[a]) == 2
+            for x, y in zip(got_stats[a], ref_stats[a]):
+                torch.testing.assert_close(torch.as_tensor(x["load"]), torch.as_tensor(y["load"]))
+    # every FFN captured one graph per bucket (8 and 16) and ran its projections inside it: the
+    # projections' own forwards were never called in a graphed step, the attention linears were
+    assert _captures(m, AdaptedFFN) == 2 * 2
+    assert _captures(m, AdaptedLinear) == 2 * 2 * 4  # q, k, v, o of 2 layers, 2 buckets
+
+
+def test_a_rebuilt_stack_is_captured_again_and_stays_correct(cpu_graphs):
+    m = _model()
+    for i in range(3):
+        _step(m, 6, seed=i, graph_step=True)
+    before = _captures(m, AdaptedLinear)
+    moelora.add_adapter(m, "big", moelora.LoraConfig(r=8, lora_dropout=0.0), trainable=False)  # a larger rank
+    randomize_adapter_(m, scale=0.2, seed=9)
+    names = ("l0", "big", "m0", "m1", None)
+    for i in range(3):
+        got, _ = _step(m, 6, seed=10 + i, graph_step=True, names=names)
+        ref, _ = _step(m, 6, seed=10 + i, graph_step=False, names=names)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert _captures(m, AdaptedLinear) > before
+    # one entry per graphed module (its one bucket): the old stacks' graphs were replaced, not kept
+    assert all(len(decode_graphs.cache_for(mod).entries) <= 1 for mod in m.modules() if isinstance(mod, (AdaptedLinear, AdaptedFFN)))
+
+
+def test_lora_switch_rows_keep_the_eager_path_inside_a_graphed_step(cpu_graphs):
+    m = _model(switch=True)
+    names = ("l0", "s0", "m0", None)
+    for i in range(3):
+        got, _ = _step(m, 6, seed=i, graph_step=True, names=names)
+        ref, _ = _step(m, 6, seed=i, graph_step=False, names=names)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_graph_steps_need_the_plan_flag_and_the_switch(cpu_graphs):
+    m = _model()
+    for i in range(3):
+        _step(m, 6, seed=i, graph_step=False)
+    assert _captures(m, AdaptedLinear) == _captures(m, AdaptedFFN) == 0
+    with moelora.decode_graphs(False):
+        for i in range(3):
+            _step(m, 6, seed=i, graph_step=True)
+    assert _captures(m, AdaptedLinear) == _captures(m, AdaptedFFN) == 0
+
+
+def test_step_graphs_never_apply_on_cpu_tensors():
+    plan = BatchPlan.per_token(("a", None), torch.zeros(4, dtype=torch.long), graph_step=True)
+
+    class Ctx:
+        pass
+
+    ctx = Ctx()
+    ctx.plan = plan
+    assert not decode_graphs.step_applies(torch.randn(4, 8), ctx)
+    assert decode_graphs.bucket(1) == 8 and decode_graphs.bucket(9) == 16 and decode_graphs.bucket(65) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_step_graphs_equal_direct_steps_on_cuda(dtype):
+    """The real capture (CUDA graphs, Triton gathered kernels inside) against the direct kernels,
+    for token counts that share buckets; fp32 tight, bf16 loose."""
+    m = _model().to("cuda", dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    for i, n in enumerate((5, 7, 5, 11, 13, 11, 3, 6)):
+        g = torch.Generator().manual_seed(i)
+        slots = torch.randint(0, len(NAMES), (n,), generator=g).cuda()
+        ids = torch.randint(3, 60, (1, n), generator=g).cuda()
+        with torch.no_grad():
+            got = m(ids, adapter_names=BatchPlan.per_token(NAMES, slots, graph_step=True)).logits.float().clone()
+            ref = m(ids, adapter_names=BatchPlan.per_token(NAMES, slots, graph_step=False)).logits.float()
+        torch.testing.assert_close(got, ref, **tol)
+    assert _captures(m, AdaptedFFN) == 2 * 2 and _captures(m, AdaptedLinear) == 2 * 2 * 4
