@@ -623,10 +623,7 @@ def _graphed_step_ffn(ffn, x: torch.Tensor, adapters, plan) -> torch.Tensor | No
         params += [base.weight, base.bias, *(stacks or ())]
     y, w, vid, probs, keep = decode_graphs.graphed(ffn, step, (xp,), params)
     if lazy_routing_records():
-        src = (w[:n], vid[:n], probs[:n], keep[:n], tok[:n], None)
-        for s_, a in enumerate(adapters):
-            if a is not None:
-                state.record_entry(a.adapter_name, _MixtureRecord(ffn.layer_idx, s_, st["emax"], a.num_experts, src))
+        _record_lazily(ffn, adapters, st, (w[:n], vid[:n], probs[:n], keep[:n], tok[:n], None))
     else:
         _record_mixture(ffn, adapters, st, w[:n], vid[:n], probs[:n], keep[:n], tok[:n], None)
     return y[:n]
@@ -726,15 +723,11 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
     from .experts import _gathered_lora
 
     w, vid, probs, keep = _virtual_routing(st, x, tok, mask, cache)
-    state = ffn._state
     if layout is None and lazy_routing_records() and not torch.compiler.is_compiling():
         # Inference: each adapter's routing record is made only when read (``router_statistics``),
-        # from the mixture's tensors: no ops per adapter in the step (the loop below ran five per
+        # from the mixture's tensors: no ops per adapter in the step (``_record_mixture`` runs five per
         # MixLoRA adapter of the batch at every FFN, ~17 us each on a host-bound GPU step).
-        for s, a in enumerate(adapters):
-            if a is not None:
-                state.record_entry(a.adapter_name, _MixtureRecord(ffn.layer_idx, s, st["emax"], a.num_experts,
-                                                                  (w, vid, probs, keep, tok, mask)))
+        _record_lazily(ffn, adapters, st, (w, vid, probs, keep, tok, mask))
     else:
         _record_mixture(ffn, adapters, st, w, vid, probs, keep, tok, mask, layout)
     if layout is not None and (len(adapters) > 1 or not gathered_kernel_applies(x)):
@@ -798,6 +791,14 @@ def _virtual_routing(st, x, tok, mask, cache) -> tuple:
     w = torch.where(has, w, first)
     vid = torch.where(has_keep, vid, n_cols)  # n_cols: the zero expert
     return w, vid, probs, keep
+
+
+def _record_lazily(ffn, adapters, st, src: tuple) -> None:
+    """Each MixLoRA adapter's routing record of an inference mixture, as a ``_MixtureRecord``
+    computed on first read from ``src`` = (w, vid, probs, keep, tok, mask)."""
+    for s, a in enumerate(adapters):
+        if a is not None:
+            ffn._state.record_entry(a.adapter_name, _MixtureRecord(ffn.layer_idx, s, st["emax"], a.num_experts, src))
 
 
 def _record_mixture(ffn, adapters, st, w, vid, probs, keep, tok, mask, layout=None) -> None:

@@ -54,9 +54,14 @@ MAX_SHAPES = 8  # graphs per module (distinct input shapes); further shapes run 
 def applies(x: torch.Tensor, context: Any) -> bool:
     """The runtime part of the rule in the module docstring, for a module's input ``x`` and the
     model's ``AdapterState`` (None: no decode steps known). Cheap: runs once per module call."""
-    # not for DTensors (tensor parallelism): a graph would freeze one rank's collectives' buffers
-    return (SETTINGS.decode_graphs and context is not None and context.cached_decode_step() and x.is_cuda and x.is_contiguous()
-            and type(x).__name__ != "DTensor"
+    return context is not None and context.cached_decode_step() and _graphable(x)
+
+
+def _graphable(x: torch.Tensor) -> bool:
+    """The conditions every decode / serving-step graph shares: switched on, a contiguous CUDA
+    tensor, not a DTensor (tensor parallelism: a graph would freeze one rank's collectives'
+    buffers), not under torch.compile, not inside another capture."""
+    return (SETTINGS.decode_graphs and x.is_cuda and x.is_contiguous() and type(x).__name__ != "DTensor"
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
@@ -76,9 +81,7 @@ def step_applies(x: torch.Tensor, context: Any) -> bool:
     the plan says the step consumes its outputs (``graph_step``), CUDA, few tokens, not compiling,
     not inside another capture, not a DTensor."""
     plan = getattr(context, "plan", None)
-    return (SETTINGS.decode_graphs and plan is not None and plan.graph_step and x.is_cuda and x.is_contiguous()
-            and bucket(x.shape[0]) is not None and type(x).__name__ != "DTensor"
-            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
+    return plan is not None and plan.graph_step and bucket(x.shape[0]) is not None and _graphable(x)
 
 
 class _Captured:
