@@ -66,6 +66,23 @@ class ChangeLog:
         return frozenset(written), frozenset(structural)
 
 
+@dataclass(frozen=True)
+class StackBounds:
+    """Sizes that a plan's maker promises no adapter of its plans exceeds: the largest rank of the
+    LoRA linears (LoRA adapters', MixLoRA's attention LoRA), and of MixLoRA's experts (apart: a
+    MixLoRA stack holds E experts per position, so a rank-64 LoRA must not size them), MixLoRA
+    expert count and top-k. A plan carrying them
+    (``BatchPlan.per_token(bounds=...)``: the serving engine's, from every adapter it serves) has
+    its stacked adapters built at these sizes, so a later composition is written into the same
+    tensors in place (``adapted._cached_per_site``) and the CUDA graphs that read them stay valid:
+    without bounds a newcomer of a larger rank rebuilt every site's stacks at new addresses, and
+    each serving-step graph was captured again (3-4 s per token bucket on the H200, 7B shape)."""
+    rank: int
+    experts: int = 0
+    top_k: int = 0
+    expert_rank: int = 0
+
+
 @dataclass
 class LayerRouting:
     """What one routed layer decided in the last forward (kept for the aux loss and analysis)."""
@@ -111,7 +128,7 @@ class BatchPlan:
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
     __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg", "_maps",
-                 "epoch", "changes", "_since", "graph_step")
+                 "epoch", "changes", "_since", "graph_step", "bounds")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
                  row_slots: torch.Tensor | None = None) -> None:
@@ -132,6 +149,7 @@ class BatchPlan:
         # step (the serving engine: a paged KV cache copies keys/values in): then a mixed step of
         # few tokens may replay CUDA graphs of padded token buckets (``decode_graphs.step_applies``)
         self.graph_step = False
+        self.bounds: StackBounds | None = None  # see StackBounds (None: stacks sized by their adapters)
         # Per slot, the sequence length its rows had in their own (right-padded) batch before they
         # were padded to this batch's length, or None; set by concurrent training so that an
         # adapter's dropout masks have the shape they have when it runs alone (``AdapterState.dropout``).
@@ -147,7 +165,7 @@ class BatchPlan:
 
     @classmethod
     def per_token(cls, slot_names, token_slots: torch.Tensor, epoch=None, changes: ChangeLog | None = None,
-                  graph_step: bool = False) -> "BatchPlan":
+                  graph_step: bool = False, bounds: StackBounds | None = None) -> "BatchPlan":
         """A mixed plan for a packed batch (continuous batching: every request's tokens flattened
         into one sequence): ``token_slots`` (N,) gives each token's index into ``slot_names``
         (None = base). The N tokens are the plan's rows, one token each, so every adapted module
@@ -157,9 +175,11 @@ class BatchPlan:
         ``epoch``: see ``__init__`` (only a caller that alone changes the model's adapters, and
         takes a new epoch at every change, may give one); ``changes``: that caller's
         ``ChangeLog``, whose current epoch ``epoch`` is. ``graph_step``: see ``__init__`` (a caller
-        whose model consumes every module's output within the forward: the serving engine)."""
+        whose model consumes every module's output within the forward: the serving engine);
+        ``bounds``: ``StackBounds`` of every adapter the caller may put in its plans."""
         plan = cls.__new__(cls)
         plan.graph_step = bool(graph_step)
+        plan.bounds = bounds
         plan.epoch = epoch
         plan.changes = changes
         plan._since = {}

@@ -253,3 +253,24 @@ def test_queued_request_prefetches_its_adapter():
         assert prefetched_while_a_ran and eng.metrics()["swaps"] == swaps  # b needed no swap when it entered
     finally:
         eng.close()
+
+
+def test_stack_bounds_cover_every_registered_adapter():
+    """The engine's plans carry the registry's ``StackBounds``: the largest rank of the stacked
+    linears (LoRA and MixLoRA's attention LoRA), MixLoRA's experts, top-k and expert rank apart
+    (a rank-64 LoRA does not size the expert stacks), LoRA-Switch left out (its rows run apart);
+    registering or unregistering an adapter recomputes them."""
+    from moelora.serve.registry import AdapterRegistry
+    from moelora.state import StackBounds
+
+    m = make_tiny()
+    reg = AdapterRegistry(m)
+    assert reg.stack_bounds() is None
+    reg.register_tensors("l", moelora.LoraConfig(r=16), {})
+    reg.register_tensors("m", moelora.MixLoraConfig(num_experts=6, top_k=3, r=4), {})
+    reg.register_tensors("s", moelora.LoraSwitchConfig(num_experts=9, r=32), {})
+    assert reg.stack_bounds() == StackBounds(rank=16, experts=6, top_k=3, expert_rank=4)
+    reg.register_tensors("m2", moelora.MixLoraConfig(num_experts=2, top_k=1, r=8), {})
+    assert reg.stack_bounds() == StackBounds(rank=16, experts=6, top_k=3, expert_rank=8)
+    reg.unregister("l")
+    assert reg.stack_bounds() == StackBounds(rank=8, experts=6, top_k=3, expert_rank=8)

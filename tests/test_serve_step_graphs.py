@@ -141,3 +141,119 @@ def test_real_step_graphs_equal_direct_steps_on_cuda(dtype):
             ref = m(ids, adapter_names=BatchPlan.per_token(NAMES, slots, graph_step=False)).logits.float()
         torch.testing.assert_close(got, ref, **tol)
     assert _captures(m, AdaptedFFN) == 2 * 2 and _captures(m, AdaptedLinear) == 2 * 2 * 4
+
+
+def _bounded_step(m, n: int, seed: int, names, bounds):
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randint(0, len(names), (n,), generator=g)
+    ids = torch.randint(3, 60, (1, n), generator=g)
+    plan = BatchPlan.per_token(names, slots, graph_step=bounds is not None, bounds=bounds)
+    with torch.no_grad():
+        return m(ids, adapter_names=plan).logits.clone()
+
+
+def test_bounded_stacks_are_written_in_place_and_keep_their_graphs(cpu_graphs):
+    """With ``StackBounds`` (the serving engine's plans) the stacks are built at the bounds' sizes,
+    so later compositions (a larger rank within the bound, a MixLoRA adapter of more experts and
+    a larger top-k, every position changed at once) are written into the same tensors: no graph
+    is captured again, and every step equals an independent copy of the model run directly."""
+    import copy
+
+    from moelora.state import StackBounds
+
+    m = _model()
+    moelora.add_adapter(m, "big", moelora.LoraConfig(r=8, lora_dropout=0.0), trainable=False)
+    randomize_adapter_(m, scale=0.2, seed=9)
+    ref = copy.deepcopy(m)  # its own stacks, built without bounds
+    bounds = StackBounds(rank=8, experts=4, top_k=2, expert_rank=4)
+    # (a site first gets stacks when an adapter targeting it comes: its graph is then captured once
+    # more; the engine's warm-up builds the stacks of every served config)
+    compositions = [("l1", "m1", "l0", None, None),  # ranks 2 and 4, 3 experts top-1 first
+                    ("big", "l0", "m0", "m1", None),  # rank 8, 4 experts top-2: every position changes
+                    ("big", None, "m1", "l0", None)]
+    site = m.model.layers[0].self_attn.q_proj
+    ffn = m.model.layers[1].mlp
+    captured = stacks = None
+    for c, names in enumerate(compositions):
+        for i in range(3):
+            got = _bounded_step(m, 6, seed=10 * c + i, names=names, bounds=bounds)
+            want = _bounded_step(ref, 6, seed=10 * c + i, names=names, bounds=None)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        now = (site.batch_stacks[2][0].data_ptr(), ffn.batch_stacks[2]["A"]["up"].data_ptr())
+        if c == 0:
+            captured, stacks = _captures(m, AdaptedLinear) + _captures(m, AdaptedFFN), now
+            assert captured > 0
+            assert site.batch_stacks[2][0].shape[1] == 8 and ffn.batch_stacks[2]["emax"] == 4
+            assert ffn.batch_stacks[2]["A"]["up"].shape[1] == 4 and ffn.batch_stacks[2]["K"] == 2
+        else:
+            assert now == stacks  # the same tensors, written in place
+            assert _captures(m, AdaptedLinear) + _captures(m, AdaptedFFN) == captured
+
+
+def _replays(m) -> int:
+    return sum(e[1].graph.replays for mod in m.modules() for e in decode_graphs.cache_for(mod).entries.values()
+               if isinstance(e[1], decode_graphs._Captured))
+
+
+def test_engine_warmup_captures_every_bucket_before_the_first_request(cpu_graphs):
+    """``Engine.warmup()`` (run at start) captures each adapted module's graph of every token
+    bucket for the served adapters; requests afterwards (other adapters in other positions,
+    prefill and decode steps of 1-64 tokens) capture none and equal offline ``generate``."""
+    from moelora.serve import Engine
+
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="lora")
+    moelora.add_adapter(m, "mix", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    moelora.add_adapter(m, "lora8", moelora.LoraConfig(r=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    moelora.add_adapter(m, "lora8b", moelora.LoraConfig(r=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    randomize_adapter_(m, seed=3)
+    m.eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3, 3, 3], [20, 21]]
+    names = ["lora8b", "mix", None, "lora", "lora8b"]
+    refs = [m.generate(torch.tensor([p]), adapter_names=[n], max_new_tokens=6, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)[0, len(p):].tolist() for p, n in zip(prompts, names)]
+    eng = Engine(m, max_new_tokens=6, eos_token_id=-1, max_pending=8, max_resident_adapters=4, max_adapters_per_step=3)
+    try:
+        w = eng.metrics()["warmup"]
+        assert "skipped" not in w, w
+        assert sorted(w["adapters"]) == ["lora", "lora8", "mix"]  # one per config (lora8b shares lora8's)
+        graphs = decode_graphs.captured_graphs(m)
+        # every adapted module captured each of the 4 buckets (the FFNs' projections inside theirs too)
+        assert graphs == w["graphs"] == 4 * w["modules"]
+        replays = _replays(m)
+        rids = [eng.submit(p, n) for p, n in zip(prompts, names)]
+        assert [list(eng.stream(r)) for r in rids] == refs
+        assert eng.mixed_steps > 0 and _replays(m) > replays  # the steps replayed the warm-up's graphs
+        assert decode_graphs.captured_graphs(m) == graphs  # nothing captured while serving
+    finally:
+        eng.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_on_cuda_warms_up_and_equals_generate():
+    """The engine on CUDA (fp32): the warm-up captures the real graphs of every bucket, requests
+    of several adapters then replay them without a capture, and every response equals offline
+    ``generate`` with its adapter alone."""
+    from moelora.serve import Engine
+
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="lora")
+    moelora.add_adapter(m, "mix", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    moelora.add_adapter(m, "lora8", moelora.LoraConfig(r=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    randomize_adapter_(m, seed=3)
+    m = m.eval().to("cuda")
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3, 3, 3], [20, 21], [9, 8, 7, 6]]
+    names = ["lora8", "mix", None, "lora", "mix", "lora8"]
+    refs = [m.generate(torch.tensor([p], device="cuda"), adapter_names=[n], max_new_tokens=8, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p, n in zip(prompts, names)]
+    eng = Engine(m, max_new_tokens=8, eos_token_id=-1, max_pending=8, max_resident_adapters=4,
+                 max_adapters_per_step=3, adapter_memory_gb=0.5, num_blocks=64)
+    try:
+        w = eng.metrics()["warmup"]
+        assert "skipped" not in w and w["graphs"] == 4 * w["modules"], w
+        graphs = decode_graphs.captured_graphs(m)
+        rids = [eng.submit(p, n) for p, n in zip(prompts, names)]
+        assert [list(eng.stream(r)) for r in rids] == refs
+        assert eng.mixed_steps > 0 and decode_graphs.captured_graphs(m) == graphs
+    finally:
+        eng.close()

@@ -36,6 +36,8 @@ for part in "$@"; do
         ${GB_LAYERS:-4} > "$D/log.txt" 2>&1; grep -E "CASE|break x" "$D/log.txt" | head -30 ;;
     serve)
       timeout ${T_SERVE:-360} python3 -m moelora.bench.serve ${SERVE_ARGS:-} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
+    serve2)  # a second serving configuration in the same call (SERVE2_ARGS)
+      timeout ${T_SERVE2:-360} python3 -m moelora.bench.serve ${SERVE2_ARGS:-} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
     merge_bw)  # issue 19: the LoRA-Switch merge kernel's share of the copy bandwidth
       timeout ${T_MERGE:-90} python3 kernels/benchmarks/benchmark_merge.py --shape llama2-7b --check ${MERGE_ARGS:-} \
         --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;

@@ -449,7 +449,10 @@ def _cached_per_site(site, names, tensors, build, update=None):
             return hit[2]
         # in place only outside autograd (the stacks are inputs of no graph) and when it is the
         # cheaper way: a few positions of many
-        if update is not None and not torch.is_grad_enabled() and 2 * len(changed) <= len(names):
+        # a few positions of many; or always when the plan has StackBounds (the stacks were built at
+        # its sizes, and the serving step's graphs read them at their addresses)
+        if update is not None and not torch.is_grad_enabled() and (
+                2 * len(changed) <= len(names) or (plan is not None and plan.bounds is not None)):
             with torch.no_grad():
                 done = update(hit[2], changed)
             if done:
@@ -470,7 +473,8 @@ def _stacked_lora(site, names, adapters):
     ``_cached_per_site``, rows of changed positions rewritten in place (``_update_lora_rows``)."""
     def build():
         present = [a for a in adapters if a is not None]
-        r = max(a.r for a in present)
+        bounds = _plan_bounds(site)
+        r = max([a.r for a in present] + ([bounds.rank] if bounds is not None else []))
         ref = present[0].lora_A
         a_rows, b_rows = [], []
         for a in adapters:
@@ -487,6 +491,12 @@ def _stacked_lora(site, names, adapters):
 
     return _cached_per_site(site, names, lambda i: [] if adapters[i] is None else [adapters[i].lora_A, adapters[i].lora_B],
                             build, lambda stacks, positions: _update_lora_rows(stacks, adapters, positions))
+
+
+def _plan_bounds(site):
+    """The current forward's ``StackBounds`` (``BatchPlan.bounds``), or None."""
+    state = site._state
+    return state.plan.bounds if state.in_forward else None
 
 
 def _fits_rows(t: torch.Tensor, stack: torch.Tensor, rank_dim: int, r: int) -> bool:
@@ -1156,8 +1166,12 @@ def _update_moe_rows(ffn, st: dict, adapters, present, positions) -> bool:
     experts count, top-k, expert A/B with B scaled, zeros beyond an adapter's experts and rank).
     False, writing nothing, unless the stacks' structure holds for the new composition: every
     adapter fits ``emax`` experts and ``rmax`` ranks, the same roles have experts, the same
-    largest top-k (``K``: the mixture's slots per token)."""
-    if not present or max(a.top_k for a in present) != st["K"]:
+    largest top-k (``K``: the mixture's slots per token; with ``StackBounds`` at most ``K``: the
+    extra slots of a smaller top-k carry weight 0 on the zero expert)."""
+    if not present:
+        return False
+    k_max = max(a.top_k for a in present)
+    if k_max > st["K"] or (k_max != st["K"] and not st.get("bounded")):
         return False
     emax = st["emax"]
     for i in positions:
@@ -1203,6 +1217,10 @@ def _update_moe_rows(ffn, st: dict, adapters, present, positions) -> bool:
 def _build_moe_stacks(ffn, adapters, present, differentiable: bool = False) -> dict:
     emax = max(a.num_experts for a in present)
     rmax = max(e.r for a in present for e in a.experts.values())
+    top_k = max(a.top_k for a in present)
+    bounds = None if differentiable else _plan_bounds(ffn)
+    if bounds is not None:  # sized for every adapter the plan's maker serves (StackBounds)
+        emax, rmax, top_k = max(emax, bounds.experts), max(rmax, bounds.expert_rank), max(top_k, bounds.top_k)
     S = len(adapters)
     dev = ffn._proj("down").weight.device
     router = torch.zeros(S * emax, present[0].router.weight.shape[1], dtype=torch.float32, device=dev)
@@ -1232,5 +1250,5 @@ def _build_moe_stacks(ffn, adapters, present, differentiable: bool = False) -> d
             stacks_a[role], stacks_b[role] = A, Bm
     # the (experts, top-k) of each slot, on the host: what E and k hold (``_routing_masks``' cache key)
     sig = tuple(None if a is None else (a.num_experts, a.top_k) for a in adapters)
-    return {"router": router, "E": E, "k": k, "K": int(max(a.top_k for a in present)), "emax": emax,
-            "A": stacks_a, "B": stacks_b, "sig": sig}
+    return {"router": router, "E": E, "k": k, "K": int(top_k), "emax": emax,
+            "A": stacks_a, "B": stacks_b, "sig": sig, "bounded": bounds is not None}

@@ -182,7 +182,9 @@ class Engine:
     ``cuda_graphs`` / ``compile_level``: CB's CUDA graphs / torch.compile of the step
     (``use_cuda_graph``, ``default_compile_level``), off by default and allowed only for an engine
     that serves the base alone: the per-token adapter plan is Python run by moelora's hooks at every
-    forward, which a graph replay or compiled step does not rerun."""
+    forward, which a graph replay or compiled step does not rerun. moelora's own graphs of a mixed
+    step's adapted modules (``decode_graphs.step_applies``) are captured by ``warmup()``, at start
+    (``warmup=True``) for the adapters known then; call it again after registering adapters."""
 
     def __init__(self, model, adapters_dir: str | os.PathLike | None = None, *, max_pending: int = 64,
                  max_new_tokens: int = 256, context_len: int | None = None, eos_token_id=None,
@@ -191,7 +193,7 @@ class Engine:
                  adapter_memory_gb: float | None = None, max_adapters_per_step: int | None = None,
                  max_bypass: int = 8, attn_implementation: str | None = None, max_adapter_gb: float | None = None,
                  step_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
-                 cuda_graphs: bool = False, compile_level: int = 0) -> None:
+                 cuda_graphs: bool = False, compile_level: int = 0, warmup: bool = True) -> None:
         from transformers import GenerationConfig
 
         self.model = model.eval()
@@ -233,6 +235,7 @@ class Engine:
         self._out_lock = threading.Lock()
         self._admitting = False  # _admit is running (re-entered from _finish): run it again after
         self._again = False
+        self.warmup_stats: dict = {}  # what the last warmup() did
         self.steps = 0  # packed batches run
         self.mixed_steps = 0  # of which used more than one adapter (base included)
         self.admission_locked_s = 0.0  # host seconds the admission thread held the model lock (swaps)
@@ -287,6 +290,90 @@ class Engine:
         self._admitter.start()
         # the cache exists (and CB's free-block guard is in place) before the first request
         wait_until(lambda: _cb_private.cache_ready(self._manager) or not self._manager.is_running(), 600)
+        if warmup:
+            self.warmup()
+
+    def warmup(self, buckets: tuple[int, ...] | None = None) -> dict:
+        """Capture the CUDA graphs of a mixed serving step before requests come (a request
+        otherwise waits for them: on the H200, 7B shape, 3-4 s per token bucket, once per bucket).
+        Every adapted module runs each bucket of ``decode_graphs.STEP_BUCKETS`` (or ``buckets``)
+        twice (a graph is captured at a shape's second sighting) on random inputs, under a plan
+        of the engine's stack positions with one served adapter of each config (LoRA and top-k
+        MixLoRA; up to the per-step cap) made resident, so the stacks exist at the sizes and
+        addresses later steps write in place (``StackBounds``). The adapters stay resident, unpinned.
+        A no-op (``{"skipped": why}``) where serving-step graphs do not apply (CPU, graphs switched
+        off) or no such adapter is served. Returns (and keeps in ``warmup_stats``) what it did."""
+        from ..layers import decode_graphs
+        from ..layers.adapted import AdaptedFFN, AdaptedLinear
+        from .registry import config_key
+
+        t0 = time.perf_counter()
+        with self._model_lock, self._admit_lock:
+            stats = self._warmup_locked(buckets or decode_graphs.STEP_BUCKETS, decode_graphs, (AdaptedLinear, AdaptedFFN),
+                                        config_key)
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        self.warmup_stats = stats
+        if "skipped" not in stats:
+            log.info("warm-up: %d graphs captured in %.1f s (%s)", stats["graphs"], stats["seconds"], stats["adapters"])
+        return stats
+
+    def _warmup_locked(self, buckets, decode_graphs, kinds, config_key) -> dict:
+        import types
+
+        reg = self.registry
+        p = next(self.model.parameters())
+        dev, dtype = p.device, p.dtype
+        # whether a mixed step's modules would replay graphs here, asked before anything is made resident
+        probe = types.SimpleNamespace(plan=BatchPlan.per_token(
+            (None,), torch.zeros(buckets[0], dtype=torch.long, device=dev), graph_step=True))
+        if not decode_graphs.step_applies(torch.zeros(buckets[0], 1, device=dev, dtype=dtype), probe):
+            return {"skipped": "serving-step graphs do not apply here (CPU, or moelora.decode_graphs(False))"}
+        cap = self.max_adapters_per_step or reg.max_resident or 16
+        chosen, keys = [], set()
+        for entry in reg.adapters.values():  # one adapter per config: every site its stacks cover
+            cfg = entry.cfg
+            if entry.method not in ("lora", "mixlora") or getattr(cfg, "routing_strategy", "topk") != "topk":
+                continue
+            key = config_key(cfg)
+            if key not in keys and len(chosen) < cap:
+                keys.add(key)
+                chosen.append(entry.name)
+        if not chosen:
+            return {"skipped": "no LoRA or top-k MixLoRA adapter is served"}
+        slots, pinned = [], []
+        try:
+            for name in chosen:
+                slot = reg.acquire(name, install=True)
+                if slot is None:
+                    break
+                pinned.append(name)
+                slots.append(slot)
+            st = self._state()
+            if st is None or not slots:
+                return {"skipped": "no adapter could be made resident"}
+            names, pos = self._stack_positions(st, dict.fromkeys(slots))
+            before = decode_graphs.captured_graphs(self.model)
+            modules = [m for m in self.model.modules() if isinstance(m, kinds)]
+            idx = [pos[s] for s in slots]
+            gen = torch.Generator(device=dev).manual_seed(0)
+            with torch.no_grad():
+                for b in buckets:
+                    tok = torch.tensor([idx[i % len(idx)] for i in range(b)], dtype=torch.long, device=dev)
+                    plan = BatchPlan.per_token(names, tok, epoch=reg.generation, changes=reg.changes,
+                                               graph_step=True, bounds=reg.stack_bounds())
+                    for _ in range(2):
+                        st.begin_forward(plan, None, 0)
+                        try:
+                            for m in modules:
+                                width = m.in_features if isinstance(m, kinds[0]) else m._proj(m._in_roles()[0]).in_features
+                                m(torch.randn(b, width, device=dev, dtype=dtype, generator=gen))
+                        finally:
+                            st.end_forward()
+            return {"graphs": decode_graphs.captured_graphs(self.model) - before, "buckets": list(buckets),
+                    "adapters": chosen[:len(slots)], "modules": len(modules)}
+        finally:
+            for name in pinned:
+                reg.release(name)
 
     def _plan_memory(self, max_batch_tokens: int, block_size: int, max_adapter_gb, step_memory_gb, kv_memory_fraction):
         """The KV cache size on CUDA (``memory.plan_kv_cache``): free memory now, minus the slot pool
@@ -679,6 +766,7 @@ class Engine:
                 "max_adapters_seen_per_step": self.max_adapters_seen,
                 "max_adapters_per_step": self.max_adapters_per_step, "pending": self.pending(),
                 "queued": self.queued(), "running": inside, "attn_implementation": self.attn_implementation,
+                "warmup": self.warmup_stats,
                 "step_times": self._manager.step_times.summary()}
 
     # ---- called by the generation thread for every packed batch ------------------------------------
@@ -720,8 +808,11 @@ class Engine:
         # step holds, and takes a new generation each time (the sites check their stacks once per generation);
         # graph_step: CB's paged cache copies keys/values in, so every module's output is consumed in
         # the step and a mixed step of few tokens may replay padded-bucket graphs (decode_graphs)
+        # bounds: the stacks are sized for every served adapter, so a newcomer is written in place
+        # (the graphs that read them stay valid; ``StackBounds``)
         return BatchPlan.per_token(names, self._slot_index(slots), epoch=self.registry.generation,
-                                   changes=self.registry.changes, graph_step=True)
+                                   changes=self.registry.changes, graph_step=True,
+                                   bounds=self.registry.stack_bounds())
 
     def _stack_positions(self, st, present) -> tuple[tuple, dict]:
         """S-LoRA-style fixed slots for the stacks: a table of positions, each a resident slot's
@@ -735,12 +826,16 @@ class Engine:
         LoRA-Switch adapters not in this step are left out of its names (their rows take the
         eager path at every site, which would hold back the stacks of all the others)."""
         table = self._positions
+        cap = self.max_adapters_per_step or self.registry.max_resident
+        if cap is not None and len(table) < cap:
+            # the table at its full length from the first mixed step: the stacks keep one shape
+            # (and address) whichever adapters come and go, so they are written in place
+            table.extend([None] * (cap - len(table)))
         for i, n in enumerate(table):
             if n is not None and n not in st.adapters:  # the slot was dropped
                 table[i] = None
         self._pos_clock += 1
         pos = {n: i for i, n in enumerate(table) if n is not None}
-        cap = self.max_adapters_per_step or self.registry.max_resident
         inside = None
         for n in present:
             if n is None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from moelora.state import ChangeLog
+from moelora.state import ChangeLog, StackBounds
 
 SLOT_PREFIX = "_slot"
 
@@ -139,6 +139,7 @@ class AdapterRegistry:
         # what changed: the engine's plans carry both (``BatchPlan.epoch`` / ``changes``), so an
         # adapted module re-checks its stacked adapters only for the slots changed since its last check
         self.changes = ChangeLog()
+        self._bounds: StackBounds | None = None  # of the registered adapters (stack_bounds), None: to compute
 
     # ---- host side ------------------------------------------------------------------------------
     def register_path(self, name: str, path: str | os.PathLike, eager: bool = False) -> HostAdapter:
@@ -157,6 +158,7 @@ class AdapterRegistry:
         if eager:
             self._fill(entry)
         self.adapters[name] = entry
+        self._bounds = None
         return entry
 
     def register_tensors(self, name: str, cfg, tensors: dict) -> HostAdapter:
@@ -167,6 +169,7 @@ class AdapterRegistry:
         entry = HostAdapter(name, cfg, tensors=self._to_host(tensors))
         entry.nbytes = _nbytes(entry.tensors)
         self.adapters[name] = entry
+        self._bounds = None
         return entry
 
     def unregister(self, name: str) -> None:
@@ -177,6 +180,21 @@ class AdapterRegistry:
                 raise RegistryError(f"adapter {name!r} has {slot.pins} request(s) in flight")
             self._drop(slot)
         self.adapters.pop(name, None)
+        self._bounds = None
+
+    def stack_bounds(self) -> StackBounds | None:
+        """The largest rank, MixLoRA expert count and top-k among the registered adapters (what
+        the engine's plans promise the adapted modules: ``StackBounds``); None when none is registered.
+        Registering a larger adapter raises them: the stacks are then built once more at the new sizes."""
+        if self._bounds is None and self.adapters:
+            # the methods whose rows the stacks hold (LoRA-Switch and block-diagonal rows run apart)
+            cfgs = [a.cfg for a in self.adapters.values() if a.method in ("lora", "mixlora")]
+            mix = [c for c in cfgs if c.method == "mixlora"]
+            self._bounds = StackBounds(rank=max([int(c.r) for c in cfgs], default=0),
+                                       experts=max([int(c.num_experts) for c in mix], default=0),
+                                       top_k=max([int(c.top_k) for c in mix], default=0),
+                                       expert_rank=max([int(c.r) for c in mix], default=0))
+        return self._bounds
 
     def _check_new(self, name: str) -> None:
         if not isinstance(name, str) or not name or "." in name or name.startswith(SLOT_PREFIX):
