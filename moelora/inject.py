@@ -665,6 +665,16 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     if bad:
         k, got, want = bad[0]
         raise ValueError(f"shape mismatch for {len(bad)} adapter tensor(s), e.g. {k}: file {got}, model {want}")
+    waits = set()
     with torch.no_grad():
         for k, p in params.items():
-            p.copy_(tensors[k].to(p.dtype))
+            src = tensors[k]
+            if p.is_cuda and src.dtype == p.dtype and src.device.type == "cpu" and src.is_pinned():
+                # from pinned host memory (the serving registry's cache): queued, and ONE wait below;
+                # a blocking copy waits for the device once per tensor (~1,800 of a 7B MixLoRA adapter)
+                p.copy_(src, non_blocking=True)
+                waits.add(p.device)
+            else:
+                p.copy_(src.to(p.dtype))
+    for dev in waits:  # the tensors are in place when this returns, whichever stream reads them next
+        torch.cuda.current_stream(dev).synchronize()

@@ -274,3 +274,23 @@ def test_stack_bounds_cover_every_registered_adapter():
     assert reg.stack_bounds() == StackBounds(rank=16, experts=6, top_k=3, expert_rank=8)
     reg.unregister("l")
     assert reg.stack_bounds() == StackBounds(rank=8, experts=6, top_k=3, expert_rank=8)
+
+
+def test_fill_warms_the_pool_without_evicting(saved):
+    """``AdapterRegistry.fill`` (the engine warm-up's warm start) makes adapters resident in order
+    while the pool has room and evicts nothing; a later swap of an adapter whose config matches a
+    resident slot's copies into it (no new slot); responses stay exact."""
+    root, refs = saved
+    eng = Engine(make_tiny(), adapters_dir=root, max_new_tokens=NEW, eos_token_id=-1, max_resident_adapters=2)
+    try:
+        with eng._model_lock, eng._admit_lock:
+            assert eng.registry.fill(NAMES) == ["a", "b"]  # the pool holds 2: c and d are left out
+            assert eng.registry.fill(NAMES) == []  # full: nothing evicted
+        met = eng.metrics()
+        assert sorted(met["resident"]) == ["a", "b"] and met["evictions"] == 0
+        slots = {s.model_name for s in eng.registry.slots}
+        assert eng.generate(PROMPTS[1], "d") == refs[(1, "d")]  # d has a's config: a's slot is reused
+        assert {s.model_name for s in eng.registry.slots} == slots and eng.metrics()["slot_reuses"] >= 1
+        assert eng.generate(PROMPTS[0], "b") == refs[(0, "b")]
+    finally:
+        eng.close()

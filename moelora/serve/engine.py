@@ -300,7 +300,9 @@ class Engine:
         twice (a graph is captured at a shape's second sighting) on random inputs, under a plan
         of the engine's stack positions with one served adapter of each config (LoRA and top-k
         MixLoRA; up to the per-step cap) made resident, so the stacks exist at the sizes and
-        addresses later steps write in place (``StackBounds``). The adapters stay resident, unpinned.
+        addresses later steps write in place (``StackBounds``). The adapters stay resident, unpinned,
+        and a bounded slot pool is then filled with served adapters in their order (``AdapterRegistry.fill``:
+        swaps later copy into slots of their config instead of creating modules).
         A no-op (``{"skipped": why}``) where serving-step graphs do not apply (CPU, graphs switched
         off) or no such adapter is served. Returns (and keeps in ``warmup_stats``) what it did."""
         from ..layers import decode_graphs
@@ -369,8 +371,12 @@ class Engine:
                                 m(torch.randn(b, width, device=dev, dtype=dtype, generator=gen))
                         finally:
                             st.end_forward()
-            return {"graphs": decode_graphs.captured_graphs(self.model) - before, "buckets": list(buckets),
-                    "adapters": chosen[:len(slots)], "modules": len(modules)}
+            graphs = decode_graphs.captured_graphs(self.model) - before
+            # a warm start of a bounded pool: later swaps copy into these slots (``AdapterRegistry.fill``)
+            bounded = reg.max_resident is not None or reg.memory_bytes is not None
+            filled = reg.fill(list(reg.adapters)) if bounded else []
+            return {"graphs": graphs, "buckets": list(buckets), "adapters": chosen[:len(slots)],
+                    "modules": len(modules), "prefilled": len(filled), "resident": len(reg.slots)}
         finally:
             for name in pinned:
                 reg.release(name)

@@ -321,6 +321,26 @@ class AdapterRegistry:
         passes only heads of its queue, so it evicts the least recently used of the rest."""
         return self._make_resident(name) is not None
 
+    def fill(self, names) -> list[str]:
+        """Make ``names`` resident, in order, while the pool has room for each without evicting
+        anything: a warm start (``Engine.warmup``), after which a swap mostly finds an unpinned
+        slot of its config to copy into instead of creating a slot's modules under the model lock
+        (H200, 7B shape: ~80 ms per new slot, 2.0 of the 2.6 s the lock was held in a 1000-adapter
+        run). Returns the names made resident."""
+        done = []
+        for name in names:
+            entry = self.adapters.get(name)
+            if entry is None or self._slot_of(name) is not None:
+                continue
+            self._fill(entry)
+            if self.max_adapter_bytes is not None and entry.nbytes > self.max_adapter_bytes:
+                continue
+            if not self._fits(len(self.slots) + 1, self.resident_bytes() + self._slot_bytes(config_key(entry.cfg), entry)):
+                break
+            if self._make_resident(name) is not None:
+                done.append(name)
+        return done
+
     def _touch(self, slot: Slot) -> None:
         self._clock += 1
         slot.last_used = self._clock
