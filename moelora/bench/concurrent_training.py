@@ -83,6 +83,9 @@ class Settings:
     seed: int = 0
     cpu_threads: int = 0  # torch threads on CPU (0 = torch's default; 1 for tiny models on shared cores)
     pad_multiple: int = 64  # packed length rounded up to a multiple (0: the longest row); --pad-multiple
+    # every mode's AdamW: "fused" (one kernel per step, CUDA; the default there) or "foreach" (torch's
+    # default; on the H200 ~50 ms of host time per 7B job's step, paid once per job in every mode)
+    optimizer: str = "auto"
 
 
 # ---- the model and the jobs ---------------------------------------------------------------------
@@ -149,8 +152,18 @@ def _attach(model, s: Settings, jobs: list[int]) -> tuple[dict[int, str], dict[i
         device = next(model.parameters()).device
         moelora.adapter_state(model).seed_dropout(name, s.seed + j, device=device)
         params = list(moelora.adapter_parameters(model, name).values())
-        names[j], optims[j] = name, (torch.optim.AdamW(params, lr=s.lr), params)
+        names[j], optims[j] = name, (make_optimizer(s, params), params)
     return names, optims
+
+
+def make_optimizer(s: Settings, params: list) -> torch.optim.Optimizer:
+    """A job's AdamW (every mode alike): fused on CUDA unless ``--optimizer foreach``."""
+    kind = s.optimizer
+    if kind == "auto":
+        kind = "fused" if params and params[0].is_cuda else "foreach"
+    if kind not in ("fused", "foreach"):
+        raise ValueError(f"--optimizer must be auto, fused or foreach, got {s.optimizer!r}")
+    return torch.optim.AdamW(params, lr=s.lr, **({"fused": True} if kind == "fused" else {}))
 
 
 def _detach(model, names: dict[int, str]) -> None:
@@ -310,7 +323,7 @@ def moe_peft_steps(llm, s: Settings, jobs: list[int], steps: int, batches: dict[
     from moelora.bench import moe_peft_baseline as mp
 
     trained = {j: mp.params(llm, f"job{j}") for j in jobs}
-    optims = {j: (torch.optim.AdamW(trained[j], lr=s.lr), trained[j]) for j in jobs}
+    optims = {j: (make_optimizer(s, trained[j]), trained[j]) for j in jobs}
     tokens = 0
     for step in range(steps):
         micro = [(f"job{j}", batches[j][(offset + step) % len(batches[j])]) for j in jobs]
@@ -414,6 +427,7 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
               "cpu_threads"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, default=getattr(d, k))
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", default=d.optimizer, help="every mode's AdamW: auto (fused on CUDA), fused, foreach")
     p.add_argument("--time-limit", type=float, default=d.time_limit)
     p.add_argument("--processes", action="store_true", help="also N processes sharing the device")
     p.add_argument("--modes", default="concurrent,sequential", help="which in-process modes to run: concurrent, "
@@ -430,7 +444,8 @@ def _parse(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     s = Settings(model=a.model, device=a.device, dtype=a.dtype, jobs=tuple(int(x) for x in a.jobs.split(",") if x),
                  steps=a.steps, warmup=a.warmup, rows=a.rows, seq=a.seq, lora_r=a.lora_r, mix_experts=a.mix_experts,
                  mix_top_k=a.mix_top_k, mix_r=a.mix_r, lr=a.lr, processes=a.processes, max_processes=a.max_processes,
-                 time_limit=a.time_limit, seed=a.seed, cpu_threads=a.cpu_threads, pad_multiple=a.pad_multiple)
+                 time_limit=a.time_limit, seed=a.seed, cpu_threads=a.cpu_threads, pad_multiple=a.pad_multiple,
+                 optimizer=a.optimizer)
     if s.steps < 1 or s.rows < 1 or s.seq < 4 or not s.jobs or min(s.jobs) < 1:
         p.error("need --steps >= 1, --rows >= 1, --seq >= 4 and job counts >= 1")
     return s, a
