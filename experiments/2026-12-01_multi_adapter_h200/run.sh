@@ -24,11 +24,18 @@ case "${1:-}" in
       (cd $D && PYTHONPATH=$P timeout 280 python3 -m $M $BENCH_ARGS --out "$OUT/bench_$v$i") > "$OUT/bench_$v$i.log" 2>&1
       echo "== $v (exit $?)"; tail -8 "$OUT/bench_$v$i.log"
     done; done ;;
+  train_regression)  # training step before (1feacf1) and after, alternating, one process each (train_regression.py)
+    S=$PWD/experiments/2026-12-01_multi_adapter_h200/train_regression.py
+    for i in $(seq ${PAIRS:-1}); do for v in before after; do
+      if [ $v = before ]; then P=$OLD; D=baseline_src; else P=$NEW; D=.; fi
+      (cd $D && PYTHONPATH=$P timeout ${T_TRAINREG:-150} python3 $S --label $v$i ${TRAINREG_ARGS:-}) > "$OUT/train_$v$i.log" 2>&1
+      echo "== $v$i (exit $?)"; grep '^{' "$OUT/train_$v$i.log" || tail -5 "$OUT/train_$v$i.log"
+    done; done ;;
   mixed_eager)
     PYTHONPATH=$NEW timeout ${MIXED_TIMEOUT:-300} python3 -m moelora.bench.multi_adapter --modes eager --repeats 2 --rounds 2 \
       --out "$OUT/mixed_eager" 2>&1 | grep -v Warning | tail -16 ;;
   mixed_static)
     PYTHONPATH=$NEW timeout ${MIXED_TIMEOUT:-300} python3 -m moelora.bench.multi_adapter --modes static --no-peft --repeats 3 --rounds 2 \
       --out "$OUT/mixed_static" 2>&1 | grep -v Warning | tail -16 ;;
-  *) echo "usage: $0 tests|regression|mixed_eager|mixed_static"; exit 2 ;;
+  *) echo "usage: $0 tests|regression|train_regression|mixed_eager|mixed_static"; exit 2 ;;
 esac
