@@ -294,3 +294,13 @@ def test_fill_warms_the_pool_without_evicting(saved):
         assert eng.generate(PROMPTS[0], "b") == refs[(0, "b")]
     finally:
         eng.close()
+    # a pool with room for all four: d gets its own slot although a's (same config, unpinned) could take it
+    eng = Engine(make_tiny(), adapters_dir=root, max_new_tokens=NEW, eos_token_id=-1, max_resident_adapters=4)
+    try:
+        with eng._model_lock, eng._admit_lock:
+            assert eng.registry.fill(NAMES) == NAMES
+        met = eng.metrics()
+        assert sorted(met["resident"]) == NAMES and met["evictions"] == 0 and met["swaps"] == 4
+        assert eng.generate(PROMPTS[2], "a") == refs[(2, "a")] and eng.metrics()["swaps"] == 4  # a hit
+    finally:
+        eng.close()

@@ -337,7 +337,7 @@ class AdapterRegistry:
                 continue
             if not self._fits(len(self.slots) + 1, self.resident_bytes() + self._slot_bytes(config_key(entry.cfg), entry)):
                 break
-            if self._make_resident(name) is not None:
+            if self._make_resident(name, evict=False) is not None:
                 done.append(name)
         return done
 
@@ -345,7 +345,7 @@ class AdapterRegistry:
         self._clock += 1
         slot.last_used = self._clock
 
-    def _make_resident(self, name: str) -> Slot | None:
+    def _make_resident(self, name: str, evict: bool = True) -> Slot | None:
         entry = self.adapters.get(name)
         if entry is None:
             raise RegistryError(f"unknown adapter {name!r}")
@@ -360,7 +360,8 @@ class AdapterRegistry:
                                 f"of at most {self.max_adapter_bytes} (max_adapter_gb="
                                 f"{self.max_adapter_bytes / 2**30:.3f}); restart with a larger max_adapter_gb")
         key = config_key(entry.cfg)
-        free = sorted((s for s in self.slots if s.pins == 0), key=lambda s: (s.adapter is not None, s.last_used))
+        free = sorted((s for s in self.slots if s.pins == 0 and (evict or s.adapter is None)),
+                      key=lambda s: (s.adapter is not None, s.last_used))
         # 1) an unpinned slot of the same config (LRU first): a copy, no new modules
         reuse = next((s for s in free if s.key == key), None)
         if reuse is not None:
