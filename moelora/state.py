@@ -269,7 +269,9 @@ class BatchPlan:
           ``tok`` (M,) the local slot 0..P-1 of each, ``local_sel`` (P, n) / ``local_inv`` (M,) as
           sel/inv within the sub-batch, ``order`` (batch*seq,): where each token sits in
           ``cat([sub-batch, the other tokens])``, to put the sub-batch's results back in place;
-          ``other``: those other tokens, in order."""
+          ``other``: those other tokens, in order; ``perm`` = cat([rows, other]) (the inverse of
+          ``order``), ``rows_inv`` / ``other_inv`` (batch*seq,): each token's position in ``rows`` /
+          ``other`` (M / batch*seq - M where it is not in it): the inverse maps of those selections."""
         key = (batch, seq, tuple(slots))
         hit = self._maps.get(key)
         if hit is not None:
@@ -299,8 +301,13 @@ class BatchPlan:
         perm = torch.cat([rows, rest])
         order = torch.empty(N, dtype=torch.long)
         order[perm] = torch.arange(N)
+        # the inverses of the row selections (adapted._RowGather's backward): where each token sits
+        # in ``rows`` / ``other`` (M / N-M: not there)
+        rows_inv = torch.where(order < M, order, M)
+        other_inv = torch.where(order >= M, order - M, N - M)
         parts = {"sel": sel, "inv": inv[:N], "rows": rows, "tok": tok, "local_sel": local_sel,
-                 "local_inv": local_inv, "order": order, "other": rest}
+                 "local_inv": local_inv, "order": order, "other": rest, "perm": perm, "rows_inv": rows_inv,
+                 "other_inv": other_inv}
         dev = torch.cat([t.reshape(-1) for t in parts.values()]).to(self.row_slots.device)  # one copy
         out, at = {}, 0
         for k, t in parts.items():

@@ -599,3 +599,23 @@ def test_a_queued_job_starts_on_the_gpu_after_another_jobs_test(tmp_path: Path) 
     res = train_concurrently(cfgs, max_concurrent_jobs=1, progress=False)
     assert [r["status"] for r in res] == ["finished"] * 3, [r.get("error") for r in res]
     assert all("test/acc" in r["metrics"] for r in res), res
+
+
+def test_row_gather_backward_is_the_inverse_gather():
+    """``adapted._RowGather`` (the segment gathers of the mixed training forms, whose backward is a
+    gather by the inverse map instead of autograd's accumulating index_put): gradcheck in float64
+    for both directions of a plan's maps (tokens -> per-adapter segments with padding, and back)."""
+    from moelora.layers.adapted import _RowGather
+
+    torch.manual_seed(0)
+    N, P, n, D = 11, 3, 5, 4
+    tok = torch.randint(0, P + 1, (N,))  # P: a token of no adapter here
+    sel, inv = torch.full((P, n), N), torch.full((N,), P * n)
+    for p in range(P):
+        idx = (tok == p).nonzero().flatten()[:n]
+        sel[p, : len(idx)] = idx
+        inv[idx] = p * n + torch.arange(len(idx))
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _RowGather.apply(t, sel, inv), (x,))
+    y = torch.randn(P * n, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _RowGather.apply(t, inv, sel.reshape(-1)), (y,))

@@ -311,8 +311,7 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     # one stack launch each when the ranks agree (the common case); a pad per smaller rank otherwise
     lora_A = torch.stack([a.lora_A if a.r == r else F.pad(a.lora_A, (0, 0, 0, r - a.r)) for a in present])  # (P, R, in)
     lora_B = torch.stack([a.lora_B if a.r == r else F.pad(a.lora_B, (0, r - a.r)) for a in present])  # (P, out, R)
-    x_pad = torch.cat([x2, x2.new_zeros(1, x2.shape[-1])])  # row B*T: the padding of the segments
-    x_low = x_pad[sel]  # (P, n, in): each adapter's own tokens, in the activations' dtype
+    x_low = _gather_rows(x2, sel, mp["inv"])  # (P, n, in): each adapter's own tokens (pads: a zero row)
     keep = scale = None
     if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
         n = x_low.shape[1]
@@ -337,9 +336,38 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
 def _lora_slots_expand(site, x2, h, lora_B, mp) -> torch.Tensor:
     """The expand half of ``_lora_slots_train``: (P, n, R) -> the deltas on their tokens + frozen GEMM."""
     d = torch.bmm(h, lora_B.transpose(1, 2))  # (P, n, out)
-    delta = torch.cat([d.reshape(-1, d.shape[-1]), d.new_zeros(1, d.shape[-1])])[mp["inv"]]  # (N, out)
+    delta = _gather_rows(d.reshape(-1, d.shape[-1]), mp["inv"], mp["sel"].reshape(-1))  # (N, out)
     y = F.linear(x2, site.base_layer.weight, site.base_layer.bias)
     return y + delta.to(y.dtype)
+
+
+class _RowGather(torch.autograd.Function):
+    """``cat([src, zero row])[idx]``, whose backward is the gather by ``inv``, the inverse map
+    (``inv[r]``: where row r of src sits in ``idx.reshape(-1)``; ``idx.numel()`` for a row not
+    gathered). Valid because every row of src is gathered at most once (the segment maps of a
+    plan: each token belongs to one adapter). Autograd's backward of an index is ``index_put``
+    with accumulation, a sort-based kernel on CUDA: H200, 7B shape, 8 concurrent jobs, 797 calls
+    and 466 ms of a 2.0 s step of device time; this backward is one gather. Eager twin: the plain
+    index (test_concurrent_training's gradient checks)."""
+
+    @staticmethod
+    def forward(ctx, src, idx, inv):  # noqa: D102
+        ctx.save_for_backward(inv)
+        ctx.idx_dim = idx.dim()
+        return torch.cat([src, src.new_zeros((1, *src.shape[1:]))])[idx]
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        (inv,) = ctx.saved_tensors
+        flat = g.reshape(-1, *g.shape[ctx.idx_dim:])
+        return torch.cat([flat, flat.new_zeros((1, *flat.shape[1:]))])[inv], None, None
+
+
+def _gather_rows(src: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``cat([src, zero row])[idx]`` (``_RowGather``'s backward when src needs a gradient)."""
+    if torch.is_grad_enabled() and src.requires_grad:
+        return _RowGather.apply(src, idx, inv)
+    return torch.cat([src, src.new_zeros((1, *src.shape[1:]))])[idx]
 
 
 class _LoraShrink(torch.autograd.Function):
@@ -677,21 +705,22 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     slots = tuple(s for s, a in enumerate(adapters) if a is not None)
     present = [adapters[s] for s in slots]
     mp = plan.segment_maps(B, T, slots)
-    rows = mp["rows"]
-    sub_pre = {role: v[rows] for role, v in base_pre.items()}
+    rows, rows_inv = mp["rows"], mp["rows_inv"]
+    sub_pre = {role: _gather_rows(v, rows, rows_inv) for role, v in base_pre.items()}
     sub_mask = None if mask is None else mask[rows]
     st = _train_moe_stacks(ffn, present)
-    h_m, dd_m = _mixture(ffn, x[rows], sub_pre, present, mp["tok"], sub_mask, st, mp)
+    h_m, dd_m = _mixture(ffn, _gather_rows(x, rows, rows_inv), sub_pre, present, mp["tok"], sub_mask, st, mp)
+    order, perm = mp["order"], mp["perm"]  # a permutation and its inverse
     if mp["n_other"]:
         other = mp["other"]
-        h_other = ffn._activate({role: v[other] for role, v in base_pre.items()})
-        h_mix = torch.cat([h_m, h_other.to(h_m.dtype)])[mp["order"]]
+        h_other = ffn._activate({role: _gather_rows(v, other, mp["other_inv"]) for role, v in base_pre.items()})
+        h_mix = _gather_rows(torch.cat([h_m, h_other.to(h_m.dtype)]), order, perm)
     else:
-        h_mix = h_m[mp["order"]]
+        h_mix = _gather_rows(h_m, order, perm)
     down_delta = None
     if dd_m is not None:
         dd = dd_m if not mp["n_other"] else torch.cat([dd_m, dd_m.new_zeros(mp["n_other"], dd_m.shape[-1])])
-        down_delta = dd[mp["order"]]
+        down_delta = _gather_rows(dd, order, perm)
     return h_mix, down_delta
 
 
@@ -968,19 +997,19 @@ def _segmented_expert_lora(t: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     cdt = _compute_dtype(t.device.type, torch.promote_types(torch.promote_types(t.dtype, lora_A.dtype), torch.float32))
     A = lora_A[: P * emax].view(P, emax, *lora_A.shape[1:]).to(cdt)  # (P, E, R, in)
     Bm = lora_B[: P * emax].view(P, emax, *lora_B.shape[1:]).to(cdt)  # (P, E, out, R)
-    tp = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])[sel].to(cdt)  # (P, n, in) or (P, n, K, in)
+    tp = _gather_rows(t, sel, inv).to(cdt)  # (P, n, in) or (P, n, K, in)
     base = _slot_bases(P, emax, vid.device)
     local = torch.cat([vid, vid.new_full((1, K), -1)])[sel] - base  # (P, n, K): <0 or >=E: no expert
     coef = (local.unsqueeze(-1) == torch.arange(emax, device=vid.device)).to(cdt)  # (P, n, K, E)
     if weight is not None:
-        coef = coef * torch.cat([weight, weight.new_zeros(1, K)])[sel].to(cdt).unsqueeze(-1)
+        coef = coef * _gather_rows(weight, sel, inv).to(cdt).unsqueeze(-1)
     if tp.dim() == 3:
         h = torch.einsum("pni,peri->pner", tp, A).unsqueeze(2)  # (P, n, 1, E, R)
     else:
         h = torch.einsum("pnki,peri->pnker", tp, A)  # (P, n, K, E, R)
     g = h * coef.unsqueeze(-1)  # the rank block of each slot's chosen expert only
     y = torch.einsum("pnker,peor->pno" if weight is not None else "pnker,peor->pnko", g, Bm)
-    return y.reshape(P * n, *y.shape[2:])[inv].to(t.dtype)
+    return _gather_rows(y.reshape(P * n, *y.shape[2:]), inv, sel.reshape(-1)).to(t.dtype)
 
 
 _BASES: dict = {}
