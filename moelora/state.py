@@ -421,17 +421,19 @@ class AdapterState:
         mixed batch whose plan knows the rows' own length (``BatchPlan.lengths``), a
         (rows, own length, ...) mask padded to this batch's length, so the numbers drawn equal
         those of the adapter's batch run alone (padding positions get no dropout: they are masked)."""
-        keep = self.dropout_keep(name, tuple(x.shape), x.dtype, x.device, p)
+        keep = self.dropout_keep(name, tuple(x.shape), torch.bool, x.device, p)
         if keep is None:
             return torch.nn.functional.dropout(x, p, training=True)
-        return x * keep * (1.0 / (1.0 - p))
+        return x * keep * (1.0 / (1.0 - p))  # x * bool: x's dtype, exactly x or 0
 
     def dropout_keep(self, name: str | None, shape: tuple, dtype, device, p: float) -> torch.Tensor | None:
         """The 0/1 keep mask (``shape``, ``dtype``) that ``dropout`` multiplies an input of that
         shape with, drawn from adapter ``name``'s own stream; None when it has none (torch's
         global RNG). The mixed-batch training forms draw every adapter's mask with it and apply
         them all in one multiply (``x * (keep * 1/(1-p))`` rounds as ``x * keep * 1/(1-p)``:
-        keep is exactly 0 or 1)."""
+        keep is exactly 0 or 1). Always drawn as a bool tensor, then converted to ``dtype``: one
+        draw for every path, solo and mixed, whatever dtype each needs (and a quarter of a float32
+        draw's memory traffic)."""
         info = self.adapters.get(name) if name is not None else None
         gen = None if info is None else info.dropout_generator
         if gen is None:
@@ -450,13 +452,13 @@ class AdapterState:
             else:
                 own = None
         if gen.device == torch.device(device):
-            keep = torch.empty(draw, dtype=dtype, device=device).bernoulli_(1.0 - p, generator=gen)
+            keep = torch.empty(draw, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)
         else:  # the model moved (.to()) after seed_dropout: a generator cannot move, so draw where it is
-            keep = torch.empty(draw, dtype=dtype, device=gen.device).bernoulli_(1.0 - p, generator=gen).to(device)
+            keep = torch.empty(draw, dtype=torch.bool, device=gen.device).bernoulli_(1.0 - p, generator=gen).to(device)
         if own is not None:  # ones after each row's own length: one contiguous cat (a pad of the moved
             # dimension was a strided copy per adapter and linear, slow on a GPU)
             keep = torch.cat([keep, keep.new_ones((draw[0], seq - own) + tuple(draw[2:]))], dim=1).reshape(shape)
-        return keep
+        return keep if dtype == torch.bool else keep.to(dtype)
 
     def _check_known(self, name: str) -> None:
         if name not in self.adapters:

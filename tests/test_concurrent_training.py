@@ -433,8 +433,10 @@ def test_saved_activations_grow_with_the_jobs_not_faster() -> None:
         # 1.6 before the fix; 1.105 (N=4) and 1.163 (N=8) now, the same in every run since the
         # counter keeps the storages it saw alive (before, a freed storage's reused address hid
         # later ones and the counts varied by ~10% between runs: CI once read 1.31). Padding to
-        # the longest job's length costs a few percent.
-        assert together <= 1.25 * sum(alone[:n]), (n, together, sum(alone[:n]))
+        # the longest job's length costs a few percent. Since the solo forms keep their dropout
+        # masks as bools too (as the mixed ones did), the jobs alone keep less: N=8 alone 45.6 ->
+        # 42.1 MB, together unchanged at 53.1 MB, so the ratio reads 1.262 (N=8).
+        assert together <= 1.3 * sum(alone[:n]), (n, together, sum(alone[:n]))
 
 
 def test_saved_storages_counts_a_storage_whose_address_was_freed_and_reused() -> None:

@@ -315,7 +315,7 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     keep = scale = None
     if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
         n = x_low.shape[1]
-        like = x_low.new_empty(0, dtype=lora_A.dtype)  # masks drawn in the adapter dtype, as before
+        like = x_low.new_empty(0, dtype=lora_A.dtype)  # the device of the (bool) masks
         mult = _dropout_multipliers(state, [(a.lora_dropout, plan.slot_names[s], (counts[p], x_low.shape[-1]))
                                             for p, (s, a) in enumerate(zip(slots, present))], like)
         if mult is not None:  # every adapter's own mask, applied in ONE multiply (one node in backward)
@@ -1029,18 +1029,18 @@ def _dropout_multipliers(state, items, like: torch.Tensor) -> tuple[list, torch.
     """Per adapter (its dropout module, name, the shape of its part of ``like``): its 0/1 keep
     mask drawn from its own stream as ``AdapterState.dropout`` draws it (ones where its dropout is
     off), and the (P,) float32 scales 1/(1-p) (1 where off), or None when some adapter that drops
-    has no own stream (its nn.Dropout then draws from torch's global RNG, one by one). Masks in
-    ``like``'s dtype and device. The caller multiplies by ``stacked masks * scales``: exactly
+    has no own stream (its nn.Dropout then draws from torch's global RNG, one by one). Masks bool,
+    on ``like``'s device. The caller multiplies by ``stacked masks * scales``: exactly
     {0, float32(1/(1-p))}, so ``x * that`` rounds as ``x * keep * 1/(1-p)`` in ``dropout``; the
     scales as one cached vector, not one multiply per adapter."""
     keeps, scales = [], []
     for drop, name, shape in items:
         p = getattr(drop, "p", 0.0)
         if not drop.training or p == 0.0 or not shape[0]:
-            keeps.append(like.new_ones(shape))
+            keeps.append(like.new_ones(shape, dtype=torch.bool))
             scales.append(1.0)
             continue
-        keep = state.dropout_keep(name, shape, like.dtype, like.device, p)
+        keep = state.dropout_keep(name, shape, torch.bool, like.device, p)
         if keep is None:
             return None
         keeps.append(keep)
@@ -1096,6 +1096,7 @@ def _expert_dropout(ffn, t: torch.Tensor, adapters, layout, role: str) -> torch.
                 parts.append(torch.cat([adapter_dropout(drop, part[:, :k], state, name), part[:, k:]], dim=1))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
     keeps, scales = mult
+    keeps = [m.to(t.dtype) for m in keeps]  # (bool draws) -1 marks below
     # slots past an adapter's top-k keep their values (weight 0: its solo path draws no mask there)
     # and its scale (1/(1-p)) applies to its drawn slots only: the scales go on the masks per row
     # range, so they are expanded to the rows here (one repeat_interleave of a cached vector)

@@ -211,7 +211,7 @@ class MixLoraAdapter(nn.Module):
         state = ffn._state
         keep = None
         if state is not None and self.adapter_name is not None:
-            keep = state.dropout_keep(self.adapter_name, tuple(shape), x.dtype, x.device, p)
+            keep = state.dropout_keep(self.adapter_name, tuple(shape), torch.bool, x.device, p)
         if keep is None:  # torch's global RNG, drawn as F.dropout draws (same numbers consumed)
             return torch.nn.functional.dropout(x.new_ones(tuple(shape)), p, training=True) != 0
         return keep.bool()
