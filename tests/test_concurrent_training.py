@@ -243,7 +243,7 @@ def _mixed_batch_grads(arch: str, eager: bool, seed: int, seq: int = 11,
     ids = torch.randint(0, 61, (B, T), generator=g)
     lengths = torch.randint(min(3, T), T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
-    plan = BatchPlan(None, names)
+    plan = BatchPlan(None, names, device=device)
     plan.lengths = tuple(int(lengths.max()) - (s % 2) for s in range(len(plan.slot_names)))  # own lengths < T too
     model.train()
     ids, mask = ids.to(device), mask.to(device)
