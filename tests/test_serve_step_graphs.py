@@ -218,6 +218,7 @@ def test_engine_warmup_captures_every_bucket_before_the_first_request(cpu_graphs
         assert "skipped" not in w, w
         assert sorted(w["adapters"]) == ["lora", "lora8", "mix"]  # one per config (lora8b shares lora8's)
         assert w["resident"] == 4 and w["prefilled"] == 1  # the 4-slot pool filled: lora8b too
+        assert w["prefill_tokens"] == [128, 129]  # eager steps past the buckets (kernel compiles), no graphs
         graphs = decode_graphs.captured_graphs(m)
         # every adapted module captured each of the 4 buckets (the FFNs' projections inside theirs too)
         assert graphs == w["graphs"] == 4 * w["modules"]

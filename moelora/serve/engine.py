@@ -297,7 +297,8 @@ class Engine:
         """Capture the CUDA graphs of a mixed serving step before requests come (a request
         otherwise waits for them: on the H200, 7B shape, 3-4 s per token bucket, once per bucket).
         Every adapted module runs each bucket of ``decode_graphs.STEP_BUCKETS`` (or ``buckets``)
-        twice (a graph is captured at a shape's second sighting) on random inputs, under a plan
+        twice (a graph is captured at a shape's second sighting) on random inputs, and two prefill
+        sizes past the largest bucket once (the eager kernels' first-launch compiles), under a plan
         of the engine's stack positions with one served adapter of each config (LoRA and top-k
         MixLoRA; up to the per-step cap) made resident, so the stacks exist at the sizes and
         addresses later steps write in place (``StackBounds``). The adapters stay resident, unpinned,
@@ -358,12 +359,16 @@ class Engine:
             modules = [m for m in self.model.modules() if isinstance(m, kinds)]
             idx = [pos[s] for s in slots]
             gen = torch.Generator(device=dev).manual_seed(0)
+            # then one step each of two prefill sizes past the largest bucket (the eager tile kernels: their
+            # first launch compiles them, a 2-3 s stall of the first long prefill otherwise; Triton
+            # specialises an integer argument on divisibility by 16, hence a multiple of 16 and one more)
+            prefill = (2 * buckets[-1], 2 * buckets[-1] + 1)
             with torch.no_grad():
-                for b in buckets:
+                for b in (*buckets, *prefill):
                     tok = torch.tensor([idx[i % len(idx)] for i in range(b)], dtype=torch.long, device=dev)
                     plan = BatchPlan.per_token(names, tok, epoch=reg.generation, changes=reg.changes,
                                                graph_step=True, bounds=reg.stack_bounds())
-                    for _ in range(2):
+                    for _ in range(2 if b in buckets else 1):
                         st.begin_forward(plan, None, 0)
                         try:
                             for m in modules:
@@ -375,7 +380,8 @@ class Engine:
             # a warm start of a bounded pool: later swaps copy into these slots (``AdapterRegistry.fill``)
             bounded = reg.max_resident is not None or reg.memory_bytes is not None
             filled = reg.fill(list(reg.adapters)) if bounded else []
-            return {"graphs": graphs, "buckets": list(buckets), "adapters": chosen[:len(slots)],
+            return {"graphs": graphs, "buckets": list(buckets), "prefill_tokens": list(prefill),
+                    "adapters": chosen[:len(slots)],
                     "modules": len(modules), "prefilled": len(filled), "resident": len(reg.slots)}
         finally:
             for name in pinned:
