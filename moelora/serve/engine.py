@@ -43,6 +43,7 @@ import os
 import queue
 import threading
 import time
+import types
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,11 @@ from typing import Iterator
 
 import torch
 
+from ..layers import decode_graphs
+from ..layers.adapted import AdaptedFFN, AdaptedLinear
 from ..state import BatchPlan
 from . import _cb_private
-from .registry import AdapterRegistry, RegistryError
+from .registry import AdapterRegistry, RegistryError, config_key
 
 log = logging.getLogger(__name__)
 
@@ -306,41 +309,25 @@ class Engine:
         swaps later copy into slots of their config instead of creating modules).
         A no-op (``{"skipped": why}``) where serving-step graphs do not apply (CPU, graphs switched
         off) or no such adapter is served. Returns (and keeps in ``warmup_stats``) what it did."""
-        from ..layers import decode_graphs
-        from ..layers.adapted import AdaptedFFN, AdaptedLinear
-        from .registry import config_key
-
+        buckets = tuple(buckets or decode_graphs.STEP_BUCKETS)
         t0 = time.perf_counter()
         with self._model_lock, self._admit_lock:
-            stats = self._warmup_locked(buckets or decode_graphs.STEP_BUCKETS, decode_graphs, (AdaptedLinear, AdaptedFFN),
-                                        config_key)
+            stats = self._warmup_locked(buckets)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         self.warmup_stats = stats
         if "skipped" not in stats:
             log.info("warm-up: %d graphs captured in %.1f s (%s)", stats["graphs"], stats["seconds"], stats["adapters"])
         return stats
 
-    def _warmup_locked(self, buckets, decode_graphs, kinds, config_key) -> dict:
-        import types
-
+    def _warmup_locked(self, buckets: tuple[int, ...]) -> dict:
         reg = self.registry
         p = next(self.model.parameters())
-        dev, dtype = p.device, p.dtype
         # whether a mixed step's modules would replay graphs here, asked before anything is made resident
         probe = types.SimpleNamespace(plan=BatchPlan.per_token(
-            (None,), torch.zeros(buckets[0], dtype=torch.long, device=dev), graph_step=True))
-        if not decode_graphs.step_applies(torch.zeros(buckets[0], 1, device=dev, dtype=dtype), probe):
+            (None,), torch.zeros(buckets[0], dtype=torch.long, device=p.device), graph_step=True))
+        if not decode_graphs.step_applies(torch.zeros(buckets[0], 1, device=p.device, dtype=p.dtype), probe):
             return {"skipped": "serving-step graphs do not apply here (CPU, or moelora.decode_graphs(False))"}
-        cap = self.max_adapters_per_step or reg.max_resident or 16
-        chosen, keys = [], set()
-        for entry in reg.adapters.values():  # one adapter per config: every site its stacks cover
-            cfg = entry.cfg
-            if entry.method not in ("lora", "mixlora") or getattr(cfg, "routing_strategy", "topk") != "topk":
-                continue
-            key = config_key(cfg)
-            if key not in keys and len(chosen) < cap:
-                keys.add(key)
-                chosen.append(entry.name)
+        chosen = self._warmup_adapters()
         if not chosen:
             return {"skipped": "no LoRA or top-k MixLoRA adapter is served"}
         slots, pinned = [], []
@@ -354,38 +341,61 @@ class Engine:
             st = self._state()
             if st is None or not slots:
                 return {"skipped": "no adapter could be made resident"}
-            names, pos = self._stack_positions(st, dict.fromkeys(slots))
             before = decode_graphs.captured_graphs(self.model)
-            modules = [m for m in self.model.modules() if isinstance(m, kinds)]
-            idx = [pos[s] for s in slots]
-            gen = torch.Generator(device=dev).manual_seed(0)
             # then one step each of two prefill sizes past the largest bucket (the eager tile kernels: their
             # first launch compiles them, a 2-3 s stall of the first long prefill otherwise; Triton
             # specialises an integer argument on divisibility by 16, hence a multiple of 16 and one more)
             prefill = (2 * buckets[-1], 2 * buckets[-1] + 1)
-            with torch.no_grad():
-                for b in (*buckets, *prefill):
-                    tok = torch.tensor([idx[i % len(idx)] for i in range(b)], dtype=torch.long, device=dev)
-                    plan = BatchPlan.per_token(names, tok, epoch=reg.generation, changes=reg.changes,
-                                               graph_step=True, bounds=reg.stack_bounds())
-                    for _ in range(2 if b in buckets else 1):
-                        st.begin_forward(plan, None, 0)
-                        try:
-                            for m in modules:
-                                width = m.in_features if isinstance(m, kinds[0]) else m._proj(m._in_roles()[0]).in_features
-                                m(torch.randn(b, width, device=dev, dtype=dtype, generator=gen))
-                        finally:
-                            st.end_forward()
+            modules = self._warmup_steps(st, slots, [(b, 2) for b in buckets] + [(b, 1) for b in prefill])
             graphs = decode_graphs.captured_graphs(self.model) - before
             # a warm start of a bounded pool: later swaps copy into these slots (``AdapterRegistry.fill``)
             bounded = reg.max_resident is not None or reg.memory_bytes is not None
             filled = reg.fill(list(reg.adapters)) if bounded else []
             return {"graphs": graphs, "buckets": list(buckets), "prefill_tokens": list(prefill),
-                    "adapters": chosen[:len(slots)],
-                    "modules": len(modules), "prefilled": len(filled), "resident": len(reg.slots)}
+                    "adapters": chosen[:len(slots)], "modules": modules, "prefilled": len(filled),
+                    "resident": len(reg.slots)}
         finally:
             for name in pinned:
                 reg.release(name)
+
+    def _warmup_adapters(self) -> list[str]:
+        """One served adapter per config (every site its config's stacks cover), LoRA and top-k
+        MixLoRA only (the methods the stacks hold), at most the per-step cap."""
+        cap = self.max_adapters_per_step or self.registry.max_resident or 16
+        chosen, keys = [], set()
+        for entry in self.registry.adapters.values():
+            if entry.method not in ("lora", "mixlora") or getattr(entry.cfg, "routing_strategy", "topk") != "topk":
+                continue
+            key = config_key(entry.cfg)
+            if key not in keys and len(chosen) < cap:
+                keys.add(key)
+                chosen.append(entry.name)
+        return chosen
+
+    def _warmup_steps(self, st, slots: list[str], sizes: list[tuple[int, int]]) -> int:
+        """Every adapted module called directly on random inputs of each (tokens, times) in
+        ``sizes`` under a serving plan of the engine's stack positions, the tokens spread over
+        ``slots``; returns how many modules ran."""
+        reg = self.registry
+        p = next(self.model.parameters())
+        names, pos = self._stack_positions(st, dict.fromkeys(slots))
+        idx = [pos[s] for s in slots]
+        modules = [m for m in self.model.modules() if isinstance(m, (AdaptedLinear, AdaptedFFN))]
+        gen = torch.Generator(device=p.device).manual_seed(0)
+        with torch.no_grad():
+            for n, times in sizes:
+                tok = torch.tensor([idx[i % len(idx)] for i in range(n)], dtype=torch.long, device=p.device)
+                plan = BatchPlan.per_token(names, tok, epoch=reg.generation, changes=reg.changes, graph_step=True,
+                                           bounds=reg.stack_bounds())
+                for _ in range(times):
+                    st.begin_forward(plan, None, 0)
+                    try:
+                        for m in modules:
+                            width = m.in_features if isinstance(m, AdaptedLinear) else m._proj(m._in_roles()[0]).in_features
+                            m(torch.randn(n, width, device=p.device, dtype=p.dtype, generator=gen))
+                    finally:
+                        st.end_forward()
+        return len(modules)
 
     def _plan_memory(self, max_batch_tokens: int, block_size: int, max_adapter_gb, step_memory_gb, kv_memory_fraction):
         """The KV cache size on CUDA (``memory.plan_kv_cache``): free memory now, minus the slot pool
