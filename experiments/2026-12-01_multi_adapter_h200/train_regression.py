@@ -34,7 +34,7 @@ def _sync(dev) -> None:
         torch.cuda.synchronize()
 
 
-def step_times(model, method: str, batch: int, seq: int, warmup: int, steps: int) -> dict:
+def step_times(model, method: str, batch: int, seq: int, warmup: int, steps: int, plain: bool = False) -> dict:
     import moelora
 
     dev = next(model.parameters()).device
@@ -52,9 +52,10 @@ def step_times(model, method: str, batch: int, seq: int, warmup: int, steps: int
     for i in range(warmup + steps):
         _sync(dev)
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+        with _plain(plain):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,9 +64,22 @@ def step_times(model, method: str, batch: int, seq: int, warmup: int, steps: int
             times.append(time.perf_counter() - t0)
     moelora.remove_adapter(model)
     ms = statistics.median(times) * 1e3
+    method = method + ("_plain_backward" if plain else "")
     return {"method": method, "ms_median": round(ms, 2), "ms_min": round(min(times) * 1e3, 2),
             "tokens_per_s": round(batch * seq / (ms / 1e3), 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
             "trainable": sum(p.numel() for p in params)}
+
+
+def _plain(on: bool):
+    """The current tree's ``plain_mixture_backward`` (MixLoRA without the mixture recompute); the
+    pre-redesign tree has no such switch (it never recomputed)."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    from moelora.layers.dispatch import plain_mixture_backward
+
+    return plain_mixture_backward()
 
 
 def main() -> None:
@@ -79,13 +93,16 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a 64-wide model (a CPU smoke run of this script)")
+    ap.add_argument("--plain-backward", action="store_true",
+                    help="also each method under plain_mixture_backward (current tree only: no MixLoRA recompute)")
     a = ap.parse_args()
     import moelora
 
     model = build(a.layers, a.device, a.small)
     for method in a.methods.split(","):
-        row = step_times(model, method, a.batch, a.seq, a.warmup, a.steps)
-        print(json.dumps({"label": a.label, "moelora_file": moelora.__file__, **row}), flush=True)
+        for plain in ((False, True) if a.plain_backward else (False,)):
+            row = step_times(model, method, a.batch, a.seq, a.warmup, a.steps, plain)
+            print(json.dumps({"label": a.label, "moelora_file": moelora.__file__, **row}), flush=True)
 
 
 if __name__ == "__main__":
