@@ -70,7 +70,8 @@ def build_server(cfg: DictConfig):
                     max_adapters_per_step=cfg.get("max_adapters_per_step"), max_bypass=int(cfg.get("max_bypass", 8)),
                     attn_implementation=cfg.get("attn_implementation"), max_adapter_gb=cfg.get("max_adapter_gb"),
                     step_memory_gb=cfg.get("step_memory_gb"), kv_memory_fraction=cfg.get("kv_memory_fraction"),
-                    cuda_graphs=bool(cfg.get("cuda_graphs", False)), compile_level=int(cfg.get("compile_level", 0)))
+                    cuda_graphs=bool(cfg.get("cuda_graphs", False)), compile_level=int(cfg.get("compile_level", 0)),
+                    warmup=bool(cfg.get("warmup", True)))
     for name, err in engine.load_errors.items():
         log.error("adapter %s is not served: %s", name, err)
     log.info("serving %s with adapters %s on %s (attention: %s)", engine.base_name, engine.adapter_names(), device,
