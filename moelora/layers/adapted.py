@@ -354,20 +354,24 @@ class _RowGather(torch.autograd.Function):
     def forward(ctx, src, idx, inv):  # noqa: D102
         ctx.save_for_backward(inv)
         ctx.idx_dim = idx.dim()
-        return torch.cat([src, src.new_zeros((1, *src.shape[1:]))])[idx]
+        return _with_zero_row(src)[idx]
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         (inv,) = ctx.saved_tensors
-        flat = g.reshape(-1, *g.shape[ctx.idx_dim:])
-        return torch.cat([flat, flat.new_zeros((1, *flat.shape[1:]))])[inv], None, None
+        return _with_zero_row(g.reshape(-1, *g.shape[ctx.idx_dim:]))[inv], None, None
+
+
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with one zero row appended: what an index past its last row reads."""
+    return torch.cat([t, t.new_zeros((1, *t.shape[1:]))])
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """``cat([src, zero row])[idx]`` (``_RowGather``'s backward when src needs a gradient)."""
     if torch.is_grad_enabled() and src.requires_grad:
         return _RowGather.apply(src, idx, inv)
-    return torch.cat([src, src.new_zeros((1, *src.shape[1:]))])[idx]
+    return _with_zero_row(src)[idx]
 
 
 class _LoraShrink(torch.autograd.Function):

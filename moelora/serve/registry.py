@@ -329,16 +329,15 @@ class AdapterRegistry:
         run). Returns the names made resident."""
         done = []
         for name in names:
-            entry = self.adapters.get(name)
-            if entry is None or self._slot_of(name) is not None:
+            if name not in self.adapters or self._slot_of(name) is not None:
                 continue
-            self._fill(entry)
-            if self.max_adapter_bytes is not None and entry.nbytes > self.max_adapter_bytes:
+            try:
+                slot = self._make_resident(name, evict=False)
+            except RegistryError:  # too large for the memory plan, or unreadable: its first request says so
                 continue
-            if not self._fits(len(self.slots) + 1, self.resident_bytes() + self._slot_bytes(config_key(entry.cfg), entry)):
+            if slot is None:  # no room left without evicting
                 break
-            if self._make_resident(name, evict=False) is not None:
-                done.append(name)
+            done.append(name)
         return done
 
     def _touch(self, slot: Slot) -> None:
