@@ -323,6 +323,28 @@ def test_benchmark_smoke_mode_writes_its_tables(tmp_path: Path) -> None:
     assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == len(rows)
 
 
+def test_benchmark_profile_is_of_a_steady_step_not_the_setup(tmp_path: Path) -> None:
+    """``--profile``: the table is of one training step after the adapters exist and their
+    optimizers have stepped once; adapter creation (LoRA A's kaiming init: ``uniform_``) and the
+    first step's optimizer state are outside it, so its op count is one step's (what a profile of
+    the whole ``train_steps`` call, setup included, reports more than)."""
+    from moelora.bench import concurrent_training as bench
+    from moelora.bench.profiling import profile_call
+
+    result = bench.main(["--device", "cpu", "--model", "tiny", "--jobs", "2", "--steps", "1", "--warmup", "0",
+                         "--rows", "2", "--seq", "12", "--modes", "concurrent", "--profile", "--out", str(tmp_path)])
+    prof = result["results"][0]["profile"]
+    table = (tmp_path / prof["table"]).read_text()
+    assert "aten::" in table
+    s = bench.Settings(model="tiny", device="cpu", rows=2, seq=12, steps=1, warmup=0)
+    model = bench.build_base(s, torch.device("cpu"), torch.float32).requires_grad_(False)
+    batches = {j: bench.job_batches(s, j, model.config.vocab_size, 2) for j in range(2)}
+    whole = profile_call(lambda: bench.train_steps(model, s, [0, 1], 1, batches, 0), torch.device("cpu"),
+                         tmp_path / "whole.txt", rows=1000)  # the old --profile: setup and first step included
+    assert "aten::uniform_" in (tmp_path / "whole.txt").read_text()
+    assert prof["aten_ops"] < whole["aten_ops"]
+
+
 @pytest.mark.parametrize("package", ["moe_peft", "mlora"])
 def test_benchmark_baseline_modes_train_the_same_jobs(package: str, tmp_path: Path) -> None:
     """``--modes concurrent,<package>``: MoE-PEFT 2.0.2 / mLoRA 0.5.2 (``pip install --no-deps``) train
