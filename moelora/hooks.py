@@ -13,6 +13,7 @@ through the module they are attached to (``module.moelora_state``), never a clos
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _private
 from .layers.router import load_balance_loss, load_balance_terms
@@ -88,6 +89,13 @@ def top_post(module, args, kwargs, output):
 
 def aux_loss_from_records(records: dict, pooling: str = "layer_mean") -> torch.Tensor:
     """Load-balance loss (without coef) over the routed layers of one adapter in the last forward."""
+    stacked = _stacked_terms(list(records.values()))
+    if stacked is not None:  # every layer at once: ~20 launches per adapter, not ~20 per layer
+        (counts, probs, n), e = stacked  # (L, E), (L, E), ()
+        if pooling == "pooled":
+            return load_balance_loss(counts.sum(0), probs.sum(0), n * counts.shape[0], e)
+        nn_ = n.clamp_min(1.0)
+        return (e * ((counts / nn_) * (probs / nn_)).sum(-1)).mean()
     terms = [(load_balance_terms(r.routing, r.token_mask, r.num_experts), r.num_experts) for r in records.values()]
     if pooling == "pooled":
         counts = sum(t[0][0] for t in terms)
@@ -96,6 +104,43 @@ def aux_loss_from_records(records: dict, pooling: str = "layer_mean") -> torch.T
         return load_balance_loss(counts, probs, n, terms[0][1])
     losses = [load_balance_loss(c, p, n, e) for (c, p, n), e in terms]
     return torch.stack(losses).mean()
+
+
+def _stacked_terms(recs: list):
+    """``load_balance_terms`` of every layer in one batched computation, as ((L, E) routed counts,
+    (L, E) prob sums, n_tokens) and E, when the layers agree in what the terms depend on (one token
+    mask: per forward ``AdapterState.token_mask_for`` makes one, and a mixed batch's records are the
+    same view of it in every layer; routing shapes; expert count; a selection mask in all layers or
+    none); None otherwise (the caller loops over layers). Eager twin: that loop (test_mixlora)."""
+    if len(recs) < 2:
+        return None
+    first = recs[0]
+    e, mask = first.num_experts, first.token_mask
+    routings = [r.routing for r in recs]
+    r0 = routings[0]
+    for r, ro in zip(recs, routings):
+        if (r.num_experts != e or not _same_view(r.token_mask, mask) or (ro.selected is None) != (r0.selected is None)
+                or ro.experts.shape != r0.experts.shape or ro.probs.shape != r0.probs.shape):
+            return None
+    counts = F.one_hot(torch.stack([ro.experts for ro in routings]), e).to(torch.float32)  # (L, N, K, E)
+    if r0.selected is not None:
+        counts = counts * torch.stack([ro.selected for ro in routings]).unsqueeze(-1)
+    counts = counts.sum(2)  # (L, N, E)
+    probs = torch.stack([ro.probs for ro in routings])  # (L, N, E)
+    if mask is not None:
+        m = mask.reshape(1, -1, 1).to(torch.float32)
+        counts, probs, n = counts * m, probs * m, m.sum()
+    else:
+        n = torch.tensor(float(probs.shape[1]), device=probs.device)
+    return (counts.sum(1), probs.sum(1), n), e
+
+
+def _same_view(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """The same tensor, or the same view of the same memory (masks are not written in a forward)."""
+    if a is None or b is None or a is b:
+        return a is b
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
 
 
 def restore_before_state_dict(module, *args, **kwargs) -> None:

@@ -434,31 +434,40 @@ class AdapterState:
         keep is exactly 0 or 1). Always drawn as a bool tensor, then converted to ``dtype``: one
         draw for every path, solo and mixed, whatever dtype each needs (and a quarter of a float32
         draw's memory traffic)."""
+        drawn = self.dropout_draw(name, shape, device, p)
+        if drawn is None:
+            return None
+        keep, seq = drawn
+        if seq is not None:  # ones after each row's own length: one contiguous cat (a pad of the moved
+            # dimension was a strided copy per adapter and linear, slow on a GPU)
+            rows, own = keep.shape[0], keep.shape[1]
+            keep = torch.cat([keep, keep.new_ones((rows, seq - own) + tuple(keep.shape[2:]))], dim=1).reshape(shape)
+        return keep if dtype == torch.bool else keep.to(dtype)
+
+    def dropout_draw(self, name: str | None, shape: tuple, device, p: float) -> tuple[torch.Tensor, int | None] | None:
+        """What ``dropout_keep`` draws, before it is laid out in ``shape``: (keep, None), the bool
+        mask of ``shape``; or, in a mixed batch whose plan knows adapter ``name``'s own row length
+        (shorter than this batch's ``seq``), (keep (rows, own, ...), seq): the positions past each
+        row's own length keep everything. None when ``name`` has no own stream. A gathered form
+        that stacks several adapters' masks lays the raw draws out itself (one gather for all)."""
         info = self.adapters.get(name) if name is not None else None
         gen = None if info is None else info.dropout_generator
         if gen is None:
             return None
         plan = self.plan if self.in_forward else None
         shape = tuple(shape)
-        draw = shape
-        own = None
+        draw, seq = shape, None
         if plan is not None and plan.mixed and not plan.packed and plan.lengths is not None:
             slot = plan.slot_names.index(name)
             own = plan.lengths[slot]
             rows = plan.row_names.count(name)
-            seq = shape[0] // rows
-            if own is not None and own < seq:
-                draw = (rows, own) + shape[1:]
-            else:
-                own = None
+            if own is not None and own < shape[0] // rows:
+                draw, seq = (rows, own) + shape[1:], shape[0] // rows
         if gen.device == torch.device(device):
             keep = torch.empty(draw, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)
         else:  # the model moved (.to()) after seed_dropout: a generator cannot move, so draw where it is
             keep = torch.empty(draw, dtype=torch.bool, device=gen.device).bernoulli_(1.0 - p, generator=gen).to(device)
-        if own is not None:  # ones after each row's own length: one contiguous cat (a pad of the moved
-            # dimension was a strided copy per adapter and linear, slow on a GPU)
-            keep = torch.cat([keep, keep.new_ones((draw[0], seq - own) + tuple(draw[2:]))], dim=1).reshape(shape)
-        return keep if dtype == torch.bool else keep.to(dtype)
+        return keep, seq
 
     def _check_known(self, name: str) -> None:
         if name not in self.adapters:

@@ -139,6 +139,53 @@ def test_model_aux_loss_is_coef_times_layer_mean():
     assert r.token_mask.sum() == mask.sum()
 
 
+@pytest.mark.parametrize("pooling", ["layer_mean", "pooled"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aux_loss_over_all_layers_at_once_equals_the_loop(pooling: str, masked: bool) -> None:
+    """``aux_loss_from_records`` computes every layer's load-balance terms in one batched pass
+    (``hooks._stacked_terms``) when the layers share their token mask and routing shapes: the same
+    loss and router gradients as the per-layer loop over ``load_balance_terms``, on fresh random
+    routings, with and without a selection mask per slot (dynamic routing, a mixed batch's slots
+    past an adapter's top-k); layers with different token masks take the loop."""
+    from moelora import hooks
+    from moelora.state import LayerRouting
+
+    g = torch.Generator().manual_seed(3)
+    L, N, E, K = 5, 23, 6, 2
+    mask = (torch.rand(N, generator=g) > 0.3) if masked else None
+    logits = torch.randn(L, N, E, generator=g, requires_grad=True)
+
+    def records(selected: bool):
+        out = {}
+        for layer in range(L):
+            probs = torch.softmax(logits[layer], -1)
+            w, idx = torch.topk(probs, K, -1)
+            sel = (torch.rand(N, K, generator=torch.Generator().manual_seed(layer)) > 0.2) if selected else None
+            out[layer] = LayerRouting(layer, Routing(w, idx, probs, sel), mask, E)
+        return out
+
+    def loop(recs):
+        terms = [load_balance_terms(r.routing, r.token_mask, E) for r in recs.values()]
+        if pooling == "pooled":
+            return load_balance_loss(sum(t[0] for t in terms), sum(t[1] for t in terms), sum(t[2] for t in terms), E)
+        return torch.stack([load_balance_loss(*t, E) for t in terms]).mean()
+
+    for selected in (False, True):
+        recs = records(selected)
+        assert hooks._stacked_terms(list(recs.values())) is not None
+        got = hooks.aux_loss_from_records(recs, pooling)
+        (g_got,) = torch.autograd.grad(got, logits, retain_graph=True)
+        ref = loop(recs)
+        (g_ref,) = torch.autograd.grad(ref, logits)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-8)
+    if masked:  # another mask in one layer (same values, other memory): the loop
+        recs = records(False)
+        recs[2] = LayerRouting(2, recs[2].routing, mask.clone(), E)
+        assert hooks._stacked_terms(list(recs.values())) is None
+        torch.testing.assert_close(hooks.aux_loss_from_records(recs, pooling), loop(recs))
+
+
 def test_routing_edge_cases_eager_vs_fused():
     """All tokens to one expert, an expert with no tokens, a single token: both backends agree."""
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import _private
 from . import decode_graphs
 from .dispatch import decode_kernels_apply, gathered_kernel_applies, gathered_mixed_training, lazy_routing_records
-from .lora_math import adapter_dropout
+from .lora_math import adapter_dropout, compute_dtype, lora_input
 from .mix_recompute import _MixRecompute, recompute_applies
 
 # ACT_NAMES: activation modules of transformers.activations that the fused MixLoRA decode kernel implements.
@@ -312,25 +312,91 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     lora_A = torch.stack([a.lora_A if a.r == r else F.pad(a.lora_A, (0, 0, 0, r - a.r)) for a in present])  # (P, R, in)
     lora_B = torch.stack([a.lora_B if a.r == r else F.pad(a.lora_B, (0, r - a.r)) for a in present])  # (P, out, R)
     x_low = _gather_rows(x2, sel, mp["inv"])  # (P, n, in): each adapter's own tokens (pads: a zero row)
-    keep = scale = None
+    keep, rescale = None, None
     if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
         n = x_low.shape[1]
-        like = x_low.new_empty(0, dtype=lora_A.dtype)  # the device of the (bool) masks
-        mult = _dropout_multipliers(state, [(a.lora_dropout, plan.slot_names[s], (counts[p], x_low.shape[-1]))
-                                            for p, (s, a) in enumerate(zip(slots, present))], like)
+        mult = _stacked_keeps(state, [(a.lora_dropout, plan.slot_names[s], counts[p])
+                                      for p, (s, a) in enumerate(zip(slots, present))], n, x_low.shape[-1], x_low.device)
         if mult is not None:  # every adapter's own mask, applied in ONE multiply (one node in backward)
-            keeps, scales = mult
-            keeps = [m if counts[p] == n else F.pad(m, (0, 0, 0, n - counts[p])) for p, m in enumerate(keeps)]
-            keep = torch.stack(keeps).bool()  # exactly 0/1: one byte each for backward
-            scale = _scale_vector(scales, x_low.device).view(-1, 1, 1)
+            keep, rescale = mult  # (P, n, in) bool; each 1/(1-p), folded into the slot scales below
         else:  # an adapter without its own stream: each through its nn.Dropout (the global RNG)
             xs = x_low.to(lora_A.dtype)
             xs = torch.stack([F.pad(adapter_dropout(a.lora_dropout, xs[p, : counts[p]], state, plan.slot_names[s]),
                                     (0, 0, 0, n - counts[p])) for p, (s, a) in enumerate(zip(slots, present))])
             h = torch.bmm(xs, lora_A.transpose(1, 2)) * _slot_scales(site, present, h_dtype=lora_A.dtype)
             return _lora_slots_expand(site, x2, h, lora_B, mp)
-    h = _LoraShrink.apply(x_low, keep, scale, lora_A) * _slot_scales(site, present, h_dtype=lora_A.dtype)  # (P, n, R)
+    h = _LoraShrink.apply(x_low, keep, lora_A) * _slot_scales(site, present, lora_A.dtype, rescale)  # (P, n, R)
     return _lora_slots_expand(site, x2, h, lora_B, mp)
+
+
+def _stacked_keeps(state, items, n: int, d: int, device) -> tuple[torch.Tensor, tuple] | None:
+    """The (P, n, d) bool keep masks of a gathered LoRA site's adapters (``items``: each one's
+    dropout module, name and token count, in slot order; rows past a count keep everything) and
+    their 1/(1-p) (1 where dropout is off), or None when an adapter that drops has no own stream.
+    Each mask is drawn from its adapter's stream exactly as ``AdapterState.dropout_keep`` draws it
+    (``dropout_draw``: the adapter's own row lengths), and all of them are laid out by ONE gather
+    from their concatenation (``_keep_index``), where per adapter a ones-padding cat, a reshape and
+    a pad, then a stack, were ~5 launches per adapter and linear."""
+    draws, scales, key = [], [], []
+    for drop, name, c in items:
+        p = getattr(drop, "p", 0.0)
+        if not drop.training or p == 0.0 or not c:
+            scales.append(1.0)
+            key.append((c, None, None, False))
+            continue
+        got = state.dropout_draw(name, (c, d), device, p)
+        if got is None:
+            return None
+        keep, seq = got
+        draws.append(keep.reshape(-1, d))
+        scales.append(1.0 / (1.0 - p))
+        key.append((c, None if seq is None else keep.shape[1], seq, True))
+    index = _keep_index(tuple(key), n, device)
+    return torch.cat([*draws, _true_row(d, device)])[index], tuple(scales)
+
+
+_KEEP_INDEX: dict = {}
+
+
+def _keep_index(key: tuple, n: int, device) -> torch.Tensor:
+    """(P, n) rows of ``cat([each drawn mask as (rows, d)..., one all-true row])`` that lay the
+    draws out as the gathered tokens (slot p: its ``c`` tokens, row-major (rows, seq), a mask drawn
+    as (rows, own) covering the first ``own`` of each row); the true row elsewhere. Built on the
+    host once per layout and device, one copy (bounded cache: compositions repeat every layer)."""
+    ck = (key, n, str(device))
+    t = _KEEP_INDEX.get(ck)
+    if t is not None:
+        return t
+    total = sum(c if own is None else (c // seq) * own for c, own, seq, drawn in key if drawn)
+    index = torch.full((len(key), n), total, dtype=torch.long)
+    off = 0
+    for p, (c, own, seq, drawn) in enumerate(key):
+        if not drawn:
+            continue
+        i = torch.arange(c)
+        if own is None:
+            index[p, :c] = off + i
+            off += c
+        else:
+            r, tt = i // seq, i % seq
+            index[p, :c] = torch.where(tt < own, off + r * own + tt, torch.full_like(i, total))
+            off += (c // seq) * own
+    if len(_KEEP_INDEX) >= 256:
+        _KEEP_INDEX.pop(next(iter(_KEEP_INDEX)))
+    t = _KEEP_INDEX[ck] = index.to(device)
+    return t
+
+
+_TRUE_ROWS: dict = {}
+
+
+def _true_row(d: int, device) -> torch.Tensor:
+    """A constant (1, d) all-true bool row per width and device (the kept positions' source)."""
+    key = (d, str(device))
+    t = _TRUE_ROWS.get(key)
+    if t is None:
+        t = _TRUE_ROWS[key] = torch.ones((1, d), dtype=torch.bool, device=device)
+    return t
 
 
 def _lora_slots_expand(site, x2, h, lora_B, mp) -> torch.Tensor:
@@ -375,8 +441,10 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> tor
 
 
 class _LoraShrink(torch.autograd.Function):
-    """h = bmm(x.to(A.dtype) * keep * scale, A^T) for the gathered adapters' tokens x (P, n, in),
-    keep (P, n, in) bool dropout masks or None, scale (P, 1, 1) float32 1/(1-p), A (P, R, in).
+    """h = bmm(x * keep, A^T) for the gathered adapters' tokens x (P, n, in), keep (P, n, in) bool
+    dropout masks or None, A (P, R, in); x cast for A as ``lora_input`` casts it (not at all
+    under autocast when x already has autocast's dtype). The dropout's 1/(1-p) is the caller's
+    (folded into the slot scales, as the solo LoRA folds it into its scaling).
 
     The same ops as the plain composition (cast, multiply, bmm) and the same backward ops, but it
     saves x in its own dtype and the masks as bools, and recomputes their product in backward:
@@ -385,49 +453,49 @@ class _LoraShrink(torch.autograd.Function):
     against 4 for bf16 activations). Eager twin: the plain composition (test_concurrent_training)."""
 
     @staticmethod
-    def _input(x, keep, scale, dtype):
-        xs = x.to(dtype)
-        return xs if keep is None else xs * (keep.to(torch.float32) * scale)
+    def _input(x, keep, dtype):
+        xs = lora_input(x, dtype)
+        return xs if keep is None else xs * keep  # x * bool: exactly x or 0, in x's dtype
 
     @staticmethod
-    def forward(ctx, x, keep, scale, lora_A):  # noqa: D102
-        ctx.save_for_backward(x, keep, scale, lora_A)
+    def forward(ctx, x, keep, lora_A):  # noqa: D102
+        ctx.save_for_backward(x, keep, lora_A)
         # backward runs under the forward's autocast state, so its bmm's cast their operands as
         # autocast cast the forward's (and as autograd's backward of the autocast bmm computes)
         ctx.dev = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.dev), torch.get_autocast_dtype(ctx.dev))
-        return torch.bmm(_LoraShrink._input(x, keep, scale, lora_A.dtype), lora_A.transpose(1, 2))
+        return torch.bmm(_LoraShrink._input(x, keep, lora_A.dtype), lora_A.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, gh):  # noqa: D102
-        x, keep, scale, lora_A = ctx.saved_tensors
+        x, keep, lora_A = ctx.saved_tensors
         gx = gA = None
         with torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-            if ctx.needs_input_grad[3]:
-                xs = _LoraShrink._input(x, keep, scale, lora_A.dtype)
+            if ctx.needs_input_grad[2]:
+                xs = _LoraShrink._input(x, keep, lora_A.dtype)
                 gA = xs.transpose(1, 2).bmm(gh).transpose(1, 2)  # what autograd's bmm backward computes
             if ctx.needs_input_grad[0]:
                 g = gh.bmm(lora_A)
         if gA is not None:
             gA = gA.to(lora_A.dtype)
         if ctx.needs_input_grad[0]:
-            if keep is not None:
-                g = g.to(torch.promote_types(g.dtype, torch.float32)) * (keep.to(torch.float32) * scale)
-            gx = g.to(x.dtype)
-        return gx, None, None, gA
+            gx = (g if keep is None else g * keep).to(x.dtype)
+        return gx, None, gA
 
 
 _SCALES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _slot_scales(site, present, h_dtype: torch.dtype) -> torch.Tensor:
-    """(P, 1, 1) LoRA scale of each adapter present, kept per site for the last composition (a
-    constant: built per forward it would be a host-to-device copy per linear)."""
-    key = (tuple(a.scaling for a in present), h_dtype, present[0].lora_A.device)
+def _slot_scales(site, present, h_dtype: torch.dtype, rescale: tuple | None = None) -> torch.Tensor:
+    """(P, 1, 1) LoRA scale of each adapter present (times its dropout's 1/(1-p) where ``rescale``
+    gives them), kept per site for the last composition (a constant: built per forward it would be
+    a host-to-device copy per linear)."""
+    values = tuple(a.scaling * (1.0 if rescale is None else rescale[p]) for p, a in enumerate(present))
+    key = (values, h_dtype, present[0].lora_A.device)
     hit = _SCALES.get(site)
     if hit is not None and hit[0] == key:
         return hit[1]
-    out = torch.tensor([a.scaling for a in present], dtype=h_dtype, device=key[2]).view(-1, 1, 1)
+    out = torch.tensor(values, dtype=h_dtype, device=key[2]).view(-1, 1, 1)
     _SCALES[site] = (key, out)
     return out
 
@@ -711,7 +779,7 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
     mp = plan.segment_maps(B, T, slots)
     rows, rows_inv = mp["rows"], mp["rows_inv"]
     sub_pre = {role: _gather_rows(v, rows, rows_inv) for role, v in base_pre.items()}
-    sub_mask = None if mask is None else mask[rows]
+    sub_mask = _sub_mask(mp, mask, rows)
     st = _train_moe_stacks(ffn, present)
     h_m, dd_m = _mixture(ffn, _gather_rows(x, rows, rows_inv), sub_pre, present, mp["tok"], sub_mask, st, mp)
     order, perm = mp["order"], mp["perm"]  # a permutation and its inverse
@@ -726,6 +794,19 @@ def _virtual_experts(ffn, x, base_pre, adapters, plan, B, T, mask, train: bool =
         dd = dd_m if not mp["n_other"] else torch.cat([dd_m, dd_m.new_zeros(mp["n_other"], dd_m.shape[-1])])
         down_delta = _gather_rows(dd, order, perm)
     return h_mix, down_delta
+
+
+def _sub_mask(mp: dict, mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """``mask[rows]``, the MixLoRA sub-batch's token mask, made once per forward (kept in the
+    plan's segment maps beside ``rows``): one index launch, not one per layer, and every layer's
+    routing record holds the same mask, so the aux loss takes all layers at once
+    (``hooks._stacked_terms``)."""
+    if mask is None:
+        return None
+    hit = mp.get("sub_mask")
+    if hit is None or hit[0] is not mask:
+        hit = mp["sub_mask"] = (mask, mask[rows])
+    return hit[1]
 
 
 def _routing_masks(st, tok, n_cols: int, cache) -> tuple:
@@ -991,14 +1072,13 @@ def _segmented_expert_lora(t: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     reference is quadratic: every token against every adapter's experts) and no token reaches
     another adapter's experts. The results go back to their tokens by a gather (``local_inv``),
     which saves only its index (``index_add_`` kept the (P, n, K, out) result for backward)."""
-    from .experts import _compute_dtype
 
     layout, emax = seg
     sel, inv = layout["local_sel"], layout["local_inv"]  # (P, n), (N,)
     P, n = sel.shape
     N, K = vid.shape
     # fp32 math (autocast's dtype where it is on: its einsums would cast fp32 operands back anyway)
-    cdt = _compute_dtype(t.device.type, torch.promote_types(torch.promote_types(t.dtype, lora_A.dtype), torch.float32))
+    cdt = compute_dtype(t.device.type, torch.promote_types(torch.promote_types(t.dtype, lora_A.dtype), torch.float32))
     A = lora_A[: P * emax].view(P, emax, *lora_A.shape[1:]).to(cdt)  # (P, E, R, in)
     Bm = lora_B[: P * emax].view(P, emax, *lora_B.shape[1:]).to(cdt)  # (P, E, out, R)
     tp = _gather_rows(t, sel, inv).to(cdt)  # (P, n, in) or (P, n, K, in)

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dispatch import gathered_kernel_applies
-from .lora_math import adapter_dropout, init_lora_, resolve_dtype
+from .lora_math import adapter_dropout, compute_dtype, init_lora_, resolve_dtype
 
 
 def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: bool | None = None):
@@ -23,20 +23,13 @@ def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: boo
     3.5 s vs PEFT LoRA's 0.38 s."""
     from moelora_kernels import gathered_lora as gl
 
-    dt = _compute_dtype(x.device.type, lora_A.dtype)
+    dt = compute_dtype(x.device.type, lora_A.dtype)
     x, lora_A, lora_B = x.to(dt), lora_A.to(dt), lora_B.to(dt)
     weight = None if weight is None else weight.to(dt)
     if kernel is None:
         kernel = gathered_kernel_applies(x)
     fn = gl.gathered_lora if kernel else gl.gathered_lora_reference
     return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
-
-
-def _compute_dtype(device_type: str, stack_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a LoRA matmul with weights of ``stack_dtype`` computes in on ``device_type``."""
-    if torch.is_autocast_enabled(device_type) and stack_dtype in (torch.float32, torch.float64):
-        return torch.get_autocast_dtype(device_type)
-    return stack_dtype
 
 
 def _block_diag_stack(w: torch.Tensor, nblocks: int) -> torch.Tensor:

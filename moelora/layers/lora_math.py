@@ -1,4 +1,5 @@
-"""LoRA math shared by every method: initialisation and adapter dtype (one home for both)."""
+"""LoRA math shared by every method: initialisation, adapter and compute dtypes, input dropout
+(one home for each)."""
 from __future__ import annotations
 
 import math
@@ -35,3 +36,38 @@ def adapter_dropout(dropout: nn.Module, x: torch.Tensor, state, name: str | None
     if state is None or name is None:
         return dropout(x)
     return state.dropout(name, x, p)
+
+
+def adapter_dropout_unscaled(dropout: nn.Module, x: torch.Tensor, state, name: str | None) -> tuple[torch.Tensor, float]:
+    """``adapter_dropout`` with the 1/(1-p) rescale left to the caller: (x * keep, 1/(1-p)) for
+    the same keep mask drawn from the adapter's own stream (exactly x or 0: one multiply, one
+    backward node, instead of two of each), which a LoRA folds into its scaling; (x, 1.0) outside
+    training, and (dropout(x), 1.0) where it has no own stream (nn.Dropout rescales itself)."""
+    p = getattr(dropout, "p", 0.0)
+    if not dropout.training or p == 0.0:
+        return x, 1.0
+    if state is None or name is None:
+        return dropout(x), 1.0
+    keep = state.dropout_keep(name, tuple(x.shape), torch.bool, x.device, p)
+    if keep is None:
+        return dropout(x), 1.0
+    return x * keep, 1.0 / (1.0 - p)
+
+
+def compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a LoRA matmul with weights of ``weight_dtype`` computes in on ``device_type``:
+    autocast's where it is on and the weights are wider floats (it casts a matmul's operands so),
+    else the weights' dtype."""
+    if torch.is_autocast_enabled(device_type) and weight_dtype in (torch.float32, torch.float64):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
+
+
+def lora_input(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` ready for a matmul with LoRA weights of ``weight_dtype``: cast to them, unless autocast
+    would cast it straight back (bf16-mixed: bf16 activations, fp32 master weights). The bf16 ->
+    fp32 -> bf16 round trip is exact, so skipping it changes no number; it was two elementwise
+    kernels over the (tokens, in) input per linear forward and two more in backward."""
+    if x.dtype == compute_dtype(x.device.type, weight_dtype):
+        return x
+    return x.to(weight_dtype)
