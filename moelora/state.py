@@ -305,17 +305,44 @@ class BatchPlan:
         # in ``rows`` / ``other`` (M / N-M: not there)
         rows_inv = torch.where(order < M, order, M)
         other_inv = torch.where(order >= M, order - M, N - M)
+        # where each slot's dropout mask, drawn as dropout_draw draws it ((rows, own) when the
+        # slot's own length is shorter, else (count,)), lands in the (P, n) layout of ``sel``: rows
+        # of cat([every slot's draw as (-1, d), one all-true row]) (adapted._stacked_keeps)
+        keep_rows, pieces, off = [], [], 0
+        for p, (s, c) in enumerate(zip(slots, counts)):
+            own = self.own_length(s, seq) if c else None
+            i = torch.arange(c)
+            if own is None:
+                pieces.append(off + i)
+                keep_rows.append(c)
+            else:
+                r, t = i // seq, i % seq
+                pieces.append(torch.where(t < own, off + r * own + t, -1))
+                keep_rows.append((c // seq) * own)
+            off += keep_rows[-1]
+        keep_index = torch.full((P, n), off, dtype=torch.long)
+        for p, piece in enumerate(pieces):
+            keep_index[p, : piece.numel()] = torch.where(piece >= 0, piece, off)
         parts = {"sel": sel, "inv": inv[:N], "rows": rows, "tok": tok, "local_sel": local_sel,
                  "local_inv": local_inv, "order": order, "other": rest, "perm": perm, "rows_inv": rows_inv,
-                 "other_inv": other_inv}
+                 "other_inv": other_inv, "keep_index": keep_index}
         dev = torch.cat([t.reshape(-1) for t in parts.values()]).to(self.row_slots.device)  # one copy
         out, at = {}, 0
         for k, t in parts.items():
             out[k] = dev[at: at + t.numel()].view(t.shape)
             at += t.numel()
-        out.update(counts=counts, offsets=offsets, n_sub=M, n_other=N - M)
+        out.update(counts=counts, offsets=offsets, n_sub=M, n_other=N - M, keep_rows=keep_rows)
         self._maps[key] = out
         return out
+
+    def own_length(self, slot: int, seq: int) -> int | None:
+        """Slot ``slot``'s own row length when this (mixed, unpacked) plan knows it and it is
+        shorter than the batch's ``seq``, else None: where an adapter's dropout masks are drawn
+        as its batch alone draws them (``AdapterState.dropout_draw``)."""
+        if not self.mixed or self.packed or self.lengths is None:
+            return None
+        own = self.lengths[slot]
+        return own if own is not None and own < seq else None
 
     def rows_of(self, slot: int, batch: int, seq: int) -> torch.Tensor:
         """Token indices (into the flattened batch*seq tokens) that use ``slot_names[slot]``."""
@@ -458,10 +485,9 @@ class AdapterState:
         shape = tuple(shape)
         draw, seq = shape, None
         if plan is not None and plan.mixed and not plan.packed and plan.lengths is not None:
-            slot = plan.slot_names.index(name)
-            own = plan.lengths[slot]
             rows = plan.row_names.count(name)
-            if own is not None and own < shape[0] // rows:
+            own = plan.own_length(plan.slot_names.index(name), shape[0] // rows)
+            if own is not None:
                 draw, seq = (rows, own) + shape[1:], shape[0] // rows
         if gen.device == torch.device(device):
             keep = torch.empty(draw, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=gen)

@@ -586,10 +586,11 @@ def test_lora_shrink_equals_the_plain_composition_and_saves_less(autocast: bool)
 
 
 def test_stacked_keep_masks_are_each_adapters_own_draws() -> None:
-    """``_stacked_keeps`` (one gather lays out every adapter's dropout mask at a gathered LoRA
-    site) gives, row for row, what ``AdapterState.dropout_keep`` draws for each adapter from a
-    same-seeded stream: own row lengths shorter than the batch's (ones past them), an adapter with
-    dropout off and one without tokens (all kept), the padding rows up to n (all kept)."""
+    """``_stacked_keeps`` (one gather, by the plan's ``keep_index``, lays out every adapter's
+    dropout mask at a gathered LoRA site) gives, row for row, what ``AdapterState.dropout_keep``
+    draws for each adapter from a same-seeded stream: own row lengths shorter than the batch's
+    (ones past them) and not, an adapter with dropout off (all kept), the padding rows up to n
+    (all kept)."""
     from conftest import make_tiny
 
     from moelora.layers.adapted import _stacked_keeps
@@ -601,16 +602,14 @@ def test_stacked_keep_masks_are_each_adapters_own_draws() -> None:
         cfg = moelora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0 if name == "c" else 0.1 * (i + 1))
         (moelora.inject_adapter(model, cfg, adapter_name=name) if i == 0 else moelora.add_adapter(model, name, cfg))
     state = moelora.adapter_state(model)
-    row_names = ("a", "b", "a", "c", "b", "d")
+    row_names = ("a", "b", "a", "c", "b", "d", "a")
     T, D = 7, 5
     plan = BatchPlan(None, row_names)
-    plan.lengths = (5, 7, 3, 6)  # a and d shorter than T, b full length
+    plan.lengths = (5, 7, 3, 6)  # a, c and d shorter than T, b full length
     site = model.model.layers[0].self_attn.q_proj
     drops = {n: site.adapters[n].lora_dropout for n in names}
     model.train()
-    counts = {n: row_names.count(n) * T for n in names}
-    counts["d"] = 0  # an adapter present without tokens at this site
-    n_pad = max(counts.values()) + 2
+    cpu = torch.device("cpu")
 
     def seed_all():
         for i, name in enumerate(names):
@@ -619,18 +618,22 @@ def test_stacked_keep_masks_are_each_adapters_own_draws() -> None:
     seed_all()
     state.begin_forward(plan, None, 0)
     try:
-        got, scales = _stacked_keeps(state, [(drops[n], n, counts[n]) for n in names], n_pad, D, torch.device("cpu"))
+        slots = tuple(plan.slot_names.index(n) for n in names)
+        mp = plan.segment_maps(len(row_names), T, slots)
+        counts = mp["counts"]
+        assert counts == [row_names.count(n) * T for n in names]
+        got, scales = _stacked_keeps(state, [(drops[n], n, c) for n, c in zip(names, counts)], mp, D, cpu)
+        assert got.shape == (len(names), max(counts), D)
         seed_all()
-        for p, name in enumerate(names):
-            c = counts[name]
+        for p, (name, c) in enumerate(zip(names, counts)):
             rate = getattr(drops[name], "p", 0.0)
-            if rate == 0.0 or not c:
+            if rate == 0.0:
                 ref = torch.ones(c, D, dtype=torch.bool)
             else:
-                ref = state.dropout_keep(name, (c, D), torch.bool, torch.device("cpu"), rate)
+                ref = state.dropout_keep(name, (c, D), torch.bool, cpu, rate)
             assert torch.equal(got[p, :c], ref), name
             assert bool(got[p, c:].all())
-            assert scales[p] == (1.0 if rate == 0.0 or not c else 1.0 / (1.0 - rate))
+            assert scales[p] == (1.0 if rate == 0.0 else 1.0 / (1.0 - rate))
     finally:
         state.end_forward()
     assert not bool(got[0].all()) and not bool(got[1].all())  # something was dropped

@@ -316,7 +316,7 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     if site.training and any(getattr(a.lora_dropout, "p", 0.0) > 0 for a in present):
         n = x_low.shape[1]
         mult = _stacked_keeps(state, [(a.lora_dropout, plan.slot_names[s], counts[p])
-                                      for p, (s, a) in enumerate(zip(slots, present))], n, x_low.shape[-1], x_low.device)
+                                      for p, (s, a) in enumerate(zip(slots, present))], mp, x_low.shape[-1], x_low.device)
         if mult is not None:  # every adapter's own mask, applied in ONE multiply (one node in backward)
             keep, rescale = mult  # (P, n, in) bool; each 1/(1-p), folded into the slot scales below
         else:  # an adapter without its own stream: each through its nn.Dropout (the global RNG)
@@ -329,62 +329,29 @@ def _lora_slots_train(site, x2: torch.Tensor, adapters, plan, B: int, T: int) ->
     return _lora_slots_expand(site, x2, h, lora_B, mp)
 
 
-def _stacked_keeps(state, items, n: int, d: int, device) -> tuple[torch.Tensor, tuple] | None:
+def _stacked_keeps(state, items, mp: dict, d: int, device) -> tuple[torch.Tensor, tuple] | None:
     """The (P, n, d) bool keep masks of a gathered LoRA site's adapters (``items``: each one's
-    dropout module, name and token count, in slot order; rows past a count keep everything) and
-    their 1/(1-p) (1 where dropout is off), or None when an adapter that drops has no own stream.
-    Each mask is drawn from its adapter's stream exactly as ``AdapterState.dropout_keep`` draws it
-    (``dropout_draw``: the adapter's own row lengths), and all of them are laid out by ONE gather
-    from their concatenation (``_keep_index``), where per adapter a ones-padding cat, a reshape and
-    a pad, then a stack, were ~5 launches per adapter and linear."""
-    draws, scales, key = [], [], []
-    for drop, name, c in items:
+    dropout module, name and token count, in the slot order of the segment maps ``mp``; rows past
+    a count keep everything) and their 1/(1-p) (1 where dropout is off), or None when an adapter
+    that drops has no own stream. Each mask is drawn from its adapter's stream exactly as
+    ``AdapterState.dropout_keep`` draws it (``dropout_draw``: the adapter's own row lengths), and
+    all of them are laid out by ONE gather from their concatenation by ``mp["keep_index"]``
+    (built with the plan's other index maps, in their one host-to-device copy), where per adapter
+    a ones-padding cat, a reshape and a pad, then a stack, were ~5 launches per adapter and linear."""
+    draws, scales = [], []
+    for (drop, name, c), rows in zip(items, mp["keep_rows"]):
         p = getattr(drop, "p", 0.0)
         if not drop.training or p == 0.0 or not c:
             scales.append(1.0)
-            key.append((c, None, None, False))
+            if rows:  # this adapter's dropout is off at this site: its rows keep everything
+                draws.append(_true_row(d, device).expand(rows, d))
             continue
         got = state.dropout_draw(name, (c, d), device, p)
         if got is None:
             return None
-        keep, seq = got
-        draws.append(keep.reshape(-1, d))
+        draws.append(got[0].reshape(-1, d))
         scales.append(1.0 / (1.0 - p))
-        key.append((c, None if seq is None else keep.shape[1], seq, True))
-    index = _keep_index(tuple(key), n, device)
-    return torch.cat([*draws, _true_row(d, device)])[index], tuple(scales)
-
-
-_KEEP_INDEX: dict = {}
-
-
-def _keep_index(key: tuple, n: int, device) -> torch.Tensor:
-    """(P, n) rows of ``cat([each drawn mask as (rows, d)..., one all-true row])`` that lay the
-    draws out as the gathered tokens (slot p: its ``c`` tokens, row-major (rows, seq), a mask drawn
-    as (rows, own) covering the first ``own`` of each row); the true row elsewhere. Built on the
-    host once per layout and device, one copy (bounded cache: compositions repeat every layer)."""
-    ck = (key, n, str(device))
-    t = _KEEP_INDEX.get(ck)
-    if t is not None:
-        return t
-    total = sum(c if own is None else (c // seq) * own for c, own, seq, drawn in key if drawn)
-    index = torch.full((len(key), n), total, dtype=torch.long)
-    off = 0
-    for p, (c, own, seq, drawn) in enumerate(key):
-        if not drawn:
-            continue
-        i = torch.arange(c)
-        if own is None:
-            index[p, :c] = off + i
-            off += c
-        else:
-            r, tt = i // seq, i % seq
-            index[p, :c] = torch.where(tt < own, off + r * own + tt, torch.full_like(i, total))
-            off += (c // seq) * own
-    if len(_KEEP_INDEX) >= 256:
-        _KEEP_INDEX.pop(next(iter(_KEEP_INDEX)))
-    t = _KEEP_INDEX[ck] = index.to(device)
-    return t
+    return torch.cat([*draws, _true_row(d, device)])[mp["keep_index"]], tuple(scales)
 
 
 _TRUE_ROWS: dict = {}
