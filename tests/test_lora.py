@@ -118,3 +118,36 @@ def test_adapter_dtype_bf16_on_fp32_base():
     assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.bfloat16
     ids, _ = _ids()
     assert model(ids).logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("same_dtype", [False, True])
+def test_training_forward_with_dropout_is_the_lora_formula(same_dtype: bool) -> None:
+    """A LoRA linear's training forward with dropout from the adapter's own stream equals
+    W x + s B A (x * keep) / (1 - p) for the mask that stream draws (fp32; fp32 adapter weights
+    over a fp32 base: the in-place addmm path; over a float64 one: the delta path), whatever
+    the order in which the layer applies s and 1/(1-p)."""
+    from moelora.state import BatchPlan
+
+    model = make_tiny("llama")
+    moelora.inject_adapter(model, moelora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, adapter_dtype="float32"))
+    randomize_adapter_(model, seed=0)
+    state = moelora.adapter_state(model)
+    site = model.model.layers[0].self_attn.q_proj
+    a = site.adapters["default"]
+    if not same_dtype:  # the frozen layer in float64: y's dtype differs from the adapter's (the delta path)
+        site.base_layer.double()
+    model.train()
+    x = torch.randn(2, 5, site.base_layer.in_features, dtype=site.base_layer.weight.dtype)
+    state.seed_dropout("default", 7)
+    state.begin_forward(BatchPlan("default"), None, 0)
+    try:
+        y = site(x)
+        state.seed_dropout("default", 7)
+        keep = state.dropout_keep("default", tuple(x.shape), torch.bool, x.device, 0.5)
+    finally:
+        state.end_forward()
+    assert 0 < int(keep.sum()) < keep.numel()
+    xd = x.double()
+    ref = torch.nn.functional.linear(xd, site.base_layer.weight.double()) + a.scaling * (
+        (xd * keep / 0.5) @ a.lora_A.double().T @ a.lora_B.double().T)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
