@@ -13,10 +13,9 @@ through the module they are attached to (``module.moelora_state``), never a clos
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import _private
-from .layers.router import load_balance_loss, load_balance_terms
+from .layers.router import Routing, load_balance_loss, load_balance_terms
 from .methods.lora_switch.layer import restore_switch_weights
 
 
@@ -94,8 +93,7 @@ def aux_loss_from_records(records: dict, pooling: str = "layer_mean") -> torch.T
         (counts, probs, n), e = stacked  # (L, E), (L, E), ()
         if pooling == "pooled":
             return load_balance_loss(counts.sum(0), probs.sum(0), n * counts.shape[0], e)
-        nn_ = n.clamp_min(1.0)
-        return (e * ((counts / nn_) * (probs / nn_)).sum(-1)).mean()
+        return load_balance_loss(counts, probs, n, e).mean()  # (L,) per-layer losses
     terms = [(load_balance_terms(r.routing, r.token_mask, r.num_experts), r.num_experts) for r in records.values()]
     if pooling == "pooled":
         counts = sum(t[0][0] for t in terms)
@@ -122,17 +120,9 @@ def _stacked_terms(recs: list):
         if (r.num_experts != e or not _same_view(r.token_mask, mask) or (ro.selected is None) != (r0.selected is None)
                 or ro.experts.shape != r0.experts.shape or ro.probs.shape != r0.probs.shape):
             return None
-    counts = F.one_hot(torch.stack([ro.experts for ro in routings]), e).to(torch.float32)  # (L, N, K, E)
-    if r0.selected is not None:
-        counts = counts * torch.stack([ro.selected for ro in routings]).unsqueeze(-1)
-    counts = counts.sum(2)  # (L, N, E)
-    probs = torch.stack([ro.probs for ro in routings])  # (L, N, E)
-    if mask is not None:
-        m = mask.reshape(1, -1, 1).to(torch.float32)
-        counts, probs, n = counts * m, probs * m, m.sum()
-    else:
-        n = torch.tensor(float(probs.shape[1]), device=probs.device)
-    return (counts.sum(1), probs.sum(1), n), e
+    stacked = Routing(None, torch.stack([ro.experts for ro in routings]), torch.stack([ro.probs for ro in routings]),
+                      None if r0.selected is None else torch.stack([ro.selected for ro in routings]))
+    return load_balance_terms(stacked, mask, e), e
 
 
 def _same_view(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

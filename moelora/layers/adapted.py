@@ -1099,21 +1099,6 @@ def _dropout_multipliers(state, items, like: torch.Tensor) -> tuple[list, torch.
     return keeps, tuple(scales)
 
 
-_SCALE_VECTORS: dict = {}
-
-
-def _scale_vector(values: tuple, device) -> torch.Tensor:
-    """A constant float32 vector, made once per values and device (``torch.tensor`` per call is a
-    host-to-device copy per linear, each a wait for the GPU queue); bounded."""
-    key = (values, str(device))
-    t = _SCALE_VECTORS.get(key)
-    if t is None:
-        if len(_SCALE_VECTORS) >= 256:
-            _SCALE_VECTORS.pop(next(iter(_SCALE_VECTORS)))
-        t = _SCALE_VECTORS[key] = torch.tensor(values, dtype=torch.float32, device=device)
-    return t
-
-
 def _expert_dropout(ffn, t: torch.Tensor, adapters, layout, role: str) -> torch.Tensor:
     """``t`` (N, D) or (N, K, F), the input of the ``role`` experts over the training sub-batch
     (``layout``: adapter p's rows are offsets[p]:offsets[p]+counts[p]), with each MixLoRA
@@ -1159,6 +1144,9 @@ def _expert_dropout(ffn, t: torch.Tensor, adapters, layout, role: str) -> torch.
     if any(k is not None for k in slots_past):
         mult_all = torch.where(mask < 0, torch.ones_like(mult_all), mult_all)  # -1: a slot past its top-k
     return (t * mult_all).to(t.dtype)
+
+
+_SCALE_VECTORS: dict = {}  # _row_scales' constants, bounded
 
 
 def _row_scales(scales: tuple, counts: list, t: torch.Tensor) -> torch.Tensor:

@@ -73,18 +73,20 @@ def load_balance_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums behind f_e and P_e over non-pad tokens: (routed counts (E,), prob sums (E,), n_tokens).
 
-    Returned as sums (not means) so that callers can pool them over layers exactly."""
-    counts = F.one_hot(routing.experts, num_experts).to(torch.float32)  # (N, K, E)
+    Returned as sums (not means) so that callers can pool them over layers exactly. A routing
+    stacked over layers ((L, N, K) experts, (L, N, E) probs; one (N,) token mask for all) gives
+    (L, E) counts and prob sums: every layer's terms in one pass (``hooks.aux_loss_from_records``)."""
+    counts = F.one_hot(routing.experts, num_experts).to(torch.float32)  # (..., N, K, E)
     if routing.selected is not None:
         counts = counts * routing.selected.unsqueeze(-1)
-    counts = counts.sum(1)  # (N, E)
+    counts = counts.sum(-2)  # (..., N, E)
     probs = routing.probs
     if token_mask is not None:
         m = token_mask.reshape(-1, 1).to(torch.float32)
         counts, probs, n = counts * m, probs * m, m.sum()
     else:
-        n = torch.tensor(float(probs.shape[0]), device=probs.device)
-    return counts.sum(0), probs.sum(0), n
+        n = torch.tensor(float(probs.shape[-2]), device=probs.device)
+    return counts.sum(-2), probs.sum(-2), n
 
 
 def load_balance_loss(
@@ -92,9 +94,10 @@ def load_balance_loss(
 ) -> torch.Tensor:
     """E * sum_e f_e * P_e (Switch Transformer eq. 4, Mixtral form: f summed over the K slots).
 
-    Equals K under perfectly balanced routing; multiply by the coefficient outside."""
+    Equals K under perfectly balanced routing; multiply by the coefficient outside. (L, E) sums
+    (``load_balance_terms`` of a routing stacked over layers) give the (L,) per-layer losses."""
     n = n_tokens.clamp_min(1.0)
-    return num_experts * torch.sum((counts / n) * (prob_sums / n))
+    return num_experts * ((counts / n) * (prob_sums / n)).sum(-1)
 
 
 class TopKRouter(_private.Float32Params):
