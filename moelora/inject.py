@@ -338,10 +338,12 @@ def _drop_adapter_modules(model: nn.Module, state: AdapterState, name: str) -> N
     sites = _sites(model)
     for m in sites:
         if name in m.adapters:
-            # the decode graphs of the site (they read every adapter's stacks) and of the adapter's
-            # own modules; the other adapters' graphs read only their own weights and the base's
+            # the adapter's own modules' decode graphs. The site's graphs stay: they are keyed by the
+            # address and shape of every stack they read, so a stack rebuilt without this adapter is
+            # captured again on its own, and one rewritten in place replays correctly. Clearing
+            # them here threw away every bucket's serving graph at each slot eviction, re-captured
+            # inside the next timed steps (~3 s on the 7B shape; experiments/2026-12-02_h200).
             clear_decode_graphs(m.adapters[name])
-            clear_decode_graphs(m, recurse=False)
             del m.adapters[name]
     keep = []
     for parent, attr, original in reversed(state.originals):

@@ -69,6 +69,20 @@ def test_a_replaced_tensor_or_changed_scalar_never_replays_a_stale_graph():
     assert cache.captures == 1  # the new keys were seen once each: not captured yet
 
 
+def test_a_tensor_of_another_shape_at_the_same_address_never_replays_a_stale_graph():
+    """A freed stack's memory can be handed to a stack of another rank: same ``data_ptr``,
+    other shape. The key holds the shape, so that is a new entry, not the old graph's replay."""
+    buf, x = torch.randn(12), torch.randn(1, 3)
+    cache = _cache()
+    w = buf.view(4, 3)
+    for _ in range(3):
+        cache.run(lambda v: v @ w.t(), (x,), (w,))
+    w2 = buf[:6].view(2, 3)  # the same address, another shape
+    assert w2.data_ptr() == w.data_ptr()
+    torch.testing.assert_close(cache.run(lambda v: v @ w2.t(), (x,), (w2,)), x @ w2.t())
+    assert cache.captures == 1
+
+
 def test_a_replaced_tensor_frees_the_old_graph_and_takes_no_new_place():
     """Stale graphs do not pile up: a serving step's stacks are rebuilt (new tensors, same
     shapes) when a larger-rank adapter enters them; each time, that shape's graph is replaced,

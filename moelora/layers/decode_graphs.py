@@ -108,7 +108,8 @@ class GraphCache:
 
     def run(self, fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], params: Sequence[Any]) -> Any:
         shapes = tuple((t.shape, t.dtype) for t in inputs)
-        pkey = tuple(p.data_ptr() if isinstance(p, torch.Tensor) else p for p in params)
+        # address AND shape/dtype: a freed stack's address can be reused by one of another rank
+        pkey = tuple((p.data_ptr(), p.shape, p.dtype) if isinstance(p, torch.Tensor) else p for p in params)
         held = self.entries.get(shapes)
         entry = held[1] if held is not None and held[0] == pkey else None
         if entry.__class__ is _Captured:
