@@ -261,6 +261,53 @@ def test_split_over_in(case, max_split, monkeypatch):
         assert_close(a, b, torch.float32, msg=name)
 
 
+class _LaunchKeys:
+    """Stands in for a kernel: records what Triton compiles a launch for (its constexprs and the
+    ==1 / %16 specialisation of every int argument it specialises), runs nothing."""
+
+    def __init__(self, kernel, keys):
+        self.kernel, self.keys = kernel, keys
+        self.names = kernel.arg_names
+        self.dns = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize") or ())
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            spec = tuple((n, v == 1, v % 16 == 0) for n, v in zip(self.names, args)
+                         if type(v) is int and n not in self.dns)
+            self.keys.add((self.kernel.arg_names[0], tuple(sorted(constexprs.items())), spec))
+        return launch
+
+
+@pytest.mark.parametrize("case", ["lora_slots", "mixlora_virtual_experts"])
+def test_prefill_sizes_compile_no_variant_the_warmup_sizes_did_not(case, monkeypatch):
+    """The serving engine's warm-up runs two prefill sizes (128 and 129 tokens: a multiple of 16
+    and one more) so that no later prefill step compiles a kernel inside a timed step. That holds
+    only if a launch's compiled variant depends on the token count through its divisibility by
+    16 alone, not through the IN-split it sets. Launches recorded, not run, at a 7B layer's sizes
+    with the H100/H200's 132 SMs: every prefill size up to 2048 tokens maps onto those of 128/129."""
+    monkeypatch.setattr(gl.backend, "sm_count", lambda device: 132)
+    E, R, K = (32, 64, 1) if case == "lora_slots" else (32 * 8 + 1, 16, 2)
+    IN, OUT = 4096, 11008
+    x = torch.zeros(2048, IN)
+    A, B = torch.zeros(E, R, IN), torch.zeros(E, OUT, R)
+
+    def keys_for(sizes):
+        keys = set()
+        for name in ("_shrink_gather_kernel", "_shrink_tile_kernel", "_expand_gather_kernel", "_expand_tile_kernel"):
+            monkeypatch.setattr(gl, name, _LaunchKeys(getattr(gl, name), keys))
+        with torch.no_grad():
+            for T in sizes:
+                idx = torch.arange(T * K).view(T, K) % E
+                gathered_lora(x[:T], A, B, idx, torch.ones(T, K), 1.0)
+        monkeypatch.undo()
+        monkeypatch.setattr(gl.backend, "sm_count", lambda device: 132)
+        return keys
+
+    warm = keys_for((128, 129))
+    later = keys_for(range(65, 2049, 3))
+    assert later <= warm, sorted(later - warm)
+
+
 @pytest.mark.parametrize("impl", ["gather", "tile"])
 def test_deterministic(impl):
     inputs = make_inputs(5, 42, 42, 4, 8, 2, weighted=True, per_slot=True, seed=9)
