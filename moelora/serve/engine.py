@@ -342,9 +342,11 @@ class Engine:
             if st is None or not slots:
                 return {"skipped": "no adapter could be made resident"}
             before = decode_graphs.captured_graphs(self.model)
-            # then one step each of two prefill sizes past the largest bucket (the eager tile kernels: their
-            # first launch compiles them, a 2-3 s stall of the first long prefill otherwise; Triton
-            # specialises an integer argument on divisibility by 16, hence a multiple of 16 and one more)
+            # then one step each of two prefill sizes past the largest bucket (the eager gathered-LoRA
+            # kernels: their first launch compiles them, a 2-3 s stall of the first long prefill
+            # otherwise). A launch's compiled variant depends on the step's token count only through
+            # its divisibility by 16 (moelora_kernels.gathered_lora; tested there), so a multiple of
+            # 16 and one more cover every prefill size.
             prefill = (2 * buckets[-1], 2 * buckets[-1] + 1)
             modules = self._warmup_steps(st, slots, [(b, 2) for b in buckets] + [(b, 1) for b in prefill])
             graphs = decode_graphs.captured_graphs(self.model) - before
