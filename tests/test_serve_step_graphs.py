@@ -300,3 +300,29 @@ def test_a_slot_eviction_keeps_the_sites_serving_graphs(cpu_graphs):
         assert _site_graphs(m) >= before
     finally:
         eng.close()
+
+
+def test_serving_benchmark_rows_count_the_graphs_captured_inside_a_run(cpu_graphs):
+    """``moelora.bench.serve`` rows say how many decode graphs the timed run captured (each one a
+    step that waited for it) and which step launched longest: 0 after the warm-up, more when the
+    graphs were dropped before the run."""
+    from moelora.bench import serve as bench
+    from moelora.serve import Engine
+
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="a")
+    moelora.add_adapter(m, "b", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    randomize_adapter_(m, seed=5)
+    m.eval()
+    reqs = [bench.Req(arrival=0.0, adapter=i % 2, prompt=[3 + i, 4, 5], out_len=6) for i in range(4)]
+    eng = Engine(m, max_new_tokens=6, eos_token_id=-1, max_resident_adapters=2, max_adapters_per_step=2)
+    try:
+        warm = bench.run_engine(eng, reqs, ["a", "b"], 60, torch.device("cpu"))
+        assert warm["completed"] == 4 and warm["graph_captures"] == 0
+        step = warm["step_times"]["launch_max_step"]
+        assert 0 <= step["index"] < warm["step_times"]["steps_timed"] and step["tokens"] >= 1
+        decode_graphs.clear_decode_graphs(m)
+        cold = bench.run_engine(eng, reqs, ["a", "b"], 60, torch.device("cpu"))
+        assert cold["completed"] == 4 and cold["graph_captures"] > 0
+    finally:
+        eng.close()

@@ -57,7 +57,7 @@ ADMISSION_SECONDS = ("fill_s", "new_slot_s", "install_s", "drop_s", "admission_l
 COLUMNS = ("system", "num_adapters", "alpha", "rate", "arrival", "status", "requests", "completed", "cancelled",
            "rejected", "no_first_token", "output_tokens", "wall_s", "output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms",
            "itl_p50_ms", "itl_p99_ms", "latency_p50_s", "latency_p99_s", "swaps", "h2d_bytes",
-           "peak_resident_slots", "max_adapters_per_step", "peak_gpu_mem_gb", *ADMISSION_SECONDS, "note")
+           "peak_resident_slots", "max_adapters_per_step", "graph_captures", "peak_gpu_mem_gb", *ADMISSION_SECONDS, "note")
 
 
 @dataclass
@@ -233,7 +233,10 @@ def _reset_peak(device) -> None:
 
 
 def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
+    from moelora.layers.decode_graphs import captured_graphs
+
     before = engine.metrics()
+    graphs = captured_graphs(engine.model)
     engine.registry.reset_peaks()
     engine.max_adapters_seen = 0
     engine._manager.step_times.reset()
@@ -248,7 +251,10 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     row.update({k: round(after[k] - before[k], 3) for k in ADMISSION_SECONDS})
     row.update(swaps=after["swaps"] - before["swaps"], h2d_bytes=after["h2d_bytes"] - before["h2d_bytes"],
                peak_resident_slots=after["peak_resident_slots"], max_adapters_per_step=after["max_adapters_seen_per_step"],
-               peak_gpu_mem_gb=_peak_mem(device), step_times=after["step_times"])
+               peak_gpu_mem_gb=_peak_mem(device), step_times=after["step_times"],
+               # decode graphs captured inside the timed run (0 after a complete warm-up: each one
+               # is a step that waited for a capture)
+               graph_captures=captured_graphs(engine.model) - graphs)
     return row
 
 

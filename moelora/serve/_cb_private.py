@@ -230,7 +230,10 @@ class StepTimes:
     forward, sampling included, returning: on CUDA the host's launch time, the step being
     asynchronous), ``sync`` (waiting for the device after that), ``between`` (from the end of one
     step to the start of the next: CB's update of the batch, delivery of the outputs, scheduling
-    and the batch tensors of the next). ``summary()``: medians and the step count."""
+    and the batch tensors of the next). ``summary()``: medians, sums, maxima and the step count, and
+    which step had the longest launch (``launch_max_step``: its index, tokens and requests: a
+    one-off stall of a long prefill step is a first-time kernel compile, of a decode step a graph
+    capture)."""
 
     def __init__(self, keep: int = 4096) -> None:
         import collections
@@ -259,6 +262,9 @@ class StepTimes:
             out[f"{k}_s_sum"] = round(sum(r[i] for r in rows), 3)
             out[f"{k}_ms_max"] = round(1e3 * max((r[i] for r in rows), default=0.0), 3)
         out["steps_s_sum"] = round(sum(r[0] + r[1] + r[2] + r[3] for r in rows), 3)
+        if rows:
+            i = max(range(len(rows)), key=lambda j: rows[j][2])
+            out["launch_max_step"] = {"index": i, "tokens": rows[i][6], "requests": rows[i][5]}
         out["requests_per_step_p50"] = statistics.median([r[5] for r in rows]) if rows else None
         out["tokens_per_step_p50"] = statistics.median([r[6] for r in rows]) if rows else None
         return out
