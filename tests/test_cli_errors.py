@@ -68,6 +68,8 @@ BAD_TYPES = {
     "optimizer_key_typo": ("+module.optimizer.learning_rate=1", ["module.optimizer.learning_rate", "AdamW"]),
     "compiled_hidden_not_bool": ("module.compiled_expert_hidden=maybe", ["module.compiled_expert_hidden='maybe'",
                                                                           "true or false"]),
+    "recompute_not_bool": ("module.mixture_recompute=sometimes", ["module.mixture_recompute='sometimes'",
+                                                                   "true or false"]),
 }
 
 

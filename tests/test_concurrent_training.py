@@ -711,3 +711,29 @@ def test_row_gather_backward_is_the_inverse_gather():
     assert torch.autograd.gradcheck(lambda t: _RowGather.apply(t, sel, inv), (x,))
     y = torch.randn(P * n, D, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _RowGather.apply(t, inv, sel.reshape(-1)), (y,))
+
+
+def test_mixture_recompute_off_holds_for_a_step_only_when_every_job_turns_it_off(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``module.mixture_recompute=false`` in the concurrent launcher: a shared step stores the
+    mixture (no recompute) only when all its jobs ask for it; one job that keeps the default keeps
+    the memory-safe recompute for the step."""
+    from moelora.layers.mix_recompute import _MixRecompute
+
+    calls = []
+    real = _MixRecompute.apply
+    monkeypatch.setattr(_MixRecompute, "apply", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    jobs = {"a": ["adapter=mixlora", "adapter.num_experts=4", "seed=1"],
+            "b": ["adapter=mixlora", "adapter.num_experts=4", "seed=2"]}
+
+    def run(where: str, flags: dict) -> int:
+        calls.clear()
+        cfgs = [compose_train_config([*FAST, *QUIET, "trainer.max_steps=2", *jobs[j],
+                                      f"module.mixture_recompute={flags[j]}"], output_dir=tmp_path / where / j)
+                for j in jobs]
+        res = train_concurrently(cfgs, progress=False)
+        assert [r["status"] for r in res] == ["finished", "finished"], res
+        return len(calls)
+
+    assert run("off", {"a": "false", "b": "false"}) == 0
+    assert run("one_on", {"a": "false", "b": "true"}) > 0

@@ -186,6 +186,31 @@ def test_gradient_accumulation_and_clipping(tmp_path: Path) -> None:
     assert trainer.gradient_clip_val == 0.5
 
 
+def test_mixture_recompute_off_trains_the_same_adapter_without_the_recompute(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``module.mixture_recompute=false``: MixLoRA's forwards take the stored (plain) mixture, never
+    the recomputing one, and the trained adapter equals the default (recomputing) run's (fp32)."""
+    from safetensors.torch import load_file
+
+    from moelora.layers.mix_recompute import _MixRecompute
+
+    calls = []
+    real = _MixRecompute.apply
+    monkeypatch.setattr(_MixRecompute, "apply", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    common = ["adapter=mixlora", "trainer.max_steps=3", "test=false", "plot=false",
+              "trainer.val_check_interval=1000", "module.router_stats_every_n_steps=0"]
+    adapters, counts = {}, {}
+    for flag in ("true", "false"):
+        calls.clear()
+        cfg = compose_train_config([*FAST, *common, f"module.mixture_recompute={flag}"], output_dir=tmp_path / flag)
+        train(cfg)
+        counts[flag] = len(calls)
+        adapters[flag] = load_file(str(tmp_path / flag / "adapter" / "adapter_model.safetensors"))
+    assert counts["true"] > 0 and counts["false"] == 0
+    for k, v in adapters["true"].items():
+        torch.testing.assert_close(adapters["false"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_compiled_expert_hidden_trains_as_the_eager_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``module.compiled_expert_hidden=true``: MixLoRA's forwards and backward recomputes take the
     compiled hidden (CPU Inductor) and the trained adapter equals the eager run's (fp32)."""

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 import moelora
 from moelora import cli
 from moelora.training import outputs
-from moelora.layers.dispatch import compiled_expert_hidden
+from moelora.layers.dispatch import compiled_expert_hidden, plain_mixture_backward
 from moelora.training.checkpoint import BASE_KEY, AtomicCheckpointIO, CheckpointError, base_signature, read_checkpoint
 from moelora.training.module import attach_adapter, router_log_dict
 from moelora.training.packing import pack_micro_batches, per_job_losses
@@ -412,9 +412,12 @@ class _GroupLoop:
                                         pad_to_multiple_of=PAD_MULTIPLE if len(jobs) > 1 else None)
             self.model.train()
             # the compiled expert hidden when every job of the step asks for it (a switch of the forward)
+            # and the stored (not recomputed) mixture only when every job turns the recompute off
+            # (the memory-safe form wins a mixed step)
             compiled = all(j.module.compiled_expert_hidden for j in jobs)
+            plain = not any(j.module.mixture_recompute for j in jobs)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
-                    compiled_expert_hidden(compiled):
+                    compiled_expert_hidden(compiled), plain_mixture_backward(plain):
                 out = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                                  adapter_names=packed.adapter_names)
             aux_losses = getattr(out, "aux_losses", None) or {}

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 import moelora
-from moelora.layers.dispatch import compiled_expert_hidden
+from moelora.layers.dispatch import compiled_expert_hidden, plain_mixture_backward
 from moelora.training.checkpoint import BASE_KEY, base_signature
 
 # Prefix of the adapter keys in Lightning's checkpoint["state_dict"] (the module's attribute name).
@@ -121,6 +121,11 @@ class MoeLoraModule(pl.LightningModule):
             (``moelora.layers.dispatch.compiled_expert_hidden``: Inductor fuses the elementwise passes
             over the (tokens, top-k, FFN) tensors; 9-11% faster steps on the H200, 7B shape). Off by
             default: the first steps compile (tens of seconds; needs a C++ compiler on CPU).
+        mixture_recompute: MixLoRA's expert mixture is recomputed in the backward instead of its
+            (tokens, top-k, FFN) activations being stored (``moelora.layers.mix_recompute``; the
+            default). False trades memory for speed: on the H100, 7B shape, 4 x 1024 tokens, the
+            step took 533 instead of 611 ms at 69.4 instead of 44.8 GB peak
+            (experiments/2026-12-02_h200, eleventh session).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class MoeLoraModule(pl.LightningModule):
         max_new_tokens: int = 16,
         router_stats_every_n_steps: int = 25,
         compiled_expert_hidden: bool = False,
+        mixture_recompute: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -145,6 +151,7 @@ class MoeLoraModule(pl.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.router_stats_every_n_steps = router_stats_every_n_steps
         self.compiled_expert_hidden = bool(compiled_expert_hidden)
+        self.mixture_recompute = bool(mixture_recompute)
         self.acc = nn.ModuleDict(
             {stage: nn.ModuleDict({_metric_key(t): MeanMetric() for t in self.task_names}) for stage in ("val", "test")}
         )
@@ -211,7 +218,7 @@ class MoeLoraModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         # the forward decides the form; the backward recompute Lightning runs later takes the same
-        with compiled_expert_hidden(self.compiled_expert_hidden):
+        with compiled_expert_hidden(self.compiled_expert_hidden), plain_mixture_backward(not self.mixture_recompute):
             out = self.model(**self._lm_batch(batch))
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=bs)

@@ -98,6 +98,7 @@ CHECKS: dict[str, Check] = {
     "module.max_new_tokens": int_at_least(1, null=True),
     "module.router_stats_every_n_steps": COUNT,
     "module.compiled_expert_hidden": BOOL,
+    "module.mixture_recompute": BOOL,
     "callbacks.model_checkpoint.every_n_train_steps": int_at_least(0, null=True),
     "callbacks.model_checkpoint.save_top_k": int_at_least(-1),
     "callbacks.progress_bar.refresh_rate": COUNT,
