@@ -342,7 +342,7 @@ def _drop_adapter_modules(model: nn.Module, state: AdapterState, name: str) -> N
             # address and shape of every stack they read, so a stack rebuilt without this adapter is
             # captured again on its own, and one rewritten in place replays correctly. Clearing
             # them here threw away every bucket's serving graph at each slot eviction, re-captured
-            # inside the next timed steps (~3 s on the 7B shape; experiments/2026-12-02_h200).
+            # inside the next timed steps (the warm-up's seconds per bucket on the 7B shape).
             clear_decode_graphs(m.adapters[name])
             del m.adapters[name]
     keep = []
