@@ -83,6 +83,21 @@ def test_a_tensor_of_another_shape_at_the_same_address_never_replays_a_stale_gra
     assert cache.captures == 1
 
 
+def test_captures_total_keeps_the_captures_of_freed_modules():
+    """The serving benchmark counts a run's captures as a difference of ``captures_total``: a
+    module freed in between (a site unwrapped) keeps its captures in it."""
+    w, x = torch.randn(4, 3), torch.randn(1, 3)
+    mod = torch.nn.Linear(3, 4)
+    before = decode_graphs.captures_total()
+    cache = decode_graphs.cache_for(mod)
+    cache._capture = _fake_capture
+    for _ in range(3):
+        cache.run(lambda v: v @ w.t(), (x,), (w,))
+    assert decode_graphs.captured_graphs(mod) == 1
+    del mod, cache
+    assert decode_graphs.captures_total() - before == 1
+
+
 def test_a_replaced_tensor_frees_the_old_graph_and_takes_no_new_place():
     """Stale graphs do not pile up: a serving step's stacks are rebuilt (new tensors, same
     shapes) when a larger-rank adapter enters them; each time, that shape's graph is replaced,

@@ -233,10 +233,10 @@ def _reset_peak(device) -> None:
 
 
 def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
-    from moelora.layers.decode_graphs import captured_graphs
+    from moelora.layers.decode_graphs import captures_total
 
     before = engine.metrics()
-    graphs = captured_graphs(engine.model)
+    graphs = captures_total()
     engine.registry.reset_peaks()
     engine.max_adapters_seen = 0
     engine._manager.step_times.reset()
@@ -254,7 +254,7 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
                peak_gpu_mem_gb=_peak_mem(device), step_times=after["step_times"],
                # decode graphs captured inside the timed run (0 after a complete warm-up: each one
                # is a step that waited for a capture)
-               graph_captures=captured_graphs(engine.model) - graphs)
+               graph_captures=captures_total() - graphs)
     return row
 
 

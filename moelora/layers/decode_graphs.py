@@ -132,6 +132,7 @@ class GraphCache:
             return fn(*inputs)
         self.entries[shapes] = (pkey, entry)
         self.captures += 1
+        _TOTAL["captures"] += 1
         entry.graph.replay()  # the capture recorded the work; the replay does it
         return entry.outputs
 
@@ -148,6 +149,7 @@ class _Pool:
 _POOLS: dict[int, "weakref.ref[_Pool]"] = {}
 _STREAMS: dict[int, torch.cuda.Stream] = {}
 _WARNED: set[str] = set()
+_TOTAL = {"captures": 0}  # every capture of this process, also of modules since freed (captures_total)
 
 
 def _warn_once(msg: str) -> None:
@@ -224,6 +226,13 @@ def graphed(module: torch.nn.Module, fn: Callable[..., Any], inputs: tuple[torch
 def captured_graphs(model: torch.nn.Module) -> int:
     """How many decode graphs ``model``'s modules hold (benchmarks report it with every row)."""
     return sum(_CACHES[m].captures for m in model.modules() if m in _CACHES)
+
+
+def captures_total() -> int:
+    """How many decode graphs this process has captured so far, of any model. A difference of two
+    readings counts the captures between them, also of modules freed in between (a site unwrapped
+    when its last adapter left), which a difference of ``captured_graphs`` would lose."""
+    return _TOTAL["captures"]
 
 
 def clear_decode_graphs(model: torch.nn.Module | None = None, recurse: bool = True) -> None:
