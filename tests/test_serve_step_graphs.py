@@ -270,8 +270,8 @@ def _site_graphs(m) -> int:
 
 def test_a_slot_eviction_keeps_the_sites_serving_graphs(cpu_graphs):
     """A swap to an adapter whose config has no free slot evicts a slot of another config
-    (``delete_adapter``). That must not throw away the sites' graphs of every bucket: on the GPU
-    each lost one was re-captured inside a timed step (1000 adapters, 7B shape: a 3.1 s step).
+    (``delete_adapter``). That must not throw away the sites' graphs of every bucket: each lost
+    one would be captured again inside a timed step (on the GPU, seconds per bucket, 7B shape).
     The tokens stay those of offline ``generate``, the evictions happen, the graphs survive."""
     from moelora.serve import Engine
 

@@ -293,14 +293,12 @@ def test_prefill_sizes_compile_no_variant_the_warmup_sizes_did_not(case, monkeyp
 
     def keys_for(sizes):
         keys = set()
-        for name in ("_shrink_gather_kernel", "_shrink_tile_kernel", "_expand_gather_kernel", "_expand_tile_kernel"):
-            monkeypatch.setattr(gl, name, _LaunchKeys(getattr(gl, name), keys))
-        with torch.no_grad():
+        with monkeypatch.context() as mp, torch.no_grad():
+            for name in ("_shrink_gather_kernel", "_shrink_tile_kernel", "_expand_gather_kernel", "_expand_tile_kernel"):
+                mp.setattr(gl, name, _LaunchKeys(getattr(gl, name), keys))
             for T in sizes:
                 idx = torch.arange(T * K).view(T, K) % E
                 gathered_lora(x[:T], A, B, idx, torch.ones(T, K), 1.0)
-        monkeypatch.undo()
-        monkeypatch.setattr(gl.backend, "sm_count", lambda device: 132)
         return keys
 
     warm = keys_for((128, 129))
