@@ -15,11 +15,15 @@ fails with a message naming the attribute when one of these moves.
   ``cudagraph_records`` counts CUDA-graph recordings (benchmarks report re-records with it).
 - ``nn.Module._apply``: the one method ``.to()``/``.half()``/``.cuda()`` route every tensor
   through; ``Float32Params`` overrides it so routers stay fp32 when the model is cast to 16 bits.
+- triton's ``knobs.runtime.jit_cache_hook`` / ``jit_post_compile_hook`` (called before and after
+  each kernel compile, keyword arguments ``key``, ``repr``, ``fn``, ...): ``triton_compiles``
+  counts and times the compiles inside a block (the serving benchmark reports them per run).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 import torch
@@ -178,3 +182,50 @@ def cudagraph_records() -> Iterator[_RecordCounter]:
         logger.removeHandler(counter)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+class _CompileLog:
+    """What ``triton_compiles`` saw: ``count`` compiles, ``seconds`` in them, ``kernels`` the name
+    and duration of each (compile order)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.kernels: list[tuple[str, float]] = []
+        self._started: dict[int, float] = {}
+
+    def as_dict(self, limit: int = 8) -> dict:
+        return {"count": self.count, "seconds": round(self.seconds, 3),
+                "kernels": [[name, round(s, 3)] for name, s in self.kernels[:limit]]}
+
+
+@contextlib.contextmanager
+def triton_compiles() -> Iterator[_CompileLog]:
+    """Count the Triton kernels compiled inside the block, with their names and compile seconds
+    (``.count``, ``.seconds``, ``.kernels``). A step that waited for a compile is invisible in a
+    step-time histogram otherwise. Chains any hooks already installed (they still run and decide)
+    and restores them on exit. The interpreter (``TRITON_INTERPRET=1``) compiles nothing: 0."""
+    from triton import knobs
+
+    rt = knobs.runtime
+    pre_before, post_before = rt.jit_cache_hook, rt.jit_post_compile_hook
+    log = _CompileLog()
+
+    def pre(*args, **kwargs):
+        log._started[id(kwargs.get("key"))] = time.perf_counter()
+        return pre_before(*args, **kwargs) if pre_before else None
+
+    def post(*args, **kwargs):
+        now = time.perf_counter()
+        start = log._started.pop(id(kwargs.get("key")), now)
+        fn = kwargs.get("fn")
+        log.count += 1
+        log.seconds += now - start
+        log.kernels.append((getattr(fn, "name", None) or str(kwargs.get("repr", "?")).split("[")[0], now - start))
+        return post_before(*args, **kwargs) if post_before else None
+
+    rt.jit_cache_hook, rt.jit_post_compile_hook = pre, post
+    try:
+        yield log
+    finally:
+        rt.jit_cache_hook, rt.jit_post_compile_hook = pre_before, post_before

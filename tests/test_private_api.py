@@ -55,3 +55,46 @@ def test_versions_are_in_the_tested_range():
         v = Version(mod.__version__.split("+")[0])
         assert v in SpecifierSet(_private.TESTED[name]), \
             f"{name} {v} is outside the range moelora/_private.py was tested with ({_private.TESTED[name]})"
+
+
+def test_triton_compile_hooks_are_counted_chained_and_restored():
+    from triton import knobs
+
+    rt = knobs.runtime
+    assert hasattr(rt, "jit_cache_hook") and hasattr(rt, "jit_post_compile_hook"), \
+        "triton.knobs.runtime.jit_cache_hook / jit_post_compile_hook are gone: update moelora/_private.triton_compiles"
+    seen = []
+    rt.jit_post_compile_hook = lambda **kw: seen.append(kw["key"])
+    try:
+        with _private.triton_compiles() as log:
+            # what triton's JITFunction._do_compile calls around one compile (keyword arguments)
+            key = ("sig", 1)
+            assert rt.jit_cache_hook(key=key, repr="k[num_warps=4](x: *fp32)", fn=None) is None  # never skips
+            rt.jit_post_compile_hook(key=key, repr="k[num_warps=4](x: *fp32)", fn=None)
+        assert log.count == 1 and log.kernels[0][0] == "k" and log.seconds >= 0
+        assert seen == [key]  # the hook installed before still ran
+        assert rt.jit_cache_hook is None and seen and rt.jit_post_compile_hook is not None
+        rt.jit_post_compile_hook(key="after")
+        assert log.count == 1 and seen[-1] == "after"  # restored: the block's counter is off
+    finally:
+        rt.jit_post_compile_hook = None
+
+
+def test_triton_compiles_counts_a_real_compile_on_the_gpu():
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (the interpreter compiles nothing)")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fill(x_ptr, VALUE: tl.constexpr):
+        tl.store(x_ptr, VALUE)
+
+    x = torch.zeros(1, device="cuda")
+    with _private.triton_compiles() as log:
+        _fill[(1,)](x, VALUE=7.0)
+        _fill[(1,)](x, VALUE=7.0)  # cached: no second compile
+    torch.cuda.synchronize()
+    assert x.item() == 7.0 and log.count == 1 and log.kernels[0][0] == "_fill", log.as_dict()

@@ -319,6 +319,7 @@ def test_serving_benchmark_rows_count_the_graphs_captured_inside_a_run(cpu_graph
     try:
         warm = bench.run_engine(eng, reqs, ["a", "b"], 60, torch.device("cpu"))
         assert warm["completed"] == 4 and warm["graph_captures"] == 0
+        assert warm["kernel_compiles"]["count"] == 0  # the interpreter compiles nothing; the GPU run says
         step = warm["step_times"]["launch_max_step"]
         assert 0 <= step["index"] < warm["step_times"]["steps_timed"] and step["tokens"] >= 1
         decode_graphs.clear_decode_graphs(m)

@@ -233,6 +233,7 @@ def _reset_peak(device) -> None:
 
 
 def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
+    from moelora._private import triton_compiles
     from moelora.layers.decode_graphs import captures_total
 
     before = engine.metrics()
@@ -241,7 +242,8 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     engine.max_adapters_seen = 0
     engine._manager.step_times.reset()
     _reset_peak(device)
-    res = asyncio.run(_drive(engine, reqs, names, timeout))
+    with triton_compiles() as compiles:
+        res = asyncio.run(_drive(engine, reqs, names, timeout))
     # requests cancelled at the timeout may still be leaving CB
     from moelora.serve.engine import wait_until
 
@@ -254,7 +256,10 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
                peak_gpu_mem_gb=_peak_mem(device), step_times=after["step_times"],
                # decode graphs captured inside the timed run (0 after a complete warm-up: each one
                # is a step that waited for a capture)
-               graph_captures=captures_total() - graphs)
+               graph_captures=captures_total() - graphs,
+               # Triton kernels compiled inside the timed run, with their seconds (0 after a complete
+               # warm-up: each one is a step that waited for a compile)
+               kernel_compiles=compiles.as_dict())
     return row
 
 
@@ -446,6 +451,8 @@ def main(argv=None) -> dict[str, Any]:
                                                       "swaps")), flush=True)
         if row.get("step_times"):
             print("  step_times", row["step_times"], flush=True)
+        if row.get("kernel_compiles"):
+            print("  kernel_compiles", row["kernel_compiles"], flush=True)
 
     def result(final: bool = False) -> dict:
         return {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},
