@@ -185,18 +185,19 @@ def cudagraph_records() -> Iterator[_RecordCounter]:
 
 
 class _CompileLog:
-    """What ``triton_compiles`` saw: ``count`` compiles, ``seconds`` in them, ``kernels`` the name
-    and duration of each (compile order)."""
+    """What ``triton_compiles`` saw: ``count`` compiles, ``seconds`` in them, ``kernels`` the name,
+    duration and variant (the arguments' types and specialisations, constexpr values included: what
+    made this launch compile) of each, in compile order."""
 
     def __init__(self) -> None:
         self.count = 0
         self.seconds = 0.0
-        self.kernels: list[tuple[str, float]] = []
+        self.kernels: list[tuple[str, float, str]] = []
         self._started: dict[int, float] = {}
 
     def as_dict(self, limit: int = 8) -> dict:
         return {"count": self.count, "seconds": round(self.seconds, 3),
-                "kernels": [[name, round(s, 3)] for name, s in self.kernels[:limit]]}
+                "kernels": [[name, round(s, 3), variant] for name, s, variant in self.kernels[:limit]]}
 
 
 @contextlib.contextmanager
@@ -221,7 +222,12 @@ def triton_compiles() -> Iterator[_CompileLog]:
         fn = kwargs.get("fn")
         log.count += 1
         log.seconds += now - start
-        log.kernels.append((getattr(fn, "name", None) or str(kwargs.get("repr", "?")).split("[")[0], now - start))
+        text = str(kwargs.get("repr", "?"))
+        name = getattr(fn, "name", None) or text.split("[")[0]
+        # the variant: the argument types/specialisations and constexpr values that made it compile
+        info = kwargs.get("compile") or {}
+        variant = f"signature={info.get('signature')} constants={info.get('constants')}" if info else text
+        log.kernels.append((name.rsplit(".", 1)[-1], now - start, variant[:1000]))
         return post_before(*args, **kwargs) if post_before else None
 
     rt.jit_cache_hook, rt.jit_post_compile_hook = pre, post

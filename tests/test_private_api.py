@@ -69,9 +69,11 @@ def test_triton_compile_hooks_are_counted_chained_and_restored():
         with _private.triton_compiles() as log:
             # what triton's JITFunction._do_compile calls around one compile (keyword arguments)
             key = ("sig", 1)
-            assert rt.jit_cache_hook(key=key, repr="k[num_warps=4](x: *fp32)", fn=None) is None  # never skips
-            rt.jit_post_compile_hook(key=key, repr="k[num_warps=4](x: *fp32)", fn=None)
-        assert log.count == 1 and log.kernels[0][0] == "k" and log.seconds >= 0
+            info = {"key": key, "signature": {"x": "*fp32", "N": "constexpr"}, "constants": {(1,): 8}}
+            assert rt.jit_cache_hook(key=key, repr="k[num_warps=4](x: *fp32)", fn=None, compile=info) is None  # never skips
+            rt.jit_post_compile_hook(key=key, repr="k[num_warps=4](x: *fp32)", fn=None, compile=info)
+        assert log.count == 1 and log.kernels[0][:1] == ("k",) and log.seconds >= 0
+        assert log.kernels[0][2] == "signature={'x': '*fp32', 'N': 'constexpr'} constants={(1,): 8}"  # the variant
         assert seen == [key]  # the hook installed before still ran
         assert rt.jit_cache_hook is None and seen and rt.jit_post_compile_hook is not None
         rt.jit_post_compile_hook(key="after")
@@ -98,3 +100,4 @@ def test_triton_compiles_counts_a_real_compile_on_the_gpu():
         _fill[(1,)](x, VALUE=7.0)  # cached: no second compile
     torch.cuda.synchronize()
     assert x.item() == 7.0 and log.count == 1 and log.kernels[0][0] == "_fill", log.as_dict()
+    assert "7.0" in log.kernels[0][2], log.as_dict()  # the constexpr's value is in the variant
