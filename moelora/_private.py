@@ -11,7 +11,7 @@ fails with a message naming the attribute when one of these moves.
 - transformers' ``GenerationMixin._prepare_static_cache(cache_implementation, batch_size,
   max_cache_len, ...)`` and ``_previous_max_cache_length``: where ``generate(cache_implementation=
   "static")`` makes its cache (a new one per call in 5.x); ``ReusedStaticCache`` overrides it.
-- torch's logger ``torch._inductor.cudagraph_trees`` and its debug line "Recording function=":
+- torch's loggers ``torch._inductor.cudagraph_trees`` (+ ``.__cudagraphs``, its artifact logger) and the debug line "Recording function=":
   ``cudagraph_records`` counts CUDA-graph recordings (benchmarks report re-records with it).
 - ``nn.Module._apply``: the one method ``.to()``/``.half()``/``.cuda()`` route every tensor
   through; ``Float32Params`` overrides it so routers stay fp32 when the model is cast to 16 bits.
@@ -168,20 +168,26 @@ CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_trees"
 def cudagraph_records() -> Iterator[_RecordCounter]:
     """Count the CUDA graphs torch.compile's cudagraph trees record inside the block (``.count``;
     the first recording of a compiled function and every re-record, e.g. "static input data
-    pointer changed"). Reads the debug log of ``torch._inductor.cudagraph_trees``, which is
-    otherwise silent, so the block turns that logger's debug level on and restores it on exit."""
-    logger = logging.getLogger(CUDAGRAPH_LOGGER)
+    pointer changed"). Reads the debug log of ``torch._inductor.cudagraph_trees`` (and of its
+    artifact logger ``...cudagraph_trees.__cudagraphs``, where torch 2.x logs the line), which is
+    otherwise silent: the block turns their debug level on and, so that none of those debug lines
+    (tens of MB of stack traces per run on the GPU) reach the user's console, hands their records
+    to the counter alone; levels, handlers and propagation are restored on exit."""
     counter = _RecordCounter()
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(counter)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False  # the debug lines go to the counter, not to the user's handlers
+    names = (CUDAGRAPH_LOGGER, CUDAGRAPH_LOGGER + ".__cudagraphs")
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg, lg.level, lg.propagate, lg.handlers[:]) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [counter]  # each record is counted once: none propagates past its logger
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
     try:
         yield counter
     finally:
-        logger.removeHandler(counter)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        for lg, level, propagate, handlers in saved:
+            lg.handlers = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
 
 
 class _CompileLog:

@@ -190,13 +190,31 @@ def test_cudagraph_record_counter_counts_recordings_and_restores_the_logger():
 
     from moelora import _private
 
+    import torch._inductor.cudagraph_trees as trees
+
     logger = logging.getLogger(_private.CUDAGRAPH_LOGGER)
-    level, propagate = logger.level, logger.propagate
-    with _private.cudagraph_records() as rec:
-        logger.debug("[%s] Recording function=%s, mode=%s, cuda_graph_id=%d, inputs: %s", "0/0", "f", "INFERENCE", 0, "")
-        logger.debug("[%s] Running warmup function=%s", "0/0", "f")
-    assert rec.count == 1
-    assert logger.level == level and logger.propagate == propagate and rec not in logger.handlers
+    artifact = trees.log  # where torch logs the recording line (an artifact logger below it)
+    seen = []
+
+    class Console(logging.Handler):  # stands for a handler torch or the user put on the artifact logger
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    console = Console()
+    artifact.addHandler(console)
+    try:
+        level, propagate = logger.level, logger.propagate
+        a_level, a_propagate = artifact.level, artifact.propagate
+        with _private.cudagraph_records() as rec:
+            artifact.debug("[%s] Recording function=%s, mode=%s, cuda_graph_id=%d, inputs: %s", "0/0", "f", "INFERENCE", 0, "")
+            logger.debug("[%s] Recording function=%s, mode=%s, cuda_graph_id=%d, inputs: %s", "0/1", "g", "INFERENCE", 1, "")
+            artifact.debug("[%s] Running warmup function=%s", "0/0", "f")
+        assert rec.count == 2  # one per line, not counted twice through propagation
+        assert seen == []  # the debug lines did not reach the console inside the block
+        assert logger.level == level and logger.propagate == propagate and rec not in logger.handlers
+        assert artifact.level == a_level and artifact.propagate == a_propagate and console in artifact.handlers
+    finally:
+        artifact.removeHandler(console)
 
 
 def test_the_internals_these_rely_on_are_still_there():
