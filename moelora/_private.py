@@ -11,8 +11,9 @@ fails with a message naming the attribute when one of these moves.
 - transformers' ``GenerationMixin._prepare_static_cache(cache_implementation, batch_size,
   max_cache_len, ...)`` and ``_previous_max_cache_length``: where ``generate(cache_implementation=
   "static")`` makes its cache (a new one per call in 5.x); ``ReusedStaticCache`` overrides it.
-- torch's loggers ``torch._inductor.cudagraph_trees`` (+ ``.__cudagraphs``, its artifact logger) and the debug line "Recording function=":
-  ``cudagraph_records`` counts CUDA-graph recordings (benchmarks report re-records with it).
+- torch's loggers ``torch._inductor.cudagraph_trees`` and its artifact logger ``.__cudagraphs``,
+  with their debug line "Recording function=": ``cudagraph_records`` counts CUDA-graph
+  recordings (benchmarks report re-records with it).
 - ``nn.Module._apply``: the one method ``.to()``/``.half()``/``.cuda()`` route every tensor
   through; ``Float32Params`` overrides it so routers stay fp32 when the model is cast to 16 bits.
 - triton's ``knobs.runtime.jit_cache_hook`` / ``jit_post_compile_hook`` (called before and after
