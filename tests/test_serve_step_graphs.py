@@ -327,3 +327,44 @@ def test_serving_benchmark_rows_count_the_graphs_captured_inside_a_run(cpu_graph
         assert cold["completed"] == 4 and cold["graph_captures"] > 0
     finally:
         eng.close()
+
+
+def test_engine_warmup_launches_every_kernel_variant_that_serving_launches(cpu_graphs):
+    """A kernel variant launched for the first time compiles (0.3-0.7 s each on the GPU, 7B shape):
+    inside a timed serving step that is a stall (H100, 1000 adapters: six compiles, 2.8-3.1 s, in
+    the first step after the warm-up, one request's prefill: a uniform step, the adapter's own
+    kernels). Under the interpreter each launch's compile key is recorded
+    (``moelora_kernels.launch_keys``): requests served alone (uniform steps: prefill of more than
+    64 tokens, then one-token decode) and together (mixed steps) launch no variant that
+    ``Engine.warmup()`` did not. MixLoRA with 8 experts of rank 16: its own prefill takes the tile
+    kernels (8·16 columns), the mixed steps' stacks the gather ones, as at the 7B shape."""
+    from moelora.serve import Engine
+    from moelora_kernels import launch_keys
+
+    m = make_tiny(layers=1)
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4, target_modules=("q_proj", "down_proj")), adapter_name="lora")
+    moelora.add_adapter(m, "mix", moelora.MixLoraConfig(num_experts=8, top_k=2, r=16, expert_backend="fused",
+                                                        attention_target_modules=("v_proj",)))
+    randomize_adapter_(m, seed=3)
+    m.eval()
+    g = torch.Generator().manual_seed(0)
+    long_p, short_p = torch.randint(3, 60, (90,), generator=g).tolist(), [5, 6, 7]
+    with moelora.kernel_backend("triton"):
+        eng = Engine(m, max_new_tokens=3, eos_token_id=-1, max_pending=8, max_resident_adapters=2,
+                     max_adapters_per_step=2, warmup=False)
+        try:
+            with launch_keys.recording() as warm:
+                stats = eng.warmup(buckets=(8, 64))  # two buckets: the interpreter is slow
+            assert "skipped" not in stats and stats["uniform_tokens"] == [1, 128, 129], stats
+            with launch_keys.recording() as served:
+                for p in (long_p, short_p):  # alone: uniform steps
+                    assert len(list(eng.stream(eng.submit(p, "mix")))) == 3
+                rids = [eng.submit(p, n) for p, n in ((long_p, "mix"), (short_p, "lora"), (short_p, None))]
+                assert all(len(list(eng.stream(r))) == 3 for r in rids)
+            assert eng.mixed_steps > 0
+            uniform = {k[0] for k in served}
+            assert {"_moe_hidden_kernel", "_shrink_tile_kernel"} <= uniform, uniform  # the paths above ran
+            new = served - warm
+            assert not new, f"{len(new)} variants launched after the warm-up: {sorted(k[0] for k in new)}"
+        finally:
+            eng.close()

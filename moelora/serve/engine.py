@@ -304,7 +304,10 @@ class Engine:
         sizes past the largest bucket once (the eager kernels' first-launch compiles), under a plan
         of the engine's stack positions with one served adapter of each config (LoRA and top-k
         MixLoRA; up to the per-step cap) made resident, so the stacks exist at the sizes and
-        addresses later steps write in place (``StackBounds``). The adapters stay resident, unpinned,
+        addresses later steps write in place (``StackBounds``); then each of those adapters alone
+        (a uniform step: its own kernels) at one token and the two prefill sizes, so no kernel
+        variant is compiled inside a timed step (tested under the interpreter with
+        ``moelora_kernels.launch_keys``). The adapters stay resident, unpinned,
         and a bounded slot pool is then filled with served adapters in their order (``AdapterRegistry.fill``:
         swaps later copy into slots of their config instead of creating modules).
         A no-op (``{"skipped": why}``) where serving-step graphs do not apply (CPU, graphs switched
@@ -350,10 +353,19 @@ class Engine:
             prefill = (2 * buckets[-1], 2 * buckets[-1] + 1)
             modules = self._warmup_steps(st, slots, [(b, 2) for b in buckets] + [(b, 1) for b in prefill])
             graphs = decode_graphs.captured_graphs(self.model) - before
+            # and each adapter alone (``_plan``'s uniform step: the adapter's own kernels, not the
+            # stacks'), one decode-sized step and the two prefill sizes: H100, 7B shape, 1000
+            # adapters, without it the first step (one 147-token prefill) compiled six kernels (2.8 s).
+            # Decode: the one-launch kernels' variants do not depend on the token count (T is
+            # their grid; ``column_groups`` gives a multiple of the block), so one token covers it.
+            uniform = (1, *prefill)
+            for slot in slots:
+                self._warmup_uniform(st, slot, uniform)
             # a warm start of a bounded pool: later swaps copy into these slots (``AdapterRegistry.fill``)
             bounded = reg.max_resident is not None or reg.memory_bytes is not None
             filled = reg.fill(list(reg.adapters)) if bounded else []
             return {"graphs": graphs, "buckets": list(buckets), "prefill_tokens": list(prefill),
+                    "uniform_tokens": list(uniform),
                     "adapters": chosen[:len(slots)], "modules": modules, "prefilled": len(filled),
                     "resident": len(reg.slots)}
         finally:
@@ -382,21 +394,34 @@ class Engine:
         p = next(self.model.parameters())
         names, pos = self._stack_positions(st, dict.fromkeys(slots))
         idx = [pos[s] for s in slots]
+        for n, times in sizes:
+            tok = torch.tensor([idx[i % len(idx)] for i in range(n)], dtype=torch.long, device=p.device)
+            plan = BatchPlan.per_token(names, tok, epoch=reg.generation, changes=reg.changes, graph_step=True,
+                                       bounds=reg.stack_bounds())
+            modules = self._run_modules(st, plan, (n,), times)
+        return modules
+
+    def _warmup_uniform(self, st, slot: str, sizes: tuple[int, ...]) -> None:
+        """Every adapted module called on random (1, n, width) inputs of each n in ``sizes`` under
+        the uniform plan of ``slot`` (what ``_plan`` gives a step of that adapter alone)."""
+        for n in sizes:
+            self._run_modules(st, BatchPlan(slot), (1, n), 1)
+
+    def _run_modules(self, st, plan: BatchPlan, lead: tuple[int, ...], times: int) -> int:
+        """Call every adapted module ``times`` times on random inputs of leading shape ``lead``
+        under ``plan`` (a step's forward, module by module); returns how many modules ran."""
+        p = next(self.model.parameters())
         modules = [m for m in self.model.modules() if isinstance(m, (AdaptedLinear, AdaptedFFN))]
         gen = torch.Generator(device=p.device).manual_seed(0)
         with torch.no_grad():
-            for n, times in sizes:
-                tok = torch.tensor([idx[i % len(idx)] for i in range(n)], dtype=torch.long, device=p.device)
-                plan = BatchPlan.per_token(names, tok, epoch=reg.generation, changes=reg.changes, graph_step=True,
-                                           bounds=reg.stack_bounds())
-                for _ in range(times):
-                    st.begin_forward(plan, None, 0)
-                    try:
-                        for m in modules:
-                            width = m.in_features if isinstance(m, AdaptedLinear) else m._proj(m._in_roles()[0]).in_features
-                            m(torch.randn(n, width, device=p.device, dtype=p.dtype, generator=gen))
-                    finally:
-                        st.end_forward()
+            for _ in range(times):
+                st.begin_forward(plan, None, 0)
+                try:
+                    for m in modules:
+                        width = m.in_features if isinstance(m, AdaptedLinear) else m._proj(m._in_roles()[0]).in_features
+                        m(torch.randn(*lead, width, device=p.device, dtype=p.dtype, generator=gen))
+                finally:
+                    st.end_forward()
         return len(modules)
 
     def _plan_memory(self, max_batch_tokens: int, block_size: int, max_adapter_gb, step_memory_gb, kv_memory_fraction):

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moelora_kernels import gathered_lora as gl  # noqa: E402
-from moelora_kernels import tiles  # noqa: E402
+from moelora_kernels import launch_keys, tiles  # noqa: E402
 from moelora_kernels.gathered_lora import (  # noqa: E402
     gathered_lora,
     gathered_lora_reference,
@@ -261,23 +261,6 @@ def test_split_over_in(case, max_split, monkeypatch):
         assert_close(a, b, torch.float32, msg=name)
 
 
-class _LaunchKeys:
-    """Stands in for a kernel: records what Triton compiles a launch for (its constexprs and the
-    ==1 / %16 specialisation of every int argument it specialises), runs nothing."""
-
-    def __init__(self, kernel, keys):
-        self.kernel, self.keys = kernel, keys
-        self.names = kernel.arg_names
-        self.dns = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize") or ())
-
-    def __getitem__(self, grid):
-        def launch(*args, **constexprs):
-            spec = tuple((n, v == 1, v % 16 == 0) for n, v in zip(self.names, args)
-                         if type(v) is int and n not in self.dns)
-            self.keys.add((self.kernel.arg_names[0], tuple(sorted(constexprs.items())), spec))
-        return launch
-
-
 @pytest.mark.parametrize("case", ["lora_slots", "mixlora_virtual_experts"])
 def test_prefill_sizes_compile_no_variant_the_warmup_sizes_did_not(case, monkeypatch):
     """The serving engine's warm-up runs two prefill sizes (128 and 129 tokens: a multiple of 16
@@ -292,10 +275,7 @@ def test_prefill_sizes_compile_no_variant_the_warmup_sizes_did_not(case, monkeyp
     A, B = torch.zeros(E, R, IN), torch.zeros(E, OUT, R)
 
     def keys_for(sizes):
-        keys = set()
-        with monkeypatch.context() as mp, torch.no_grad():
-            for name in ("_shrink_gather_kernel", "_shrink_tile_kernel", "_expand_gather_kernel", "_expand_tile_kernel"):
-                mp.setattr(gl, name, _LaunchKeys(getattr(gl, name), keys))
+        with launch_keys.recording(run=False) as keys, torch.no_grad():
             for T in sizes:
                 idx = torch.arange(T * K).view(T, K) % E
                 gathered_lora(x[:T], A, B, idx, torch.ones(T, K), 1.0)
