@@ -394,6 +394,7 @@ class Engine:
         p = next(self.model.parameters())
         names, pos = self._stack_positions(st, dict.fromkeys(slots))
         idx = [pos[s] for s in slots]
+        modules = 0
         for n, times in sizes:
             tok = torch.tensor([idx[i % len(idx)] for i in range(n)], dtype=torch.long, device=p.device)
             plan = BatchPlan.per_token(names, tok, epoch=reg.generation, changes=reg.changes, graph_step=True,
