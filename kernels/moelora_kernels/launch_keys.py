@@ -33,12 +33,16 @@ def _int_class(v: int) -> str:
     return "i32" if -2**31 <= v < 2**31 else "i64"
 
 
+def _kernel_name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+
 class _Recorder:
     """Stands in for a kernel: ``kernel[grid](...)`` records the launch's key, then runs it (or not)."""
 
     def __init__(self, kernel, keys: set, run: bool) -> None:
         self.kernel, self.keys, self.run = kernel, keys, run
-        self.__name__ = getattr(kernel, "__name__", None) or kernel.fn.__name__
+        self.__name__ = _kernel_name(kernel)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -80,8 +84,7 @@ def launch_key(kernel, args: tuple, kwargs: dict) -> tuple:
             s = type(v).__name__
         spec.append((name, s))
     opts = tuple(sorted((k, v) for k, v in kwargs.items() if k in _OPTIONS))
-    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-    return (name, tuple(spec), opts)
+    return (_kernel_name(kernel), tuple(spec), opts)
 
 
 @contextlib.contextmanager

@@ -360,7 +360,8 @@ class Engine:
             # their grid; ``column_groups`` gives a multiple of the block), so one token covers it.
             uniform = (1, *prefill)
             for slot in slots:
-                self._warmup_uniform(st, slot, uniform)
+                for n in uniform:
+                    self._run_modules(st, BatchPlan(slot), (1, n), 1)
             # a warm start of a bounded pool: later swaps copy into these slots (``AdapterRegistry.fill``)
             bounded = reg.max_resident is not None or reg.memory_bytes is not None
             filled = reg.fill(list(reg.adapters)) if bounded else []
@@ -401,12 +402,6 @@ class Engine:
                                        bounds=reg.stack_bounds())
             modules = self._run_modules(st, plan, (n,), times)
         return modules
-
-    def _warmup_uniform(self, st, slot: str, sizes: tuple[int, ...]) -> None:
-        """Every adapted module called on random (1, n, width) inputs of each n in ``sizes`` under
-        the uniform plan of ``slot`` (what ``_plan`` gives a step of that adapter alone)."""
-        for n in sizes:
-            self._run_modules(st, BatchPlan(slot), (1, n), 1)
 
     def _run_modules(self, st, plan: BatchPlan, lead: tuple[int, ...], times: int) -> int:
         """Call every adapted module ``times`` times on random inputs of leading shape ``lead``
