@@ -81,6 +81,10 @@ class StackBounds:
     experts: int = 0
     top_k: int = 0
     expert_rank: int = 0
+    # the MixLoRA expert stacks cover only the plan's first ``mixlora_positions`` positions (the
+    # serving engine keeps every MixLoRA adapter there: ``Engine(max_mixlora_per_step=...)``), so a
+    # position of a plain LoRA adapter reserves no E x expert-rank rows; None: every position
+    mixlora_positions: int | None = None
 
 
 @dataclass

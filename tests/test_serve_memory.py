@@ -70,13 +70,61 @@ def test_engine_plan_uses_the_pool_the_step_cap_and_the_largest_adapter(monkeypa
     moelora.add_adapter(m, "big", moelora.MixLoraConfig(num_experts=4, top_k=2, r=8))
     eng = Engine(m, max_new_tokens=4, eos_token_id=-1, max_resident_adapters=3)
     try:
-        sizes = {n: eng.registry.adapters[n].nbytes for n in ("small", "big")}
+        reg = eng.registry
+        small, big = (reg.part_bytes(reg.adapters[n]) for n in ("small", "big"))
+        assert small[1] == 0 and big[1] > 0 and sum(big) == reg.adapters["big"].nbytes
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (6 * GiB, 8 * GiB))
-        eng.registry.memory_bytes = None
+        reg.memory_bytes = None
         plan = eng._plan_memory(256, 16, None, None, None)
-        assert eng.registry.memory_bytes == int(0.8 * GiB) == plan.adapter_bytes
-        assert eng.max_adapters_per_step == 3 and eng.registry.max_adapter_bytes == max(sizes.values())
-        assert plan.stack_bytes == adapter_stack_bytes(max(sizes.values()), 3) and plan.num_blocks > 0
+        assert reg.memory_bytes == int(0.8 * GiB) == plan.adapter_bytes
+        # a stack position: the largest plain-LoRA part (r4 LoRA on 7 linears > MixLoRA's attention LoRA)
+        # and the largest MixLoRA experts + router
+        lora_row = max(small[0], big[0])
+        assert eng.max_adapters_per_step == 3 and reg.max_part_bytes == (lora_row, big[1])
+        assert plan.stack_bytes == adapter_stack_bytes(lora_row, 3, big[1]) == 4 * (lora_row + big[1])
+        assert plan.num_blocks > 0
+        # explicit bounds win
+        eng._plan_memory(256, 16, 0.001, None, None, 0.002)
+        assert reg.max_part_bytes == (int(0.001 * GiB), int(0.002 * GiB))
+    finally:
+        eng.close()
+
+
+def test_mixlora_positions_of_their_own_shrink_the_stacks(monkeypatch):
+    """``max_mixlora_per_step``: only that many positions hold expert rows, beside the per-step cap
+    of plain positions; the plan's stack bytes drop accordingly, and the cap is checked."""
+    import torch
+    from conftest import make_tiny
+
+    import moelora
+    from moelora.serve import Engine
+
+    # 7B shape, bf16: LoRA r64 on the 7 linears (0.32 GB), MixLoRA 8 experts r16 on gate/up/down plus
+    # its fp32 router (0.38 GB)
+    lora = 64 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) * 32 * 2
+    expert = 8 * 16 * 3 * (4096 + 11008) * 32 * 2 + 8 * 4096 * 32 * 4
+    shared = adapter_stack_bytes(lora, 32, expert)
+    split = adapter_stack_bytes(lora, 64, expert, mixlora_positions=16)
+    assert shared == 33 * (lora + expert) and split == (64 + 16 + 1) * lora + 16 * expert
+    assert split < 1.45 * shared  # twice the positions for 1.4x the bytes
+    assert adapter_stack_bytes(lora, 4) == 2 * 5 * lora  # the old bound: both stacks at every position
+
+    with pytest.raises(ValueError, match="max_mixlora_per_step must be >= 1"):
+        Engine(make_tiny(), max_mixlora_per_step=0)
+    with pytest.raises(ValueError, match="share of max_adapters_per_step"):
+        Engine(make_tiny(), max_adapters_per_step=2, max_mixlora_per_step=3)
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="small")
+    moelora.add_adapter(m, "big", moelora.MixLoraConfig(num_experts=4, top_k=2, r=8))
+    eng = Engine(m, max_new_tokens=4, eos_token_id=-1, max_resident_adapters=3, max_mixlora_per_step=1)
+    try:
+        reg = eng.registry
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (6 * GiB, 8 * GiB))
+        plan = eng._plan_memory(256, 16, None, None, None)
+        lora_row, expert_row = reg.max_part_bytes
+        assert plan.stack_bytes == (3 + 1 + 1) * lora_row + 1 * expert_row
+        assert reg.stack_bounds().mixlora_positions == 1
     finally:
         eng.close()

@@ -11,6 +11,7 @@ import torch
 
 import moelora
 from moelora.serve import Engine
+from moelora.layers.adapted import AdaptedFFN
 from moelora.serve.engine import wait_until
 
 from conftest import make_tiny, randomize_adapter_
@@ -150,10 +151,18 @@ def test_byte_budget_bounds_the_pool(saved):
         assert eng.registry._key_bytes and all(s.nbytes == eng.registry._key_bytes[s.key] for s in eng.registry.slots)
         assert all(b >= min(sizes.values()) for b in eng.registry._key_bytes.values())
         # an adapter larger than the engine's memory plan allows for is refused with the knob to change
-        eng.registry.max_adapter_bytes = min(sizes.values()) - 1
+        eng.registry.max_part_bytes = (min(sizes.values()) - 1, 2**40)
         eng.registry.clear()
-        with pytest.raises(Exception, match="max_adapter_gb"):
+        with pytest.raises(Exception, match="plain-LoRA tensors.*max_adapter_gb"):
             eng.generate(PROMPTS[0], "a")
+        # a MixLoRA adapter's experts and router are bounded apart (the expert stacks)
+        lora_b, expert_b = eng.registry.part_bytes(eng.registry.adapters["b"])
+        assert expert_b > 0 and lora_b + expert_b == sizes["b"] and eng.registry.part_bytes(eng.registry.adapters["a"]) == (sizes["a"], 0)
+        eng.registry.max_part_bytes = (2**40, expert_b - 1)
+        with pytest.raises(Exception, match="MixLoRA expert and router tensors.*max_expert_gb"):
+            eng.generate(PROMPTS[0], "b")
+        eng.registry.max_part_bytes = None
+        assert eng.generate(PROMPTS[0], "b") == refs[(0, "b")]  # a refusal changed nothing
     finally:
         eng.close()
 
@@ -304,3 +313,71 @@ def test_fill_warms_the_pool_without_evicting(saved):
         assert eng.generate(PROMPTS[2], "a") == refs[(2, "a")] and eng.metrics()["swaps"] == 4  # a hit
     finally:
         eng.close()
+
+
+def test_mixlora_positions_of_their_own_token_exact():
+    """``max_mixlora_per_step=1`` (of 4 per step) with two MixLoRA adapters (other expert counts and
+    top-k) and three LoRA ones, all requests queued at once: every response equals offline generate; no more than one
+    MixLoRA adapter is ever inside CB; the stack table keeps MixLoRA adapters in position 0 and the
+    others after it; every FFN's expert stacks hold one position's experts (+ the zero expert)."""
+    m = make_tiny()
+    moelora.inject_adapter(m, moelora.LoraConfig(r=4), adapter_name="a")
+    moelora.add_adapter(m, "mx1", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+    moelora.add_adapter(m, "c", moelora.LoraConfig(r=8, target_modules=("q_proj", "v_proj", "down_proj")))
+    moelora.add_adapter(m, "mx2", moelora.MixLoraConfig(num_experts=2, top_k=1, r=2))
+    moelora.add_adapter(m, "d", moelora.LoraConfig(r=2))
+    randomize_adapter_(m, seed=5)
+    m.eval()
+    names = ["a", "mx1", "c", "mx2", "d", None]
+    jobs = [(i, n) for i in range(len(PROMPTS)) for n in names]
+    refs = [_offline(m, PROMPTS[i], n) for i, n in jobs]
+    eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_adapters_per_step=4, max_mixlora_per_step=1,
+                 max_pending=64)
+    mixes, tables, stop = [], [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            with eng._lock:
+                mixes.append(sum(1 for a, k in eng._inside.items() if a is not None and k > 0 and a.startswith("mx")))
+            tables.append(list(eng._positions))
+            time.sleep(0.001)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        for n in names[:-1]:  # all resident first: the submits below need no change of the model
+            eng.generate(PROMPTS[0], n, max_new_tokens=1)
+        with eng._model_lock:  # no step until all are queued: admission fills CB up to its caps at once
+            rids = [eng.submit(PROMPTS[i], n) for i, n in jobs]
+        outs = [list(eng.stream(r)) for r in rids]
+        assert outs == refs
+        assert eng.mixed_steps > 0 and max(mixes) == 1
+        st = eng._state()
+        mix_slots = {n for n, info in st.adapters.items() if info.config.method == "mixlora"}
+        assert any(t and t[0] in mix_slots for t in tables)
+        for t in tables:
+            assert all(n not in mix_slots for n in t[1:]) and (not t or t[0] is None or t[0] in mix_slots)
+        ffns = [mod for mod in m.modules() if isinstance(mod, AdaptedFFN) and isinstance(
+            (mod.batch_stacks or (None, None, None))[2], dict)]
+        assert ffns
+        for mod in ffns:
+            stacks = mod.batch_stacks[2]
+            assert stacks["router"].shape[0] == stacks["emax"] == 4  # one position of the largest expert count
+            assert all(a.shape[0] == 4 + 1 for a in stacks["A"].values())
+            assert stacks["E"].shape[0] == len(mod.batch_stacks[0])  # every position (and the base) has a count
+    finally:
+        stop.set()
+        w.join()
+        eng.close()
+
+
+def test_a_mixlora_adapter_out_of_its_region_is_refused_by_the_stacks():
+    """The FFN's expert stacks trust ``StackBounds.mixlora_positions``; a plan that breaks it gets a
+    clear error, not a wrong mixture."""
+    from moelora.layers.adapted import _moe_positions
+    from moelora.state import StackBounds
+
+    b = StackBounds(rank=4, experts=4, top_k=2, expert_rank=4, mixlora_positions=1)
+    assert _moe_positions(b, ["mix", None, None]) == 1 and _moe_positions(None, ["x", "y"]) == 2
+    with pytest.raises(ValueError, match="positions \\[2\\].*first 1 positions"):
+        _moe_positions(b, ["mix", None, "late"])

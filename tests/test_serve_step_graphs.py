@@ -232,10 +232,12 @@ def test_engine_warmup_captures_every_bucket_before_the_first_request(cpu_graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_engine_on_cuda_warms_up_and_equals_generate():
+@pytest.mark.parametrize("mix_cap", [None, 1])
+def test_engine_on_cuda_warms_up_and_equals_generate(mix_cap):
     """The engine on CUDA (fp32): the warm-up captures the real graphs of every bucket, requests
     of several adapters then replay them without a capture, and every response equals offline
-    ``generate`` with its adapter alone."""
+    ``generate`` with its adapter alone; also with MixLoRA in stack positions of its own
+    (``max_mixlora_per_step``), where the expert stacks hold one position."""
     from moelora.serve import Engine
 
     m = make_tiny()
@@ -249,14 +251,18 @@ def test_engine_on_cuda_warms_up_and_equals_generate():
     refs = [m.generate(torch.tensor([p], device="cuda"), adapter_names=[n], max_new_tokens=8, do_sample=False,
                        eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p, n in zip(prompts, names)]
     eng = Engine(m, max_new_tokens=8, eos_token_id=-1, max_pending=8, max_resident_adapters=4,
-                 max_adapters_per_step=3, adapter_memory_gb=0.5, num_blocks=64)
+                 max_adapters_per_step=3, max_mixlora_per_step=mix_cap, adapter_memory_gb=0.5, num_blocks=64)
     try:
         w = eng.metrics()["warmup"]
         assert "skipped" not in w and w["graphs"] == 4 * w["modules"], w
+        assert w["stack_gb"] > 0
         graphs = decode_graphs.captured_graphs(m)
         rids = [eng.submit(p, n) for p, n in zip(prompts, names)]
         assert [list(eng.stream(r)) for r in rids] == refs
         assert eng.mixed_steps > 0 and decode_graphs.captured_graphs(m) == graphs
+        if mix_cap is not None:
+            ffn = next(mod for mod in m.modules() if isinstance(mod, AdaptedFFN) and mod.batch_stacks is not None)
+            assert ffn.batch_stacks[2]["router"].shape[0] == ffn.batch_stacks[2]["emax"]
     finally:
         eng.close()
 

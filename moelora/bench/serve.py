@@ -379,6 +379,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-resident", type=int, default=32, help="device adapter slots")
     ap.add_argument("--adapter-memory-gb", type=float, default=None, help="slot pool bytes (CUDA: set aside from the KV cache)")
     ap.add_argument("--max-adapters-per-step", type=int, default=None)
+    ap.add_argument("--max-mixlora-per-step", type=int, default=None,
+                    help="of those, most MixLoRA adapters (their own stack positions: Engine(max_mixlora_per_step))")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per packed step (engine default 2048)")
     ap.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: the engine's memory plan)")
     ap.add_argument("--kv-memory-fraction", type=float, default=None,
@@ -428,7 +430,13 @@ def main(argv=None) -> dict[str, Any]:
     classes = adapter_classes(a.ranks, n_max, a.mixlora_share, a.experts, a.top_k, a.mixlora_rank)
     banks = weight_banks(model, classes, a.weight_sets, pin, a.seed)
     biggest = max(sum(t.numel() * t.element_size() for t in b[0].values()) for b in banks.values())
-    max_adapter_gb = round(1.01 * biggest / 2**30 + 1e-3, 3)  # the engine's memory plan sizes a mixed step's stacks by it
+
+    from moelora.serve.registry import split_bytes
+
+    # the largest plain-LoRA / expert part of one adapter: the engine's memory plan sizes a mixed
+    # step's stacks by them (its adapters are added after it starts)
+    parts = [split_bytes(b[0]) for b in banks.values()]
+    max_adapter_gb, max_expert_gb = (round(1.01 * max(p[i] for p in parts) / 2**30 + 1e-3, 3) for i in (0, 1))
     if a.adapter_memory_gb is None and device.type == "cuda":
         # the engine's KV cache plan leaves this pool free
         a.adapter_memory_gb = round(1.05 * a.max_resident * biggest / 2**30, 3)
@@ -478,12 +486,14 @@ def main(argv=None) -> dict[str, Any]:
         engine = Engine(model, max_pending=a.num_requests + 8, max_new_tokens=a.output_len[1],
                         context_len=a.prompt_len[1] + a.output_len[1] + 1, num_blocks=a.num_blocks,
                         max_batch_tokens=a.max_batch_tokens, kv_memory_fraction=a.kv_memory_fraction,
-                        step_memory_gb=a.step_memory_gb, max_adapter_gb=max_adapter_gb,
+                        step_memory_gb=a.step_memory_gb, max_adapter_gb=max_adapter_gb, max_expert_gb=max_expert_gb,
                         max_resident_adapters=a.max_resident, adapter_memory_gb=a.adapter_memory_gb,
-                        max_adapters_per_step=a.max_adapters_per_step, attn_implementation=a.attn_implementation)
+                        max_adapters_per_step=a.max_adapters_per_step,
+                        max_mixlora_per_step=a.max_mixlora_per_step, attn_implementation=a.attn_implementation)
         env["attn_implementation"] = engine.attn_implementation
         env["memory_plan"] = None if engine.memory_plan is None else engine.memory_plan.as_dict()
         env["max_adapters_per_step"] = engine.max_adapters_per_step
+        env["max_mixlora_per_step"] = engine.max_mixlora_per_step
         env["pytorch_cuda_alloc_conf"] = __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF")
         import json
 

@@ -1243,10 +1243,13 @@ def _update_moe_rows(ffn, st: dict, adapters, present, positions) -> bool:
     if k_max > st["K"] or (k_max != st["K"] and not st.get("bounded")):
         return False
     emax = st["emax"]
+    covered = st["router"].shape[0] // emax  # positions the expert stacks hold (_moe_positions)
     for i in positions:
         a = adapters[i]
         if a is None:
             continue
+        if i >= covered:
+            return False
         w = a.router.weight
         if a.num_experts > emax or w.shape[1] != st["router"].shape[1] or w.device != st["router"].device:
             return False
@@ -1260,14 +1263,17 @@ def _update_moe_rows(ffn, st: dict, adapters, present, positions) -> bool:
     sig = list(st["sig"])
     for i in positions:
         a = adapters[i]
+        if a is None:
+            st["E"][i], st["k"][i] = 0, 0
+            sig[i] = None
+        if i >= covered:
+            continue
         rows = slice(i * emax, (i + 1) * emax)
         st["router"][rows].zero_()
         for role in st["A"]:
             st["A"][role][rows].zero_()
             st["B"][role][rows].zero_()
         if a is None:
-            st["E"][i], st["k"][i] = 0, 0
-            sig[i] = None
             continue
         st["router"][i * emax: i * emax + a.num_experts] = a.router.weight.float()
         st["E"][i], st["k"][i] = a.num_experts, a.top_k
@@ -1283,6 +1289,19 @@ def _update_moe_rows(ffn, st: dict, adapters, present, positions) -> bool:
     return True
 
 
+def _moe_positions(bounds, adapters) -> int:
+    """How many leading positions of ``adapters`` the expert stacks cover: all, unless the plan's
+    ``StackBounds.mixlora_positions`` says its maker keeps every MixLoRA adapter within them."""
+    m = None if bounds is None else bounds.mixlora_positions
+    if m is None:
+        return len(adapters)
+    late = [i for i, a in enumerate(adapters) if i >= m and a is not None]
+    if late:
+        raise ValueError(f"MixLoRA adapters at positions {late}: the plan's StackBounds keep them within "
+                         f"the first {m} positions (mixlora_positions); the plan's maker broke its promise")
+    return min(int(m), len(adapters))
+
+
 def _build_moe_stacks(ffn, adapters, present, differentiable: bool = False) -> dict:
     emax = max(a.num_experts for a in present)
     rmax = max(e.r for a in present for e in a.experts.values())
@@ -1291,8 +1310,10 @@ def _build_moe_stacks(ffn, adapters, present, differentiable: bool = False) -> d
     if bounds is not None:  # sized for every adapter the plan's maker serves (StackBounds)
         emax, rmax, top_k = max(emax, bounds.experts), max(rmax, bounds.expert_rank), max(top_k, bounds.top_k)
     S = len(adapters)
+    # the positions the expert stacks cover (E and k cover all: 0 past them, the zero expert)
+    S_moe = _moe_positions(bounds, adapters)
     dev = ffn._proj("down").weight.device
-    router = torch.zeros(S * emax, present[0].router.weight.shape[1], dtype=torch.float32, device=dev)
+    router = torch.zeros(S_moe * emax, present[0].router.weight.shape[1], dtype=torch.float32, device=dev)
     E = torch.zeros(S, dtype=torch.long, device=dev)
     k = torch.zeros(S, dtype=torch.long, device=dev)
     stacks_a, stacks_b = {}, {}
@@ -1304,14 +1325,14 @@ def _build_moe_stacks(ffn, adapters, present, differentiable: bool = False) -> d
             router[s * emax: s * emax + a.num_experts] = a.router.weight.float()
             E[s], k[s] = a.num_experts, a.top_k
         for role in roles:
-            experts = [None if a is None else a._expert(ffn, role) for a in adapters]
+            experts = [None if a is None else a._expert(ffn, role) for a in adapters[:S_moe]]
             ref = next((e for e in experts if e is not None), None)
             if ref is None:
                 continue
             _, out_f, _ = ref.B().shape
             in_f = ref.A().shape[-1]
-            A = torch.zeros(S * emax + 1, rmax, in_f, dtype=ref.lora_A.dtype, device=dev)  # +1: the zero expert
-            Bm = torch.zeros(S * emax + 1, out_f, rmax, dtype=ref.lora_B.dtype, device=dev)
+            A = torch.zeros(S_moe * emax + 1, rmax, in_f, dtype=ref.lora_A.dtype, device=dev)  # +1: the zero expert
+            Bm = torch.zeros(S_moe * emax + 1, out_f, rmax, dtype=ref.lora_B.dtype, device=dev)
             for s, e in enumerate(experts):
                 if e is not None:
                     A[s * emax: s * emax + e.num_experts, : e.r] = e.A()

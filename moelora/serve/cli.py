@@ -67,8 +67,10 @@ def build_server(cfg: DictConfig):
                     num_blocks=cfg.get("num_blocks"), max_batch_tokens=cfg.get("max_batch_tokens"),
                     max_resident_adapters=cfg.get("max_resident_adapters"),
                     adapter_memory_gb=cfg.get("adapter_memory_gb"),
-                    max_adapters_per_step=cfg.get("max_adapters_per_step"), max_bypass=int(cfg.get("max_bypass", 8)),
+                    max_adapters_per_step=cfg.get("max_adapters_per_step"),
+                    max_mixlora_per_step=cfg.get("max_mixlora_per_step"), max_bypass=int(cfg.get("max_bypass", 8)),
                     attn_implementation=cfg.get("attn_implementation"), max_adapter_gb=cfg.get("max_adapter_gb"),
+                    max_expert_gb=cfg.get("max_expert_gb"),
                     step_memory_gb=cfg.get("step_memory_gb"), kv_memory_fraction=cfg.get("kv_memory_fraction"),
                     cuda_graphs=bool(cfg.get("cuda_graphs", False)), compile_level=int(cfg.get("compile_level", 0)),
                     warmup=bool(cfg.get("warmup", True)))

@@ -22,7 +22,9 @@ at most ``max_resident_adapters`` device slots (and ``adapter_memory_gb``), LRU.
 
 Admission (our queue in front of CB, FIFO): a request enters CB only once its adapter is
 resident and pinned, and only while the distinct adapters of the requests inside CB stay within
-``max_adapters_per_step`` (so no packed step can hold more); a request that cannot enter waits
+``max_adapters_per_step`` (so no packed step can hold more), of which at most
+``max_mixlora_per_step`` MixLoRA adapters (their expert stacks cover only that many positions:
+``_stack_positions``); a request that cannot enter waits
 (its adapter is prefetched into a free or unpinned slot when one can be had). Later requests may
 overtake a waiting one only if they need no new adapter, and at most ``max_bypass`` times; then
 admission stops until it gets in, so a cold adapter behind many hot requests is never starved.
@@ -63,12 +65,14 @@ _DONE = object()  # sentinel in a request's queue: cancelled or engine closed
 DEFAULT_MAX_BATCH_TOKENS = 2048  # tokens per packed step (CB's own default is 8192): bounds one step's activations
 
 
-def _room(table: list, cap) -> int | None:
-    """A free position of the stack table: a released one, else a new one while the table is
-    under ``cap`` (None: no cap); None when it is full."""
-    if None in table:
-        return table.index(None)
-    if cap is None or len(table) < cap:
+def _room(table: list, region: tuple[int, int, bool]) -> int | None:
+    """A free position of the stack table within ``region`` = (first, end, may grow): a released
+    one, else (may grow) a new one at the end of the table; None when the region is full."""
+    lo, hi, grow = region
+    for i in range(lo, min(hi, len(table))):
+        if table[i] is None:
+            return i
+    if grow:
         table.append(None)
         return len(table) - 1
     return None
@@ -167,7 +171,11 @@ class Engine:
     ``max_resident_adapters`` / ``adapter_memory_gb``: the device slot pool (None: no limit; on CUDA
     an unset ``adapter_memory_gb`` becomes 10% of the device); ``max_adapters_per_step``: most
     distinct adapters (the base not counted) among the requests inside CB (on CUDA, unset: the
-    slot count, at most 16); ``max_bypass``: FIFO fairness (module docstring);
+    slot count, at most 16); ``max_mixlora_per_step``: of those, most MixLoRA adapters (None: no
+    cap of their own). Set, the stacks keep MixLoRA adapters in positions of their own, and only
+    those positions hold E experts' rows: a plain LoRA position then costs its rank only (7B shape,
+    8 experts r16: 0.37 GB less per LoRA position), so more adapters per step fit the memory
+    plan; ``max_bypass``: FIFO fairness (module docstring);
     ``attn_implementation``: the attention backend set on the model before CB starts (None: the
     model's; CB accepts ``sdpa`` (paged SDPA), ``paged|eager`` and flash implementations; flex
     attention is not a CB backend in transformers 5.17–5.24); ``metrics()['attn_implementation']``
@@ -176,8 +184,9 @@ class Engine:
     GPU memory (``memory.py``): on CUDA without ``num_blocks`` the engine sizes the KV cache itself
     from the free memory minus the slot pool, one step's activations (``step_memory_gb``, default a
     bound from ``max_batch_tokens`` and the model's dims), a mixed step's adapter stacks
-    (``max_adapters_per_step`` adapters of at most ``max_adapter_gb``; larger adapters are then
-    refused) and a margin, and passes CB that ``num_blocks``; ``kv_memory_fraction`` caps the cache
+    (``max_adapters_per_step`` positions, + ``max_mixlora_per_step``, of adapters whose plain-LoRA
+    tensors are at most ``max_adapter_gb`` and MixLoRA experts and router at most ``max_expert_gb``;
+    larger adapters are then refused) and a margin, and passes CB that ``num_blocks``; ``kv_memory_fraction`` caps the cache
     at that share of the free memory; ``memory_plan`` is the result (S-LoRA's unified paging shares
     one pool; here the split is fixed at start). A step that fails (e.g. CUDA out of memory) fails
     its own requests only; the engine goes on.
@@ -194,7 +203,9 @@ class Engine:
                  base_name: str = "base", num_blocks: int | None = None, max_batch_tokens: int | None = None,
                  cb_overrides: dict | None = None, max_resident_adapters: int | None = None,
                  adapter_memory_gb: float | None = None, max_adapters_per_step: int | None = None,
-                 max_bypass: int = 8, attn_implementation: str | None = None, max_adapter_gb: float | None = None,
+                 max_mixlora_per_step: int | None = None, max_bypass: int = 8,
+                 attn_implementation: str | None = None, max_adapter_gb: float | None = None,
+                 max_expert_gb: float | None = None,
                  step_memory_gb: float | None = None, kv_memory_fraction: float | None = None,
                  cuda_graphs: bool = False, compile_level: int = 0, warmup: bool = True) -> None:
         from transformers import GenerationConfig
@@ -212,6 +223,12 @@ class Engine:
         if max_adapters_per_step is not None and int(max_adapters_per_step) < 1:
             raise ValueError(f"max_adapters_per_step must be >= 1 (or null), got {max_adapters_per_step}")
         self.max_adapters_per_step = None if max_adapters_per_step is None else int(max_adapters_per_step)
+        if max_mixlora_per_step is not None and int(max_mixlora_per_step) < 1:
+            raise ValueError(f"max_mixlora_per_step must be >= 1 (or null), got {max_mixlora_per_step}")
+        if None not in (max_mixlora_per_step, max_adapters_per_step) and int(max_mixlora_per_step) > int(max_adapters_per_step):
+            raise ValueError(f"max_mixlora_per_step ({max_mixlora_per_step}) is a share of max_adapters_per_step "
+                             f"({max_adapters_per_step}); lower it or raise max_adapters_per_step")
+        self.max_mixlora_per_step = None if max_mixlora_per_step is None else int(max_mixlora_per_step)
         if int(max_bypass) < 0:
             raise ValueError(f"max_bypass must be >= 0, got {max_bypass}")
         self.max_bypass = int(max_bypass)
@@ -249,6 +266,7 @@ class Engine:
         self.registry = AdapterRegistry(
             model, max_resident=max_resident_adapters, model_lock=self._model_lock,
             memory_bytes=None if adapter_memory_gb is None else int(float(adapter_memory_gb) * 2**30))
+        self.registry.mixlora_positions = self.max_mixlora_per_step  # in the plans' StackBounds
         self._absorbed = self._absorb_model_adapters()
         if adapters_dir is not None:
             for sub in sorted(Path(adapters_dir).iterdir()):
@@ -271,7 +289,7 @@ class Engine:
             # the engine sizes the KV cache itself: CB's own sizing leaves no room for the adapter pool,
             # one step's activations and a mixed step's adapter stacks (moelora/serve/memory.py)
             self.memory_plan = self._plan_memory(max_batch_tokens, page, max_adapter_gb, step_memory_gb,
-                                                 kv_memory_fraction)
+                                                 kv_memory_fraction, max_expert_gb)
             num_blocks = self.memory_plan.num_blocks
             # CB checks its own footprint against max_memory_percent (0.9) of the free memory; the plan
             # already leaves the pool, the step, the stacks and a margin out, so it checks against all of it
@@ -365,8 +383,14 @@ class Engine:
             # a warm start of a bounded pool: later swaps copy into these slots (``AdapterRegistry.fill``)
             bounded = reg.max_resident is not None or reg.memory_bytes is not None
             filled = reg.fill(list(reg.adapters)) if bounded else []
+            # the stacks as built (every position, at the plan's bounds) against the memory plan's bound
+            stack_gb = round(_stack_bytes(self.model) / 2**30, 3)
+            if self.memory_plan is not None and stack_gb > self.memory_plan.stack_bytes / 2**30:
+                log.warning("the adapter stacks take %.3f GiB, more than the memory plan's %.3f GiB (an adapter "
+                            "of a smaller rank targets linears the largest one does not): set max_adapter_gb",
+                            stack_gb, self.memory_plan.stack_bytes / 2**30)
             return {"graphs": graphs, "buckets": list(buckets), "prefill_tokens": list(prefill),
-                    "uniform_tokens": list(uniform),
+                    "uniform_tokens": list(uniform), "stack_gb": stack_gb,
                     "adapters": chosen[:len(slots)], "modules": modules, "prefilled": len(filled),
                     "resident": len(reg.slots)}
         finally:
@@ -377,14 +401,18 @@ class Engine:
         """One served adapter per config (every site its config's stacks cover), LoRA and top-k
         MixLoRA only (the methods the stacks hold), at most the per-step cap."""
         cap = self.max_adapters_per_step or self.registry.max_resident or 16
-        chosen, keys = [], set()
+        mix_cap = self.max_mixlora_per_step
+        chosen, keys, mixes = [], set(), 0
         for entry in self.registry.adapters.values():
             if entry.method not in ("lora", "mixlora") or getattr(entry.cfg, "routing_strategy", "topk") != "topk":
+                continue
+            if entry.method == "mixlora" and mix_cap is not None and mixes >= mix_cap:
                 continue
             key = config_key(entry.cfg)
             if key not in keys and len(chosen) < cap:
                 keys.add(key)
                 chosen.append(entry.name)
+                mixes += entry.method == "mixlora"
         return chosen
 
     def _warmup_steps(self, st, slots: list[str], sizes: list[tuple[int, int]]) -> int:
@@ -420,13 +448,16 @@ class Engine:
                     st.end_forward()
         return len(modules)
 
-    def _plan_memory(self, max_batch_tokens: int, block_size: int, max_adapter_gb, step_memory_gb, kv_memory_fraction):
+    def _plan_memory(self, max_batch_tokens: int, block_size: int, max_adapter_gb, step_memory_gb, kv_memory_fraction,
+                     max_expert_gb=None):
         """The KV cache size on CUDA (``memory.plan_kv_cache``): free memory now, minus the slot pool
         (``adapter_memory_gb``; unset: 10% of the device), one step's activations (``step_memory_gb``
         or the bound of ``memory.step_activation_bytes``), the stacks of a mixed step
-        (``max_adapters_per_step`` adapters of at most ``max_adapter_gb``: its default is the largest
-        adapter known now, else the pool divided by its slots), and a margin. The registry then refuses
-        adapters larger than ``max_adapter_gb``, so the plan holds for every adapter it serves."""
+        (``max_adapters_per_step`` positions, and ``max_mixlora_per_step`` MixLoRA positions when set,
+        each of an adapter's plain-LoRA tensors of at most ``max_adapter_gb`` and MixLoRA experts and
+        router of at most ``max_expert_gb``: their defaults are the largest parts known now
+        (``registry.part_bytes``), else the pool divided by its slots), and a margin. The registry then
+        refuses larger adapters, so the plan holds for every adapter it serves."""
         from . import memory
 
         dev = self.model.device
@@ -436,17 +467,24 @@ class Engine:
         if reg.memory_bytes is None:
             reg.memory_bytes = int(0.10 * total)
             log.info("adapter_memory_gb unset: the slot pool gets %.2f GiB (10%% of the device)", reg.memory_bytes / 2**30)
-        if max_adapter_gb is not None:
-            biggest = int(float(max_adapter_gb) * 2**30)
-        else:
-            known = [reg.known_bytes(a) for a in reg.adapters.values()]
-            known = [b for b in known if b]
-            biggest = max(known) if known else reg.memory_bytes // (reg.max_resident or 16)
-        reg.max_adapter_bytes = min(biggest, reg.memory_bytes)
+        # one stack position's rows per kind of stack (registry.part_bytes): the plain-LoRA tensors
+        # (max_adapter_gb) and MixLoRA's experts and router (max_expert_gb); unset, the largest known
+        # now (no MixLoRA adapter known: one whose experts are as large as the largest LoRA part)
+        known = [(reg.part_bytes(a), a.method) for a in reg.adapters.values()]
+        fallback = reg.memory_bytes // (reg.max_resident or 16)
+        lora = (int(float(max_adapter_gb) * 2**30) if max_adapter_gb is not None
+                else max([p for (p, _), _m in known if p] or [fallback]))
+        mix = [e for (_, e), method in known if method == "mixlora" and e]
+        expert = int(float(max_expert_gb) * 2**30) if max_expert_gb is not None else max(mix or [lora])
+        reg.max_part_bytes = (min(lora, reg.memory_bytes), min(expert, reg.memory_bytes))
         if self.max_adapters_per_step is None:
             self.max_adapters_per_step = min(reg.max_resident or 16, 16)
             log.info("max_adapters_per_step unset: %d (it bounds a mixed step's adapter stacks)",
                      self.max_adapters_per_step)
+        if self.max_mixlora_per_step is not None and self.max_mixlora_per_step > self.max_adapters_per_step:
+            log.info("max_mixlora_per_step %d lowered to max_adapters_per_step %d", self.max_mixlora_per_step,
+                     self.max_adapters_per_step)
+            self.max_mixlora_per_step = reg.mixlora_positions = self.max_adapters_per_step
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         dims = memory.ModelDims.from_config(cfg, next(self.model.parameters()).element_size())
         top_k = max([getattr(a.cfg, "top_k", 2) or 2 for a in reg.adapters.values()] + [2])
@@ -455,7 +493,8 @@ class Engine:
             free_bytes=free, total_bytes=total, dims=dims, adapter_bytes=reg.memory_bytes,
             max_batch_tokens=max_batch_tokens, block_size=block_size,
             step_bytes=None if step_memory_gb is None else int(float(step_memory_gb) * 2**30),
-            stack_bytes=memory.adapter_stack_bytes(reg.max_adapter_bytes, self.max_adapters_per_step),
+            stack_bytes=memory.adapter_stack_bytes(reg.max_part_bytes[0], self.max_adapters_per_step,
+                                                   reg.max_part_bytes[1], self.max_mixlora_per_step),
             attention_mask="flash" not in impl, top_k=top_k, kv_memory_fraction=kv_memory_fraction)
 
     # ---- adapters ---------------------------------------------------------------------------
@@ -488,6 +527,10 @@ class Engine:
         resident = set(self.registry.resident())
         return [{"name": a.name, "method": a.method, "config": a.cfg.to_dict(), "resident": a.name in resident}
                 for a in self.registry.adapters.values()]
+
+    def _is_mixlora(self, name: str) -> bool:
+        entry = self.registry.adapters.get(name)
+        return entry is not None and entry.method == "mixlora"
 
     def resolve(self, name: str | None) -> str | None:
         """The adapter a request's ``model`` field picks: None or the base name -> the base model."""
@@ -631,6 +674,9 @@ class Engine:
             distinct = sum(1 for a, k in self._inside.items() if a is not None and k > 0)
             ok = not (new_adapter and self.max_adapters_per_step is not None
                       and distinct >= self.max_adapters_per_step)
+            if ok and new_adapter and self.max_mixlora_per_step is not None and self._is_mixlora(req.adapter):
+                ok = sum(1 for a, k in self._inside.items()
+                         if a is not None and k > 0 and self._is_mixlora(a)) < self.max_mixlora_per_step
             slot = None
             if ok and req.adapter is not None:
                 try:
@@ -869,13 +915,26 @@ class Engine:
         built over it, stay within the memory plan's ``max_adapters_per_step`` + 1 (the base)
         slots. Returns (slot_names: the positions + None for the base, name -> position).
         LoRA-Switch adapters not in this step are left out of its names (their rows take the
-        eager path at every site, which would hold back the stacks of all the others)."""
+        eager path at every site, which would hold back the stacks of all the others).
+
+        With ``max_mixlora_per_step`` = m the table has two regions: positions [0, m) for MixLoRA
+        adapters, the rest (``max_adapters_per_step`` of them) for the others; the plans'
+        ``StackBounds.mixlora_positions`` = m tells the FFNs that their expert stacks need only
+        the first m positions. An adapter never leaves its region."""
         table = self._positions
         cap = self.max_adapters_per_step or self.registry.max_resident
-        if cap is not None and len(table) < cap:
-            # the table at its full length from the first mixed step: the stacks keep one shape
-            # (and address) whichever adapters come and go, so they are written in place
-            table.extend([None] * (cap - len(table)))
+        mix = self.max_mixlora_per_step
+        lead = mix or 0
+        # the table at its full length from the first mixed step: the stacks keep one shape
+        # (and address) whichever adapters come and go, so they are written in place
+        full = lead if cap is None else lead + cap
+        if len(table) < full:
+            table.extend([None] * (full - len(table)))
+
+        def region(n) -> tuple[int, int, bool]:  # (first, end, may grow) of the positions n may take
+            if mix is not None and st.adapters[n].method == "mixlora":
+                return 0, mix, False
+            return lead, len(table), cap is None
         for i, n in enumerate(table):
             if n is not None and n not in st.adapters:  # the slot was dropped
                 table[i] = None
@@ -886,15 +945,22 @@ class Engine:
             if n is None:
                 continue
             if n not in pos:
-                i = _room(table, cap)
+                where = region(n)
+                i = _room(table, where)
                 if i is None:
                     if inside is None:
                         with self._lock:
                             inside = set(self._adapter_of.values())
-                    idle = [i for i, m in enumerate(table) if m not in inside and m not in present]
+                    lo, hi, _ = where
+                    idle = [j for j in range(lo, hi) if table[j] not in inside and table[j] not in present]
                     if idle:
                         i = min(idle, key=lambda j: self._pos_used.get(table[j], 0))
                         pos.pop(table[i], None)
+                    elif mix is not None and st.adapters[n].method == "mixlora":
+                        # the MixLoRA region is full of adapters in flight: the admission cap
+                        # (max_mixlora_per_step) keeps this from happening
+                        raise EngineError(f"no MixLoRA stack position free for {n!r}: {mix} in flight "
+                                          "(max_mixlora_per_step)")
                     else:  # cannot happen under the admission cap; grow rather than fail the step
                         i = len(table)
                         table.append(None)
@@ -903,12 +969,17 @@ class Engine:
             self._pos_used[n] = self._pos_clock
         # the other resident slots too, while there is room (never evicting for them): an adapter
         # admitted later finds its position, and its first step rebuilds nothing
+        full_regions = set()
         for n in [s.model_name for s in self.registry.slots if s.adapter is not None]:
             if n in pos or n not in st.adapters:
                 continue
-            i = _room(table, cap)
+            where = region(n)
+            i = None if where in full_regions else _room(table, where)
             if i is None:
-                break
+                full_regions.add(where)
+                if len(full_regions) == (1 if mix is None else 2):
+                    break
+                continue
             table[i] = n
             pos[n] = i
         if len(self._pos_used) > 4 * len(table) + 16:  # forget names that hold no position
@@ -983,6 +1054,26 @@ class _Failed:
 
     def is_finished(self) -> bool:
         return True
+
+
+def _stack_bytes(model) -> int:
+    """Bytes of the stacked adapters the adapted modules hold now (their ``batch_stacks``), each
+    storage counted once."""
+    seen: set = set()
+    todo = [getattr(m, "batch_stacks", None) for m in model.modules() if isinstance(m, (AdaptedLinear, AdaptedFFN))]
+    total = 0
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return total
 
 
 def wait_until(pred, timeout: float = 10.0, every: float = 0.01) -> bool:

@@ -8,7 +8,8 @@ activations of one packed step (MixLoRA's virtual experts are top-k times the FF
 the per-site stacks of a mixed step's adapters (``moelora.layers.adapted._stacked_lora`` /
 ``_moe_stacks``: every adapter of the engine's stack positions copied into one zero-padded tensor
 per site, kept for the last composition; the positions, ``Engine._stack_positions``, are at most
-``max_adapters_per_step`` resident slots + the base, the same bound as one step's adapters). The first H200 run had none of it left free and failed with CUDA out of
+``max_adapters_per_step`` resident slots + the base, the same bound as one step's adapters, and
+``max_mixlora_per_step`` more for MixLoRA when that is set: then only those hold expert rows). The first H200 run had none of it left free and failed with CUDA out of
 memory (README, Serving). So the engine sizes the cache itself and hands CB an explicit
 ``num_blocks``:
 
@@ -89,11 +90,25 @@ def step_activation_bytes(d: ModelDims, max_batch_tokens: int, top_k: int = 2, f
     return int(factor * max_batch_tokens * (per_token + logits))
 
 
-def adapter_stack_bytes(max_adapter_bytes: int, adapters_per_step: int) -> int:
-    """The per-site stacks of one mixed step: every slot of the step (its adapters and the base)
-    zero-padded to the largest rank, for the plain-LoRA linears and MixLoRA's expert stacks
-    (each bounded by one adapter of the largest size): 2 x (adapters + 1) x the largest adapter."""
-    return int(2 * (adapters_per_step + 1) * max_adapter_bytes)
+def adapter_stack_bytes(lora_row_bytes: int, adapters_per_step: int, expert_row_bytes: int | None = None,
+                        mixlora_positions: int | None = None) -> int:
+    """The per-site stacks of one mixed step: every stack position (the step's adapters and the
+    base) zero-padded to the largest rank. The plain-LoRA stacks hold every position, each at
+    most the largest adapter's plain-LoRA tensors (``lora_row_bytes``); MixLoRA's expert stacks
+    (E experts per position, and the routers) hold every position too, each at most the largest
+    MixLoRA adapter's expert and router tensors (``expert_row_bytes``; default ``lora_row_bytes``),
+    unless the engine keeps MixLoRA adapters in ``mixlora_positions`` positions of their own
+    (``Engine(max_mixlora_per_step=...)``): then the table has those beside the
+    ``adapters_per_step`` others, and only they have expert rows. With the defaults:
+    2 x (adapters + 1) x the largest adapter.
+
+    A bound as long as the adapter of the largest rank targets every linear another adapter
+    targets (a stack row is padded to the largest rank at every site the stacks cover);
+    ``Engine.warmup()`` measures the stacks it built (``warmup_stats['stack_gb']``)."""
+    lora_positions = adapters_per_step + 1 + (mixlora_positions or 0)
+    expert_positions = lora_positions if mixlora_positions is None else mixlora_positions
+    expert = lora_row_bytes if expert_row_bytes is None else expert_row_bytes
+    return int(lora_positions * lora_row_bytes + expert_positions * expert)
 
 
 def plan_kv_cache(*, free_bytes: int, total_bytes: int, dims: ModelDims, adapter_bytes: int,

@@ -129,8 +129,9 @@ class AdapterRegistry:
         self.model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
         self.adapters: dict[str, HostAdapter] = {}
         self.slots: list[Slot] = []
-        # the largest adapter the engine's memory plan allows for (None: no limit); larger ones are refused
-        self.max_adapter_bytes: int | None = None
+        # the largest (plain-LoRA, MixLoRA expert and router) parts of an adapter (``part_bytes``) the
+        # engine's memory plan sized the stacks for (None: no limit); larger adapters are refused
+        self.max_part_bytes: tuple[int, int] | None = None
         self._key_bytes: dict[str, int] = {}  # config key -> device bytes of a slot of that config (measured)
         self.stats_ = RegistryStats()
         self._clock = 0
@@ -140,6 +141,8 @@ class AdapterRegistry:
         # adapted module re-checks its stacked adapters only for the slots changed since its last check
         self.changes = ChangeLog()
         self._bounds: StackBounds | None = None  # of the registered adapters (stack_bounds), None: to compute
+        # the leading stack positions MixLoRA adapters are kept in (the engine's max_mixlora_per_step), None: all
+        self.mixlora_positions: int | None = None
 
     # ---- host side ------------------------------------------------------------------------------
     def register_path(self, name: str, path: str | os.PathLike, eager: bool = False) -> HostAdapter:
@@ -186,14 +189,15 @@ class AdapterRegistry:
         """The largest rank, MixLoRA expert count and top-k among the registered adapters (what
         the engine's plans promise the adapted modules: ``StackBounds``); None when none is registered.
         Registering a larger adapter raises them: the stacks are then built once more at the new sizes."""
-        if self._bounds is None and self.adapters:
+        if self.adapters and (self._bounds is None or self._bounds.mixlora_positions != self.mixlora_positions):
             # the methods whose rows the stacks hold (LoRA-Switch and block-diagonal rows run apart)
             cfgs = [a.cfg for a in self.adapters.values() if a.method in ("lora", "mixlora")]
             mix = [c for c in cfgs if c.method == "mixlora"]
             self._bounds = StackBounds(rank=max([int(c.r) for c in cfgs], default=0),
                                        experts=max([int(c.num_experts) for c in mix], default=0),
                                        top_k=max([int(c.top_k) for c in mix], default=0),
-                                       expert_rank=max([int(c.r) for c in mix], default=0))
+                                       expert_rank=max([int(c.r) for c in mix], default=0),
+                                       mixlora_positions=self.mixlora_positions)
         return self._bounds
 
     def _check_new(self, name: str) -> None:
@@ -271,6 +275,18 @@ class AdapterRegistry:
             except OSError:
                 return 0
         return 0
+
+    def part_bytes(self, entry: HostAdapter) -> tuple[int, int]:
+        """(plain-LoRA bytes, MixLoRA expert and router bytes) of ``entry``: what one stack position
+        holds of it in the plain-LoRA stacks and in the expert stacks (``memory.adapter_stack_bytes``).
+        Split from its host tensors when loaded; else ``known_bytes`` for each part it may have (an
+        upper bound). Methods other than MixLoRA have no expert part."""
+        if entry.method != "mixlora":
+            return self.known_bytes(entry), 0
+        if entry.tensors is None:
+            b = self.known_bytes(entry)
+            return b, b
+        return split_bytes(entry.tensors)
 
     def _slot_bytes(self, key: str, entry: HostAdapter) -> int:
         """What a slot of config ``key`` takes on the device: measured on the first slot of that
@@ -354,10 +370,15 @@ class AdapterRegistry:
             self._touch(slot)
             return slot
         self._fill(entry)
-        if self.max_adapter_bytes is not None and entry.nbytes > self.max_adapter_bytes:
-            raise RegistryError(f"adapter {name!r} has {entry.nbytes} bytes; the engine's memory plan allows adapters "
-                                f"of at most {self.max_adapter_bytes} (max_adapter_gb="
-                                f"{self.max_adapter_bytes / 2**30:.3f}); restart with a larger max_adapter_gb")
+        if self.max_part_bytes is not None:
+            for what, knob, have, most in zip(("plain-LoRA", "MixLoRA expert and router"),
+                                              ("max_adapter_gb", "max_expert_gb"), self.part_bytes(entry),
+                                              self.max_part_bytes):
+                if have > most:
+                    raise RegistryError(
+                        f"adapter {name!r} has {have} bytes of {what} tensors; the engine's memory plan sized its "
+                        f"adapter stacks for at most {most} ({knob}={most / 2**30:.3f}); restart with a larger "
+                        f"{knob}, or with the adapter served from the start")
         key = config_key(entry.cfg)
         free = sorted((s for s in self.slots if s.pins == 0 and (evict or s.adapter is None)),
                       key=lambda s: (s.adapter is not None, s.last_used))
@@ -477,6 +498,13 @@ class AdapterRegistry:
                 "h2d_bytes": s.h2d_bytes, "disk_bytes": s.disk_bytes, "peak_resident_slots": s.max_resident,
                 "peak_resident_bytes": s.max_resident_bytes, "host_pinned_memory": self.pin_memory,
                 **{k: round(getattr(s, k), 4) for k in ("fill_s", "new_slot_s", "install_s", "drop_s")}}
+
+
+def split_bytes(tensors: dict) -> tuple[int, int]:
+    """(plain-LoRA, MixLoRA expert and router) bytes of an adapter's tensors (``moelora.adapter_state_dict``
+    keys; the expert stacks' are ``...mlp.router.weight`` and ``...mlp.experts.<proj>.lora_A|B``)."""
+    expert = _nbytes({k: t for k, t in tensors.items() if any(p in ("experts", "router") for p in k.split("."))})
+    return _nbytes(tensors) - expert, expert
 
 
 def _nbytes(tensors: dict) -> int:
