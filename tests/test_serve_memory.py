@@ -82,7 +82,7 @@ def test_engine_plan_uses_the_pool_the_step_cap_and_the_largest_adapter(monkeypa
         # and the largest MixLoRA experts + router
         lora_row = max(small[0], big[0])
         assert eng.max_adapters_per_step == 3 and reg.max_part_bytes == (lora_row, big[1])
-        assert plan.stack_bytes == adapter_stack_bytes(lora_row, 3, big[1]) == 4 * (lora_row + big[1])
+        assert plan.stack_bytes == adapter_stack_bytes(lora_row, 3, big[1]) == 4 * lora_row + 5 * big[1]
         assert plan.num_blocks > 0
         # explicit bounds win
         eng._plan_memory(256, 16, 0.001, None, None, 0.002)
@@ -106,9 +106,9 @@ def test_mixlora_positions_of_their_own_shrink_the_stacks(monkeypatch):
     expert = 8 * 16 * 3 * (4096 + 11008) * 32 * 2 + 8 * 4096 * 32 * 4
     shared = adapter_stack_bytes(lora, 32, expert)
     split = adapter_stack_bytes(lora, 64, expert, mixlora_positions=16)
-    assert shared == 33 * (lora + expert) and split == (64 + 16 + 1) * lora + 16 * expert
+    assert shared == 33 * lora + 34 * expert and split == (64 + 16 + 1) * lora + 17 * expert
     assert split < 1.45 * shared  # twice the positions for 1.4x the bytes
-    assert adapter_stack_bytes(lora, 4) == 2 * 5 * lora  # the old bound: both stacks at every position
+    assert adapter_stack_bytes(lora, 4) == (2 * 5 + 1) * lora  # both stacks at every position, + the zero expert
 
     with pytest.raises(ValueError, match="max_mixlora_per_step must be >= 1"):
         Engine(make_tiny(), max_mixlora_per_step=0)
@@ -124,7 +124,41 @@ def test_mixlora_positions_of_their_own_shrink_the_stacks(monkeypatch):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (6 * GiB, 8 * GiB))
         plan = eng._plan_memory(256, 16, None, None, None)
         lora_row, expert_row = reg.max_part_bytes
-        assert plan.stack_bytes == (3 + 1 + 1) * lora_row + 1 * expert_row
+        assert plan.stack_bytes == (3 + 1 + 1) * lora_row + 2 * expert_row
         assert reg.stack_bounds().mixlora_positions == 1
     finally:
         eng.close()
+
+
+def test_stacks_as_built_stay_within_the_plan_bound():
+    """A mixed step's stacks as built (``engine._stack_bytes``: shared and split layouts) are within
+    ``adapter_stack_bytes`` of the registry's per-kind parts, when the largest-rank adapter targets
+    every linear the others do (the bound's premise)."""
+    import torch  # noqa: F401
+    from conftest import make_tiny, randomize_adapter_
+
+    import moelora
+    from moelora.serve import Engine
+    from moelora.serve.engine import _stack_bytes
+
+    for mix_cap in (None, 1):
+        m = make_tiny()
+        moelora.inject_adapter(m, moelora.LoraConfig(r=8), adapter_name="a")
+        moelora.add_adapter(m, "b", moelora.LoraConfig(r=4))
+        moelora.add_adapter(m, "mx", moelora.MixLoraConfig(num_experts=4, top_k=2, r=4))
+        randomize_adapter_(m, seed=5)
+        eng = Engine(m.eval(), max_new_tokens=4, eos_token_id=-1, max_adapters_per_step=3,
+                     max_mixlora_per_step=mix_cap, max_resident_adapters=4)
+        try:
+            reg = eng.registry
+            parts = [reg.part_bytes(reg.adapters[n]) for n in ("a", "b", "mx")]
+            with eng._model_lock:  # one packed step of all three and the base
+                rids = [eng.submit([1, 2, 3], n) for n in ("a", "b", "mx", None)]
+            for r in rids:
+                list(eng.stream(r))
+            assert eng.mixed_steps > 0
+            built = _stack_bytes(m)
+            bound = adapter_stack_bytes(max(p for p, _ in parts), 3, parts[2][1], mix_cap)
+            assert 0.85 * bound < built <= bound, (mix_cap, built, bound)
+        finally:
+            eng.close()

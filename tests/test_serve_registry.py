@@ -197,7 +197,11 @@ def test_adapter_cap_per_step_and_no_starvation():
         assert outs[cold] == ref_b and all(outs[r] == ref_a for r in before + after)
         assert done[cold] < max(done[r] for r in after)
         assert sum(done[r] > done[cold] for r in after) >= 6  # all but the two that overtook it
-        assert eng.metrics()["max_adapters_seen_per_step"] == 1
+        met = eng.metrics()
+        assert met["max_adapters_seen_per_step"] == 1
+        # every request's wait from submit to entering CB is kept; the cold one waited behind the loop
+        waits = met["admission_wait_ms"]
+        assert waits["n"] == 2 + 12 and 0 <= waits["p50"] <= waits["p99"] <= waits["max"] and waits["max"] > 0
     finally:
         eng.close()
 

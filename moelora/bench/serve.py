@@ -57,7 +57,8 @@ ADMISSION_SECONDS = ("fill_s", "new_slot_s", "install_s", "drop_s", "admission_l
 COLUMNS = ("system", "num_adapters", "alpha", "rate", "arrival", "status", "requests", "completed", "cancelled",
            "rejected", "no_first_token", "output_tokens", "wall_s", "output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms",
            "itl_p50_ms", "itl_p99_ms", "latency_p50_s", "latency_p99_s", "swaps", "h2d_bytes",
-           "peak_resident_slots", "max_adapters_per_step", "graph_captures", "peak_gpu_mem_gb", *ADMISSION_SECONDS, "note")
+           "peak_resident_slots", "max_adapters_per_step", "graph_captures", "peak_gpu_mem_gb", *ADMISSION_SECONDS,
+           "admission_wait_p50_ms", "admission_wait_p99_ms", "note")
 
 
 @dataclass
@@ -241,6 +242,7 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     engine.registry.reset_peaks()
     engine.max_adapters_seen = 0
     engine._manager.step_times.reset()
+    engine.admission_waits.clear()
     _reset_peak(device)
     with triton_compiles() as compiles:
         res = asyncio.run(_drive(engine, reqs, names, timeout))
@@ -254,6 +256,9 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     row.update(swaps=after["swaps"] - before["swaps"], h2d_bytes=after["h2d_bytes"] - before["h2d_bytes"],
                peak_resident_slots=after["peak_resident_slots"], max_adapters_per_step=after["max_adapters_seen_per_step"],
                peak_gpu_mem_gb=_peak_mem(device), step_times=after["step_times"],
+               # submit -> entering CB (waiting for a slot, the per-step caps, fairness): part of TTFT
+               admission_wait_p50_ms=after["admission_wait_ms"].get("p50"),
+               admission_wait_p99_ms=after["admission_wait_ms"].get("p99"),
                # decode graphs captured inside the timed run (0 after a complete warm-up: each one
                # is a step that waited for a capture)
                graph_captures=captures_total() - graphs,

@@ -152,6 +152,7 @@ class _Request:
     finished: bool = False
     bypassed: int = 0  # later requests admitted while this one waited (fairness)
     tokens: list = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.perf_counter)
 
 
 class Engine:
@@ -260,6 +261,8 @@ class Engine:
         self.mixed_steps = 0  # of which used more than one adapter (base included)
         self.admission_locked_s = 0.0  # host seconds the admission thread held the model lock (swaps)
         self.max_adapters_seen = 0  # most distinct adapters (base not counted) in one packed step
+        # seconds from submit to entering CB of the last requests (metrics()["admission_wait_ms"]; clear() to restart)
+        self.admission_waits: deque = deque(maxlen=4096)
         self._positions: list = []  # the stacks' slots: model adapter names (None: free), _stack_positions
         self._pos_used: dict = {}  # name -> the step count when a step last used it (LRU of positions)
         self._pos_clock = 0
@@ -384,13 +387,13 @@ class Engine:
             bounded = reg.max_resident is not None or reg.memory_bytes is not None
             filled = reg.fill(list(reg.adapters)) if bounded else []
             # the stacks as built (every position, at the plan's bounds) against the memory plan's bound
-            stack_gb = round(_stack_bytes(self.model) / 2**30, 3)
-            if self.memory_plan is not None and stack_gb > self.memory_plan.stack_bytes / 2**30:
+            stack_bytes = _stack_bytes(self.model)
+            if self.memory_plan is not None and stack_bytes > self.memory_plan.stack_bytes:
                 log.warning("the adapter stacks take %.3f GiB, more than the memory plan's %.3f GiB (an adapter "
                             "of a smaller rank targets linears the largest one does not): set max_adapter_gb",
-                            stack_gb, self.memory_plan.stack_bytes / 2**30)
+                            stack_bytes / 2**30, self.memory_plan.stack_bytes / 2**30)
             return {"graphs": graphs, "buckets": list(buckets), "prefill_tokens": list(prefill),
-                    "uniform_tokens": list(uniform), "stack_gb": stack_gb,
+                    "uniform_tokens": list(uniform), "stack_bytes": stack_bytes,
                     "adapters": chosen[:len(slots)], "modules": modules, "prefilled": len(filled),
                     "resident": len(reg.slots)}
         finally:
@@ -707,6 +710,7 @@ class Engine:
 
     def _enter(self, req: _Request, slot: str | None) -> None:
         req.admitted = True
+        self.admission_waits.append(time.perf_counter() - req.submitted_at)
         self._inside[req.adapter] = self._inside.get(req.adapter, 0) + 1
         if not req.sampling.greedy:
             seed = req.sampling.seed if req.sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
@@ -854,6 +858,7 @@ class Engine:
             inside = {("base" if a is None else a): k for a, k in self._inside.items() if k}
         return {**reg, "steps": self.steps, "mixed_steps": self.mixed_steps,
                 "admission_locked_s": round(self.admission_locked_s, 4),
+                "admission_wait_ms": _percentiles_ms(self.admission_waits),
                 "max_adapters_seen_per_step": self.max_adapters_seen,
                 "max_adapters_per_step": self.max_adapters_per_step, "pending": self.pending(),
                 "queued": self.queued(), "running": inside, "attn_implementation": self.attn_implementation,
@@ -1056,11 +1061,22 @@ class _Failed:
         return True
 
 
+def _percentiles_ms(seconds) -> dict:
+    """p50 / p99 / max in ms and the count of a sample of seconds ({} when empty)."""
+    xs = sorted(seconds)
+    if not xs:
+        return {}
+    at = lambda q: round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 3)  # noqa: E731
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(1000 * xs[-1], 3), "n": len(xs)}
+
+
 def _stack_bytes(model) -> int:
     """Bytes of the stacked adapters the adapted modules hold now (their ``batch_stacks``), each
     storage counted once."""
     seen: set = set()
-    todo = [getattr(m, "batch_stacks", None) for m in model.modules() if isinstance(m, (AdaptedLinear, AdaptedFFN))]
+    # (names, stamps, stacks, epoch): only the stacks (the stamps refer to the slots' own tensors)
+    todo = [m.batch_stacks[2] for m in model.modules()
+            if isinstance(m, (AdaptedLinear, AdaptedFFN)) and m.batch_stacks is not None]
     total = 0
     while todo:
         x = todo.pop()

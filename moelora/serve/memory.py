@@ -99,14 +99,15 @@ def adapter_stack_bytes(lora_row_bytes: int, adapters_per_step: int, expert_row_
     MixLoRA adapter's expert and router tensors (``expert_row_bytes``; default ``lora_row_bytes``),
     unless the engine keeps MixLoRA adapters in ``mixlora_positions`` positions of their own
     (``Engine(max_mixlora_per_step=...)``): then the table has those beside the
-    ``adapters_per_step`` others, and only they have expert rows. With the defaults:
-    2 x (adapters + 1) x the largest adapter.
+    ``adapters_per_step`` others, and only they have expert rows. Each expert stack has one
+    zero-expert row more (counted as one more position: a bound). With the defaults:
+    (2 x (adapters + 1) + 1) x the largest adapter.
 
     A bound as long as the adapter of the largest rank targets every linear another adapter
     targets (a stack row is padded to the largest rank at every site the stacks cover);
-    ``Engine.warmup()`` measures the stacks it built (``warmup_stats['stack_gb']``)."""
+    ``Engine.warmup()`` measures the stacks it built (``warmup_stats['stack_bytes']``)."""
     lora_positions = adapters_per_step + 1 + (mixlora_positions or 0)
-    expert_positions = lora_positions if mixlora_positions is None else mixlora_positions
+    expert_positions = 1 + (lora_positions if mixlora_positions is None else mixlora_positions)
     expert = lora_row_bytes if expert_row_bytes is None else expert_row_bytes
     return int(lora_positions * lora_row_bytes + expert_positions * expert)
 
