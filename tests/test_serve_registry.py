@@ -392,3 +392,31 @@ def test_a_mixlora_adapter_out_of_its_region_is_refused_by_the_stacks():
     assert _moe_positions(b, ["mix", None, None]) == 1 and _moe_positions(None, ["x", "y"]) == 2
     with pytest.raises(ValueError, match="positions \\[2\\].*first 1 positions"):
         _moe_positions(b, ["mix", None, "late"])
+
+
+def test_a_request_waiting_for_a_swap_holds_nobody_back():
+    """A request whose adapter must be swapped in waits for the admission thread's install pass
+    (it needs the model lock); requests behind it whose adapters are resident enter meanwhile,
+    however many (before: max_bypass of them, then the whole queue waited for the swap), while
+    its place under the per-step cap is kept; then everything equals offline generate."""
+    m = _model()
+    refs = {n: _offline(m, PROMPTS[0], n) for n in NAMES}
+    eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_adapters_per_step=3, max_bypass=2,
+                 max_resident_adapters=3, max_pending=32)
+    try:
+        for n in ("a", "c"):
+            eng.generate(PROMPTS[0], n)
+        assert "b" not in eng.registry.resident()  # "b" must be swapped in
+        with eng._model_lock:  # no step and no swap until everything is queued
+            cold = eng.submit(PROMPTS[0], "b")
+            hot = [eng.submit(PROMPTS[0], "a") for _ in range(6)]
+            assert eng.queued() == 1  # only "b" waits: six overtook it, max_bypass is 2
+            new = eng.submit(PROMPTS[0], "c")  # a new adapter, resident: room for it and "b" under the cap
+            assert eng.queued() == 1
+            later = eng.submit(PROMPTS[0], "d")  # a fourth distinct adapter: the cap (b's place kept)
+            assert eng.queued() == 2
+        outs = {r: list(eng.stream(r)) for r in [cold, *hot, new]}
+        assert outs[cold] == refs["b"] and outs[new] == refs["c"] and all(outs[r] == refs["a"] for r in hot)
+        assert list(eng.stream(later)) == refs["d"]
+    finally:
+        eng.close()

@@ -28,6 +28,8 @@ resident and pinned, and only while the distinct adapters of the requests inside
 (its adapter is prefetched into a free or unpinned slot when one can be had). Later requests may
 overtake a waiting one only if they need no new adapter, and at most ``max_bypass`` times; then
 admission stops until it gets in, so a cold adapter behind many hot requests is never starved.
+A request that waits only for its adapter's swap (done by the admission thread between two
+steps, in queue order) is not such a wait: it holds nobody back, and its place under the caps is kept.
 Pins are released when a request finishes or is cancelled.
 
 Settings that keep each response equal to ``model.generate`` with its adapter alone: no KV block
@@ -665,21 +667,29 @@ class Engine:
 
     def _admit_pass(self, install: bool) -> None:
         waiting: _Request | None = None  # the oldest request that could not enter
+        # install=False: adapters of requests that wait only for a swap (not resident), which the
+        # admission thread's install pass makes next, in queue order. That is no wait for the caps
+        # or the pool, so those requests hold nobody back (before, the first of them stopped the
+        # whole queue after max_bypass overtakes, until the install pass got the model lock: at a
+        # saturating rate most of a request's TTFT); their places under the caps are kept.
+        swap_next: set = set()
         prefetched = 0
         for req in list(self._queue):
             if req.admitted or req.finished:
                 continue
+            if req.adapter in swap_next:
+                continue  # waits for the same swap
             new_adapter = req.adapter is not None and self._inside.get(req.adapter, 0) == 0
             if waiting is not None and (new_adapter or waiting.bypassed >= self.max_bypass):
                 if waiting.bypassed >= self.max_bypass:
                     break  # the waiting one goes first: nothing overtakes it any more
                 continue
-            distinct = sum(1 for a, k in self._inside.items() if a is not None and k > 0)
+            distinct = len(swap_next) + sum(1 for a, k in self._inside.items() if a is not None and k > 0)
             ok = not (new_adapter and self.max_adapters_per_step is not None
                       and distinct >= self.max_adapters_per_step)
             if ok and new_adapter and self.max_mixlora_per_step is not None and self._is_mixlora(req.adapter):
-                ok = sum(1 for a, k in self._inside.items()
-                         if a is not None and k > 0 and self._is_mixlora(a)) < self.max_mixlora_per_step
+                ok = sum(1 for a, k in self._inside.items() if a is not None and k > 0 and self._is_mixlora(a)) + sum(
+                    1 for a in swap_next if self._is_mixlora(a)) < self.max_mixlora_per_step
             slot = None
             if ok and req.adapter is not None:
                 try:
@@ -693,6 +703,9 @@ class Engine:
                     self._fail(req, f"adapter {req.adapter!r} could not be made resident ({type(e).__name__}: {e})")
                     continue
                 ok = slot is not None
+                if not ok and not install:
+                    swap_next.add(req.adapter)
+                    continue
             if not ok:
                 if waiting is None:
                     waiting = req
