@@ -420,3 +420,24 @@ def test_a_request_waiting_for_a_swap_holds_nobody_back():
         assert list(eng.stream(later)) == refs["d"]
     finally:
         eng.close()
+
+
+def test_a_request_with_no_slot_for_its_swap_still_gets_fairness():
+    """When the install pass finds no slot for a request's adapter (every slot pinned), the request
+    is a real wait again: later requests overtake it at most ``max_bypass`` times, so it is not
+    starved by traffic to resident adapters."""
+    m = _model()
+    eng = Engine(m, max_new_tokens=NEW, eos_token_id=-1, max_bypass=2, max_resident_adapters=1, max_pending=32)
+    try:
+        eng.generate(PROMPTS[0], "a")
+        with eng._model_lock:
+            pin = eng.submit(PROMPTS[0], "a")  # holds the only slot
+            cold = eng.submit(PROMPTS[0], "b")
+            eng._admit(install=True)  # no slot for "b": every slot is pinned
+            assert eng._requests[cold].no_slot
+            hot = [eng.submit(PROMPTS[0], "a") for _ in range(4)]
+            assert eng.queued() == 1 + 4 - 2  # two overtook it (max_bypass), the rest wait behind it
+        for r in [pin, cold, *hot]:
+            list(eng.stream(r))
+    finally:
+        eng.close()

@@ -155,6 +155,7 @@ class _Request:
     bypassed: int = 0  # later requests admitted while this one waited (fairness)
     tokens: list = field(default_factory=list)
     submitted_at: float = field(default_factory=time.perf_counter)
+    no_slot: bool = False  # an install pass found no slot for its adapter (all pinned): a real wait
 
 
 class Engine:
@@ -703,9 +704,11 @@ class Engine:
                     self._fail(req, f"adapter {req.adapter!r} could not be made resident ({type(e).__name__}: {e})")
                     continue
                 ok = slot is not None
-                if not ok and not install:
+                if not ok and not install and not req.no_slot:
                     swap_next.add(req.adapter)
                     continue
+                if not ok and install:
+                    req.no_slot = True  # from now on it holds later requests back, as a wait for the caps does
             if not ok:
                 if waiting is None:
                     waiting = req
