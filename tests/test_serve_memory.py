@@ -131,15 +131,14 @@ def test_mixlora_positions_of_their_own_shrink_the_stacks(monkeypatch):
 
 
 def test_stacks_as_built_stay_within_the_plan_bound():
-    """A mixed step's stacks as built (``engine._stack_bytes``: shared and split layouts) are within
+    """A mixed step's stacks as built (``adapted.stacked_adapter_bytes``: shared and split layouts) are within
     ``adapter_stack_bytes`` of the registry's per-kind parts, when the largest-rank adapter targets
     every linear the others do (the bound's premise)."""
-    import torch  # noqa: F401
     from conftest import make_tiny, randomize_adapter_
 
     import moelora
     from moelora.serve import Engine
-    from moelora.serve.engine import _stack_bytes
+    from moelora.layers.adapted import stacked_adapter_bytes
 
     for mix_cap in (None, 1):
         m = make_tiny()
@@ -157,7 +156,7 @@ def test_stacks_as_built_stay_within_the_plan_bound():
             for r in rids:
                 list(eng.stream(r))
             assert eng.mixed_steps > 0
-            built = _stack_bytes(m)
+            built = stacked_adapter_bytes(m)
             bound = adapter_stack_bytes(max(p for p, _ in parts), 3, parts[2][1], mix_cap)
             assert 0.85 * bound < built <= bound, (mix_cap, built, bound)
         finally:

@@ -370,12 +370,12 @@ def test_mixlora_positions_of_their_own_token_exact():
             assert all(a.shape[0] == 4 + 1 for a in stacks["A"].values())
             assert stacks["E"].shape[0] == len(mod.batch_stacks[0])  # every position (and the base) has a count
         # what warm-up reports as the stacks' size: each storage once
-        from moelora.serve.engine import _stack_bytes
+        from moelora.layers.adapted import stacked_adapter_bytes
 
         expert = sum(t.untyped_storage().nbytes() for mod in ffns for t in (
             mod.batch_stacks[2]["router"], mod.batch_stacks[2]["E"], mod.batch_stacks[2]["k"],
             *mod.batch_stacks[2]["A"].values(), *mod.batch_stacks[2]["B"].values()))
-        assert _stack_bytes(m) > expert > 0
+        assert stacked_adapter_bytes(m) > expert > 0
     finally:
         stop.set()
         w.join()

@@ -717,6 +717,17 @@ def _tensors_of(tree) -> list:
     return []
 
 
+def stacked_adapter_bytes(model) -> int:
+    """Bytes of the stacked adapters the adapted modules of ``model`` hold now (their
+    ``batch_stacks``' stacks, not the stamps, which refer to the slots' own tensors), each storage once."""
+    storages = {}
+    for m in model.modules():
+        if isinstance(m, (AdaptedLinear, AdaptedFFN)) and m.batch_stacks is not None:
+            for t in _tensors_of(m.batch_stacks[2]):
+                storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return sum(storages.values())
+
+
 def _ffn_slots(ffn, names) -> tuple:
     adapters = [_private.module_dict_get(ffn.adapters, n) for n in names]
     present = [a for a in adapters if a is not None]

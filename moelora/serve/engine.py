@@ -56,7 +56,7 @@ from typing import Iterator
 import torch
 
 from ..layers import decode_graphs
-from ..layers.adapted import AdaptedFFN, AdaptedLinear
+from ..layers.adapted import AdaptedFFN, AdaptedLinear, stacked_adapter_bytes
 from ..state import BatchPlan
 from . import _cb_private
 from .registry import AdapterRegistry, RegistryError, config_key
@@ -232,7 +232,6 @@ class Engine:
         if None not in (max_mixlora_per_step, max_adapters_per_step) and int(max_mixlora_per_step) > int(max_adapters_per_step):
             raise ValueError(f"max_mixlora_per_step ({max_mixlora_per_step}) is a share of max_adapters_per_step "
                              f"({max_adapters_per_step}); lower it or raise max_adapters_per_step")
-        self.max_mixlora_per_step = None if max_mixlora_per_step is None else int(max_mixlora_per_step)
         if int(max_bypass) < 0:
             raise ValueError(f"max_bypass must be >= 0, got {max_bypass}")
         self.max_bypass = int(max_bypass)
@@ -272,7 +271,8 @@ class Engine:
         self.registry = AdapterRegistry(
             model, max_resident=max_resident_adapters, model_lock=self._model_lock,
             memory_bytes=None if adapter_memory_gb is None else int(float(adapter_memory_gb) * 2**30))
-        self.registry.mixlora_positions = self.max_mixlora_per_step  # in the plans' StackBounds
+        # the MixLoRA cap lives in the registry, which makes the plans' StackBounds (max_mixlora_per_step)
+        self.registry.mixlora_positions = None if max_mixlora_per_step is None else int(max_mixlora_per_step)
         self._absorbed = self._absorb_model_adapters()
         if adapters_dir is not None:
             for sub in sorted(Path(adapters_dir).iterdir()):
@@ -390,7 +390,7 @@ class Engine:
             bounded = reg.max_resident is not None or reg.memory_bytes is not None
             filled = reg.fill(list(reg.adapters)) if bounded else []
             # the stacks as built (every position, at the plan's bounds) against the memory plan's bound
-            stack_bytes = _stack_bytes(self.model)
+            stack_bytes = stacked_adapter_bytes(self.model)
             if self.memory_plan is not None and stack_bytes > self.memory_plan.stack_bytes:
                 log.warning("the adapter stacks take %.3f GiB, more than the memory plan's %.3f GiB (an adapter "
                             "of a smaller rank targets linears the largest one does not): set max_adapter_gb",
@@ -490,7 +490,7 @@ class Engine:
         if self.max_mixlora_per_step is not None and self.max_mixlora_per_step > self.max_adapters_per_step:
             log.info("max_mixlora_per_step %d lowered to max_adapters_per_step %d", self.max_mixlora_per_step,
                      self.max_adapters_per_step)
-            self.max_mixlora_per_step = reg.mixlora_positions = self.max_adapters_per_step
+            reg.mixlora_positions = self.max_adapters_per_step
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         dims = memory.ModelDims.from_config(cfg, next(self.model.parameters()).element_size())
         top_k = max([getattr(a.cfg, "top_k", 2) or 2 for a in reg.adapters.values()] + [2])
@@ -533,6 +533,11 @@ class Engine:
         resident = set(self.registry.resident())
         return [{"name": a.name, "method": a.method, "config": a.cfg.to_dict(), "resident": a.name in resident}
                 for a in self.registry.adapters.values()]
+
+    @property
+    def max_mixlora_per_step(self) -> int | None:
+        """Most MixLoRA adapters inside CB, each in a stack position of its own (None: no cap of their own)."""
+        return self.registry.mixlora_positions
 
     def _is_mixlora(self, name: str) -> bool:
         entry = self.registry.adapters.get(name)
@@ -1078,34 +1083,15 @@ class _Failed:
 
 
 def _percentiles_ms(seconds) -> dict:
-    """p50 / p99 / max in ms and the count of a sample of seconds ({} when empty)."""
-    xs = sorted(seconds)
+    """p50 / p99 / max in ms and the count of a sample of seconds ({} when empty), with the
+    percentile the serving benchmark's TTFT / ITL columns use."""
+    from ..bench.timing import percentile
+
+    xs = list(seconds)
     if not xs:
         return {}
-    at = lambda q: round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 3)  # noqa: E731
-    return {"p50": at(0.5), "p99": at(0.99), "max": round(1000 * xs[-1], 3), "n": len(xs)}
-
-
-def _stack_bytes(model) -> int:
-    """Bytes of the stacked adapters the adapted modules hold now (their ``batch_stacks``), each
-    storage counted once."""
-    seen: set = set()
-    # (names, stamps, stacks, epoch): only the stacks (the stamps refer to the slots' own tensors)
-    todo = [m.batch_stacks[2] for m in model.modules()
-            if isinstance(m, (AdaptedLinear, AdaptedFFN)) and m.batch_stacks is not None]
-    total = 0
-    while todo:
-        x = todo.pop()
-        if isinstance(x, torch.Tensor):
-            storage = x.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(x, dict):
-            todo.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            todo.extend(x)
-    return total
+    return {"p50": round(1000 * percentile(xs, 0.5), 3), "p99": round(1000 * percentile(xs, 0.99), 3),
+            "max": round(1000 * max(xs), 3), "n": len(xs)}
 
 
 def wait_until(pred, timeout: float = 10.0, every: float = 0.01) -> bool:
