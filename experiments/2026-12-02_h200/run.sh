@@ -38,6 +38,11 @@ for part in "$@"; do
       timeout ${T_SERVE:-360} python3 -m moelora.bench.serve ${SERVE_ARGS:-} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
     serve2)  # a second serving configuration in the same call (SERVE2_ARGS)
       timeout ${T_SERVE2:-360} python3 -m moelora.bench.serve ${SERVE2_ARGS:-} --out "$D" > "$D/log.txt" 2>&1; tail -25 "$D/log.txt" ;;
+    gathered)  # issue 16: the gathered LoRA op's paths at a serving step's widths (GL_ARGS, then GL2_ARGS if set)
+      timeout ${T_GL:-120} python3 kernels/benchmarks/benchmark_gathered_lora.py ${GL_ARGS:-} --out-dir "$D" > "$D/log.txt" 2>&1
+      if [ -n "${GL2_ARGS:-}" ]; then timeout ${T_GL:-120} python3 kernels/benchmarks/benchmark_gathered_lora.py $GL2_ARGS \
+        --out-dir "$D/second" > "$D/log2.txt" 2>&1; fi
+      grep -E "triton|base-linear" "$D/log.txt" "$D/log2.txt" 2>/dev/null | head -40 ;;
     merge_bw)  # issue 19: the LoRA-Switch merge kernel's share of the copy bandwidth
       timeout ${T_MERGE:-90} python3 kernels/benchmarks/benchmark_merge.py --shape llama2-7b --check ${MERGE_ARGS:-} \
         --out "$D" > "$D/log.txt" 2>&1; tail -12 "$D/log.txt" ;;

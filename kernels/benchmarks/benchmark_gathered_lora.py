@@ -81,10 +81,11 @@ def base_linear(x, lora_A, lora_B, idx, weight=None, scaling=1.0):
 
 
 PROVIDERS: dict[str, Callable] = {
-    "triton": gathered_lora,  # impl="auto": gather kernels for T <= 32, tile kernels above
+    "triton": gathered_lora,  # impl="auto": gather for T <= 32, above tile (E*R <= 256) or segment
     # Both kernel families at every T, to place the auto threshold (DECODE_MAX_TOKENS).
     "triton-gather": functools.partial(gathered_lora, impl="gather"),
     "triton-tile": functools.partial(gathered_lora, impl="tile"),
+    "triton-segment": functools.partial(gathered_lora, impl="segment"),  # many experts (serving stacks)
     "reference": gathered_lora_reference,
     "dense": dense_all_experts,
     "base-linear": base_linear,  # not a LoRA provider: the frozen linear for scale

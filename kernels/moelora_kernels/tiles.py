@@ -8,7 +8,8 @@ Each row maps a kernel to its launch parameters:
 - ``lora_decode`` / ``mixlora_hidden``: the one-launch decode kernels (eager decode);
 - ``lora_decode_split`` / ``mixlora_hidden_split``: their two-launch (split) forms, used inside
   CUDA graphs and by the compiled ops; steps ``(min_tokens, config)``, see ``for_tokens``;
-- ``gathered_lora``: the gather (decode) and tile (training / prefill) shrink and expand kernels;
+- ``gathered_lora``: the gather (decode), tile and segment (training / prefill) shrink and expand
+  kernels;
 - ``merge``: ``MergePlan``'s tile, warps and programs per SM.
 
 The explicit arguments of the launchers still override a row (the benchmarks sweep them).
@@ -54,6 +55,9 @@ _HOPPER: dict[str, Any] = {
         # tile shrink: 64-token tiles while E_pad*R_pad <= 128 columns, else 32
         tile_bm=64, tile_bm_wide=32, tile_bk=64, tile_shrink_warps=4,
         tile_expand_bm=64, tile_expand_bn=128, tile_expand_warps=8,
+        # segment (many experts): tiles of one expert's slots
+        segment_bm=64, segment_bk=64, segment_shrink_warps=4,
+        segment_expand_bm=64, segment_expand_bn=128, segment_expand_warps=4,
         waves=2,  # split the shrink over IN until about this many waves of programs run
         max_split=16,  # the consumers re-read every partial, so keep the split bounded
     ),

@@ -88,6 +88,11 @@ FWD_CASES = [
     (17, 42, 6, 4, 1, 1, False, True, "tile"),
     (3, 42, 42, 1, 16, 1, True, True, "tile"),
     (5, 42, 42, 4, 3, 2, False, True, "auto"),
+    (19, 42, 123, 5, 8, 1, True, False, "segment"),  # serving LoRA: one slot per token
+    (19, 123, 42, 6, 8, 2, True, True, "segment"),  # MixLoRA down: own hidden, weighted sum
+    (19, 42, 123, 4, 3, 2, True, False, "segment"),  # weighted sum over slots of a shared input
+    (17, 6, 42, 4, 16, 2, False, False, "segment"),  # per-slot output (MixLoRA gate/up)
+    (3, 42, 6, 3, 1, 1, False, True, "segment"),
 ]
 
 
@@ -128,7 +133,7 @@ def test_forward_matches_reference(case, dtype):
 
 
 # Backward runs twice the kernels, so a subset that still covers both paths, modes and inputs.
-BWD_CASES = [FWD_CASES[i] for i in (0, 1, 2, 4, 5, 6, 7)]
+BWD_CASES = [FWD_CASES[i] for i in (0, 1, 2, 4, 5, 6, 7, 10, 11, 12, 13)]
 
 
 @pytest.mark.parametrize("case", BWD_CASES, ids=str)
@@ -150,7 +155,8 @@ def _sweep():
     for i, (T, R, E) in enumerate(itertools.product([1, 3, 17], [1, 3, 8, 16], [1, 4])):
         for j, K in enumerate(sorted({1, min(2, E), E})):
             weighted, per_slot = (i + j) % 2 == 0, (i // 2 + j) % 2 == 0
-            impl = "gather" if T < 17 else "tile"  # gather at T=17 crawls in the interpreter
+            # gather at T=17 crawls in the interpreter; every third case takes the segment path
+            impl = "segment" if (i + j) % 3 == 0 else ("gather" if T < 17 else "tile")
             cases.append((T, sizes[(i + j) % 3], sizes[(i + 2 * j + 1) % 3], E, R, K, weighted,
                           per_slot, impl))
     return cases
@@ -167,11 +173,14 @@ def test_sweep_forward_backward(case):
         assert_close(a, b, torch.float32, msg=name)
 
 
-def test_many_experts_fall_back_to_gather():
-    """32 experts x rank 16 is too wide for the all-experts tile: auto takes "gather" even at
-    T > 32, and the weight-gradient kernel walks the 512 one-hot columns in blocks."""
-    assert gl._pick_path(40, 32, 16, "auto") == "gather"
-    inputs = make_inputs(2, 42, 6, 32, 16, 2, weighted=True, per_slot=False, seed=14)
+def test_many_experts_take_the_segment_path():
+    """32 experts x rank 16 is too wide for the all-experts tile: auto takes "segment" at T > 32
+    (each expert's slots in tensor-core tiles; "gather", CUDA cores and the factors read per
+    token, made a 7B serving prefill step ~4x the base's) and "gather" at decode sizes."""
+    assert gl._pick_path(40, 32, 16, "auto") == "segment"
+    assert gl._pick_path(32, 32, 16, "auto") == "gather"
+    assert gl._pick_path(40, 4, 16, "auto") == "tile"
+    inputs = make_inputs(40, 42, 6, 32, 16, 2, weighted=True, per_slot=False, seed=14)
     y, g, gy = grads(gathered_lora, *inputs, 0.5)
     y_ref, g_ref, _ = grads(gathered_lora_reference, *inputs, 0.5, gy=gy)
     assert_close(y, y_ref, torch.float32)
@@ -188,10 +197,10 @@ def test_backward_fp16():
         assert_close(a, b, torch.float16)
 
 
-@pytest.mark.parametrize("impl", ["gather", "tile"])
+@pytest.mark.parametrize("impl", ["gather", "tile", "segment"])
 def test_all_tokens_one_expert_and_unused_experts(impl):
     """Every token picks expert 2 (and 0 as its second slot); experts 1 and 3 get no token."""
-    T, E = 17 if impl == "tile" else 3, 4
+    T, E = 3 if impl == "gather" else 17, 4
     idx = torch.tensor([[2, 0]] * T)
     inputs = make_inputs(T, 42, 6, E, 3, 2, weighted=True, per_slot=False, idx=idx, seed=4)
     y, (dx, dA, dB, dw), gy = grads(lambda *a: gathered_lora(*a, impl=impl), *inputs, 0.5)
@@ -210,7 +219,7 @@ def test_single_token_k_equals_e_matches_loop():
                  torch.float32)
 
 
-@pytest.mark.parametrize("impl", ["gather", "tile"])
+@pytest.mark.parametrize("impl", ["gather", "tile", "segment"])
 def test_strided_inputs_and_int32_idx(impl):
     """Non-contiguous x / A / weight / idx and int32 indices go through the stride arguments."""
     T = 3 if impl == "gather" else 17
@@ -227,7 +236,7 @@ def test_strided_inputs_and_int32_idx(impl):
         assert_close(a, b, torch.float32)
 
 
-@pytest.mark.parametrize("case", [BWD_CASES[0], BWD_CASES[5], BWD_CASES[2]], ids=str)
+@pytest.mark.parametrize("case", [BWD_CASES[0], BWD_CASES[5], BWD_CASES[2], BWD_CASES[7], BWD_CASES[10]], ids=str)
 def test_every_element_written(case, monkeypatch):
     """All kernel buffers start as NaN: any element a kernel skips would surface in the result."""
     def nan_alloc(shape, device, dtype):
@@ -242,12 +251,13 @@ def test_every_element_written(case, monkeypatch):
 
 
 @pytest.mark.parametrize("max_split", [16, 3])
-@pytest.mark.parametrize("case", [FWD_CASES[0], FWD_CASES[2], FWD_CASES[5], FWD_CASES[6]], ids=str)
+@pytest.mark.parametrize("case", [FWD_CASES[0], FWD_CASES[2], FWD_CASES[5], FWD_CASES[6], FWD_CASES[11]], ids=str)
 def test_split_over_in(case, max_split, monkeypatch):
     """Small IN chunks force the IN-split partials (uneven too: 8 chunks over 3 splits)."""
     cfg = tiles.lookup(torch.device(DEVICE))["gathered_lora"]
     monkeypatch.setitem(cfg, "gather_bk", 16)
     monkeypatch.setitem(cfg, "tile_bk", 16)
+    monkeypatch.setitem(cfg, "segment_bk", 16)
     monkeypatch.setitem(cfg, "max_split", max_split)
     T, _, OUT, E, R, K, weighted, per_slot, impl = case
     inputs = make_inputs(T, 123, OUT, E, R, K, weighted=weighted, per_slot=per_slot, seed=13)
@@ -286,7 +296,7 @@ def test_prefill_sizes_compile_no_variant_the_warmup_sizes_did_not(case, monkeyp
     assert later <= warm, sorted(later - warm)
 
 
-@pytest.mark.parametrize("impl", ["gather", "tile"])
+@pytest.mark.parametrize("impl", ["gather", "tile", "segment"])
 def test_deterministic(impl):
     inputs = make_inputs(5, 42, 42, 4, 8, 2, weighted=True, per_slot=True, seed=9)
     fast = lambda *a: gathered_lora(*a, impl=impl)  # noqa: E731
@@ -305,7 +315,7 @@ def test_no_grad_for_frozen_inputs():
     assert_close(Bg.grad, Br.grad, torch.float32)
 
 
-@pytest.mark.parametrize("impl", ["gather", "tile"])
+@pytest.mark.parametrize("impl", ["gather", "tile", "segment"])
 def test_out_of_range_slot_contributes_zero(impl):
     """Documented CUDA behaviour (no range check there: it would sync): such slots add nothing.
 
@@ -366,11 +376,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("impl", ["gather", "tile"])
+@pytest.mark.parametrize("impl", ["gather", "tile", "segment"])
 @pytest.mark.parametrize("weighted, per_slot", [(True, False), (True, True), (False, False)])
 def test_gpu_bf16(impl, weighted, per_slot):
     T = 8 if impl == "gather" else 300
-    inputs = make_inputs(T, 520, 390, 8, 16, 2, weighted=weighted, per_slot=per_slot,
+    E = 40 if impl == "segment" else 8
+    inputs = make_inputs(T, 520, 390, E, 16, 2, weighted=weighted, per_slot=per_slot,
                          dtype=torch.bfloat16, seed=11)
     y, g, gy = grads(lambda *a: gathered_lora(*a, impl=impl), *inputs, 2.0)
     # bf16 reference itself rounds; compare both to an fp32 reference of the same numbers.
@@ -384,7 +395,7 @@ def test_gpu_bf16(impl, weighted, per_slot):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("impl", ["gather", "tile"])
+@pytest.mark.parametrize("impl", ["gather", "tile", "segment"])
 def test_gpu_no_host_sync_and_graph_capture(impl):
     T = 4 if impl == "gather" else 256
     x, A, B, idx, w = make_inputs(T, 256, 384, 8, 16, 2, weighted=True, per_slot=False,
