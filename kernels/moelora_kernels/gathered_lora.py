@@ -483,13 +483,12 @@ def _split(n_chunks: int, programs: int, device: torch.device, cfg: dict) -> tup
 def _segments(idx: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The "segment" path's slot order: (order [T*K]: the flat slots sorted by expert, start
     [E+1], count [E+1]: where each expert's slots begin in ``order`` and how many; bucket E holds
-    the out-of-range slots). Device ops only (no host sync, graph-capturable)."""
-    flat = idx.reshape(-1).long()
-    bucket = torch.where((flat >= 0) & (flat < E), flat, E)
-    order = torch.argsort(bucket, stable=True).to(torch.int32)
-    count = torch.bincount(bucket, minlength=E + 1)
-    start = (torch.cumsum(count, 0) - count).to(torch.int32)
-    return order, start, count.to(torch.int32)
+    the out-of-range slots). Device ops only: no host sync (``torch.bincount`` would size its
+    output from the max on the host), graph-capturable."""
+    bucket = idx.reshape(-1).clamp(-1, E) % (E + 1)  # -1 and >= E -> bucket E
+    sorted_b, order = torch.sort(bucket, stable=True)
+    edges = torch.searchsorted(sorted_b, torch.arange(E + 2, device=idx.device, dtype=sorted_b.dtype))
+    return order, edges[:-1], edges[1:] - edges[:-1]
 
 
 def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str, segs=None) -> torch.Tensor:

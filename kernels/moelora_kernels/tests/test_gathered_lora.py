@@ -188,6 +188,15 @@ def test_many_experts_take_the_segment_path():
         assert_close(a, b, torch.float32, msg=name)
 
 
+def test_segments_sort_the_slots_by_expert_with_a_bucket_for_the_rest():
+    """The segment path's order: every slot once, grouped by expert in slot order; bucket E
+    (the last) holds the out-of-range slots, whose programs store zeros."""
+    idx = torch.tensor([[3, 0], [9, 3], [-1, 1], [0, 3]])
+    order, start, count = (t.tolist() for t in gl._segments(idx, 4))
+    assert count == [2, 1, 0, 3, 2] and start == [0, 2, 3, 3, 6]
+    assert order == [1, 6, 5, 0, 3, 7, 2, 4]
+
+
 def test_backward_fp16():
     inputs = make_inputs(17, 42, 6, 4, 8, 2, weighted=True, per_slot=False, dtype=torch.float16, seed=3)
     y, g, gy = grads(gathered_lora, *inputs, 2.0)
