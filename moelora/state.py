@@ -132,7 +132,7 @@ class BatchPlan:
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
     __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg", "_maps",
-                 "epoch", "changes", "_since", "graph_step", "bounds")
+                 "epoch", "changes", "_since", "graph_step", "bounds", "_memo")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
                  row_slots: torch.Tensor | None = None) -> None:
@@ -149,6 +149,7 @@ class BatchPlan:
         self.epoch = None
         self.changes: ChangeLog | None = None  # the epoch's maker's log (``changes_since``)
         self._since: dict = {}
+        self._memo: dict = {}
         # True only from a maker whose forwards consume every adapted module's output within the
         # step (the serving engine: a paged KV cache copies keys/values in): then a mixed step of
         # few tokens may replay CUDA graphs of padded token buckets (``decode_graphs.step_applies``)
@@ -187,6 +188,7 @@ class BatchPlan:
         plan.epoch = epoch
         plan.changes = changes
         plan._since = {}
+        plan._memo = {}
         plan.name = None
         plan.row_names = None
         plan.mixed = True
@@ -207,6 +209,15 @@ class BatchPlan:
         hit = self._since.get(epoch, False)
         if hit is False:
             hit = self._since[epoch] = self.changes.since(epoch)
+        return hit
+
+    def memo(self, key, make):
+        """``make()`` once per plan and ``key``: what every adapted module of the forward derives
+        from the plan alone (e.g. the gathered kernel's slot order of the per-token slots: one
+        sort per serving step, not one per linear)."""
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = make()
         return hit
 
     def touched_positions(self, epoch) -> tuple | None:

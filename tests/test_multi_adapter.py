@@ -100,6 +100,34 @@ def test_lora_fast_path_equals_the_eager_loop_and_the_triton_kernel():
         torch.testing.assert_close(kern, loop, atol=1e-4, rtol=1e-4)
 
 
+def test_wide_stacks_take_the_segment_kernel_sorted_once_per_forward(monkeypatch):
+    """Ranks padded to 64 over 5 slots are too wide for the all-experts tile: the > 32 tokens of
+    a mixed batch take the gathered kernel's "segment" path (the serving prefill's), equal to the
+    eager loop, and its slot order is sorted once per forward for all linears (``BatchPlan.memo``)."""
+    from moelora_kernels import backend
+    from moelora_kernels import gathered_lora as gl
+
+    if not backend.interpreted():
+        pytest.skip("the Triton kernels run here through the interpreter (CPU)")
+    model = make_tiny("llama")
+    moelora.inject_adapter(model, moelora.LoraConfig(r=40, lora_dropout=0.0), adapter_name="a")
+    for n, r in (("b", 33), ("c", 48), ("d", 36)):
+        moelora.add_adapter(model, n, moelora.LoraConfig(r=r, lora_dropout=0.0))
+    randomize_adapter_(model, seed=11, scale=0.3)
+    model.eval()
+    ids, mask = _left_padded()
+    names = ["a", "b", None, "c", "d"]
+    assert gl.path_for(ids.numel(), 5, 48) == "segment"
+    loop = model(ids, attention_mask=mask, adapter_names=names).logits.detach()  # grad on: the loop
+    calls = []
+    real_segments = gl.segments
+    monkeypatch.setattr(gl, "segments", lambda *a: calls.append(a[1]) or real_segments(*a))
+    with torch.no_grad(), moelora.kernel_backend("triton"):
+        kern = model(ids, attention_mask=mask, adapter_names=names).logits
+    torch.testing.assert_close(kern, loop, atol=1e-4, rtol=1e-4)
+    assert calls == [5]
+
+
 def test_unknown_or_miscounted_adapter_names_are_clear_errors():
     model = _model(names=("lora4", "mix"))
     ids, mask = _left_padded(b=2)

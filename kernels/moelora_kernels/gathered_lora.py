@@ -56,7 +56,7 @@ from . import backend, tiles
 from ._host import cdiv
 from ._host import pow2_at_least as _pow2
 
-__all__ = ["gathered_lora_reference", "gathered_lora", "GatheredLoraFunction"]
+__all__ = ["gathered_lora_reference", "gathered_lora", "GatheredLoraFunction", "segments", "path_for"]
 
 Impl = Literal["auto", "gather", "tile", "segment"]
 
@@ -364,25 +364,39 @@ def _expand_gather_kernel(
     tl.store(y_ptr + row.to(tl.int64) * s_ym + rn * s_yo, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-# "segment": slots sorted by expert (``_segments``); out-of-range experts form bucket E, whose
-# programs store zeros, so every element of h and y is written.
+# "segment": slots sorted by expert (``segments``); the grid's programs are the tiles of BM slots
+# of one expert, listed per program in ``block_e`` (its expert; > E: no tile, return) and ``meta``
+# ([3, E+1]: where each expert's slots start in ``order``, how many, the end of its tiles in the
+# program list). Out-of-range experts form bucket E, whose programs store zeros, so every element
+# of h and y is written.
+@triton.jit
+def _segment_tile(order_ptr, block_e_ptr, meta_ptr, E, BM: tl.constexpr):
+    """(expert, its slots in this tile, their mask) of this program; expert > E: none."""
+    pid = tl.program_id(0)
+    e = tl.load(block_e_ptr + pid).to(tl.int32)
+    ec = tl.minimum(e, E)
+    start = tl.load(meta_ptr + ec)
+    n = tl.load(meta_ptr + (E + 1) + ec)
+    tiles_before = tl.load(meta_ptr + 2 * (E + 1) + ec) - (n + BM - 1) // BM
+    j = (pid - tiles_before) * BM + tl.arange(0, BM)
+    # (a scalar bool `&` a block mask comes out int32 in the interpreter: fold it into the limit)
+    jm = j < tl.where(e <= E, n, 0)
+    slot = tl.load(order_ptr + start + j, mask=jm, other=0)
+    return e, slot, jm
+
+
 @triton.jit(do_not_specialize=["S", "CHUNKS_PER_SPLIT"])
 def _shrink_segment_kernel(
-    x_ptr, a_ptr, order_ptr, start_ptr, count_ptr, h_ptr,
+    x_ptr, a_ptr, order_ptr, block_e_ptr, meta_ptr, h_ptr,
     S, K, E, R, IN, CHUNKS_PER_SPLIT,
     s_xt, s_xk, s_xi, s_ae, s_ar, s_ai,
     BM: tl.constexpr, BK: tl.constexpr, R_PAD: tl.constexpr, COMPUTE_F32: tl.constexpr,
 ):
     # [BM slots of expert e, BK] @ A_e^T [BK, R_PAD] on tensor cores, over this split's IN chunks.
-    pid_m = tl.program_id(0)
-    e = tl.program_id(1)
-    sk = tl.program_id(2)
-    n = tl.load(count_ptr + e)
-    if pid_m * BM >= n:
+    sk = tl.program_id(1)
+    e, slot, jm = _segment_tile(order_ptr, block_e_ptr, meta_ptr, E, BM)
+    if e > E:
         return
-    j = pid_m * BM + tl.arange(0, BM)
-    jm = j < n
-    slot = tl.load(order_ptr + tl.load(start_ptr + e) + j, mask=jm, other=0)
     rr = tl.arange(0, R_PAD)
     acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
     if e < E:
@@ -403,7 +417,7 @@ def _shrink_segment_kernel(
 
 @triton.jit(do_not_specialize=["S", "SPLIT"])
 def _expand_segment_kernel(
-    h_ptr, b_ptr, order_ptr, start_ptr, count_ptr, w_ptr, y_ptr,
+    h_ptr, b_ptr, order_ptr, block_e_ptr, meta_ptr, w_ptr, y_ptr,
     S, K, E, R, OUT, SPLIT, scaling,
     s_be, s_bo, s_br, s_wt, s_wk, s_ys, s_yo,
     HAS_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr,
@@ -411,15 +425,10 @@ def _expand_segment_kernel(
 ):
     # One row per slot: s * w * h[slot] [BM, R_PAD] @ B_e^T [R_PAD, BN] (the launcher sums a
     # token's K slots when the output is per token).
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.program_id(2)
-    n = tl.load(count_ptr + e)
-    if pid_m * BM >= n:
+    e, slot, jm = _segment_tile(order_ptr, block_e_ptr, meta_ptr, E, BM)
+    if e > E:
         return
-    j = pid_m * BM + tl.arange(0, BM)
-    jm = j < n
-    slot = tl.load(order_ptr + tl.load(start_ptr + e) + j, mask=jm, other=0)
     rr = tl.arange(0, R_PAD)
     rn = pid_n * BN + tl.arange(0, BN)
     n_mask = rn < OUT
@@ -471,6 +480,11 @@ def _pick_path(T: int, E: int, R: int, impl: Impl) -> str:
     return impl
 
 
+def path_for(T: int, E: int, R: int) -> str:
+    """The path ``gathered_lora(impl="auto")`` takes for T tokens over E experts of rank R."""
+    return _pick_path(T, E, R, "auto")
+
+
 def _split(n_chunks: int, programs: int, device: torch.device, cfg: dict) -> tuple[int, int]:
     """(SPLIT, chunks per split) so that programs * SPLIT reaches about ``cfg["waves"]`` waves
     over the SMs of ``device``, at most ``cfg["max_split"]``."""
@@ -480,22 +494,32 @@ def _split(n_chunks: int, programs: int, device: torch.device, cfg: dict) -> tup
     return cdiv(n_chunks, per), per
 
 
-def _segments(idx: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The "segment" path's slot order: (order [T*K]: the flat slots sorted by expert, start
-    [E+1], count [E+1]: where each expert's slots begin in ``order`` and how many; bucket E holds
-    the out-of-range slots). Device ops only: no host sync (``torch.bincount`` would size its
-    output from the max on the host), graph-capturable."""
-    bucket = idx.reshape(-1).clamp(-1, E) % (E + 1)  # -1 and >= E -> bucket E
+def segments(idx: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "segment" path's slot order for routing ``idx`` [T, K] over E experts: (order [T*K]:
+    the flat slots sorted by expert, block_e [NB]: the expert of each program's tile of BM slots
+    (> E past the last tile), meta [3, E+1]: per expert, where its slots start in ``order``, how
+    many, and the end of its tiles in the program list; bucket E holds the out-of-range slots).
+    NB = cdiv(T*K, BM) + E + 1 bounds the tile count, so the grid depends on shapes only. Device
+    ops only: no host sync (``torch.bincount`` would size its output from the max on the host),
+    graph-capturable. A caller that runs many ops over one routing (a serving step's linears)
+    computes it once and passes it as ``gathered_lora(..., segments=)``."""
+    bm = tiles.lookup(idx.device)["gathered_lora"]["segment_bm"]
+    S = idx.numel()
+    bucket = (idx.reshape(-1).clamp(-1, E) % (E + 1)).to(torch.int32)  # -1 and >= E -> bucket E
     sorted_b, order = torch.sort(bucket, stable=True)
-    edges = torch.searchsorted(sorted_b, torch.arange(E + 2, device=idx.device, dtype=sorted_b.dtype))
-    return order, edges[:-1], edges[1:] - edges[:-1]
+    edges = torch.searchsorted(sorted_b, torch.arange(E + 2, device=idx.device, dtype=torch.int32))
+    count = edges[1:] - edges[:-1]
+    tile_end = torch.cumsum((count + bm - 1) // bm, 0)
+    blocks = torch.arange(cdiv(S, bm) + E + 1, device=idx.device, dtype=tile_end.dtype)
+    block_e = torch.searchsorted(tile_end, blocks, right=True)
+    return order, block_e, torch.stack([edges[:-1], count, tile_end])
 
 
 def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str, segs=None) -> torch.Tensor:
     """h partials [SPLIT, T*K, R_pad] (fp32) of h[t, k] = a[idx_tk] @ x3[t, k or 0].
 
     x3 is [T, 1, IN] (shared by the slots) or [T, K, IN]; a is [E, R, IN] with any strides
-    (the backward passes B^T as a view); ``segs``: ``_segments(idx, E)`` (path "segment").
+    (the backward passes B^T as a view); ``segs``: ``segments(idx, E)`` (path "segment").
     """
     T, kx, IN = x3.shape
     E, R, _ = a.shape
@@ -516,12 +540,11 @@ def _shrink(x3: torch.Tensor, a: torch.Tensor, idx: torch.Tensor, path: str, seg
         )
         return h
     if path == "segment":
-        segs = _segments(idx, E) if segs is None else segs
+        segs = segments(idx, E) if segs is None else segs
         bm, bk = cfg["segment_bm"], min(cfg["segment_bk"], _pow2(IN, 16))
-        n_m = cdiv(S, bm)
-        split, per = _split(cdiv(IN, bk), n_m, dev, cfg)
+        split, per = _split(cdiv(IN, bk), cdiv(S, bm), dev, cfg)
         h = _alloc((split, S, r_pad), dev, torch.float32)
-        _shrink_segment_kernel[(n_m, E + 1, split)](
+        _shrink_segment_kernel[(segs[1].shape[0], split)](
             x3, a, *segs, h, S, K, *common, per, *strides[:6],
             BM=bm, BK=bk, R_PAD=r_pad, COMPUTE_F32=f32, num_warps=cfg["segment_shrink_warps"],
         )
@@ -592,7 +615,7 @@ def _expand_segment(h, b, idx, weight, scaling, token_rows, out_dtype, segs) -> 
     T, K = idx.shape
     E, OUT, R = b.shape
     S = T * K
-    segs = _segments(idx, E) if segs is None else segs
+    segs = segments(idx, E) if segs is None else segs
     summed = token_rows and K > 1
     y = _alloc((S, OUT) if summed else ((T, OUT) if token_rows else (T, K, OUT)), h.device,
                torch.float32 if summed else out_dtype)
@@ -600,8 +623,8 @@ def _expand_segment(h, b, idx, weight, scaling, token_rows, out_dtype, segs) -> 
     w = weight if weight is not None else h  # dummy pointer, never read without HAS_WEIGHT
     w_strides = (weight.stride(0), weight.stride(1)) if weight is not None else (0, 0)
     cfg = tiles.lookup(h.device)["gathered_lora"]
-    bm, bn = cfg["segment_expand_bm"], min(cfg["segment_expand_bn"], _pow2(OUT, 16))
-    _expand_segment_kernel[(cdiv(S, bm), cdiv(OUT, bn), E + 1)](
+    bm, bn = cfg["segment_bm"], min(cfg["segment_expand_bn"], _pow2(OUT, 16))
+    _expand_segment_kernel[(segs[1].shape[0], cdiv(OUT, bn))](
         h, b, *segs, w, y2, S, K, E, R, OUT, h.shape[0], float(scaling), *b.stride(), *w_strides,
         y2.stride(0), y2.stride(1), HAS_WEIGHT=weight is not None, BM=bm, BN=bn, R_PAD=_r_pad(R),
         COMPUTE_F32=_compute_f32(b.dtype), num_warps=cfg["segment_expand_warps"],
@@ -659,9 +682,12 @@ class GatheredLoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, idx, weight, scaling, path):  # noqa: D102
+    def forward(ctx, x, lora_A, lora_B, idx, weight, scaling, path, segs=None):  # noqa: D102
         x3 = x if x.dim() == 3 else x.unsqueeze(1)
-        segs = _segments(idx, lora_A.shape[0]) if path == "segment" else None
+        if path != "segment":
+            segs = None
+        elif segs is None:
+            segs = segments(idx, lora_A.shape[0])
         h = _shrink(x3, lora_A, idx, path, segs)  # (SPLIT, T*K, R_pad) fp32 partials
         y = _expand(h, lora_B, idx, weight, scaling, weight is not None, x.dtype, path, segs)
         ctx.save_for_backward(x, lora_A, lora_B, idx, weight, h, *(segs or ()))
@@ -693,7 +719,7 @@ class GatheredLoraFunction(torch.autograd.Function):
         if need_b:
             dB = _alloc(tuple(lora_B.shape), lora_B.device, lora_B.dtype)
             _outer_into(dB.transpose(1, 2), h, idx, weight, s, gy3)
-        return dx, dA, dB, None, dw, None, None
+        return dx, dA, dB, None, dw, None, None, None
 
 
 def gathered_lora(
@@ -705,11 +731,14 @@ def gathered_lora(
     scaling: float = 1.0,
     *,
     impl: Impl = "auto",
+    segments: tuple | None = None,
 ) -> torch.Tensor:
     """Triton gathered LoRA experts; same contract as ``gathered_lora_reference``, autograd-capable.
 
     ``impl`` forces the "gather" (decode), "tile" or "segment" (training / prefill) kernels;
-    "auto" picks by T and by the width E * R.
+    "auto" picks by T and by the width E * R. ``segments``: ``segments(idx, E)`` of this very
+    ``idx``, computed once by a caller that launches many ops over one routing (used by the
+    "segment" path only; not checked: another routing's gives wrong results).
     No host sync and a launch count that depends on shapes only (2 forward, <= 4 backward
     kernels plus the dweight reduction).
     """
@@ -718,4 +747,4 @@ def gathered_lora(
     path = _pick_path(T, E, R, impl)
     if T == 0 or K == 0:  # empty grids cannot launch; the reference handles it without kernels
         return gathered_lora_reference(x, lora_A, lora_B, idx, weight, scaling)
-    return GatheredLoraFunction.apply(x, lora_A, lora_B, idx, weight, float(scaling), path)
+    return GatheredLoraFunction.apply(x, lora_A, lora_B, idx, weight, float(scaling), path, segments)

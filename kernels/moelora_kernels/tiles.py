@@ -56,8 +56,8 @@ _HOPPER: dict[str, Any] = {
         tile_bm=64, tile_bm_wide=32, tile_bk=64, tile_shrink_warps=4,
         tile_expand_bm=64, tile_expand_bn=128, tile_expand_warps=8,
         # segment (many experts): tiles of one expert's slots
-        segment_bm=64, segment_bk=64, segment_shrink_warps=4,
-        segment_expand_bm=64, segment_expand_bn=128, segment_expand_warps=4,
+        segment_bm=64, segment_bk=64, segment_shrink_warps=4,  # segment_bm: shrink and expand
+        segment_expand_bn=128, segment_expand_warps=4,
         waves=2,  # split the shrink over IN until about this many waves of programs run
         max_split=16,  # the consumers re-read every partial, so keep the split bounded
     ),

@@ -206,7 +206,7 @@ def mixed_linear(site: AdaptedLinear, x: torch.Tensor, plan) -> torch.Tensor:
             y = decode_graphs.graphed(site, lambda t: _lora_slots(site, t, stacks, tok), (x2,),
                                       (base.weight, base.bias, *stacks, tok))
         else:
-            y = _lora_slots(site, x2, stacks, plan.token_slots(B, T))
+            y = _lora_slots(site, x2, stacks, plan.token_slots(B, T), plan)
         return y.view(*x.shape[:-1], y.shape[-1])
     if plain_lora and gathered_mixed_training():
         y = _lora_slots_train(site, x2, adapters, plan, B, T)  # training: differentiable, gathered
@@ -267,9 +267,11 @@ def _slot_memo(site, plan, compute) -> tuple:
     return out
 
 
-def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tensor:
-    """Frozen GEMM + each token's adapter delta through ONE gathered shrink/expand."""
-    from .experts import _gathered_lora
+def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor, plan=None) -> torch.Tensor:
+    """Frozen GEMM + each token's adapter delta through ONE gathered shrink/expand; with the
+    ``plan`` of ``tok``, the kernel's slot order (its "segment" path: prefill over many stack
+    positions) is sorted once per plan, not once per linear."""
+    from .experts import _gathered_lora, gathered_segments
 
     a_stack, b_stack, scal = stacks
     base = site.base_layer
@@ -284,7 +286,9 @@ def _lora_slots(site, x2: torch.Tensor, stacks, tok: torch.Tensor) -> torch.Tens
 
         return ops.linear_with_lora(x2, base.weight, base.bias, a_stack, b_stack, tok.view(-1, 1), w.float(), 1.0)
     y = F.linear(x2, base.weight, base.bias)
-    delta = _gathered_lora(x2.to(a_stack.dtype), a_stack, b_stack, tok.view(-1, 1), weight=w, scaling=1.0)
+    idx = tok.view(-1, 1)
+    segs = None if plan is None else gathered_segments(x2, a_stack, idx, plan)
+    delta = _gathered_lora(x2.to(a_stack.dtype), a_stack, b_stack, idx, weight=w, scaling=1.0, segments=segs)
     return y + delta.to(y.dtype)
 
 

@@ -9,7 +9,21 @@ from .dispatch import gathered_kernel_applies
 from .lora_math import adapter_dropout, compute_dtype, init_lora_, resolve_dtype
 
 
-def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: bool | None = None):
+def gathered_segments(x, lora_A, idx, plan):
+    """The Triton kernel's slot order of ``idx`` over ``lora_A``'s experts, once per ``plan``
+    (``BatchPlan.memo``), where ``_gathered_lora`` takes the kernel's "segment" path; else None."""
+    if not gathered_kernel_applies(x):
+        return None
+    from moelora_kernels import gathered_lora as gl
+
+    E, R = lora_A.shape[0], lora_A.shape[1]
+    if gl.path_for(idx.shape[0], E, R) != "segment":
+        return None
+    return plan.memo(("gathered_segments", E, tuple(idx.shape)), lambda: gl.segments(idx, E))
+
+
+def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: bool | None = None,
+                   segments=None):
     """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere (``kernel``
     forces the choice: a backward that recomputes the forward takes the forward's).
 
@@ -28,8 +42,9 @@ def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: boo
     weight = None if weight is None else weight.to(dt)
     if kernel is None:
         kernel = gathered_kernel_applies(x)
-    fn = gl.gathered_lora if kernel else gl.gathered_lora_reference
-    return fn(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
+    if not kernel:
+        return gl.gathered_lora_reference(x, lora_A, lora_B, idx, weight=weight, scaling=scaling)
+    return gl.gathered_lora(x, lora_A, lora_B, idx, weight=weight, scaling=scaling, segments=segments)
 
 
 def _block_diag_stack(w: torch.Tensor, nblocks: int) -> torch.Tensor:

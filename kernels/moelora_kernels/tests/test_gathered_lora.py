@@ -188,13 +188,26 @@ def test_many_experts_take_the_segment_path():
         assert_close(a, b, torch.float32, msg=name)
 
 
-def test_segments_sort_the_slots_by_expert_with_a_bucket_for_the_rest():
+def test_segments_sort_the_slots_by_expert_with_a_bucket_for_the_rest(monkeypatch):
     """The segment path's order: every slot once, grouped by expert in slot order; bucket E
-    (the last) holds the out-of-range slots, whose programs store zeros."""
+    (the last) holds the out-of-range slots, whose programs store zeros; one program per tile of
+    at most BM slots of one expert, then programs with no tile (expert > E)."""
+    monkeypatch.setitem(tiles.lookup(torch.device("cpu"))["gathered_lora"], "segment_bm", 2)
     idx = torch.tensor([[3, 0], [9, 3], [-1, 1], [0, 3]])
-    order, start, count = (t.tolist() for t in gl._segments(idx, 4))
-    assert count == [2, 1, 0, 3, 2] and start == [0, 2, 3, 3, 6]
-    assert order == [1, 6, 5, 0, 3, 7, 2, 4]
+    order, block_e, meta = gl.segments(idx, 4)
+    assert order.tolist() == [1, 6, 5, 0, 3, 7, 2, 4]
+    start, count, tile_end = meta.tolist()
+    assert count == [2, 1, 0, 3, 2] and start == [0, 2, 3, 3, 6] and tile_end == [1, 2, 2, 4, 5]
+    assert block_e.tolist() == [0, 1, 3, 3, 4] + [5] * 4  # cdiv(8, 2) + 5 programs
+
+
+def test_precomputed_segments_give_the_same_result():
+    """A caller's ``segments(idx, E)`` (a serving step: once for all its linears) = computed inside."""
+    x, A, B, idx, w = make_inputs(40, 42, 6, 9, 8, 1, weighted=True, per_slot=False, seed=15)
+    y = gathered_lora(x, A, B, idx, w, 0.5, impl="segment")
+    y_pre = gathered_lora(x, A, B, idx, w, 0.5, impl="segment", segments=gl.segments(idx, 9))
+    assert torch.equal(y, y_pre)
+    assert_close(y, gathered_lora_reference(x, A, B, idx, w, 0.5), torch.float32)
 
 
 def test_backward_fp16():
