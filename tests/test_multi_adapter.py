@@ -101,7 +101,7 @@ def test_lora_fast_path_equals_the_eager_loop_and_the_triton_kernel():
 
 
 def test_wide_stacks_take_the_segment_kernel_sorted_once_per_forward(monkeypatch):
-    """Ranks padded to 64 over 5 slots are too wide for the all-experts tile: the > 32 tokens of
+    """Ranks padded to 64 over 5 slots are too wide for the all-experts tile: the 70 tokens of
     a mixed batch take the gathered kernel's "segment" path (the serving prefill's), equal to the
     eager loop, and its slot order is sorted once per forward for all linears (``BatchPlan.memo``)."""
     from moelora_kernels import backend
@@ -115,7 +115,7 @@ def test_wide_stacks_take_the_segment_kernel_sorted_once_per_forward(monkeypatch
         moelora.add_adapter(model, n, moelora.LoraConfig(r=r, lora_dropout=0.0))
     randomize_adapter_(model, seed=11, scale=0.3)
     model.eval()
-    ids, mask = _left_padded()
+    ids, mask = _left_padded(t=14)
     names = ["a", "b", None, "c", "d"]
     assert gl.path_for(ids.numel(), 5, 48) == "segment"
     loop = model(ids, attention_mask=mask, adapter_names=names).logits.detach()  # grad on: the loop

@@ -61,6 +61,9 @@ __all__ = ["gathered_lora_reference", "gathered_lora", "GatheredLoraFunction", "
 Impl = Literal["auto", "gather", "tile", "segment"]
 
 DECODE_MAX_TOKENS = 32  # at or below: "gather" kernels (decode); above: "tile" kernels
+# Too wide for "tile": "gather" up to this many tokens (the serving engine's CUDA-graph buckets,
+# where gather was measured), "segment" above (prefill: the sort pays for itself)
+SEGMENT_MIN_TOKENS = 65
 TILE_MAX_COLS = 256  # E_pad * R_pad beyond this makes the all-experts tile too wide
 # Block sizes, warps and the IN split: tiles.lookup(device)["gathered_lora"] (tests shrink the IN
 # chunks there to exercise the split).
@@ -474,7 +477,9 @@ def _pick_path(T: int, E: int, R: int, impl: Impl) -> str:
     if impl == "auto":
         if T <= DECODE_MAX_TOKENS:
             return "gather"
-        return "segment" if cols > TILE_MAX_COLS else "tile"
+        if cols <= TILE_MAX_COLS:
+            return "tile"
+        return "segment" if T >= SEGMENT_MIN_TOKENS else "gather"
     if impl == "tile" and cols > TILE_MAX_COLS:
         raise ValueError(f"impl='tile' needs next_pow2(E) * R_pad <= {TILE_MAX_COLS}, got {cols}")
     return impl

@@ -176,11 +176,12 @@ def test_sweep_forward_backward(case):
 def test_many_experts_take_the_segment_path():
     """32 experts x rank 16 is too wide for the all-experts tile: auto takes "segment" at T > 32
     (each expert's slots in tensor-core tiles; "gather", CUDA cores and the factors read per
-    token, made a 7B serving prefill step ~4x the base's) and "gather" at decode sizes."""
-    assert gl._pick_path(40, 32, 16, "auto") == "segment"
-    assert gl._pick_path(32, 32, 16, "auto") == "gather"
+    token, made a 7B serving prefill step ~4x the base's) and "gather" up to the serving graph
+    buckets' 64 tokens."""
+    assert gl._pick_path(65, 32, 16, "auto") == "segment"
+    assert gl._pick_path(64, 32, 16, "auto") == gl._pick_path(32, 32, 16, "auto") == "gather"
     assert gl._pick_path(40, 4, 16, "auto") == "tile"
-    inputs = make_inputs(40, 42, 6, 32, 16, 2, weighted=True, per_slot=False, seed=14)
+    inputs = make_inputs(65, 42, 6, 32, 16, 2, weighted=True, per_slot=False, seed=14)
     y, g, gy = grads(gathered_lora, *inputs, 0.5)
     y_ref, g_ref, _ = grads(gathered_lora_reference, *inputs, 0.5, gy=gy)
     assert_close(y, y_ref, torch.float32)
