@@ -33,6 +33,12 @@ def test_smoke_run_writes_results(tmp_path):
         st = m["step_times"]  # where the step's time went (what the GPU run's ITL is read against)
         assert st["steps_timed"] > 0 and st["launch_ms_p50"] > 0 and st["between_ms_p50"] is not None
         assert st["launch_ms_p50"] + st["sync_ms_p50"] <= 1e3 * m["wall_s"]
+        fit = st["launch_ms_fit"]  # launch ms against tokens per step: the line through the run's steps
+        assert fit["steps"] == st["steps_timed"] and fit["ms_per_1k_tokens"] == m["step_ms_per_1k_tokens"]
+        steps = res["latency_samples"][f"moelora|{n}|{a.alpha[0]}|{a.rates[0]}"]["steps"]
+        assert 0 < len(steps) <= st["steps_timed"] and all(x["tokens"] >= x["requests"] >= 1 for x in steps)
+        assert [x["t_s"] for x in steps] == sorted(x["t_s"] for x in steps) and steps[0]["t_s"] >= 0
+        assert sum(x["launch_ms"] for x in steps) <= 1e3 * st["launch_s_sum"] + 1
     big = max(a.num_adapters)
     assert used > a.max_resident and rows[("moelora", big)]["swaps"] >= 1  # the pool really swapped
     assert rows[("peft_swap", big)]["swaps"] >= 1
@@ -42,6 +48,8 @@ def test_smoke_run_writes_results(tmp_path):
     assert "moelora.bench.serve" in saved["environment"]["command"] and saved["complete"] is True
     with open(tmp_path / "serve_bench.csv") as f:
         assert len(list(csv.DictReader(f))) == len(res["rows"])
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "step_timeline.png").stat().st_size > 0
 
 
 def test_time_budget_skips_runs(tmp_path):
@@ -60,3 +68,10 @@ def test_workload_shape():
     classes = bench.adapter_classes([8, 16], 8, 0.25, 4, 2, mixlora_rank=4)
     assert [c["r"] for c in classes] == [8, 16, 8, 4, 8, 16, 8, 4]  # every 4th MixLoRA, at its own rank
     assert sum(c["method"] == "mixlora" for c in classes) == 2 and all(c["r"] == 4 for c in classes if c["method"] == "mixlora")
+
+
+def test_step_launch_fit_is_the_least_squares_line():
+    from moelora.serve._cb_private import _line_fit
+
+    assert _line_fit([10, 20, 30], [3.0, 5.0, 7.0]) == {"ms_at_0": 1.0, "ms_per_1k_tokens": 200.0, "steps": 3}
+    assert _line_fit([5, 5], [1.0, 2.0]) is None and _line_fit([1], [1.0]) is None

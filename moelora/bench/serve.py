@@ -58,7 +58,7 @@ COLUMNS = ("system", "num_adapters", "alpha", "rate", "arrival", "status", "requ
            "rejected", "no_first_token", "output_tokens", "wall_s", "output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms",
            "itl_p50_ms", "itl_p99_ms", "latency_p50_s", "latency_p99_s", "swaps", "h2d_bytes",
            "peak_resident_slots", "max_adapters_per_step", "graph_captures", "peak_gpu_mem_gb", *ADMISSION_SECONDS,
-           "admission_wait_p50_ms", "admission_wait_p99_ms", "note")
+           "admission_wait_p50_ms", "admission_wait_p99_ms", "step_ms_at_0", "step_ms_per_1k_tokens", "note")
 
 
 @dataclass
@@ -193,7 +193,7 @@ async def _drive(engine, reqs: list[Req], names: list | None, timeout: float) ->
             raise t.exception()
     done_n = sum(1 for r in recs if r["done"])
     return {"records": recs, "rejected": rejected, "cancelled": len(reqs) - done_n - rejected,
-            "status": "ok" if not pending else "timeout"}
+            "status": "ok" if not pending else "timeout", "t0": t0}
 
 
 def _summary(res: dict, n_requests: int) -> dict[str, Any]:
@@ -252,6 +252,11 @@ def run_engine(engine, reqs, names, timeout, device) -> dict[str, Any]:
     wait_until(lambda: engine.pending() == 0, 30)
     after = engine.metrics()
     row = _summary(res, len(reqs))
+    # every step of the run, on the requests' clock (the latency samples' sent/first-token times)
+    row["_timeline"] = engine._manager.step_times.timeline(res["t0"])
+    fit = after["step_times"].get("launch_ms_fit") or {}
+    # a step's launch ms against its tokens: the slope is what a prefill token costs (the base's vs ours)
+    row.update(step_ms_at_0=fit.get("ms_at_0"), step_ms_per_1k_tokens=fit.get("ms_per_1k_tokens"))
     row.update({k: round(after[k] - before[k], 3) for k in ADMISSION_SECONDS})
     row.update(swaps=after["swaps"] - before["swaps"], h2d_bytes=after["h2d_bytes"] - before["h2d_bytes"],
                peak_resident_slots=after["peak_resident_slots"], max_adapters_per_step=after["max_adapters_seen_per_step"],
@@ -456,7 +461,7 @@ def main(argv=None) -> dict[str, Any]:
     def add(row: dict, **key) -> None:
         row = {**key, "arrival": a.arrival, **row}
         samples[f"{row['system']}|{row['num_adapters']}|{row['alpha']}|{row['rate']}"] = {
-            "ttft_ms": row.pop("_ttft", []), "itl_ms": row.pop("_itl", [])}
+            "ttft_ms": row.pop("_ttft", []), "itl_ms": row.pop("_itl", []), "steps": row.pop("_timeline", [])}
         rows.append(row)
         save()  # after every run: a run killed from outside still leaves the rows so far
         print(" ".join(f"{k}={row.get(k)}" for k in ("system", "num_adapters", "alpha", "rate", "status",
@@ -637,6 +642,24 @@ def write_plots(rows: list[dict], samples: dict, out: Path) -> list[Path]:
         if xs:
             ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=key)
     paths.append(_save_log_x(plt, fig, ax, "TTFT (ms)", "fraction of requests", out / "latency_cdf.png"))
+    if any(s.get("steps") for s in samples.values()):
+        # each engine run's steps over time: tokens per step (queued prefill shows as tall steps)
+        # and their launch ms (where a TTFT is spent)
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        for key, s in sorted(samples.items()):
+            st = s.get("steps") or []
+            if st:
+                t = [x["t_s"] for x in st]
+                top.plot(t, [x["tokens"] for x in st], marker=".", lw=0.8, label=key)
+                bottom.plot(t, [x["launch_ms"] for x in st], marker=".", lw=0.8, label=key)
+        top.set_ylabel("tokens per step")
+        bottom.set_ylabel("step launch (ms)")
+        bottom.set_xlabel("seconds since the run's first request")
+        top.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "step_timeline.png", dpi=120)
+        plt.close(fig)
+        paths.append(out / "step_timeline.png")
     return paths
 
 

@@ -233,7 +233,10 @@ class StepTimes:
     and the batch tensors of the next). ``summary()``: medians, sums, maxima and the step count, and
     which step had the longest launch (``launch_max_step``: its index, tokens and requests: a
     one-off stall of a long prefill step is a first-time kernel compile, of a decode step a graph
-    capture)."""
+    capture), and ``launch_ms_fit``: the least-squares line launch ms = ``ms_at_0`` +
+    ``ms_per_1k_tokens`` * tokens / 1000 over the steps (its slope is what a prefill token costs:
+    against the base's, the adapters' share of a long prefill step). ``timeline(origin)``: every
+    step kept, from ``origin`` (a ``time.perf_counter()``) on."""
 
     def __init__(self, keep: int = 4096) -> None:
         import collections
@@ -244,7 +247,13 @@ class StepTimes:
     def add(self, t0, t1, t2, t3, t4, requests, tokens) -> None:
         between = None if self._last_end is None else t0 - self._last_end
         self._last_end = t4
-        self.rows.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, between, requests, tokens))
+        self.rows.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, between, requests, tokens, t0))
+
+    def timeline(self, origin: float) -> list[dict]:
+        """Each step kept: its start (s after ``origin``), lock/prep/launch/sync ms, requests, tokens."""
+        return [{"t_s": round(r[7] - origin, 4), "lock_ms": round(1e3 * r[0], 3), "prep_ms": round(1e3 * r[1], 3),
+                 "launch_ms": round(1e3 * r[2], 3), "sync_ms": round(1e3 * r[3], 3), "requests": r[5], "tokens": r[6]}
+                for r in self.rows if r[7] >= origin]
 
     def reset(self) -> None:
         self.rows.clear()
@@ -267,7 +276,22 @@ class StepTimes:
             out["launch_max_step"] = {"index": i, "tokens": rows[i][6], "requests": rows[i][5]}
         out["requests_per_step_p50"] = statistics.median([r[5] for r in rows]) if rows else None
         out["tokens_per_step_p50"] = statistics.median([r[6] for r in rows]) if rows else None
+        out["launch_ms_fit"] = _line_fit([r[6] for r in rows], [1e3 * r[2] for r in rows])
         return out
+
+
+def _line_fit(xs: list, ys: list) -> dict | None:
+    """Least squares y = a + b x: {"ms_at_0": a, "ms_per_1k_tokens": 1000 b, "steps": n}; None
+    without two distinct x."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return {"ms_at_0": round(my - b * mx, 3), "ms_per_1k_tokens": round(1e3 * b, 3), "steps": n}
 
 
 def register_handler(manager, request_id: str, callback) -> None:
