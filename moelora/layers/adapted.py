@@ -847,7 +847,10 @@ def _mixture(ffn, x, base_pre, adapters, tok, mask, st, layout, cache=None):
         # adapter (a solo job's stack) keeps the kernel.
         expert_lora = functools.partial(_segmented_expert_lora, seg=(layout, st["emax"]))
     else:  # the kernel choice fixed here: a backward that recomputes the mixture takes the forward's
-        expert_lora = functools.partial(_gathered_lora, scaling=1.0, kernel=gathered_kernel_applies(x))
+        from .experts import one_routing_lora
+
+        # gate, up and down share the routing vid: the kernel's slot order sorted once per FFN
+        expert_lora = one_routing_lora(gathered_kernel_applies(x))
     in_roles = ffn._in_roles()
     e_roles = [r for r in (*in_roles, "down") if r in st["A"]]
     if layout is None or not recompute_applies() or not _own_streams(ffn, adapters, e_roles):

@@ -22,6 +22,29 @@ def gathered_segments(x, lora_A, idx, plan):
     return plan.memo(("gathered_segments", E, tuple(idx.shape)), lambda: gl.segments(idx, E))
 
 
+def one_routing_lora(kernel: bool):
+    """``_gathered_lora(t, A, B, idx, weight, scaling=1.0, kernel=kernel)`` for several calls over
+    ONE routing ``idx`` (a MixLoRA FFN's gate, up and down deltas): where the kernel takes its
+    "segment" path, the slot order is sorted by the first call and reused (a sort is ~a dozen
+    launches; per projection that was 3x per FFN and step). Use it for one routing only."""
+    memo: dict = {}
+
+    def run(t, lora_A, lora_B, idx, weight=None):
+        segs = None
+        if kernel:
+            from moelora_kernels import gathered_lora as gl
+
+            E = lora_A.shape[0]
+            if gl.path_for(idx.shape[0], E, lora_A.shape[1]) == "segment":
+                key = (E, tuple(idx.shape))
+                segs = memo.get(key)
+                if segs is None:
+                    segs = memo[key] = gl.segments(idx, E)
+        return _gathered_lora(t, lora_A, lora_B, idx, weight=weight, scaling=1.0, kernel=kernel, segments=segs)
+
+    return run
+
+
 def _gathered_lora(x, lora_A, lora_B, idx, weight=None, scaling=1.0, kernel: bool | None = None,
                    segments=None):
     """Dispatch to the Triton kernel on CUDA and to its torch reference elsewhere (``kernel``
