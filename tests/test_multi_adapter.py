@@ -100,63 +100,57 @@ def test_lora_fast_path_equals_the_eager_loop_and_the_triton_kernel():
         torch.testing.assert_close(kern, loop, atol=1e-4, rtol=1e-4)
 
 
-def test_wide_stacks_take_the_segment_kernel_sorted_once_per_forward(monkeypatch):
-    """Ranks padded to 64 over 5 slots are too wide for the all-experts tile: the 70 tokens of
-    a mixed batch take the gathered kernel's "segment" path (the serving prefill's), equal to the
-    eager loop, and its slot order is sorted once per forward for all linears (``BatchPlan.memo``)."""
+def _through_the_segment_kernel(model, names, monkeypatch):
+    """(eager loop logits, Triton logits, the expert counts ``segments`` was called with, mask)
+    of one 5 x 14 left-padded mixed batch (70 tokens: above the segment path's threshold)."""
     from moelora_kernels import backend
     from moelora_kernels import gathered_lora as gl
 
     if not backend.interpreted():
         pytest.skip("the Triton kernels run here through the interpreter (CPU)")
-    model = make_tiny("llama")
-    moelora.inject_adapter(model, moelora.LoraConfig(r=40, lora_dropout=0.0), adapter_name="a")
-    for n, r in (("b", 33), ("c", 48), ("d", 36)):
-        moelora.add_adapter(model, n, moelora.LoraConfig(r=r, lora_dropout=0.0))
     randomize_adapter_(model, seed=11, scale=0.3)
     model.eval()
     ids, mask = _left_padded(t=14)
-    names = ["a", "b", None, "c", "d"]
-    assert gl.path_for(ids.numel(), 5, 48) == "segment"
     loop = model(ids, attention_mask=mask, adapter_names=names).logits.detach()  # grad on: the loop
     calls = []
     real_segments = gl.segments
     monkeypatch.setattr(gl, "segments", lambda *a: calls.append(a[1]) or real_segments(*a))
     with torch.no_grad(), moelora.kernel_backend("triton"):
         kern = model(ids, attention_mask=mask, adapter_names=names).logits
+    return loop, kern, calls, mask.bool()
+
+
+def test_wide_stacks_take_the_segment_kernel_sorted_once_per_forward(monkeypatch):
+    """Ranks padded to 64 over 5 slots are too wide for the all-experts tile: the 70 tokens of
+    a mixed batch take the gathered kernel's "segment" path (the serving prefill's), equal to the
+    eager loop, and its slot order is sorted once per forward for all linears (``BatchPlan.memo``)."""
+    from moelora_kernels import gathered_lora as gl
+
+    model = make_tiny("llama")
+    moelora.inject_adapter(model, moelora.LoraConfig(r=40, lora_dropout=0.0), adapter_name="a")
+    for n, r in (("b", 33), ("c", 48), ("d", 36)):
+        moelora.add_adapter(model, n, moelora.LoraConfig(r=r, lora_dropout=0.0))
+    loop, kern, calls, _ = _through_the_segment_kernel(model, ["a", "b", None, "c", "d"], monkeypatch)
     torch.testing.assert_close(kern, loop, atol=1e-4, rtol=1e-4)
-    assert calls == [5]
+    assert calls == [5] and gl.path_for(70, 5, 48) == "segment"
 
 
 def test_wide_virtual_experts_take_the_segment_kernel_sorted_once_per_ffn(monkeypatch):
     """Three MixLoRA adapters of 4 experts at rank 20 (padded to 32) over a batch's 4 slots are 17
-    virtual experts, too wide for the all-experts tile: the 70 tokens' gate, up and down deltas take the "segment"
-    path, equal to the loop over adapters, with the slot order sorted once per FFN."""
-    from moelora_kernels import backend
+    virtual experts, too wide for the all-experts tile: the 70 tokens' gate, up and down deltas
+    take the "segment" path, equal to the loop over adapters, with the slot order sorted once per FFN."""
     from moelora_kernels import gathered_lora as gl
 
-    if not backend.interpreted():
-        pytest.skip("the Triton kernels run here through the interpreter (CPU)")
     model = make_tiny("llama")
     cfg = moelora.MixLoraConfig(num_experts=4, top_k=2, r=20, lora_dropout=0.0)
     moelora.inject_adapter(model, cfg, adapter_name="m0")
     for n in ("m1", "m2"):
         moelora.add_adapter(model, n, cfg)
-    randomize_adapter_(model, seed=12, scale=0.3)
-    model.eval()
-    ids, mask = _left_padded(t=14)
-    names = ["m0", "m1", None, "m2", "m0"]
-    loop = model(ids, attention_mask=mask, adapter_names=names).logits.detach()  # grad on: the loop
-    calls = []
-    real_segments = gl.segments
-    monkeypatch.setattr(gl, "segments", lambda *a: calls.append(a[1]) or real_segments(*a))
-    with torch.no_grad(), moelora.kernel_backend("triton"):
-        kern = model(ids, attention_mask=mask, adapter_names=names).logits
-    real = mask.bool()
+    loop, kern, calls, real = _through_the_segment_kernel(model, ["m0", "m1", None, "m2", "m0"], monkeypatch)
     torch.testing.assert_close(kern[real], loop[real], atol=1e-4, rtol=1e-4)
     # one sort per FFN (gate, up and down share it) over the stack's virtual experts (a row of E
     # experts per slot of the batch and the zero expert: 4 * 4 + 1)
-    assert calls == [17] * model.config.num_hidden_layers and gl.path_for(ids.numel(), 17, 20) == "segment"
+    assert calls == [17] * model.config.num_hidden_layers and gl.path_for(70, 17, 20) == "segment"
 
 
 def test_unknown_or_miscounted_adapter_names_are_clear_errors():
