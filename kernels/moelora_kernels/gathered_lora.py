@@ -26,14 +26,15 @@ a fixed launch count):
   multiplies it by all experts' B. That wastes E/K in FLOPs but stays memory-bound while
   E*R <= 256 (H100 ridge ~300 FLOP/byte), reads x once for all K slots, needs no sort/atomics
   and fuses the weighted sum over slots.
-- "segment" (training / prefill, many experts: E*R > 256, e.g. a serving step's 64 adapter
-  positions or a mixed MixLoRA step's virtual experts): the slots sorted by expert on the device
-  (argsort + bincount: no host sync), one program per (expert, tile of that expert's slots) on
-  tensor cores, reading that expert's factors once per tile (Punica's SGMV, vLLM's lora_shrink /
-  lora_expand). The grid covers every expert's largest possible tile count; programs past their
-  expert's slots return at once. Before it, a wide step took "gather" (CUDA cores, the factors
-  read per token): H100, 7B shape, 64 positions: a 2048-token serving prefill step 409 ms vs the
-  base's ~110 ms for 1184 tokens.
+- "segment" (prefill / training above 64 tokens, many experts: E*R > 256, e.g. a serving step's
+  64 adapter positions or a mixed MixLoRA step's virtual experts): the slots sorted by expert on
+  the device (``segments``: sort + searchsorted, no host sync), one program per tile of BM slots
+  of one expert on tensor cores, reading that expert's factors once per tile (Punica's SGMV,
+  vLLM's lora_shrink / lora_expand). The grid is a device-built list of the tiles, bounded by
+  cdiv(T*K, BM) + E + 1 programs (the rest return at once), so it depends on shapes only. A
+  caller running many ops over one routing sorts once (``gathered_lora(segments=)``). Before it,
+  a wide step took "gather" (CUDA cores, the factors read per token): H100, 7B shape, 64
+  positions: a 2048-token serving prefill step 409 ms vs the base's 109 ms for 1184 tokens.
 Backward: dh = B^T g via the shrink, dx via the expand with A^T (Triton), dA / dB as one cuBLAS
 GEMM over a one-hot matrix (deterministic, no atomics), dweight in torch.
 Launch tiles: ``tiles.lookup(device)["gathered_lora"]``; the shrink is split over IN until about
@@ -682,8 +683,9 @@ class GatheredLoraFunction(torch.autograd.Function):
     """Triton forward (shrink + expand); backward: Triton for dx, one cuBLAS GEMM each for dA
     and dB, dweight in torch.
 
-    ``apply(x, lora_A, lora_B, idx, weight, scaling, path)`` with path "gather", "tile" or "segment";
-    inputs are assumed validated (``gathered_lora`` does it).
+    ``apply(x, lora_A, lora_B, idx, weight, scaling, path, segs=None)`` with path "gather",
+    "tile" or "segment" (``segs``: ``segments(idx, E)``, made here when None); inputs are
+    assumed validated (``gathered_lora`` does it).
     """
 
     @staticmethod
@@ -745,7 +747,7 @@ def gathered_lora(
     ``idx``, computed once by a caller that launches many ops over one routing (used by the
     "segment" path only; not checked: another routing's gives wrong results).
     No host sync and a launch count that depends on shapes only (2 forward, <= 4 backward
-    kernels plus the dweight reduction).
+    kernels plus the dweight reduction; the "segment" path adds its sort unless given it).
     """
     T, K, _, _, E, R, _ = _check_inputs(x, lora_A, lora_B, idx, weight)
     backend.check_device(x, "gathered_lora", reference="gathered_lora_reference")

@@ -9,17 +9,21 @@ from .dispatch import gathered_kernel_applies
 from .lora_math import adapter_dropout, compute_dtype, init_lora_, resolve_dtype
 
 
-def gathered_segments(x, lora_A, idx, plan):
-    """The Triton kernel's slot order of ``idx`` over ``lora_A``'s experts, once per ``plan``
-    (``BatchPlan.memo``), where ``_gathered_lora`` takes the kernel's "segment" path; else None."""
-    if not gathered_kernel_applies(x):
-        return None
+def _kernel_segments(lora_A, idx, cached):
+    """Where the Triton kernel takes its "segment" path for ``idx`` over ``lora_A``'s experts:
+    its slot order through ``cached(key, make)`` (made once per cache); else None."""
     from moelora_kernels import gathered_lora as gl
 
-    E, R = lora_A.shape[0], lora_A.shape[1]
-    if gl.path_for(idx.shape[0], E, R) != "segment":
+    E = lora_A.shape[0]
+    if gl.path_for(idx.shape[0], E, lora_A.shape[1]) != "segment":
         return None
-    return plan.memo(("gathered_segments", E, tuple(idx.shape)), lambda: gl.segments(idx, E))
+    return cached(("gathered_segments", E, tuple(idx.shape)), lambda: gl.segments(idx, E))
+
+
+def gathered_segments(x, lora_A, idx, plan):
+    """The kernel's slot order of ``idx``, once per ``plan`` (``BatchPlan.memo``: one sort for all
+    linears of a serving step), where ``_gathered_lora`` takes the "segment" path; else None."""
+    return _kernel_segments(lora_A, idx, plan.memo) if gathered_kernel_applies(x) else None
 
 
 def one_routing_lora(kernel: bool):
@@ -29,17 +33,13 @@ def one_routing_lora(kernel: bool):
     launches; per projection that was 3x per FFN and step). Use it for one routing only."""
     memo: dict = {}
 
-    def run(t, lora_A, lora_B, idx, weight=None):
-        segs = None
-        if kernel:
-            from moelora_kernels import gathered_lora as gl
+    def cached(key, make):
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
 
-            E = lora_A.shape[0]
-            if gl.path_for(idx.shape[0], E, lora_A.shape[1]) == "segment":
-                key = (E, tuple(idx.shape))
-                segs = memo.get(key)
-                if segs is None:
-                    segs = memo[key] = gl.segments(idx, E)
+    def run(t, lora_A, lora_B, idx, weight=None):
+        segs = _kernel_segments(lora_A, idx, cached) if kernel else None
         return _gathered_lora(t, lora_A, lora_B, idx, weight=weight, scaling=1.0, kernel=kernel, segments=segs)
 
     return run
