@@ -123,6 +123,9 @@ class AdapterInfo:
         return self.config.method
 
 
+_MISSING = object()  # BatchPlan.memo: not made yet (None is a result)
+
+
 class BatchPlan:
     """Which adapter each sequence of the current forward uses, decided once per forward.
 
@@ -132,7 +135,7 @@ class BatchPlan:
     the (B*T,) per-token index that every adapted module of this forward shares."""
 
     __slots__ = ("name", "mixed", "row_names", "slot_names", "row_slots", "_tok", "packed", "lengths", "_seg", "_maps",
-                 "epoch", "changes", "_since", "graph_step", "bounds", "_memo")
+                 "epoch", "changes", "graph_step", "bounds", "_memo")
 
     def __init__(self, name: str | None = None, row_names: tuple | None = None, device=None,
                  row_slots: torch.Tensor | None = None) -> None:
@@ -148,8 +151,7 @@ class BatchPlan:
         # adapted modules then reuse what they checked in that epoch (``adapted._slot_memo``)
         self.epoch = None
         self.changes: ChangeLog | None = None  # the epoch's maker's log (``changes_since``)
-        self._since: dict = {}
-        self._memo: dict = {}
+        self._memo: dict = {}  # see ``memo``
         # True only from a maker whose forwards consume every adapted module's output within the
         # step (the serving engine: a paged KV cache copies keys/values in): then a mixed step of
         # few tokens may replay CUDA graphs of padded token buckets (``decode_graphs.step_applies``)
@@ -187,7 +189,6 @@ class BatchPlan:
         plan.bounds = bounds
         plan.epoch = epoch
         plan.changes = changes
-        plan._since = {}
         plan._memo = {}
         plan.name = None
         plan.row_names = None
@@ -206,30 +207,25 @@ class BatchPlan:
         epoch: every adapted module of the forward asks with the epoch it last checked at."""
         if self.changes is None or epoch is None:
             return None
-        hit = self._since.get(epoch, False)
-        if hit is False:
-            hit = self._since[epoch] = self.changes.since(epoch)
-        return hit
+        return self.memo(("changes_since", epoch), lambda: self.changes.since(epoch))
 
     def memo(self, key, make):
-        """``make()`` once per plan and ``key``: what every adapted module of the forward derives
-        from the plan alone (e.g. the gathered kernel's slot order of the per-token slots: one
-        sort per serving step, not one per linear)."""
-        hit = self._memo.get(key)
-        if hit is None:
+        """``make()`` once per plan and ``key`` (None results too): what every adapted module of
+        the forward derives from the plan alone (the changes since an epoch, the gathered
+        kernel's slot order of the per-token slots: one sort per serving step, not one per linear)."""
+        hit = self._memo.get(key, _MISSING)
+        if hit is _MISSING:
             hit = self._memo[key] = make()
         return hit
 
     def touched_positions(self, epoch) -> tuple | None:
         """Positions of ``slot_names`` whose adapters were written, added or dropped after
         ``epoch`` (``changes_since``), once per plan and epoch; None when not known."""
-        key = ("positions", epoch)
-        hit = self._since.get(key, False)
-        if hit is False:
+        def make():
             ch = self.changes_since(epoch)
-            hit = None if ch is None else tuple(i for i, n in enumerate(self.slot_names) if n in ch[0] or n in ch[1])
-            self._since[key] = hit
-        return hit
+            return None if ch is None else tuple(i for i, n in enumerate(self.slot_names) if n in ch[0] or n in ch[1])
+
+        return self.memo(("positions", epoch), make)
 
     def token_slots(self, batch: int, seq: int) -> torch.Tensor:
         """(batch*seq,) slot of every token (computed once per forward and shape)."""
