@@ -75,3 +75,38 @@ def test_step_launch_fit_is_the_least_squares_line():
 
     assert _line_fit([10, 20, 30], [3.0, 5.0, 7.0]) == {"ms_at_0": 1.0, "ms_per_1k_tokens": 200.0, "steps": 3}
     assert _line_fit([5, 5], [1.0, 2.0]) is None and _line_fit([1], [1.0]) is None
+
+
+def test_part_limits_admit_every_adapter_added_after_the_engine_starts():
+    """The benchmarks add their adapters after the engine's memory plan is made; on CUDA the plan
+    bounds one adapter's plain-LoRA and expert parts (``registry.max_part_bytes``); with no MixLoRA
+    adapter known it sizes the expert part as the largest LoRA part, so a MixLoRA adapter added later
+    is refused (the profile script's GPU run, 2026-12-08, before it passed the limits). ``part_limits_gb`` gives the limits that admit all of them."""
+    import json
+
+    import moelora
+    from moelora.bench.models import build_shape_model
+    from moelora.serve import Engine
+    from moelora.serve.registry import split_bytes
+
+    model, _ = build_shape_model("tiny_shape", "float32", "cpu", 0)
+    classes = bench.adapter_classes([4, 8], 4, 0.5, 4, 2, mixlora_rank=8)
+    banks = bench.weight_banks(model, classes, 1, False, 0)
+    lora_gb, expert_gb = bench.part_limits_gb(banks)
+    parts = [split_bytes(b[0]) for b in banks.values()]
+    assert max(p[1] for p in parts) > max(p[0] for p in parts)  # the case: experts larger than any LoRA
+    eng = Engine(model, max_new_tokens=2, eos_token_id=-1, max_adapter_gb=lora_gb, max_expert_gb=expert_gb)
+    try:
+        # what _plan_memory sets on CUDA from these limits (on CPU there is no plan)
+        eng.registry.max_part_bytes = (int(lora_gb * 2**30), int(expert_gb * 2**30))
+        for i, d in enumerate(classes):
+            eng.add_adapter_tensors(f"a{i}", moelora.config_from_dict(d), banks[json.dumps(d, sort_keys=True)][0])
+        mix = [f"a{i}" for i, d in enumerate(classes) if d["method"] == "mixlora"]
+        assert mix and all(len(eng.generate([5, 6, 7], name)) == 2 for name in [f"a{i}" for i in range(len(classes))])
+        # the engine's fallback with no MixLoRA adapter known (experts as large as the largest LoRA part) refuses them
+        eng.registry.max_part_bytes = (int(lora_gb * 2**30), max(p[0] for p in parts))
+        eng.registry.clear()
+        with pytest.raises(Exception, match="max_expert_gb"):
+            eng.generate([5, 6, 7], mix[0])
+    finally:
+        eng.close()

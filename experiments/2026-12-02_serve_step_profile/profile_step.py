@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moelora
 from moelora.bench.models import build_shape_model
-from moelora.bench.serve import adapter_classes, weight_banks
+from moelora.bench.serve import adapter_classes, part_limits_gb, weight_banks
 
 
 class Counter(TorchDispatchMode):
@@ -98,8 +98,11 @@ def _run(a) -> dict:
     from moelora.layers.adapted import AdaptedFFN, AdaptedLinear
     from moelora.serve import Engine
 
+    # the adapters are added after the engine starts: its memory plan needs their largest parts
+    max_adapter_gb, max_expert_gb = part_limits_gb(banks)
     engine = Engine(model, max_pending=64, max_new_tokens=a.new_tokens, context_len=256,
-                    max_resident_adapters=a.max_resident)
+                    max_resident_adapters=a.max_resident, max_adapter_gb=max_adapter_gb,
+                    max_expert_gb=max_expert_gb)
     for i, d in enumerate(classes):
         engine.add_adapter_tensors(f"a{i}", moelora.config_from_dict(d), banks[json.dumps(d, sort_keys=True)][i % 2])
 

@@ -125,6 +125,17 @@ def adapter_classes(ranks: list[int], n: int, mixlora_share: float, experts: int
 
 
 @torch.no_grad()
+def part_limits_gb(banks: dict) -> tuple[float, float]:
+    """(max_adapter_gb, max_expert_gb) for ``Engine``: the largest plain-LoRA and MixLoRA expert
+    part of one adapter of ``banks`` (``weight_banks``), with 1% to spare. The engine's memory plan
+    sizes a mixed step's stacks when it starts; a benchmark adds its adapters after that, so it
+    passes the limits (unset, a MixLoRA adapter added later may exceed them)."""
+    from moelora.serve.registry import split_bytes
+
+    parts = [split_bytes(b[0]) for b in banks.values()]
+    return tuple(round(1.01 * max(p[i] for p in parts) / 2**30 + 1e-3, 3) for i in (0, 1))
+
+
 def weight_banks(model, classes: list[dict], sets: int, pin: bool, seed: int) -> dict[str, list[dict]]:
     """Per distinct config: ``sets`` host tensor sets of its adapter (random: B too, routers
     with std 1/sqrt(fan_in)), made once through the public API (add, read, delete)."""
@@ -441,12 +452,7 @@ def main(argv=None) -> dict[str, Any]:
     banks = weight_banks(model, classes, a.weight_sets, pin, a.seed)
     biggest = max(sum(t.numel() * t.element_size() for t in b[0].values()) for b in banks.values())
 
-    from moelora.serve.registry import split_bytes
-
-    # the largest plain-LoRA / expert part of one adapter: the engine's memory plan sizes a mixed
-    # step's stacks by them (its adapters are added after it starts)
-    parts = [split_bytes(b[0]) for b in banks.values()]
-    max_adapter_gb, max_expert_gb = (round(1.01 * max(p[i] for p in parts) / 2**30 + 1e-3, 3) for i in (0, 1))
+    max_adapter_gb, max_expert_gb = part_limits_gb(banks)
     if a.adapter_memory_gb is None and device.type == "cuda":
         # the engine's KV cache plan leaves this pool free
         a.adapter_memory_gb = round(1.05 * a.max_resident * biggest / 2**30, 3)
