@@ -528,3 +528,18 @@ def test_timing_helper():
     assert [timing.percentile(xs, q) for q in (0.2, 0.8)] == pytest.approx(
         [statistics.quantiles(xs, n=5, method="inclusive")[i] for i in (0, 3)])
     assert timing.median_or_none([]) is None
+
+
+def test_gathered_lora_benchmark_presorted_segment_provider_agrees(tmp_path):
+    """kernels/benchmarks/benchmark_gathered_lora.py --small: the serving step's form of the
+    segment kernels (sorted once per routing, outside the timed calls) agrees with the reference;
+    the script exits non-zero when a provider disagrees."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "kernels")}
+    out = subprocess.run([sys.executable, str(REPO / "kernels/benchmarks/benchmark_gathered_lora.py"), "--small",
+                          "--providers", "triton-segment", "triton-segment-sorted", "--modes", "shared-weighted",
+                          "perslot-weighted", "--tokens", "40", "--passes", "fwd", "--out-dir", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "gathered_lora_small.json").read_text())
+    rows = [r for r in res["results"] if r["provider"] == "triton-segment-sorted"]
+    assert len(rows) == 2 and all(r["median_ms"] > 0 for r in rows) and res["max_rel_disagreement"] < 1e-4
