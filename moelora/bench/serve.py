@@ -124,7 +124,6 @@ def adapter_classes(ranks: list[int], n: int, mixlora_share: float, experts: int
     return out
 
 
-@torch.no_grad()
 def part_limits_gb(banks: dict) -> tuple[float, float]:
     """(max_adapter_gb, max_expert_gb) for ``Engine``: the largest plain-LoRA and MixLoRA expert
     part of one adapter of ``banks`` (``weight_banks``), with 1% to spare. The engine's memory plan
@@ -136,6 +135,7 @@ def part_limits_gb(banks: dict) -> tuple[float, float]:
     return tuple(round(1.01 * max(p[i] for p in parts) / 2**30 + 1e-3, 3) for i in (0, 1))
 
 
+@torch.no_grad()
 def weight_banks(model, classes: list[dict], sets: int, pin: bool, seed: int) -> dict[str, list[dict]]:
     """Per distinct config: ``sets`` host tensor sets of its adapter (random: B too, routers
     with std 1/sqrt(fan_in)), made once through the public API (add, read, delete)."""
