@@ -61,7 +61,7 @@ for part in "$@"; do
       timeout ${T_SPROF:-150} python3 experiments/2026-12-02_serve_step_profile/profile_step.py --device cuda --dtype bfloat16 \
         ${SPROF_ARGS:---model llama2_7b_shape --layers 32 --num-adapters 40 --max-resident 32 --requests 16 --mixlora-requests 4} \
         --site-times --trace "$D" --out "$D/profile.json" > "$D/log.txt" 2>&1
-      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(k, json.dumps({x: v['decode'][x] for x in ('ops_p50','ms_p50','host_ms_p50','site_ms_p50','ops_per_linear','ops_per_ffn_own','ops_other')})) for k, v in d['systems'].items()]" "$D/profile.json"; tail -3 "$D/log.txt" ;;
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(k, json.dumps({x: v['decode'][x] for x in ('ops_p50','ms_p50','host_ms_p50','site_ms_p50','ops_per_linear','ops_per_ffn_own','ops_other')}), 'prefill', json.dumps({x: v['first_step'].get(x) for x in ('tokens','ms','host_ms','site_ms','ops')})) for k, v in d['systems'].items()]" "$D/profile.json"; tail -3 "$D/log.txt" ;;
     *) echo "unknown part $part"; continue ;;
   esac
   echo "$part: $(( $(date +%s) - S )) s" | tee "$D/wall_s.txt"

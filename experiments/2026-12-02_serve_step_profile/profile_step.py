@@ -229,8 +229,12 @@ def _run(a) -> dict:
         med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
         summ = dict(
             steps=len(cnt), decode_steps=len(decode_c),
+            # the packed prefill: its wall and host ms (and host ms inside the adapted modules) say
+            # whether a long prefill step's extra is host launches or device time
             first_step=dict(tokens=first_c["tokens"], ops=first_c["ops"], by_site=first_c["by_site"],
-                            ms=tim[0]["ms"], slots=first_c["slots"]),
+                            ms=tim[0]["ms"], host_ms=round(tim[0]["host_ms"], 2), slots=first_c["slots"],
+                            site_ms=({k: round(v, 2) for k, v in tim[0]["site_ms"].items()}
+                                     if "site_ms" in tim[0] else None)),
             decode=dict(tokens=a.requests, ops_p50=med([s["ops"] for s in decode_c]),
                         ms_p50=round(med([s["ms"] for s in decode_t]), 2),
                         host_ms_p50=round(med([s["host_ms"] for s in decode_t]), 2),
