@@ -7,6 +7,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from moelora.bench import serve as bench
 
@@ -77,11 +78,12 @@ def test_step_launch_fit_is_the_least_squares_line():
     assert _line_fit([5, 5], [1.0, 2.0]) is None and _line_fit([1], [1.0]) is None
 
 
-def test_part_limits_admit_every_adapter_added_after_the_engine_starts():
-    """The benchmarks add their adapters after the engine's memory plan is made; on CUDA the plan
-    bounds one adapter's plain-LoRA and expert parts (``registry.max_part_bytes``); with no MixLoRA
-    adapter known it sizes the expert part as the largest LoRA part, so a MixLoRA adapter added later
-    is refused (the profile script's GPU run, 2026-12-08, before it passed the limits). ``part_limits_gb`` gives the limits that admit all of them."""
+def test_part_limits_admit_every_adapter_added_after_the_engine_starts(monkeypatch):
+    """The benchmarks add their adapters after the engine's CUDA memory plan is made
+    (``Engine._plan_memory``, run here with the device's memory faked). Knowing no adapter, the plan
+    bounds a stack position by the pool over its slots, and refuses a MixLoRA adapter whose experts
+    are larger (the profile script's GPU run, 2026-12-08); with ``part_limits_gb`` of the banks it
+    admits every one of them."""
     import json
 
     import moelora
@@ -89,24 +91,29 @@ def test_part_limits_admit_every_adapter_added_after_the_engine_starts():
     from moelora.serve import Engine
     from moelora.serve.registry import split_bytes
 
-    model, _ = build_shape_model("tiny_shape", "float32", "cpu", 0)
-    classes = bench.adapter_classes([4, 8], 4, 0.5, 4, 2, mixlora_rank=8)
+    # adapters of several MiB, so that the limits' GiB rounding (3 decimals) is not what admits them
+    model, _ = build_shape_model("smollm2_135m_shape", "float32", "cpu", 0, num_hidden_layers=1)
+    classes = bench.adapter_classes([4, 8], 4, 0.5, 8, 2, mixlora_rank=64)
     banks = bench.weight_banks(model, classes, 1, False, 0)
-    lora_gb, expert_gb = bench.part_limits_gb(banks)
     parts = [split_bytes(b[0]) for b in banks.values()]
-    assert max(p[1] for p in parts) > max(p[0] for p in parts)  # the case: experts larger than any LoRA
-    eng = Engine(model, max_new_tokens=2, eos_token_id=-1, max_adapter_gb=lora_gb, max_expert_gb=expert_gb)
+    biggest = max(sum(p) for p in parts)
+    assert max(p[1] for p in parts) > 4 * 2**20
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (6 * 2**30, 8 * 2**30))
+    slots = 4
+    eng = Engine(model, max_new_tokens=2, eos_token_id=-1, max_resident_adapters=slots,
+                 adapter_memory_gb=2 * biggest / 2**30)
     try:
-        # what _plan_memory sets on CUDA from these limits (on CPU there is no plan)
-        eng.registry.max_part_bytes = (int(lora_gb * 2**30), int(expert_gb * 2**30))
-        for i, d in enumerate(classes):
-            eng.add_adapter_tensors(f"a{i}", moelora.config_from_dict(d), banks[json.dumps(d, sort_keys=True)][0])
-        mix = [f"a{i}" for i, d in enumerate(classes) if d["method"] == "mixlora"]
-        assert mix and all(len(eng.generate([5, 6, 7], name)) == 2 for name in [f"a{i}" for i in range(len(classes))])
-        # the engine's fallback with no MixLoRA adapter known (experts as large as the largest LoRA part) refuses them
-        eng.registry.max_part_bytes = (int(lora_gb * 2**30), max(p[0] for p in parts))
-        eng.registry.clear()
+        assert eng.registry.memory_bytes // slots < max(p[1] for p in parts)  # the case: experts above pool / slots
+        eng._plan_memory(256, 16, None, None, None)  # at start, no adapter known
+        names = [f"a{i}" for i in range(len(classes))]
+        for name, d in zip(names, classes):
+            eng.add_adapter_tensors(name, moelora.config_from_dict(d), banks[json.dumps(d, sort_keys=True)][0])
+        mix = [n for n, d in zip(names, classes) if d["method"] == "mixlora"]
         with pytest.raises(Exception, match="max_expert_gb"):
             eng.generate([5, 6, 7], mix[0])
+        lora_gb, expert_gb = bench.part_limits_gb(banks)
+        eng._plan_memory(256, 16, lora_gb, None, None, expert_gb)
+        assert mix and all(len(eng.generate([5, 6, 7], n)) == 2 for n in names)
     finally:
         eng.close()
